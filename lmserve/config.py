@@ -1,0 +1,164 @@
+"""Engine configuration: frozen dataclasses validated in ``__post_init__``.
+
+``EngineConfig`` bundles them and is what custom logits processors receive as
+``vllm_config`` (it has the same attribute names as vLLM's ``VllmConfig`` for
+the parts that exist here: ``model_config``, ``cache_config``,
+``scheduler_config``, ``parallel_config``, ``device_config``).
+Runtime-derived values (e.g. the number of KV blocks actually allocated) are
+not stored here; the engine keeps them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "half": torch.float16, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
+    """vLLM's rule: "auto" keeps a 16-bit checkpoint's dtype and turns fp32 into a
+    16-bit type (bf16 on CPU, whose matmuls are fast in bf16; fp16 on CUDA)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose from auto, {', '.join(sorted(_DTYPES))}.")
+        return _DTYPES[dtype]
+    if checkpoint_dtype in (torch.float16, torch.bfloat16):
+        return checkpoint_dtype
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+def parse_memory_size(value: str | int | float | None) -> int | None:
+    """'4GiB', '512MiB', '2G', '1e9' or a number of bytes -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    s = value.strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * units[unit])
+    return int(float(s))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user named (path, GGUF file or hub id)
+    model_path: str  # the resolved local directory
+    gguf_file: str | None  # file name inside model_path when the weights are a GGUF file
+    tokenizer: str  # resolved local path of the tokenizer (directory or GGUF file)
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_name: str
+    seed: int = 0
+    revision: str | None = None
+    generation_config: str = "auto"  # "auto" | "vllm" | a directory
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
+    max_logprobs: int = 20
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"  # "auto" | "safetensors" | "gguf" | "dummy"
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_logprobs < -1:
+            raise ValueError("max_logprobs must be >= -1")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else ""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; wins over gpu_memory_utilization
+    gpu_memory_utilization: float = 0.9  # fraction of device memory (CPU: of available RAM)
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError("num_gpu_blocks_override must be at least 2")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" | "priority"
+    max_waiting_requests: int = 4096  # beyond this, new requests are refused (HTTP 503)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                f"({self.max_model_len}): without chunked prefill a prompt of max_model_len tokens could "
+                "never be scheduled. Raise max_num_batched_tokens or enable chunked prefill.")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("parallel sizes must be at least 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    device_config: DeviceConfig
+    logits_processors: tuple[Any, ...] = ()  # classes or "module:Class" strings
+    enforce_eager: bool = True

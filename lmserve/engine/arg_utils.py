@@ -1,0 +1,198 @@
+"""``EngineArgs``: the flat set of engine options (the ``serve`` flags and ``LLM(**kwargs)``),
+turned into the frozen configs by ``create_engine_config``. Flag names and defaults are
+vLLM's; ``add_cli_args`` registers them on an argparse parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
+                            SchedulerConfig, parse_memory_size, resolve_dtype)
+
+logger = logging.getLogger(__name__)
+
+
+def _json_or_none(value: str | dict | None) -> dict | None:
+    if value is None or isinstance(value, dict):
+        return value
+    return json.loads(value)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None
+    tokenizer_mode: str = "auto"
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    served_model_name: str | list[str] | None = None
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | str | None = None
+    max_logprobs: int = 20
+    hf_overrides: dict[str, Any] | str | None = None
+    block_size: int = 16
+    kv_cache_memory: int | str | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    kv_cache_dtype: str = "auto"
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    max_waiting_requests: int = 4096
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    device: str = "auto"
+    logits_processors: list[Any] | None = None
+    enforce_eager: bool = True
+    disable_log_stats: bool = False
+
+    # ------------------------------------------------------------------ CLI
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Registers the engine flags (vLLM's names and defaults). The positional MODEL
+        is added by the serve command itself."""
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=None, help="Model: a local directory, a .gguf file or a Hugging "
+                       "Face id found in the local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
+        g.add_argument("--tokenizer", default=None)
+        g.add_argument("--revision", default=None)
+        g.add_argument("--tokenizer-revision", default=None)
+        g.add_argument("--download-dir", default=None)
+        g.add_argument("--tokenizer-mode", default=d.tokenizer_mode, choices=["auto", "hf", "slow"])
+        g.add_argument("--trust-remote-code", action="store_true")
+        g.add_argument("--skip-tokenizer-init", action="store_true")
+        g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"])
+        g.add_argument("--dtype", default=d.dtype,
+                       choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
+        g.add_argument("--max-model-len", type=_parse_int_suffix, default=None)
+        g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--generation-config", default=d.generation_config)
+        g.add_argument("--override-generation-config", type=json.loads, default=None)
+        g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+        g.add_argument("--hf-overrides", type=json.loads, default=None)
+        g.add_argument("--block-size", type=int, default=d.block_size, choices=[1, 2, 4, 8, 16, 32, 64, 128])
+        g.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory", default=None,
+                       help="KV cache size, in bytes or with a unit (e.g. 2GiB). Default: a fraction of memory.")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d.enable_prefix_caching)
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto"])
+        g.add_argument("--max-num-batched-tokens", type=_parse_int_suffix, default=None)
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                       default=d.enable_chunked_prefill)
+        g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
+        g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
+                       help="Requests queued beyond this are refused with HTTP 503.")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
+        g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
+        g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"])
+        g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+        g.add_argument("--logits-processors", nargs="+", default=None,
+                       help="Custom logits processors as module:Class or module.Class.")
+        g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d.enforce_eager)
+        g.add_argument("--disable-log-stats", action="store_true")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    # ------------------------------------------------------------------ configs
+    def create_engine_config(self) -> EngineConfig:
+        from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
+        from lmserve.model.loader.resolve import default_model, resolve_model
+
+        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
+            raise ValueError("tensor/pipeline parallelism is not available yet in lmserve: "
+                             "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
+        if self.kv_cache_dtype != "auto":
+            raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
+        model = self.model or default_model()
+        model_dir, gguf_file = resolve_model(model, self.revision, self.download_dir)
+        if self.load_format == "gguf" and gguf_file is None:
+            raise ValueError(f"--load-format gguf, but {model} is not a GGUF file")
+        hf_config = load_hf_config(model_dir, gguf_file)
+        for k, v in (_json_or_none(self.hf_overrides) or {}).items():
+            setattr(hf_config, k, v)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = resolve_dtype(self.dtype, checkpoint_dtype(model_dir, gguf_file, hf_config), device)
+        derived_len = _derive_max_model_len(hf_config)
+        max_model_len = self.max_model_len or derived_len
+        if max_model_len > derived_len:
+            raise ValueError(f"max_model_len {max_model_len} is longer than the model's maximum "
+                             f"context length {derived_len} (max_position_embeddings)")
+        if self.tokenizer:
+            tok_dir, tok_gguf = resolve_model(self.tokenizer, self.tokenizer_revision, self.download_dir)
+            tokenizer = tok_dir if tok_gguf is None else f"{tok_dir}/{tok_gguf}"
+        else:
+            tokenizer = model_dir if gguf_file is None else f"{model_dir}/{gguf_file}"
+        names = self.served_model_name
+        if isinstance(names, list):
+            names = names[0] if names else None
+        model_config = ModelConfig(
+            model=model, model_path=model_dir, gguf_file=gguf_file, tokenizer=tokenizer,
+            hf_config=hf_config, dtype=dtype, max_model_len=max_model_len,
+            served_model_name=names or (self.model or "SmolLM2-135M-Instruct"),
+            seed=self.seed, revision=self.revision, generation_config=self.generation_config,
+            override_generation_config=_json_or_none(self.override_generation_config) or {},
+            max_logprobs=self.max_logprobs, skip_tokenizer_init=self.skip_tokenizer_init,
+            load_format=self.load_format)
+        cache_config = CacheConfig(
+            block_size=self.block_size, kv_cache_memory=parse_memory_size(self.kv_cache_memory),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_gpu_blocks_override=self.num_gpu_blocks_override)
+        max_batched = self.max_num_batched_tokens or (
+            2048 if self.enable_chunked_prefill else max(2048, max_model_len))
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=max_batched, max_num_seqs=self.max_num_seqs,
+            max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
+            policy=self.scheduling_policy, max_waiting_requests=self.max_waiting_requests)
+        return EngineConfig(
+            model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
+            parallel_config=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                           self.distributed_executor_backend),
+            device_config=DeviceConfig(device),
+            logits_processors=tuple(self.logits_processors or ()),
+            enforce_eager=self.enforce_eager)
+
+
+def _derive_max_model_len(hf_config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(hf_config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048
+
+
+def _parse_int_suffix(value: str) -> int:
+    """'32k' -> 32768, '1m' -> 1048576, '4096' -> 4096 (as vLLM's human-readable ints)."""
+    s = value.strip().lower()
+    mult = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)

@@ -1,0 +1,214 @@
+"""``LLMEngine``: the synchronous engine. Input processing (tokenize, validate, fan out
+n), ``EngineCore`` steps, and output processing. ``LLM`` and ``AsyncLLM`` sit on it.
+
+Every validation error is a ``ValueError`` raised by ``add_request`` before anything is
+queued, so a bad request never disturbs the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.config import EngineConfig
+from lmserve.engine.arg_utils import EngineArgs
+from lmserve.engine.core import EngineCore
+from lmserve.engine.output_processor import OutputProcessor
+from lmserve.engine.request import Request, RequestStatus
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any]  # "text" | {"prompt": text} | {"prompt_token_ids": [...], "prompt": text?}
+
+_GENERATION_CONFIG_FIELDS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[tuple[str, SamplingParams]]
+    requests: list[Request]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from lmserve.tokenizer import get_eos_token_ids, get_tokenizer, load_generation_config
+        from lmserve.worker.logits_processors.loading import load_custom_logitsprocs
+
+        self.config = config
+        mc = config.model_config
+        self.model_config = mc
+        self.tokenizer = None
+        if not mc.skip_tokenizer_init:
+            tok_path, tok_gguf = mc.tokenizer, None
+            if tok_path.endswith(".gguf"):
+                import os
+                tok_path, tok_gguf = os.path.dirname(tok_path), os.path.basename(tok_path)
+            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision)
+        self.generation_config: dict[str, Any] = load_generation_config(mc.model_path, mc.gguf_file) or {}
+        eos_ids = get_eos_token_ids(self.tokenizer, mc.hf_config, self.generation_config) \
+            if self.tokenizer is not None else []
+        self.eos_token_id: int | None = eos_ids[0] if eos_ids else getattr(mc.hf_config, "eos_token_id", None)
+        self.extra_eos_ids = {"eos_token_id": eos_ids}
+        self.logitsprocs_classes = load_custom_logitsprocs(list(config.logits_processors))
+        self.core = EngineCore(config, self.logitsprocs_classes)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args.create_engine_config())
+
+    # ------------------------------------------------------------------ defaults
+    def default_sampling_params(self) -> dict[str, Any]:
+        """Sampling defaults from generation_config.json (vLLM's behaviour), unless
+        ``--generation-config vllm``; ``--override-generation-config`` wins."""
+        mc = self.model_config
+        out: dict[str, Any] = {}
+        if mc.generation_config != "vllm":
+            for src, dst in _GENERATION_CONFIG_FIELDS.items():
+                if self.generation_config.get(src) is not None:
+                    out[dst] = self.generation_config[src]
+        for src, value in mc.override_generation_config.items():
+            out[_GENERATION_CONFIG_FIELDS.get(src, src)] = value
+        return out
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.default_sampling_params())
+
+    # ------------------------------------------------------------------ inputs
+    def process_prompt(self, prompt: PromptType, params: SamplingParams | None = None,
+                       add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, dict):
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        else:
+            raise ValueError(f"A prompt must be a string or a dict, got {type(prompt).__name__}")
+        if ids is None:
+            if text is None:
+                raise ValueError("A prompt needs 'prompt' text or 'prompt_token_ids'")
+            if self.tokenizer is None:
+                raise ValueError("The tokenizer is not initialised (skip_tokenizer_init): pass token ids")
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids = list(ids)
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"Token id {t} is out of vocabulary (vocab size {vocab})")
+        trunc = params.truncate_prompt_tokens if params is not None else None
+        if trunc is not None:
+            keep = self.model_config.max_model_len if trunc == -1 else trunc
+            ids = ids[-keep:]
+        if not ids:
+            raise ValueError("The prompt is empty: at least one token is needed")
+        return text, ids
+
+    def _prepare_params(self, params: SamplingParams, prompt_len: int) -> int:
+        """Validates and completes ``params`` in place; returns the resolved max_tokens."""
+        mc = self.model_config
+        params.verify_against_vocab(mc.vocab_size)
+        limit = mc.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and limit != -1 and (k == -1 or k > limit):
+                raise ValueError(f"Requested {name} of {k}, which is greater than max allowed: {limit}")
+        for cls in self.logitsprocs_classes:
+            cls.validate_params(params)
+        params.update_from_generation_config(self.extra_eos_ids, self.eos_token_id)
+        if self.tokenizer is not None:
+            params.update_from_tokenizer(self.tokenizer)
+        room = self.core.max_seq_len - prompt_len
+        if room <= 0:
+            raise ValueError(
+                f"This model's maximum context length is {self.core.max_seq_len} tokens. However, your "
+                f"prompt has {prompt_len} tokens, which leaves no room for the completion.")
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                        priority: int = 0, cache_salt: str | None = None,
+                        arrival_time: float | None = None,
+                        add_special_tokens: bool = True) -> "PreparedRequest":
+        """Tokenizes and validates without touching engine state (safe from any thread);
+        raises ValueError for anything wrong with the request."""
+        text, ids = self.process_prompt(prompt, params, add_special_tokens)
+        params = params.clone()
+        max_tokens = self._prepare_params(params, len(ids))
+        if params.use_beam_search:
+            raise ValueError("use_beam_search runs through LLM.beam_search / the server's beam search path")
+        if self.config.scheduler_config.policy != "priority" and priority != 0:
+            raise ValueError("priority scheduling is not enabled: a request's priority must be 0 "
+                             "unless the server runs with --scheduling-policy priority")
+        arrival = arrival_time or time.time()
+        n = params.n
+        children: list[tuple[str, SamplingParams]] = []
+        requests: list[Request] = []
+        for i in range(n):
+            child_id = request_id if n == 1 else f"{i}_{request_id}"
+            cp = params if n == 1 else params.clone()
+            if n > 1:
+                cp.n = 1
+                if cp.seed is not None:
+                    cp.seed = cp.seed + i
+            req = Request(child_id, ids, cp, eos_token_id=self.eos_token_id, priority=priority,
+                          cache_salt=cache_salt, arrival_time=arrival, prompt=text)
+            req.max_tokens = max_tokens
+            children.append((child_id, cp))
+            requests.append(req)
+        return PreparedRequest(request_id, text, ids, children, requests, arrival)
+
+    def add_prepared(self, prepared: "PreparedRequest") -> None:
+        """Queues a prepared request (engine thread only)."""
+        if self.output_processor.has(prepared.request_id):
+            raise ValueError(f"request id {prepared.request_id!r} is already in use")
+        for req in prepared.requests:
+            self.core.add_request(req)
+        self.output_processor.add_request(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
+                                          prepared.children, prepared.arrival_time)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    priority: int = 0, cache_salt: str | None = None,
+                    arrival_time: float | None = None, add_special_tokens: bool = True) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority, cache_salt,
+                                               arrival_time, add_special_tokens))
+
+    def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outs = []
+        for rid in request_ids:
+            self.core.finish_requests(self.output_processor.child_ids(rid), RequestStatus.FINISHED_ABORTED)
+            out = self.output_processor.abort(rid)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    # ------------------------------------------------------------------ running
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.core.scheduler.num_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.core.step()
+        outputs, to_stop = self.output_processor.process(core_outputs)
+        for child_id, stop_str in to_stop:
+            self.core.finish_requests([child_id], RequestStatus.FINISHED_STOPPED, stop_str)
+        return outputs
+
+    def get_stats(self) -> dict[str, Any]:
+        s = self.core.stats()
+        return {"num_running": s.num_running, "num_waiting": s.num_waiting,
+                "kv_cache_usage": s.kv_cache_usage, "num_preemptions": s.num_preemptions_total,
+                "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
+                "num_kv_blocks": self.core.runner.num_blocks}

@@ -1,0 +1,220 @@
+"""Token-budget scheduler (vLLM v1's idea): every step each request is granted
+``min(tokens it still needs, budget left)`` tokens, so one rule covers prefill,
+chunked prefill, prefix-cache hits and decode, and one batch mixes them.
+
+Invariants:
+- a request is in exactly one of ``waiting`` or ``running`` until it finishes;
+- the sum of granted tokens never exceeds ``max_num_batched_tokens`` and at most
+  ``max_num_seqs`` requests run;
+- when KV blocks run out, the lowest-priority running request (fcfs: the latest) is
+  preempted: its blocks are freed and it returns to the front of ``waiting`` to be
+  recomputed (its generated tokens are kept and become part of the recomputed prefix).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmserve.config import SchedulerConfig
+from lmserve.engine.kv_cache import KVCacheManager
+from lmserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+    num_computed_before: int  # request.num_computed_tokens when the step was planned
+    # True when this step reaches the end of the request's known tokens, so the
+    # logits of its last token produce the next token (a partial prefill does not sample).
+    samples: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class _WaitingQueue:
+    """FCFS deque, or a heap on (priority, arrival, seq) for the priority policy.
+    Preempted requests go back in front (fcfs) or by their key (priority)."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._deque: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._deque) + len(self._heap)
+
+    def __iter__(self):
+        return iter(list(self._deque) + [e[3] for e in self._heap])
+
+    def add(self, req: Request, front: bool = False) -> None:
+        if self.policy == "priority":
+            heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._seq), req))
+        elif front:
+            self._deque.appendleft(req)
+        else:
+            self._deque.append(req)
+
+    def peek(self) -> Request:
+        return self._heap[0][3] if self.policy == "priority" else self._deque[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3] if self.policy == "priority" else self._deque.popleft()
+
+    def remove(self, req: Request) -> None:
+        if self.policy == "priority":
+            self._heap = [e for e in self._heap if e[3] is not req]
+            heapq.heapify(self._heap)
+        else:
+            self._deque.remove(req)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.waiting = _WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions_total = 0
+
+    # ------------------------------------------------------------------ membership
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if self.config.policy != "priority" and request.priority != 0:
+            raise ValueError("priority scheduling is not enabled: a request's priority must be 0 "
+                             "unless the server runs with --scheduling-policy priority")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Ends a request (abort, stop string, ...) and frees its blocks. Idempotent."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req)
+        return req
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
+                              self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits)
+
+    # ------------------------------------------------------------------ scheduling
+    def _tokens_wanted(self, req: Request, budget: int) -> int:
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if not self.config.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
+            return 0  # a prefill must fit whole
+        return n
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: r.sort_key())
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.add(req, front=True)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        grants: dict[str, int] = {}
+
+        # 1. Running requests, oldest first; preempt (fcfs: from the back) when blocks run out.
+        for req in list(self.running):
+            if req.status != RequestStatus.RUNNING or budget <= 0:
+                continue  # preempted earlier in this loop, or no budget left
+            n = self._tokens_wanted(req, budget)
+            if n == 0:
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self._pick_victim()
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                budget += grants.pop(victim.request_id, 0)
+                if victim is req:
+                    break
+            else:
+                grants[req.request_id] = n
+                budget -= n
+
+        # 2. Waiting requests, unless this step had to preempt.
+        if not out.preempted_ids:
+            while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting.peek()
+                hits, num_hit_tokens = ([], 0)
+                if req.num_computed_tokens == 0:
+                    hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+                need = req.num_tokens - req.num_computed_tokens - num_hit_tokens
+                n = min(need, budget)
+                if not self.config.enable_chunked_prefill and n < need:
+                    break
+                if not self.kv.allocate_slots(req, n, hits):
+                    break
+                self.waiting.pop()
+                req.num_computed_tokens += num_hit_tokens
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_hit_tokens
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.time()
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                grants[req.request_id] = n
+                budget -= n
+
+        for req in self.running:
+            n = grants.get(req.request_id)
+            if n:
+                out.scheduled.append(ScheduledRequest(
+                    req, n, self.kv.block_ids(req.request_id), req.num_computed_tokens,
+                    req.num_computed_tokens + n == req.num_tokens))
+                out.num_scheduled_tokens += n
+        return out
+
+    def update_after_step(self, scheduled: list[ScheduledRequest]) -> None:
+        """Advances ``num_computed_tokens`` of everything that ran this step."""
+        for s in scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens

@@ -1,0 +1,57 @@
+"""How many KV blocks to allocate, from the flags and the machine's memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from lmserve.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 4 * 2**30  # vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4)
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or total physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def determine_num_blocks(config: EngineConfig, kv_spec, device: torch.device) -> int:
+    """Blocks for ``--num-gpu-blocks-override``, else ``--kv-cache-memory`` bytes, else
+    (CPU) min(4 GiB, utilisation x half the available RAM) or (CUDA) utilisation x
+    device memory minus what is already used. Never more than all sequences at full
+    length could use, never fewer than one full-length sequence needs."""
+    cc, sc = config.cache_config, config.scheduler_config
+    per_block = kv_spec.bytes_per_block(cc.block_size)
+    blocks_per_seq = -(-sc.max_model_len // cc.block_size)
+    if cc.num_gpu_blocks_override is not None:
+        return cc.num_gpu_blocks_override
+    if cc.kv_cache_memory is not None:
+        budget = cc.kv_cache_memory
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        # Leave room for activations of a full token budget (a generous estimate).
+        hidden = getattr(config.model_config.hf_config, "hidden_size", 4096)
+        vocab = config.model_config.vocab_size
+        activations = sc.max_num_batched_tokens * (hidden * 32 + 4) * 4 + sc.max_num_seqs * vocab * 4 * 4
+        budget = int(total * cc.gpu_memory_utilization) - (total - free) - activations
+    else:
+        budget = min(_CPU_DEFAULT_KV_BYTES, int(cc.gpu_memory_utilization * available_host_memory() / 2))
+    num_blocks = min(budget // per_block, blocks_per_seq * sc.max_num_seqs + 1)
+    if num_blocks < blocks_per_seq and cc.kv_cache_memory is None:
+        logger.warning("KV cache fits only %d blocks; one sequence of max_model_len needs %d",
+                       num_blocks, blocks_per_seq)
+    if num_blocks < 1:
+        raise ValueError(f"The KV cache budget ({budget} bytes) is smaller than one block "
+                         f"({per_block} bytes). Raise --kv-cache-memory or lower --block-size.")
+    return int(num_blocks)

@@ -1,0 +1,174 @@
+"""Turns a scheduled step into one flat (varlen) batch, runs the model, samples.
+
+Layout of a step (see ``AttentionMetadata``): the scheduled requests' new tokens back
+to back, every single-token query (decodes) first, then the longer chunks. Logits are
+computed only where needed: at the last token of each request that samples this step
+(rows in the persistent ``InputBatch`` order) and, for requests that asked for prompt
+logprobs, at every prompt position of their chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from lmserve.config import EngineConfig
+from lmserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from lmserve.model.layers.attention_metadata import AttentionMetadata
+from lmserve.worker.kv_cache_sizing import determine_num_blocks
+
+logger = logging.getLogger(__name__)
+
+# (token ids with the chosen token first then the top-k, their logprobs, rank of the chosen token)
+LogprobsRow = tuple[list[int], list[float], int]
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)  # request id -> new token id
+    logprobs: dict[str, LogprobsRow] = field(default_factory=dict)
+    # request id -> logprobs of prompt tokens [start, start + len) (prompt position >= 1)
+    prompt_logprobs: dict[str, tuple[int, list[LogprobsRow]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors, the persistent batch and the sampler."""
+
+    def __init__(self, config: EngineConfig, logitsprocs_classes: list[type]) -> None:
+        from lmserve.model.loader import get_model
+        from lmserve.worker.input_batch import InputBatch
+        from lmserve.worker.logits_processors.loading import build_logitsprocs
+        from lmserve.worker.sampler import Sampler
+
+        self.config = config
+        self.device = config.device_config.torch_device
+        self.block_size = config.cache_config.block_size
+        torch.manual_seed(config.model_config.seed)
+        self.model = get_model(config.model_config, self.device)
+        self.kv_spec = self.model.kv_cache_spec()
+        self.num_blocks = determine_num_blocks(config, self.kv_spec, self.device)
+        shape = (2, self.num_blocks, self.block_size, self.kv_spec.num_kv_heads, self.kv_spec.head_dim)
+        # Zeroed, never empty: masked attention positions multiply 0 x V, which must not be NaN.
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_spec.dtype, device=self.device)
+                          for _ in range(self.kv_spec.num_layers)]
+        self.vocab_size = config.model_config.vocab_size
+        self.logitsprocs = build_logitsprocs(config, self.device, logitsprocs_classes)
+        self.input_batch = InputBatch(max_num_reqs=config.scheduler_config.max_num_seqs,
+                                      vocab_size=self.vocab_size, device=self.device,
+                                      logitsprocs=self.logitsprocs)
+        self.sampler = Sampler()
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                    self.num_blocks * self.kv_spec.bytes_per_block(self.block_size) / 2**20)
+
+    # ------------------------------------------------------------------ batch building
+    def _update_input_batch(self, sampling: list[ScheduledRequest]) -> None:
+        """The persistent batch holds exactly the requests that sample this step."""
+        batch = self.input_batch
+        wanted = {s.request.request_id for s in sampling}
+        for req_id in list(batch.req_ids):
+            if req_id not in wanted:
+                batch.remove_request(req_id)
+        present = set(batch.req_ids)
+        for s in sampling:
+            r = s.request
+            if r.request_id not in present:
+                batch.add_request(r.request_id, r.sampling_params, r.prompt_token_ids,
+                                  r.output_token_ids, r.generator)
+        batch.refresh()
+
+    def _build_batch(self, scheduled: list[ScheduledRequest]):
+        order = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        num_decodes = sum(1 for s in order if s.num_new_tokens == 1)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        starts: dict[str, int] = {}
+        max_blocks = max(len(s.block_ids) for s in order)
+        tables = torch.zeros((len(order), max_blocks), dtype=torch.int32)
+        for i, s in enumerate(order):
+            r = s.request
+            start, end = s.num_computed_before, s.num_computed_before + s.num_new_tokens
+            starts[r.request_id] = len(input_ids)
+            input_ids.extend(r.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = s.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(s.num_new_tokens)
+            seq_lens.append(end)
+            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        dev = self.device
+        qsl = [0]
+        for q in query_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            num_decodes=num_decodes,
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=tables.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_size=bs, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids_t, pos_t, meta, starts
+
+    # ------------------------------------------------------------------ execution
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        out = RunnerOutput()
+        if sched.is_empty:
+            return out
+        sampling = [s for s in sched.scheduled if s.samples]
+        self._update_input_batch(sampling)
+        input_ids, positions, meta, starts = self._build_batch(sched.scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+
+        for s in sched.scheduled:
+            if s.request.wants_prompt_logprobs:
+                self._prompt_logprobs(s, hidden, starts[s.request.request_id], out)
+
+        req_ids = list(self.input_batch.req_ids)
+        if not req_ids:
+            return out
+        sched_by_id = {s.request.request_id: s for s in sampling}
+        last = [starts[r] + sched_by_id[r].num_new_tokens - 1 for r in req_ids]
+        logits = self.model.compute_logits(hidden[last])  # [B, vocab] float32
+        result = self.sampler(logits, self.input_batch.make_sampling_metadata())
+        tokens = result.sampled_token_ids.tolist()
+        for req_id, tok in zip(req_ids, tokens):
+            out.sampled[req_id] = tok
+        if result.logprobs is not None:
+            ids = result.logprobs.token_ids.tolist()
+            lps = result.logprobs.logprobs.tolist()
+            ranks = result.logprobs.ranks.tolist()
+            for row, req_id in enumerate(req_ids):
+                k = sched_by_id[req_id].request.sampling_params.logprobs
+                if k is None:
+                    continue
+                width = (self.vocab_size if k == -1 else k) + 1
+                out.logprobs[req_id] = (ids[row][:width], lps[row][:width], ranks[row])
+        return out
+
+    def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, flat_start: int,
+                         out: RunnerOutput) -> None:
+        """Logprobs of prompt tokens p+1 for each prompt position p of this chunk."""
+        from lmserve.worker.sampler import compute_logprobs_tensors
+
+        r = s.request
+        first = s.num_computed_before
+        last = min(first + s.num_new_tokens, r.num_prompt_tokens - 1)  # positions p < prompt_len - 1
+        if last <= first:
+            return
+        k = r.sampling_params.prompt_logprobs
+        k = self.vocab_size if k == -1 else k
+        rows = hidden[flat_start:flat_start + (last - first)]
+        logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+        targets = torch.tensor(r.prompt_token_ids[first + 1:last + 1], device=logprobs.device)
+        t = compute_logprobs_tensors(logprobs, targets, k)
+        ids, lps, ranks = t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist()
+        out.prompt_logprobs[r.request_id] = (first + 1, list(zip(ids, lps, ranks)))
