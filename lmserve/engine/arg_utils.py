@@ -139,7 +139,7 @@ class EngineArgs:
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = resolve_dtype(self.dtype, checkpoint_dtype(model_dir, gguf_file, hf_config), device)
+        dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config, model_dir=model_dir, gguf_file=gguf_file), device)
         derived_len = _derive_max_model_len(hf_config)
         max_model_len = self.max_model_len or derived_len
         if max_model_len > derived_len:

@@ -118,7 +118,7 @@ class Scheduler:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
-        if req.status == RequestStatus.RUNNING:
+        if req in self.running:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
