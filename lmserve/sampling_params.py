@@ -236,20 +236,20 @@ class SamplingParams:
         self._bad_words_token_ids = out
 
     def update_from_generation_config(self, generation_config: dict[str, Any],
-                                      eos_token_id: int | list[int] | None) -> None:
-        """Adds the model's EOS ids (from generation_config.json) to the stop set."""
-        eos_ids = generation_config.get("eos_token_id", None)
-        extra: set[int] = set()
-        if isinstance(eos_ids, int):
-            extra.add(eos_ids)
-        elif isinstance(eos_ids, list):
-            extra.update(eos_ids)
-        if isinstance(eos_token_id, int):
+                                      eos_token_id: int | None) -> None:
+        """As vLLM: the model's EOS joins ``all_stop_token_ids`` (so min_tokens masks it);
+        generation_config.json's other EOS ids also become ``stop_token_ids`` unless
+        ``ignore_eos``. The EOS itself is checked against ``ignore_eos`` by the engine."""
+        if eos_token_id is not None:
             self._eos_token_id = eos_token_id
-            extra.discard(eos_token_id)
-        if not self.ignore_eos:
+            self._all_stop_token_ids.add(eos_token_id)
+        eos_ids = generation_config.get("eos_token_id", None)
+        extra = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
+        extra.discard(eos_token_id)
+        if extra:
             self._all_stop_token_ids.update(extra)
-            self.stop_token_ids = sorted(set(self.stop_token_ids) | extra)  # type: ignore[arg-type]
+            if not self.ignore_eos:
+                self.stop_token_ids = sorted(set(self.stop_token_ids) | extra)  # type: ignore[arg-type]
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)

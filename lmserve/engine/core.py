@@ -125,7 +125,7 @@ class EngineCore:
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token == req.eos_token_id:
                 return RequestStatus.FINISHED_STOPPED
-            if token in params.all_stop_token_ids:
+            if token in params.stop_token_ids:  # type: ignore[operator]
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
         if n_out >= req.max_tokens or req.num_tokens >= self.max_seq_len:

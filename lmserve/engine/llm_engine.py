@@ -19,6 +19,7 @@ from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
+from lmserve.worker.logits_processors.loading import validate_all
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ class LLMEngine:
             k = getattr(params, name)
             if k is not None and limit != -1 and (k == -1 or k > limit):
                 raise ValueError(f"Requested {name} of {k}, which is greater than max allowed: {limit}")
-        for cls in self.logitsprocs_classes:
-            cls.validate_params(params)
+        validate_all(self.logitsprocs_classes, params)  # custom processors' checks, as ValueError
         params.update_from_generation_config(self.extra_eos_ids, self.eos_token_id)
         if self.tokenizer is not None:
             params.update_from_tokenizer(self.tokenizer)

@@ -1,0 +1,90 @@
+"""Linear layers (single device for now; the TP-sharded variants will keep these interfaces).
+
+``MergedLinear`` stacks several projections that read the same input (Q|K|V, gate|up) into
+one matmul; checkpoints still hold them separately, so it loads them shard by shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    """param.copy_(loaded) with a clear error on a shape mismatch (dtype/device are converted)."""
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+class Linear(nn.Module):
+    """y = x @ weight.T + bias; weight [out_features, in_features] (torch/HF layout). Parameters are
+    allocated uninitialized: they are meant to be loaded (or dummy-initialized) right after."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of one input, concatenated along the output dimension.
+
+    ``shard_names[i]`` has ``output_sizes[i]`` rows, in order; ``forward`` returns all of them
+    concatenated, and ``split(y)`` cuts them apart again.
+    """
+
+    def __init__(self, in_features: int, output_sizes: Sequence[int], shard_names: Sequence[str],
+                 bias: bool = False, dtype: torch.dtype | None = None) -> None:
+        if len(output_sizes) != len(shard_names):
+            raise ValueError("output_sizes and shard_names must have the same length")
+        super().__init__(in_features, sum(output_sizes), bias=bias, dtype=dtype)
+        self.output_sizes = list(output_sizes)
+        self.shard_names = list(shard_names)
+
+    def shard_range(self, shard: str) -> tuple[int, int]:
+        """Rows [start, end) of shard ``shard`` in the merged weight."""
+        idx = self.shard_names.index(shard)
+        start = sum(self.output_sizes[:idx])
+        return start, start + self.output_sizes[idx]
+
+    def load_shard(self, param_name: str, shard: str, loaded: torch.Tensor) -> None:
+        """Load one projection's ``weight`` or ``bias`` into its rows of the merged parameter."""
+        param = getattr(self, param_name)
+        if param is None:
+            raise ValueError(f"checkpoint has a {param_name} for shard {shard!r} but the layer has none")
+        start, end = self.shard_range(shard)
+        copy_checked(param.data[start:end], loaded, f"{shard}.{param_name}")
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """y [..., sum(output_sizes)] -> one view per shard."""
+        return y.split(self.output_sizes, dim=-1)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding table [vocab_size, hidden_size], allocated uninitialized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)

@@ -1,0 +1,133 @@
+"""Rotary position embedding (RoPE), numerically matching Hugging Face transformers.
+
+Supported types: default, linear, dynamic, yarn, llama3 (read from transformers 5's
+``config.rope_parameters`` or transformers 4's ``config.rope_scaling`` + ``rope_theta``).
+Inverse frequencies and the attention scaling come from transformers'
+``ROPE_INIT_FUNCTIONS``, so they are HF's by construction. cos/sin are precomputed in fp32
+for every position up to ``max_position`` and stored in the model dtype (HF casts them the
+same way before applying them), so applying RoPE is one gather per forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's RoPE parameters as one flat dict with at least ``rope_type`` and ``rope_theta``."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and ("rope_type" in params or "rope_theta" in params or "type" in params):
+        out = dict(params)
+    else:
+        out = dict(getattr(config, "rope_scaling", None) or {})
+    out.setdefault("rope_type", out.get("type", "default"))
+    if out.get("rope_theta") is None:
+        out["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
+    return out
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    # Same arithmetic as HF's compute_default_rope_parameters.
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype=torch.float) / dim
+    return 1.0 / (base ** exponents)
+
+
+def compute_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float, int]:
+    """-> (inv_freq [head_dim // 2] fp32 on CPU, attention_scaling, max_position of the cos/sin cache).
+
+    For "dynamic" (NTK) scaling, HF recomputes frequencies from the longest sequence of each
+    batch; a paged cache needs one fixed choice. Within ``max_position_embeddings`` dynamic
+    scaling is a no-op in HF, so we use the unscaled frequencies there (exact HF match) and
+    cover only that range.
+    """
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    max_pos = int(getattr(config, "max_position_embeddings", 2048) or 2048)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise NotImplementedError(
+            f"RoPE type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise NotImplementedError("partial_rotary_factor != 1 is not supported for Llama-family models")
+    if rope_type in ("default", "dynamic"):
+        return _default_inv_freq(float(params["rope_theta"]), head_dim), 1.0, max_pos
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    with torch.device("cpu"):  # HF allocates on the default device; keep this on the host
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    inv_freq = inv_freq.float().cpu()
+    if inv_freq.numel() * 2 != head_dim:
+        raise ValueError(f"RoPE produced {inv_freq.numel()} frequencies for head_dim {head_dim}")
+    if rope_type == "yarn":
+        # YaRN extends the pretraining window by `factor`; the config's max_position_embeddings
+        # is sometimes the original one, sometimes the extended one.
+        orig = params.get("original_max_position_embeddings") or max_pos
+        factor = params.get("factor") or 1.0
+        max_pos = max(max_pos, int(math.ceil(orig * factor)))
+    elif rope_type == "linear":
+        max_pos = int(math.ceil(max_pos * float(params.get("factor") or 1.0)))
+    return inv_freq, float(attention_scaling), max_pos
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style ("rotate half") RoPE with a precomputed cos/sin cache.
+
+    Invariant: ``cos_sin_cache[p] == cat(cos(p * inv_freq), sin(p * inv_freq)) * attention_scaling``
+    computed in fp32, stored in ``dtype``; positions must be < ``max_position``.
+    """
+
+    def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor, attention_scaling: float,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.max_position = max_position
+        self.attention_scaling = attention_scaling
+        self._inv_freq = inv_freq.float().cpu()  # host copy, to rebuild the cache (e.g. GGUF rope_freqs)
+        self.register_buffer("cos_sin_cache", self._build_cache(self._inv_freq, dtype), persistent=False)
+
+    @classmethod
+    def from_config(cls, config: Any, head_dim: int, dtype: torch.dtype) -> "RotaryEmbedding":
+        inv_freq, scaling, max_pos = compute_inv_freq(config, head_dim)
+        return cls(head_dim, max_pos, inv_freq, scaling, dtype)
+
+    def _build_cache(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Built on the host (the module moves with the model); immune to a default-device context.
+        positions = torch.arange(self.max_position, dtype=torch.int64, device="cpu").float()  # [P]
+        freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2] fp32, as HF computes it
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * self.attention_scaling  # [P, D]
+        return cache.to(dtype)
+
+    def set_freq_factors(self, factors: torch.Tensor) -> None:
+        """Divide the frequencies by per-dimension factors (llama.cpp's ``rope_freqs`` tensor,
+        which GGUF files of Llama 3.1+ carry instead of llama3 rope-scaling parameters)."""
+        factors = factors.float().cpu().reshape(-1)
+        if factors.numel() != self._inv_freq.numel():
+            raise ValueError(f"rope_freqs has {factors.numel()} entries, expected {self._inv_freq.numel()}")
+        self._inv_freq = self._inv_freq / factors
+        cache = self._build_cache(self._inv_freq, self.cos_sin_cache.dtype)
+        self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
+
+    def get_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin), each [T, 1, D/2]: gather once, reuse in every layer."""
+        cs = self.cos_sin_cache.index_select(0, positions)  # [T, D]
+        cos, sin = cs.chunk(2, dim=-1)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] rotated by cos/sin [T, 1, D/2]; same elementwise ops as HF's
+        ``x * cos + rotate_half(x) * sin``, so bit-identical in 16-bit dtypes too."""
+        x1, x2 = x.chunk(2, dim=-1)  # [T, H, D/2] each
+        cos = cos.to(x.dtype)
+        sin = sin.to(x.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] at ``positions`` [T] -> rotated (q, k)."""
+        cos, sin = self.get_cos_sin(positions)
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)

@@ -1,0 +1,61 @@
+"""Build a model and load its weights (safetensors, GGUF, or dummy random weights)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from lmserve.config import ModelConfig
+from lmserve.model.loader.gguf_loader import iter_gguf_weights
+from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
+from lmserve.model.loader.resolve import default_model, resolve_model
+from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
+from lmserve.model.models.registry import get_model_class
+
+__all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "checkpoint_dtype",
+           "initialize_dummy_weights"]
+
+
+@torch.no_grad()
+def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic random weights (load_format="dummy"): matrices ~ N(0, 0.02), norm weights 1,
+    biases 0, so activations stay well scaled and outputs are not degenerate."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+            param.copy_(values)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)
+
+
+def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Module:
+    """Build the model for ``model_config.hf_config`` in ``model_config.dtype`` on ``device``,
+    load its weights per ``load_format`` ("auto": GGUF if ``gguf_file`` else safetensors/bin;
+    "dummy": seeded random), and return it in eval mode with gradients off."""
+    device = torch.device(device)
+    cls = get_model_class(model_config.hf_config)
+    with torch.device(device):
+        model = cls(model_config.hf_config, model_config.dtype)
+    fmt = model_config.load_format
+    if fmt == "dummy":
+        initialize_dummy_weights(model, model_config.seed)
+    elif model_config.gguf_file and fmt in ("auto", "gguf"):
+        path = os.path.join(model_config.model_path, model_config.gguf_file)
+        model.load_weights(iter_gguf_weights(path, model_config.hf_config))
+    elif fmt == "gguf":
+        raise ValueError("load_format='gguf' but the model has no GGUF file")
+    elif fmt in ("auto", "safetensors", "pt"):
+        if model_config.gguf_file:
+            raise ValueError(f"load_format={fmt!r} but the model is a GGUF file ({model_config.gguf_file})")
+        model.load_weights(iter_checkpoint_weights(model_config.model_path))
+    else:
+        raise ValueError(f"Unknown load_format {fmt!r}; choose from auto, safetensors, gguf, dummy")
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model

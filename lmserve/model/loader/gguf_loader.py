@@ -1,0 +1,191 @@
+"""Read llama.cpp GGUF checkpoints: dequantize every tensor and rename it to Hugging Face's names.
+
+The header is parsed here directly (a few dozen lines of ``struct``): ``gguf.GGUFReader``
+decodes every tokenizer array up front, which costs seconds on each read of a small model.
+Tensor data is memory-mapped and dequantized with ``gguf.quants.dequantize``, so every type
+the gguf package supports (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_*/Q*_K/IQ*) works.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmserve.model.models.llama import ROPE_FREQ_FACTORS
+
+_PROGRESS_DELAY_S = 2.0
+# llama.cpp architectures whose converter permutes Q/K rows (its "LlamaModel" family).
+_PERMUTED_QK_ARCHS = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": ROPE_FREQ_FACTORS,
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+# GGUF metadata value types -> struct format (8 = string and 9 = array are handled apart).
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# ggml types stored as plain numpy items; all others are raw bytes for gguf.quants.dequantize.
+_PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    dims: tuple[int, ...]  # ggml order: innermost (contiguous) dimension first
+    ggml_type: int
+    offset: int  # from the start of the data section
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """Scalar and string metadata of a GGUF file (arrays are skipped) and its tensor table."""
+
+    metadata: dict[str, Any]
+    tensors: list[GGUFTensorInfo]
+    data_offset: int  # absolute file offset of the (aligned) data section
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+
+def _read_str(f: BinaryIO) -> bytes:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return f.read(n)
+
+
+def _skip_value(f: BinaryIO, vtype: int) -> None:
+    if vtype == 8:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(n, 1)
+    elif vtype == 9:
+        item_type, count = struct.unpack("<IQ", f.read(12))
+        if item_type in _SCALAR_FORMATS:
+            f.seek(struct.calcsize(_SCALAR_FORMATS[item_type]) * count, 1)
+        else:
+            for _ in range(count):
+                _skip_value(f, item_type)
+    else:
+        f.seek(struct.calcsize(_SCALAR_FORMATS[vtype]), 1)
+
+
+def read_gguf_header(path: str) -> GGUFHeader:
+    """Parse a GGUF file's header (metadata scalars/strings, tensor table); arrays are skipped."""
+    with open(path, "rb") as f:
+        magic, (version,) = f.read(4), struct.unpack("<I", f.read(4))
+        if magic != b"GGUF" or version not in (2, 3):
+            raise ValueError(f"{path}: not a little-endian GGUF v2/v3 file")
+        n_tensors, n_kv = struct.unpack("<QQ", f.read(16))
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = _read_str(f).decode("utf-8")
+            (vtype,) = struct.unpack("<I", f.read(4))
+            if vtype == 8:
+                metadata[key] = _read_str(f).decode("utf-8", errors="replace")
+            elif vtype in _SCALAR_FORMATS:
+                fmt = _SCALAR_FORMATS[vtype]
+                (metadata[key],) = struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+            else:
+                _skip_value(f, vtype)
+        tensors = []
+        for _ in range(n_tensors):
+            name = _read_str(f).decode("utf-8")
+            (n_dims,) = struct.unpack("<I", f.read(4))
+            dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+            ggml_type, offset = struct.unpack("<IQ", f.read(12))
+            tensors.append(GGUFTensorInfo(name, tuple(int(d) for d in dims), ggml_type, offset))
+        alignment = int(metadata.get("general.alignment", 32))
+        data_offset = -(-f.tell() // alignment) * alignment
+    return GGUFHeader(metadata, tensors, data_offset)
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """llama.cpp tensor name -> Hugging Face parameter name; ValueError if unknown."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _BLOCK_RE.match(name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for Llama-family models")
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved pairs -> HF's rotate-half layout).
+
+    w: [n_head * head_dim, ...] (a weight or a bias). The converter did, per head,
+    ``w.reshape(n_head, 2, head_dim // 2, ...).swapaxes(1, 2)``; this is its inverse.
+    """
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def dequantize_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -> torch.Tensor:
+    """One tensor of a GGUF file (``data``: the whole file, as uint8) -> float torch tensor in
+    torch layout [out, in] (GGUF lists dims innermost first, so torch's shape is the reverse)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    qtype = GGMLQuantizationType(info.ggml_type)
+    shape = tuple(reversed(info.dims))
+    n_elems = int(np.prod(shape)) if shape else 1
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_bytes = n_elems * type_size // block_size
+    raw = data[info.offset: info.offset + n_bytes]
+    if info.ggml_type in _PLAIN_TYPES:
+        arr = raw.view(_PLAIN_TYPES[info.ggml_type]).reshape(shape)
+    else:
+        arr = raw.reshape(quant_shape_to_byte_shape(shape, qtype))
+    out = dequantize(arr, qtype)
+    if not out.flags.writeable or not out.flags.c_contiguous:
+        out = np.array(out)  # memory-mapped F32/F16 data is read-only
+    if out.dtype not in (np.float32, np.float16):
+        out = out.astype(np.float32)
+    return torch.from_numpy(out).reshape(shape)
+
+
+def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, float tensor) for every tensor of the GGUF file at ``path``.
+
+    Q/K weights (and biases) of llama-architecture files are un-permuted using the head counts
+    of ``hf_config``, so the result equals transformers' own GGUF loading.
+    """
+    header = read_gguf_header(path)
+    arch = header.metadata.get("general.architecture", "")
+    n_head = int(hf_config.num_attention_heads)
+    n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_offset)
+    try:
+        for info in tqdm(header.tensors, desc="Dequantizing GGUF", delay=_PROGRESS_DELAY_S, leave=False):
+            hf_name = gguf_to_hf_name(info.name)
+            weight = dequantize_tensor(data, info)
+            if arch in _PERMUTED_QK_ARCHS:
+                if ".self_attn.q_proj." in hf_name:
+                    weight = unpermute_qk(weight, n_head)
+                elif ".self_attn.k_proj." in hf_name:
+                    weight = unpermute_qk(weight, n_kv)
+            yield hf_name, weight
+    finally:
+        del data

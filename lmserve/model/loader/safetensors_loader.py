@@ -1,0 +1,56 @@
+"""Iterate the tensors of a Hugging Face checkpoint directory (safetensors, or *.bin as a fallback)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+# Progress bars appear only for loads that take longer than this many seconds.
+_PROGRESS_DELAY_S = 2.0
+
+
+def weight_files(model_dir: str) -> list[str]:
+    """The checkpoint's weight files: those named by ``model.safetensors.index.json`` if present,
+    else every ``*.safetensors``, else ``pytorch_model*.bin``. FileNotFoundError if none."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, n) for n in names]
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if files:
+        return files
+    bin_index = os.path.join(model_dir, "pytorch_model.bin.index.json")
+    if os.path.isfile(bin_index):
+        with open(bin_index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_dir, n) for n in names]
+    files = sorted(glob.glob(os.path.join(model_dir, "pytorch_model*.bin")))
+    if files:
+        return files
+    raise FileNotFoundError(f"No *.safetensors (or pytorch_model*.bin) weights in {model_dir}")
+
+
+def iter_checkpoint_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, CPU tensor) for every tensor of the checkpoint, once each."""
+    from safetensors import safe_open
+
+    files = weight_files(model_dir)
+    total = sum(os.path.getsize(f) for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", delay=_PROGRESS_DELAY_S,
+              leave=False) as bar:
+        for path in files:
+            if path.endswith(".safetensors"):
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                yield from state.items()
+                del state
+            bar.update(os.path.getsize(path))

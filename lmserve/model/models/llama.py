@@ -1,0 +1,235 @@
+"""Llama-family decoder models with paged attention: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2.
+
+Variants differ only in flags read from the Hugging Face config:
+- QKV bias: ``attention_bias`` (Llama, Mistral, Qwen3) or always on for Qwen2 (o_proj without);
+- Qwen3: per-head RMSNorm of q and k (``q_norm``/``k_norm``) before RoPE;
+- tied embeddings (``tie_word_embeddings``, e.g. SmolLM2);
+- ``head_dim`` from the config when given; sliding window per layer (Mistral, Qwen2 ``layer_types``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmserve.model.layers.activation import SiluAndMul
+from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
+from lmserve.model.layers.attention_metadata import AttentionMetadata
+from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, copy_checked
+from lmserve.model.layers.norm import RMSNorm
+from lmserve.model.layers.rotary import RotaryEmbedding
+
+# Checkpoint tensors that are derived state, never weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# HF projection name -> (merged module name, shard name)
+_MERGED = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+# Name under which loaders pass llama.cpp's per-dimension RoPE frequency factors.
+ROPE_FREQ_FACTORS = "model.rotary_emb.freq_factors"
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _sliding_window(config: Any, layer_idx: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(config)
+        model_type = getattr(config, "model_type", "")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or model_type == "qwen2"
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(hidden, [q_size, kv_size, kv_size], ["q", "k", "v"], bias=qkv_bias, dtype=dtype)
+        self.o_proj = Linear(q_size, hidden, bias=attention_bias, dtype=dtype)
+        self.qk_norm = model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, dtype=dtype)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
+                                   sliding_window=_sliding_window(config, layer_idx))
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """hidden [T, hidden]; cos/sin [T, 1, head_dim/2] -> [T, hidden]."""
+        T = hidden.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.reshape(T, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = RotaryEmbedding.apply(q, cos, sin)
+        k = RotaryEmbedding.apply(k, cos, sin)
+        out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise NotImplementedError(f"hidden_act {act!r} is not supported (only silu)")
+        bias = bool(getattr(config, "mlp_bias", False))
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter], ["gate", "up"], bias=bias, dtype=dtype)
+        self.act_fn = SiluAndMul()
+        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block with the residual carried separately: returns (mlp output, residual)
+        whose sum is HF's layer output."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.rotary_emb = RotaryEmbedding.from_config(config, _head_dim(config), dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary_emb.get_cos_sin(positions)  # [T, 1, D/2] each
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over a flat (varlen) batch with a paged KV cache.
+
+    Parameters are created uninitialized in ``dtype`` on the current default device; call
+    ``load_weights`` (or initialize them) before use.
+    """
+
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model = LlamaModel(config, dtype)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+
+    @property
+    def max_position(self) -> int:
+        """Longest context the RoPE cache covers (positions must stay below it)."""
+        return self.model.rotary_emb.max_position
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] (flat batch, laid out as ``attn_metadata`` says); one KV cache
+        per layer -> hidden states [T, hidden] after the final norm."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [N, hidden] -> logits [N, vocab] in float32 (matmul in the model dtype)."""
+        return torch.nn.functional.linear(hidden_states, self.lm_head.weight).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.num_kv_heads,
+                           head_dim=attn.head_dim, dtype=self.dtype)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight``, ...).
+
+        Ignores ``rotary_emb.inv_freq``-style buffers and ``lm_head.weight`` when embeddings are
+        tied. Raises ValueError on unknown names, shape mismatches, or weights left unloaded.
+        Returns the set of HF names loaded.
+        """
+        params = dict(self.named_parameters(remove_duplicate=False))
+        expected = {name for name in params if not (self.tie_word_embeddings and name.startswith("lm_head."))}
+        filled: set[str] = set()  # model parameter names (merged ones once all shards arrived)
+        shards_seen: dict[str, set[str]] = {}
+        loaded: set[str] = set()
+        unknown: list[str] = []
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if name == ROPE_FREQ_FACTORS:
+                self.model.rotary_emb.set_freq_factors(tensor)
+                loaded.add(name)
+                continue
+            if self.tie_word_embeddings and name.startswith("lm_head."):
+                continue
+            parts = name.split(".")
+            merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
+            if merged is not None:
+                module_name = ".".join(parts[:-2] + [merged[0]])
+                target = f"{module_name}.{parts[-1]}"
+                if target not in params:
+                    unknown.append(name)
+                    continue
+                self.get_submodule(module_name).load_shard(parts[-1], merged[1], tensor)
+                seen = shards_seen.setdefault(target, set())
+                seen.add(merged[1])
+                if len(seen) == len(self.get_submodule(module_name).shard_names):
+                    filled.add(target)
+            elif name in params:
+                copy_checked(params[name], tensor, name)
+                filled.add(name)
+            else:
+                unknown.append(name)
+                continue
+            loaded.add(name)
+        if unknown:
+            raise ValueError(f"Unexpected weights in checkpoint for {type(self).__name__}: "
+                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+        missing = sorted(expected - filled)
+        if missing:
+            raise ValueError(f"Weights missing from checkpoint: {', '.join(missing[:10])}"
+                             f"{' ...' if len(missing) > 10 else ''}")
+        return loaded
