@@ -154,3 +154,11 @@ def test_logprobs_match_hf(tiny_models):
             assert abs(lp.logprob - ref[pos, t].item()) < 1e-3
         cum += ref[pos, tok].item()
     assert abs(out.outputs[0].cumulative_logprob - cum) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_greedy_equals_hf_on_cuda(tiny_models, references, kind):
+    llm = make_llm(tiny_models[kind], device="cuda")
+    assert run_greedy(llm) == references[kind]
