@@ -43,3 +43,10 @@ class OverloadedError(LMServeError):
 class EngineDeadError(LMServeError):
     status_code = 503
     err_type = "EngineDeadError"
+
+
+class NotReadyError(LMServeError):
+    """The server is up but its engine is still loading."""
+
+    status_code = 503
+    err_type = "ServiceUnavailableError"

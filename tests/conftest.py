@@ -79,3 +79,14 @@ def tiny_text_model(smollm2_tokenizer_dir, tmp_path_factory) -> str:
     for name in os.listdir(smollm2_tokenizer_dir):
         shutil.copy(os.path.join(smollm2_tokenizer_dir, name), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_reference(smollm2_path):
+    """HF transformers' own loading of the SmolLM2 GGUF (fp32): the numerical reference.
+    Session-scoped because dequantizing through transformers takes tens of seconds."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path),
+                                                gguf_file=os.path.basename(smollm2_path),
+                                                dtype=torch.float32).eval()

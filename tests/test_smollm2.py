@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -23,15 +21,12 @@ def test_default_model_answers_paris(llm):
     assert out.outputs[0].finish_reason == "stop"
 
 
-def test_greedy_equals_hf_on_same_gguf(llm, smollm2_path):
-    from transformers import AutoModelForCausalLM
-
+def test_greedy_equals_hf_on_same_gguf(llm, smollm2_hf_reference):
     tok = llm.get_tokenizer()
     prompts = ["The quick brown fox", "def fibonacci(n):", "Paris is a city in"]
     params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24)  # as HF min_new_tokens
     ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path),
-                                                 gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
+    model = smollm2_hf_reference
     for prompt, got in zip(prompts, ours):
         ids = tok(prompt, return_tensors="pt").input_ids
         ref = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:]

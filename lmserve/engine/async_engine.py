@@ -64,6 +64,12 @@ class AsyncLLM:
     def default_sampling_params(self) -> dict[str, Any]:
         return self.engine.default_sampling_params()
 
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence (prompt + output) the engine can hold: max_model_len,
+        or less when the KV cache is smaller."""
+        return self.engine.core.max_seq_len
+
     # ------------------------------------------------------------------ public API
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str | None = None, priority: int = 0,

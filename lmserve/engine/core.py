@@ -27,6 +27,7 @@ class CoreOutput:
     status: RequestStatus = RequestStatus.RUNNING
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -98,7 +99,8 @@ class EngineCore:
             req = s.request
             rid = req.request_id
             out = CoreOutput(rid, [], num_cached_tokens=max(req.num_cached_tokens, 0),
-                             prompt_logprobs=result.prompt_logprobs.get(rid))
+                             prompt_logprobs=result.prompt_logprobs.get(rid),
+                             first_scheduled_time=req.first_scheduled_time)
             token = result.sampled.get(rid)
             if token is not None:
                 req.append_output_token(token)

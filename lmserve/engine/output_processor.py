@@ -133,6 +133,8 @@ class OutputProcessor:
             p = self.parents[parent_id]
             child = next(c for c in p.children if c.request_id == co.request_id)
             p.num_cached_tokens = co.num_cached_tokens
+            if p.metrics.first_scheduled_time is None:
+                p.metrics.first_scheduled_time = co.first_scheduled_time
             if co.prompt_logprobs is not None and child.index == 0 and p.prompt_logprobs is not None:
                 start, rows = co.prompt_logprobs
                 assert len(p.prompt_logprobs) == start, "prompt logprobs chunks arrive in order"

@@ -1,0 +1,71 @@
+"""The ``lmserve`` command: ``serve`` (the OpenAI-compatible server), ``complete`` and
+``chat`` (clients of a running server) and ``bench`` (load generators, loaded lazily
+from ``lmserve.benchmarks.<name>``, each exposing ``main(argv) -> int | None``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lmserve.entrypoints.cli_args import add_server_args, parse_serve_args
+from lmserve.entrypoints.cli_clients import add_client_args, run_chat, run_complete
+
+
+def make_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(top-level parser, the serve sub-parser)."""
+    from lmserve.entrypoints.openai.app import lmserve_version
+
+    parser = argparse.ArgumentParser(prog="lmserve", description="An LLM inference engine with an "
+                                     "OpenAI-compatible server, wire-compatible with `vllm serve`.")
+    parser.add_argument("--version", action="version", version=f"lmserve {lmserve_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,complete,chat,bench}")
+    serve = sub.add_parser("serve", help="Start the OpenAI-compatible server.", conflict_handler="resolve",
+                           prog="lmserve serve")
+    add_server_args(serve)
+    add_client_args(sub.add_parser("complete", help="Complete prompts against a running server."), chat=False)
+    add_client_args(sub.add_parser("chat", help="Chat with a running server."), chat=True)
+    bench = sub.add_parser("bench", help="Benchmarks, e.g. `lmserve bench serve` (as `vllm bench serve`).",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser, serve
+
+
+def _run_bench(argv: list[str]) -> int:
+    name, rest = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("serve", argv)
+    try:
+        module = importlib.import_module(f"lmserve.benchmarks.{name}")
+    except ImportError as e:
+        print(f"lmserve bench {name}: not available ({e})", file=sys.stderr)
+        return 2
+    return int(module.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, serve_parser = make_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    if argv[0] not in ("serve", "complete", "chat", "bench"):
+        parser.parse_args(argv)  # --help, --version, or an error naming the unknown command: exits
+        return 2
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    if command == "bench":
+        return _run_bench(rest)
+    if command == "serve":
+        args = parse_serve_args(rest, serve_parser)
+        from lmserve.entrypoints.openai.api_server import run_server
+        try:
+            return run_server(args)
+        except ValueError as e:  # a bad --middleware or --chat-template, ...
+            print(f"lmserve serve: error: {e}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
+    return run_complete(args) if command == "complete" else run_chat(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The ``lmserve serve`` flags (named and defaulted as ``vllm serve``'s, seed 002) and
+``--config file.yaml``.
+
+Precedence: command line > config file > defaults. Config keys are the long flag names
+without the leading dashes (``uvicorn-log-level`` or ``uvicorn_log_level``).
+
+Flags of ``vllm serve`` that cannot apply to this engine (LoRA, speculative decoding,
+other quantization methods, tool/reasoning parsers, ...) are accepted by the parser so
+that a vLLM command line parses, then refused with a message naming the flag, unless
+they hold a value that asks for what lmserve does anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from lmserve.engine.arg_utils import EngineArgs
+
+
+def _json_list(value: str) -> list[str]:
+    """'["a","b"]' (vLLM's form) or 'a,b' -> list."""
+    value = value.strip()
+    if value.startswith("["):
+        out = json.loads(value)
+        if not isinstance(out, list):
+            raise argparse.ArgumentTypeError("expected a JSON list")
+        return [str(x) for x in out]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _true(_: Any) -> bool:
+    return True
+
+
+# flag -> (argparse kwargs, accepted(value), why it cannot apply). Default None means "not given".
+_UNSUPPORTED: dict[str, tuple[dict[str, Any], Callable[[Any], bool], str]] = {}
+
+
+def _unsupported(flag: str, why: str, accepted: Callable[[Any], bool] = lambda v: False, **kwargs: Any) -> None:
+    _UNSUPPORTED[flag] = (kwargs, accepted, why)
+
+
+_LORA = "LoRA adapters are not supported by lmserve"
+_SPEC = "speculative decoding is not supported by lmserve"
+_MM = "lmserve serves text-only models"
+_TOOLS = "tool calling / reasoning parsers are not supported by lmserve yet"
+for _f in ("--enable-lora", "--enable-lora-bias", "--fully-sharded-loras", "--enable-prompt-adapter"):
+    _unsupported(_f, _LORA, action="store_const", const=True)
+for _f in ("--lora-modules", "--prompt-adapters"):
+    _unsupported(_f, _LORA, nargs="+")
+for _f in ("--max-loras", "--max-lora-rank", "--lora-extra-vocab-size", "--max-cpu-loras",
+           "--max-prompt-adapters", "--max-prompt-adapter-token", "--lora-dtype", "--long-lora-scaling-factors",
+           "--qlora-adapter-name-or-path"):
+    _unsupported(_f, _LORA)
+for _f in ("--speculative-model", "--speculative-model-quantization", "--num-speculative-tokens",
+           "--speculative-draft-tensor-parallel-size", "--speculative-max-model-len",
+           "--speculative-disable-by-batch-size", "--ngram-prompt-lookup-max", "--ngram-prompt-lookup-min",
+           "--spec-decoding-acceptance-method", "--typical-acceptance-sampler-posterior-threshold",
+           "--typical-acceptance-sampler-posterior-alpha", "--disable-logprobs-during-spec-decoding",
+           "--speculative-config"):
+    _unsupported(_f, _SPEC)
+_unsupported("--speculative-disable-mqa-scorer", _SPEC, action="store_const", const=True)
+for _f in ("--limit-mm-per-prompt", "--mm-processor-kwargs", "--allowed-local-media-path"):
+    _unsupported(_f, _MM)
+_unsupported("--disable-mm-preprocessor-cache", _MM, action="store_const", const=True)
+_unsupported("--enable-auto-tool-choice", _TOOLS, action="store_const", const=True)
+_unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
+for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
+    _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
+_unsupported("--quantization", "only unquantized weights and GGUF files are supported",
+             accepted=lambda v: v in ("None", "none", "gguf"))
+_unsupported("-q", "only unquantized weights and GGUF files are supported",
+             accepted=lambda v: v in ("None", "none", "gguf"), dest="quantization_short")
+_unsupported("--task", "lmserve serve runs generation models", accepted=lambda v: v in ("auto", "generate"))
+_unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
+_unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
+_unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
+             "--logits-processors")
+_unsupported("--kv-transfer-config", "disaggregated serving is not supported")
+_unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
+_unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
+_unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)
+_unsupported("--cpu-offload-gb", "weight offloading is not supported", accepted=lambda v: float(v) == 0)
+_unsupported("--swap-space", "preemption recomputes; KV blocks are never swapped", accepted=lambda v: float(v) == 0)
+_unsupported("--preemption-mode", "preemption recomputes; KV blocks are never swapped",
+             accepted=lambda v: v == "recompute")
+_unsupported("--num-scheduler-steps", "multi-step scheduling is not supported", accepted=lambda v: int(v) == 1)
+_unsupported("--multi-step-stream-outputs", "multi-step scheduling is not supported", nargs="?", const="True")
+_unsupported("--scheduler-delay-factor", "scheduler delays are not supported", accepted=lambda v: float(v) == 0)
+_unsupported("--num-lookahead-slots", "lookahead slots are for speculative decoding",
+             accepted=lambda v: int(v) == 0)
+_unsupported("--max-seq-len-to-capture", "CUDA graph capture sizes are not configurable")
+_unsupported("--compilation-config", "compilation is controlled by --enforce-eager / --no-enforce-eager")
+_unsupported("-O", "compilation is controlled by --enforce-eager / --no-enforce-eager", dest="compilation_level")
+_unsupported("--tokenizer-pool-size", "tokenization runs in the server process", accepted=lambda v: int(v) == 0)
+_unsupported("--tokenizer-pool-type", "tokenization runs in the server process")
+_unsupported("--tokenizer-pool-extra-config", "tokenization runs in the server process")
+_unsupported("--override-neuron-config", "Neuron devices are not supported")
+_unsupported("--override-pooler-config", "lmserve serve runs generation models")
+_unsupported("--otlp-traces-endpoint", "OpenTelemetry tracing is not supported")
+_unsupported("--collect-detailed-traces", "OpenTelemetry tracing is not supported")
+_unsupported("--code-revision", "remote model code is never run")
+_unsupported("--max-parallel-loading-workers", "weights load in one pass")
+_unsupported("--ray-workers-use-nsight", "Ray is not used", action="store_const", const=True)
+_unsupported("--ignore-patterns", "weight file filtering is not supported")
+_unsupported("--model-loader-extra-config", "the model loader takes no extra config")
+_unsupported("--disable-sliding-window", "sliding-window attention is not configurable",
+             action="store_const", const=True)
+
+
+def make_serve_parser(**kwargs: Any) -> argparse.ArgumentParser:
+    """A parser whose later definitions win (so EngineArgs' flags override ours)."""
+    return argparse.ArgumentParser(conflict_handler="resolve", **kwargs)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Registers the serve flags (server, engine, and the refused vLLM ones) on ``parser``."""
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="The model: a local directory, a .gguf file or a Hugging Face id in the local "
+                             "cache. Default: the embedded SmolLM2-135M-Instruct.")
+    parser.add_argument("--config", default=None, help="A YAML file of flags (keys are the long flag names "
+                        "without dashes). Precedence: command line > config file > defaults.")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=None, help="Host name (default: all interfaces).")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical", "trace"])
+    g.add_argument("--allow-credentials", action="store_true")
+    g.add_argument("--allowed-origins", type=_json_list, default=["*"])
+    g.add_argument("--allowed-methods", type=_json_list, default=["*"])
+    g.add_argument("--allowed-headers", type=_json_list, default=["*"])
+    g.add_argument("--api-key", default=None, help="Require this key (Authorization: Bearer KEY) on every "
+                   "route except /health, /ping and /metrics. Default: $VLLM_API_KEY or $LMSERVE_API_KEY.")
+    g.add_argument("--chat-template", default=None, help="A chat template file, or the template itself.")
+    g.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"])
+    g.add_argument("--response-role", default="assistant")
+    g.add_argument("--ssl-keyfile", default=None)
+    g.add_argument("--ssl-certfile", default=None)
+    g.add_argument("--ssl-ca-certs", default=None)
+    g.add_argument("--ssl-cert-reqs", type=int, default=0)
+    g.add_argument("--root-path", default=None)
+    g.add_argument("--middleware", action="append", default=[],
+                   help="An ASGI middleware class or an async http middleware function (import path).")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true")
+    g.add_argument("--disable-frontend-multiprocessing", action="store_true",
+                   help="Accepted for compatibility: the server always runs in the engine's process.")
+    g.add_argument("--enable-request-id-headers", action="store_true")
+    g.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="Accepted for compatibility: GET /load always reports the server load.")
+    g.add_argument("--disable-log-requests", action="store_true")
+    g.add_argument("--max-log-len", type=int, default=None)
+    g.add_argument("--disable-fastapi-docs", action="store_true")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true")
+    g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
+    g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
+    g.add_argument("--use-v2-block-manager", action="store_true", help="Accepted for compatibility (no-op).")
+    g.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="Accepted for compatibility: there is no custom all-reduce.")
+    g.add_argument("--disable-async-output-proc", action="store_true",
+                   help="Accepted for compatibility: outputs are processed synchronously.")
+    EngineArgs.add_cli_args(parser)
+    known = {opt for action in parser._actions for opt in action.option_strings}  # noqa: SLF001
+    u = parser.add_argument_group("vllm flags that cannot apply here (refused when set)")
+    for flag, (kwargs, _, _) in _UNSUPPORTED.items():
+        if flag not in known:  # the engine may learn a flag later: then its definition wins
+            u.add_argument(flag, default=None, help=argparse.SUPPRESS, **kwargs)
+    return parser
+
+
+def _dest_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config key -> action, for every long flag name (dashes and underscores alike)."""
+    out: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public listing
+        for opt in action.option_strings:
+            if opt.startswith("--"):
+                out[opt[2:]] = action
+                out[opt[2:].replace("-", "_")] = action
+    return out
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The YAML file as ``{dest: value}`` defaults for ``parser``; unknown keys are errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read the file ({e})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values")
+    actions = _dest_of(parser)
+    defaults: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).lstrip("-")
+        if key == "model":
+            defaults["model"] = value
+            continue
+        action = actions.get(key)
+        if action is None or key == "config":
+            raise ValueError(f"--config {path}: unknown option {key!r}")
+        if action.nargs in ("+", "*") and not isinstance(value, list):
+            value = [value]
+        if isinstance(value, (dict, list)) and action.type is json.loads:
+            pass  # already parsed
+        elif isinstance(value, list) and action.type is _json_list:
+            value = [str(v) for v in value]
+        if action.choices is not None and value not in action.choices and not (
+                isinstance(value, str) and action.type is not None):
+            raise ValueError(f"--config {path}: {key}={value!r} is not one of {list(action.choices)}")
+        defaults[action.dest] = value
+    return defaults
+
+
+def _find_config(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Resolves MODEL, the API key from the environment, --rope-* overrides, and refuses the
+    flags that cannot apply (``parser.error`` exits with status 2)."""
+    if args.model_tag is not None:
+        args.model = args.model_tag
+    if args.api_key is None:
+        args.api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("LMSERVE_API_KEY") or None
+    if isinstance(args.served_model_name, str):
+        args.served_model_name = [args.served_model_name]
+    known = {opt: action for action in parser._actions for opt in action.option_strings}  # noqa: SLF001
+    for flag, (kwargs, accepted, why) in _UNSUPPORTED.items():
+        dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
+        if known.get(flag) is None or known[flag].help != argparse.SUPPRESS:
+            continue  # defined by the engine, not refused here
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            ok = accepted(value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            parser.error(f"{flag} {'' if value is True else value!s} is not supported: {why}.".replace("  ", " "))
+    overrides: dict[str, Any] = {}
+    if args.rope_scaling is not None:
+        overrides["rope_scaling"] = args.rope_scaling
+    if args.rope_theta is not None:
+        overrides["rope_theta"] = args.rope_theta
+    if overrides:
+        base = args.hf_overrides or {}
+        args.hf_overrides = {**(json.loads(base) if isinstance(base, str) else base), **overrides}
+    return args
+
+
+def parse_serve_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parses ``lmserve serve`` arguments (without the word ``serve``), config file included."""
+    if parser is None:
+        parser = add_server_args(make_serve_parser(prog="lmserve serve"))
+    config = _find_config(argv)
+    if config is not None:
+        try:
+            parser.set_defaults(**load_config_file(config, parser))
+        except ValueError as e:
+            parser.error(str(e))
+    return finalize_serve_args(parser.parse_args(argv), parser)

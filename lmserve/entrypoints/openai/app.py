@@ -1,0 +1,365 @@
+"""The FastAPI app: routes, auth, request ids, CORS, and the one place where exceptions
+become HTTP responses (``{"error": {"message", "type", "param", "code"}}``).
+
+``build_app(args, engine)`` makes an app from the serve flags; ``engine`` may be None and
+set later (``ServerState.set_engine``): until then every route but /health, /ping and
+/metrics answers 503. No module-level mutable state: everything hangs off ``app.state``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from lmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                 TokenizeChatRequest, TokenizeCompletionRequest)
+from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from lmserve.entrypoints.openai.serving_engine import ServerOptions, error_body
+from lmserve.entrypoints.openai.serving_models import OpenAIServingModels
+from lmserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from lmserve.errors import InvalidRequestError, LMServeError, NotReadyError
+from lmserve.metrics import EngineMetrics
+
+logger = logging.getLogger("lmserve.server")
+
+UNAUTHENTICATED_PATHS = frozenset({"/health", "/ping", "/metrics"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def lmserve_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("lmserve")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.0.0+unknown"
+
+
+@dataclass
+class _Handlers:
+    completion: OpenAIServingCompletion
+    chat: OpenAIServingChat
+    models: OpenAIServingModels
+    tokenization: OpenAIServingTokenization
+
+
+class ServerState:
+    """Per-app state. ``handlers`` is None until the engine is set."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.engine: Any = None
+        self.handlers: _Handlers | None = None
+        self.in_flight = 0  # generation requests being answered (GET /load)
+        names = list(getattr(args, "served_model_name", None) or [])
+        self.metrics = EngineMetrics(names[0] if names else (getattr(args, "model", None) or DEFAULT_MODEL_NAME))
+        self.chat_template: str | None = None  # --chat-template, read once (a bad path fails at start)
+        if getattr(args, "chat_template", None) is not None:
+            from lmserve.chat_template import load_chat_template
+            self.chat_template = load_chat_template(args.chat_template)
+
+    def set_engine(self, engine: Any) -> None:
+        args = self.args
+        mc = engine.model_config
+        names = tuple(getattr(args, "served_model_name", None) or [mc.served_model_name])
+        if self.metrics.model_name != names[0]:
+            self.metrics = EngineMetrics(names[0])
+        self.metrics.set_stats_source(engine.get_stats)
+        options = ServerOptions(
+            served_model_names=names, model_root=getattr(mc, "model", None),
+            response_role=getattr(args, "response_role", "assistant"), chat_template=self.chat_template,
+            chat_template_content_format=getattr(args, "chat_template_content_format", "auto"),
+            return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
+            enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
+            log_requests=not getattr(args, "disable_log_requests", False),
+            max_log_len=getattr(args, "max_log_len", None))
+        self.handlers = _Handlers(
+            completion=OpenAIServingCompletion(engine, options, self.metrics),
+            chat=OpenAIServingChat(engine, options, self.metrics),
+            models=OpenAIServingModels(options, mc.max_model_len),
+            tokenization=OpenAIServingTokenization(engine, options, self.metrics))
+        self.engine = engine
+
+    def ready(self) -> _Handlers:
+        if self.handlers is None:
+            raise NotReadyError("The server is starting: the model is still loading. Retry shortly.")
+        return self.handlers
+
+
+# ---------------------------------------------------------------------- errors
+def error_response(err: LMServeError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(err).model_dump(), status_code=err.status_code, headers=headers)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A readable message and the ``param`` (dotted path of the first bad field)."""
+    parts: list[str] = []
+    param = None
+    seen: set[str] = set()
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ())][1:] if e.get("loc", ("",))[0] == "body" else \
+            [str(x) for x in e.get("loc", ())]
+        clean = []
+        for x in loc:  # union members appear as "str", "list[int]", "function-after[...]": stop there
+            if "[" in x or x in _UNION_TAGS or "-" in x:
+                break
+            clean.append(x)
+        where = ".".join(clean)
+        if where in seen:
+            continue
+        seen.add(where)
+        etype = e.get("type")
+        if etype == "json_invalid":
+            msg = f"Invalid JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
+        elif not where and etype == "missing":
+            msg = "The request body is required: a JSON object."
+        elif not where and etype in ("model_attributes_type", "dict_type", "model_type"):
+            msg = "The request body must be a JSON object (sent with Content-Type: application/json)."
+        else:
+            msg = f"{where}: {e.get('msg')}" if where else str(e.get("msg"))
+        parts.append(msg)
+        param = param or where or None
+    if len(parts) > 5:
+        parts = parts[:5] + [f"... and {len(parts) - 5} more errors"]
+    return "; ".join(parts) or "Invalid request", param
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """The one place exceptions map to HTTP responses."""
+
+    @app.exception_handler(LMServeError)
+    async def _lmserve(_: Request, exc: LMServeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msg, param = _validation_message(exc)
+        return error_response(InvalidRequestError(msg, param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = LMServeError(str(exc.detail))
+        err.status_code = exc.status_code
+        err.err_type = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+                        413: "RequestTooLargeError"}.get(exc.status_code, "HTTPError")
+        if exc.status_code == 400 and "parsing the body" in err.message:
+            err.message = "Invalid JSON body: the body could not be parsed (malformed JSON or invalid UTF-8)."
+        return error_response(err, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ValueError)
+    async def _value(_: Request, exc: ValueError) -> JSONResponse:
+        return error_response(InvalidRequestError(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("Internal error")
+        return error_response(LMServeError(f"Internal server error: {type(exc).__name__}"))
+
+
+# ---------------------------------------------------------------------- middleware (pure ASGI)
+def _route_path(scope: dict) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+class AuthMiddleware:
+    """Requires ``Authorization: Bearer <key>`` everywhere except /health, /ping, /metrics
+    and CORS preflights. Keys are compared in constant time."""
+
+    def __init__(self, app: Any, api_keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or \
+                _route_path(scope) in UNAUTHENTICATED_PATHS:
+            return await self.app(scope, receive, send)
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
+        if not any(secrets.compare_digest(token, k) for k in self.keys):
+            err = LMServeError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).")
+            err.status_code, err.err_type = 401, "AuthenticationError"
+            return await error_response(err, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class RequestTrackingMiddleware:
+    """Counts in-flight generation requests (GET /load) and, when enabled, sets the
+    ``X-Request-Id`` response header (the client's, or the id the handler chose)."""
+
+    def __init__(self, app: Any, state: ServerState, echo_request_id: bool) -> None:
+        self.app = app
+        self.state = state
+        self.echo = echo_request_id
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        tracked = _route_path(scope) in GENERATION_PATHS
+        if tracked:
+            self.state.in_flight += 1
+
+        async def send_wrapper(message: dict) -> None:
+            if self.echo and message["type"] == "http.response.start":
+                rid = (scope.get("state") or {}).get("request_id") or _header(scope, b"x-request-id") \
+                    or uuid.uuid4().hex
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", rid.encode("latin-1", "replace"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if tracked:
+                self.state.in_flight -= 1
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _load_middleware(app: FastAPI, path: str) -> None:
+    module_name, _, attr = path.replace(":", ".").rpartition(".")
+    if not module_name:
+        raise ValueError(f"--middleware {path!r}: expected an import path such as package.module.name")
+    obj = getattr(importlib.import_module(module_name), attr)
+    if inspect.isclass(obj):
+        app.add_middleware(obj)
+    elif inspect.iscoroutinefunction(obj):
+        app.middleware("http")(obj)
+    else:
+        raise ValueError(f"--middleware {path!r} is neither a class nor an async function")
+
+
+# ---------------------------------------------------------------------- app
+def _base_request_id(raw: Request, body_id: str, body_set: bool) -> str:
+    """The client's X-Request-Id wins, then a request_id set in the body, then a random id."""
+    rid = raw.headers.get("x-request-id") or (body_id if body_set else uuid.uuid4().hex)
+    raw.state.request_id = rid
+    return rid
+
+
+def _respond(result: Any) -> Any:
+    if result is None:  # the client went away before the answer was ready
+        return Response(status_code=499)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(result.model_dump())
+
+
+def build_app(args: argparse.Namespace, engine: Any = None) -> FastAPI:
+    """The app for ``args`` (the serve flags). ``--root-path`` is the ASGI server's business
+    (uvicorn's ``root_path``), so the app itself is mounted at /."""
+    docs = not getattr(args, "disable_fastapi_docs", False)
+    app = FastAPI(title="lmserve", version=lmserve_version(), openapi_url="/openapi.json" if docs else None, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None)
+    state = ServerState(args)
+    app.state.server = state
+    if engine is not None:
+        state.set_engine(engine)
+    install_exception_handlers(app)
+    _add_routes(app, state)
+
+    api_key = getattr(args, "api_key", None)
+    if api_key:
+        app.add_middleware(AuthMiddleware, api_keys=[api_key] if isinstance(api_key, str) else list(api_key))
+    app.add_middleware(RequestTrackingMiddleware, state=state,
+                       echo_request_id=bool(getattr(args, "enable_request_id_headers", False)))
+    app.add_middleware(CORSMiddleware, allow_origins=list(getattr(args, "allowed_origins", ["*"])),
+                       allow_credentials=bool(getattr(args, "allow_credentials", False)),
+                       allow_methods=list(getattr(args, "allowed_methods", ["*"])),
+                       allow_headers=list(getattr(args, "allowed_headers", ["*"])))
+    for path in getattr(args, "middleware", None) or []:
+        _load_middleware(app, path)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine is None:
+            raise NotReadyError("The server is starting: the model is still loading.")
+        await state.engine.check_health()
+        return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": lmserve_version()}
+
+    @app.get("/load")
+    async def load() -> dict:
+        return {"server_load": state.in_flight}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def list_models() -> Any:
+        return JSONResponse(state.ready().models.list_models().model_dump())
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> Any:
+        return JSONResponse(state.ready().models.get_model(model).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request) -> Any:
+        handler = state.ready().completion
+        _log_ignored(request)
+        rid = _base_request_id(raw, request.request_id, "request_id" in request.model_fields_set)
+        return _respond(await handler.create_completion(request, f"cmpl-{rid}", raw))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Any:
+        handler = state.ready().chat
+        _log_ignored(request)
+        rid = _base_request_id(raw, request.request_id, "request_id" in request.model_fields_set)
+        return _respond(await handler.create_chat_completion(request, f"chatcmpl-{rid}", raw))
+
+    @app.post("/tokenize")
+    async def tokenize(body: dict[str, Any]) -> Any:
+        model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+        try:
+            request = model.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+        return JSONResponse(state.ready().tokenization.tokenize_request(request).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Any:
+        return JSONResponse(state.ready().tokenization.detokenize_request(request).model_dump())
+
+
+def _log_ignored(request: Any) -> None:
+    ignored = request.ignored_fields()
+    if ignored:
+        logger.warning("The following fields were present in the request but ignored: %s", ignored)

@@ -1,0 +1,371 @@
+"""Request models of the OpenAI-compatible API: the OpenAI fields plus vLLM's extra ones
+(spec: seeds 001 and 002), and their translation into ``SamplingParams``.
+
+Invariants:
+- type and range errors are pydantic errors (the app turns them into 400 with ``param``);
+  cross-field rules and "not supported yet" are ``InvalidRequestError`` raised by
+  ``validate_request()``, also 400 with ``param``;
+- unknown fields are accepted and ignored (as vLLM) and listed by ``ignored_fields()``;
+- ``to_sampling_params`` never mutates the request and always sets ``output_kind=DELTA``:
+  every response, streaming or not, is built from deltas.
+Response models live in ``protocol_responses``.
+"""
+
+import re
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmserve.errors import InvalidRequestError
+from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # choices per prompt
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat top_logprobs
+
+# vLLM's fallbacks when neither the request nor generation_config.json sets a value.
+_DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def random_uuid() -> str:
+    return uuid.uuid4().hex
+
+
+class OpenAIBaseModel(BaseModel):
+    """Accepts unknown fields (ignored, as vLLM does)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: str = "text"
+
+
+class RepetitionDetection(OpenAIBaseModel):
+    max_pattern_size: int = Field(0, ge=0)
+    min_pattern_size: int = Field(0, ge=0)
+    min_count: int = Field(0, ge=0)
+
+
+def _check_token_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise ValueError(f"{what} must be a list of integer token ids")
+    return value
+
+
+class SamplingRequest(OpenAIBaseModel):
+    """Fields shared by the completions and chat requests."""
+
+    model: str | None = None
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: str | list[str] | None = Field(default_factory=list)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    user: str | None = None
+    # vLLM sampling extras
+    use_beam_search: bool = False
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    length_penalty: float = 1.0
+    stop_token_ids: list[int] | None = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=-1)
+    bad_words: list[str] = Field(default_factory=list)
+    # vLLM request extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
+    request_id: str = Field(default_factory=random_uuid, max_length=256)
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
+    repetition_detection: RepetitionDetection | None = None
+    thinking_token_budget: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, v: Any) -> Any:
+        if v == "" or (isinstance(v, list) and any(s == "" for s in v)):
+            raise ValueError("stop strings cannot be empty")
+        return v
+
+    # ------------------------------------------------------------------ checks
+    def validate_request(self) -> None:
+        """Cross-field rules; raises InvalidRequestError (400) naming the field."""
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("Stream options can only be defined when `stream=True`.",
+                                      "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`.",
+                                      "prompt_logprobs")
+        if self.logit_bias:
+            for key, bias in self.logit_bias.items():
+                if not re.fullmatch(r"\s*-?\d+\s*", key):
+                    raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), "
+                                              f"got {key!r}.", "logit_bias")
+                if not -100.0 <= bias <= 100.0:
+                    raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
+                                              f"token {key}.", "logit_bias")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequestError(f"response_format of type {self.response_format.type!r} is not "
+                                      "supported yet: structured outputs come in a later release; only "
+                                      "{'type': 'text'} is accepted.", "response_format")
+        if self.structured_outputs:
+            raise InvalidRequestError("structured_outputs are not supported yet (a later release).",
+                                      "structured_outputs")
+        if self.thinking_token_budget not in (None, -1):
+            raise InvalidRequestError("thinking_token_budget is not supported: no reasoning parser is "
+                                      "available in lmserve yet.", "thinking_token_budget")
+
+    def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int) -> None:
+        if value is None or max_logprobs == -1:
+            return
+        if value == -1 or value > max_logprobs:
+            raise InvalidRequestError(f"Requested {name} of {value}, which is greater than max allowed: "
+                                      f"{max_logprobs}. Start the server with a larger --max-logprobs.", name)
+
+    # ------------------------------------------------------------------ translation
+    def _sampling_kwargs(self, max_tokens: int, default_sampling_params: dict[str, Any]) -> dict[str, Any]:
+        d = default_sampling_params or {}
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            if value is None and name == "temperature" and self.use_beam_search:
+                return 0.0  # beam search ranks by logprob; sampling temperature does not apply
+            return value if value is not None else d.get(name, _DEFAULT_SAMPLING[name])
+
+        extra_args: dict[str, Any] = dict(self.vllm_xargs or {})
+        if self.kv_transfer_params:
+            extra_args["kv_transfer_params"] = self.kv_transfer_params
+        rep = None
+        if self.repetition_detection is not None:
+            r = self.repetition_detection
+            try:
+                rep = RepetitionDetectionParams(r.max_pattern_size, r.min_pattern_size, r.min_count)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), "repetition_detection") from e
+        return dict(
+            n=self.n, presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0, repetition_penalty=pick("repetition_penalty"),
+            temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"), min_p=pick("min_p"),
+            seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, bad_words=self.bad_words,
+            ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            truncate_prompt_tokens=self.truncate_prompt_tokens, output_kind=RequestOutputKind.DELTA,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            allowed_token_ids=self.allowed_token_ids, extra_args=extra_args,
+            use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
+            repetition_detection=rep)
+
+    def requested_max_tokens(self) -> int | None:
+        """The max_tokens the client asked for explicitly (None: not set)."""
+        return self.max_tokens if "max_tokens" in self.model_fields_set else None  # type: ignore[attr-defined]
+
+    def resolve_max_tokens(self, default_max_tokens: int, default_sampling_params: dict[str, Any]) -> int:
+        """vLLM's rule: the smallest of what the client asked, the room left in the context
+        (``default_max_tokens``) and the server-wide cap from generation_config.json."""
+        candidates = [default_max_tokens, self.max_tokens,  # type: ignore[attr-defined]
+                      (default_sampling_params or {}).get("max_tokens")]
+        return max(1, min(c for c in candidates if c is not None))
+
+    def _build(self, kwargs: dict[str, Any]) -> SamplingParams:
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), _param_from_message(str(e), type(self))) from e
+
+
+def _param_from_message(message: str, model: type[BaseModel]) -> str | None:
+    m = re.match(r"\W*(\w+)", message)
+    if m and m.group(1) in model.model_fields:
+        return m.group(1)
+    return None
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: Any = Field(...)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
+    suffix: str | None = None
+    prompt_embeds: Any = None
+    add_special_tokens: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        msg = ("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+               "token ids")
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError(msg + (" (got an empty list)" if v == [] else ""))
+        if all(isinstance(p, str) for p in v):
+            return v
+        if all(type(t) is int for t in v):
+            return v
+        if all(isinstance(p, list) for p in v):
+            for p in v:
+                if not p:
+                    raise ValueError("a prompt of token ids cannot be empty")
+                _check_token_list(p, "each prompt of token ids")
+            return v
+        raise ValueError(msg)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt batch: each item is text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and type(p[0]) is int):
+            return [p]
+        return list(p)
+
+    def validate_request(self) -> None:
+        super().validate_request()
+        if self.suffix is not None:
+            raise InvalidRequestError("suffix is not currently supported", "suffix")
+        if self.prompt_embeds is not None:
+            raise InvalidRequestError("prompt_embeds is not supported by lmserve", "prompt_embeds")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of different from n is not supported (as vLLM v1).", "best_of")
+
+    def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
+                           max_logprobs: int) -> SamplingParams:
+        self.check_logprobs_limit(self.logprobs, "logprobs", max_logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs
+        self.check_logprobs_limit(prompt_logprobs, "prompt_logprobs", max_logprobs)
+        kwargs = self._sampling_kwargs(self.resolve_max_tokens(default_max_tokens, default_sampling_params),
+                                       default_sampling_params)
+        kwargs.update(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
+        return self._build(kwargs)
+
+
+class ChatMessageParam(OpenAIBaseModel):
+    """One chat message. Extra keys (tool_calls, name, ...) are passed to the template."""
+
+    role: str = Field(min_length=1)
+    content: str | list[dict[str, Any]] | None = None
+
+    def to_template_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_prompt_text: bool | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    def validate_request(self) -> None:
+        super().validate_request()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("when using `top_logprobs`, `logprobs` must be set to true.",
+                                      "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` "
+                                      "to True.", "continue_final_message")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidRequestError(f"tool_choice {self.tool_choice!r} is not supported yet: lmserve has no "
+                                      "tool-call parser (only 'none' is accepted; tools are still passed to "
+                                      "the chat template).", "tool_choice")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def resolve_max_tokens(self, default_max_tokens: int, default_sampling_params: dict[str, Any]) -> int:
+        candidates = [default_max_tokens, self.requested_max_tokens(),
+                      (default_sampling_params or {}).get("max_tokens")]
+        return max(1, min(c for c in candidates if c is not None))
+
+    def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
+                           max_logprobs: int) -> SamplingParams:
+        logprobs = None
+        if self.logprobs:
+            logprobs = self.top_logprobs or 0
+        self.check_logprobs_limit(logprobs, "top_logprobs", max_logprobs)
+        self.check_logprobs_limit(self.prompt_logprobs, "prompt_logprobs", max_logprobs)
+        kwargs = self._sampling_kwargs(self.resolve_max_tokens(default_max_tokens, default_sampling_params),
+                                       default_sampling_params)
+        kwargs.update(logprobs=logprobs, prompt_logprobs=self.prompt_logprobs)
+        return self._build(kwargs)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template_dict() for m in self.messages]
+
+
+# ---------------------------------------------------------------------- tokenizer API
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIBaseModel):
+    model: str | None = None
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    documents: list[dict[str, str]] | None = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+def now() -> int:
+    return int(time.time())
+

@@ -1,0 +1,340 @@
+"""What every OpenAI API handler shares: the served model names, prompt preparation
+(tokenize, truncate, context-length check), ``SamplingParams`` from a request, engine
+calls with metrics and guaranteed abort, logprob formatting, SSE framing.
+
+Invariants:
+- every engine request started through ``generate()`` is either finished or aborted when
+  the iterator is closed, cancelled or raises (``aclosing`` + the engine's own abort);
+- each started request is reported to ``EngineMetrics`` exactly once;
+- token text for logprobs comes from one function (``token_text``), so the
+  ``return_tokens_as_token_ids`` rule is applied everywhere alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from lmserve.entrypoints.openai.protocol import SamplingRequest
+from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorResponse, LogprobEntry,
+                                                          PromptTokensDetails, UsageInfo)
+from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
+from lmserve.metrics import EngineMetrics
+from lmserve.outputs import Logprob, RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("lmserve.server")
+T = TypeVar("T")
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Server-side settings taken from the serve flags (none of them reach the engine)."""
+
+    served_model_names: tuple[str, ...]
+    model_root: str | None = None
+    response_role: str = "assistant"
+    chat_template: str | None = None
+    chat_template_content_format: str = "auto"
+    return_tokens_as_token_ids: bool = False
+    enable_prompt_tokens_details: bool = False
+    log_requests: bool = True
+    max_log_len: int | None = None
+
+
+@dataclass
+class Prompt:
+    """One engine prompt: token ids (truncated as asked) and the text, when known."""
+
+    token_ids: list[int]
+    text: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _effective_max_len(engine: Any) -> int:
+    n = engine.model_config.max_model_len
+    core = getattr(getattr(engine, "engine", None), "core", None)
+    seq = getattr(engine, "max_seq_len", None) or getattr(core, "max_seq_len", None)
+    return min(n, seq) if isinstance(seq, int) and seq > 0 else n
+
+
+def error_body(err: LMServeError) -> ErrorResponse:
+    return ErrorResponse(error=ErrorInfo(message=err.message, type=err.err_type, param=err.param,
+                                         code=err.status_code))
+
+
+def sse(data: Any) -> str:
+    """One Server-Sent Events frame."""
+    if hasattr(data, "model_dump_json"):
+        return f"data: {data.model_dump_json()}\n\n"
+    return f"data: {json.dumps(data)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def _safe(lp: float) -> float:
+    return max(lp, _MIN_LOGPROB) if lp == lp else _MIN_LOGPROB  # NaN -> floor as well
+
+
+class OpenAIServing:
+    def __init__(self, engine: Any, options: ServerOptions, metrics: EngineMetrics | None) -> None:
+        self.engine = engine
+        self.options = options
+        self.metrics = metrics
+        self.model_config = engine.model_config
+        # The longest sequence the engine can hold: max_model_len, or less when the KV cache is smaller.
+        self.max_model_len: int = _effective_max_len(engine)
+        self.tokenizer = engine.tokenizer
+        self.default_sampling_params: dict[str, Any] = dict(engine.default_sampling_params() or {})
+        self._max_token_bytes = self._longest_token_bytes()
+
+    # ------------------------------------------------------------------ model names
+    @property
+    def model_name(self) -> str:
+        return self.options.served_model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is None or model == "" or model in self.options.served_model_names:
+            return
+        raise NotFoundError(f"The model `{model}` does not exist.", "model")
+
+    # ------------------------------------------------------------------ prompts
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise InvalidRequestError("The server runs with --skip-tokenizer-init: send prompts as token ids.",
+                                      "prompt")
+        return self.tokenizer
+
+    def _longest_token_bytes(self) -> int:
+        tok = self.tokenizer
+        if tok is None:
+            return 0
+        try:
+            longest = max(len(t) for t in tok.get_vocab())
+        except Exception:  # noqa: BLE001 - any tokenizer without a plain vocab
+            return 0
+        # Byte-level vocab strings are at least one char per byte; allow for SentencePiece's
+        # multi-byte characters with a factor of 4 (UTF-8's longest encoding).
+        return 4 * max(longest, 1)
+
+    def tokenize(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+        """Tokenizes ``text``; a text that certainly holds more tokens than the context is
+        refused before tokenizing (a 10 MB prompt costs nothing)."""
+        tok = self.require_tokenizer()
+        if self._max_token_bytes and len(text) > self.max_model_len * self._max_token_bytes:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"{param} is {len(text)} characters long, which is more than that many tokens can hold. "
+                "Please reduce the length of the input.", param)
+        return list(tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise InvalidRequestError(f"Token id {t} is out of vocabulary (vocab size {vocab}).", param)
+
+    def truncate(self, ids: list[int], request: SamplingRequest) -> list[int]:
+        k = request.truncate_prompt_tokens
+        if k is None:
+            return ids
+        keep = self.max_model_len if k == -1 else k
+        if k == 0:
+            raise InvalidRequestError("truncate_prompt_tokens must be -1 or at least 1.", "truncate_prompt_tokens")
+        if keep > self.max_model_len:
+            raise InvalidRequestError(f"truncate_prompt_tokens value ({keep}) is greater than max_model_len "
+                                      f"({self.max_model_len}). Please, select a smaller truncation size.",
+                                      "truncate_prompt_tokens")
+        return ids[-keep:]
+
+    def check_context(self, prompt_len: int, requested_max_tokens: int | None) -> int:
+        """Raises vLLM's 400 when the prompt (plus the asked completion) does not fit;
+        returns the room left for the completion."""
+        if prompt_len == 0:
+            raise InvalidRequestError("The prompt is empty: at least one token is needed.", "prompt")
+        n = self.max_model_len
+        if requested_max_tokens is not None and prompt_len + requested_max_tokens > n:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {n} tokens. However, you requested "
+                f"{prompt_len + requested_max_tokens} tokens ({prompt_len} in the messages, "
+                f"{requested_max_tokens} in the completion). Please reduce the length of the messages "
+                "or completion.", "max_tokens" if prompt_len < n else "messages")
+        if prompt_len >= n:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {n} tokens. However, you requested {prompt_len} "
+                f"tokens ({prompt_len} in the messages, 0 in the completion). Please reduce the length of "
+                "the messages.", "messages")
+        return n - prompt_len
+
+    def sampling_params(self, request: Any, prompt_len: int) -> SamplingParams:
+        room = self.check_context(prompt_len, request.requested_max_tokens())
+        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs)
+        if request.priority != 0 and self.engine.engine_config.scheduler_config.policy != "priority":
+            raise InvalidRequestError("Priority scheduling is not enabled: a request's priority must be 0 "
+                                      "unless the server runs with --scheduling-policy priority.", "priority")
+        if params.use_beam_search:
+            limit = self.model_config.max_logprobs
+            if limit != -1 and 2 * params.n > limit:
+                raise InvalidRequestError(f"Beam search with n={params.n} needs {2 * params.n} logprobs per step; "
+                                          f"the server allows {limit} (--max-logprobs).", "n")
+        try:
+            params.verify_against_vocab(self.model_config.vocab_size)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), str(e).split(" ", 1)[0]) from e
+        return params
+
+    # ------------------------------------------------------------------ engine calls
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                       request: SamplingRequest) -> AsyncIterator[RequestOutput]:
+        """The engine's output stream for one prompt, with metrics; closing it aborts."""
+        self.log_request(request_id, prompt, params)
+        engine_prompt: dict[str, Any] = {"prompt_token_ids": prompt.token_ids}
+        if prompt.text is not None:
+            engine_prompt["prompt"] = prompt.text
+        start = time.time()
+        first_at: float | None = None  # when the first output arrived
+        last: float | None = None
+        num_generated = 0
+        finish = "abort"
+        queue_s = None
+        try:
+            if params.use_beam_search:
+                from lmserve.entrypoints.openai.beam_search import beam_search_stream
+                stream = beam_search_stream(self.engine, prompt, params, request_id, self.max_model_len)
+            else:
+                stream = self.engine.generate(engine_prompt, params, request_id, priority=request.priority,
+                                              cache_salt=request.cache_salt)
+            async with aclosing(stream) as outputs:
+                async for out in outputs:
+                    now = time.time()
+                    m = out.metrics
+                    if first_at is None:
+                        first_at = now
+                        arrival = m.arrival_time if m is not None else start
+                        if self.metrics is not None:
+                            first = m.first_token_time if m is not None and m.first_token_time else now
+                            self.metrics.observe_first_token(first - arrival)
+                        if m is not None and m.first_scheduled_time:
+                            queue_s = m.first_scheduled_time - arrival
+                    elif self.metrics is not None:
+                        self.metrics.observe_inter_token(now - last)
+                    last = now
+                    num_generated += sum(len(o.token_ids) for o in out.outputs)
+                    if out.finished:
+                        reasons = [o.finish_reason for o in out.outputs if o.finish_reason]
+                        finish = reasons[-1] if reasons else "stop"
+                    yield out
+        except ValueError as e:  # the engine's validation (InvalidRequestError is a ValueError too)
+            finish = "error"
+            if isinstance(e, LMServeError):
+                raise
+            raise InvalidRequestError(str(e)) from e
+        except LMServeError:
+            finish = "error"
+            raise
+        finally:
+            # A request refused before its first output never started: it is not counted.
+            if self.metrics is not None and (first_at is not None or finish == "abort"):
+                decode_s = last - first_at if first_at is not None and last is not None else None
+                self.metrics.observe_request_finished(finish, time.time() - start,
+                                                      prompt_tokens=len(prompt.token_ids),
+                                                      generation_tokens=num_generated, queue_s=queue_s,
+                                                      decode_s=decode_s)
+
+    def log_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+        if not self.options.log_requests:
+            return
+        n = self.options.max_log_len
+        text = prompt.text if n is None or prompt.text is None else prompt.text[:n]
+        ids = prompt.token_ids if n is None else prompt.token_ids[:n]
+        logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id, text,
+                    params, ids)
+
+    # ------------------------------------------------------------------ formatting
+    def token_text(self, token_id: int, logprob: Logprob | None, as_ids: bool) -> str:
+        if as_ids:
+            return f"token_id:{token_id}"
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        tok = self.tokenizer
+        if tok is None:
+            return f"token_id:{token_id}"
+        try:
+            from lmserve.engine.detokenizer import decode_logprob_token
+        except ImportError:
+            return tok.decode([token_id])
+        return decode_logprob_token(tok, token_id, False)
+
+    def as_ids(self, request: SamplingRequest) -> bool:
+        flag = request.return_tokens_as_token_ids
+        return self.options.return_tokens_as_token_ids if flag is None else bool(flag)
+
+    @staticmethod
+    def ranked(entries: dict[int, Logprob], k: int | None = None) -> list[tuple[int, Logprob]]:
+        """The entries by rank (best first); ``k`` keeps the k best."""
+        items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
+                                                        -kv[1].logprob))
+        return items if k is None else items[:k]
+
+    @staticmethod
+    def safe_logprob(lp: float) -> float:
+        return _safe(lp)
+
+    def prompt_logprobs_json(self, plps: list[dict[int, Logprob] | None] | None
+                             ) -> list[dict[int, LogprobEntry] | None] | None:
+        if plps is None:
+            return None
+        return [None if d is None else {t: LogprobEntry(logprob=_safe(lp.logprob), rank=lp.rank,
+                                                        decoded_token=lp.decoded_token)
+                                        for t, lp in d.items()} for d in plps]
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+        details = PromptTokensDetails(cached_tokens=cached_tokens) \
+            if self.options.enable_prompt_tokens_details else None
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+
+
+async def until_disconnected(raw_request: Request | None, work: Awaitable[T], cleanup: Any = None) -> T | None:
+    """Runs ``work``; if the client disconnects first, cancels it and returns None.
+    ``cleanup.aclose()`` (the engine streams) is awaited in every case, which aborts
+    whatever is still running."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(raw_request)) if raw_request is not None else None
+    try:
+        if watcher is None:
+            return await task
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+        if cleanup is not None:
+            await cleanup.aclose()
+
+
+async def _wait_disconnect(raw_request: Request) -> None:
+    while True:
+        message = await raw_request.receive()
+        if message["type"] == "http.disconnect":
+            return

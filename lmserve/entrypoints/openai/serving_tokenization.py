@@ -1,0 +1,43 @@
+"""POST /tokenize and /detokenize (vLLM's custom tokenizer API).
+
+/tokenize takes either ``prompt`` (text) or ``messages`` (rendered through the chat
+template exactly as /v1/chat/completions renders them) and reports the token ids, their
+count and the context size. /detokenize turns ids back into text.
+"""
+
+from __future__ import annotations
+
+from lmserve.entrypoints.openai.protocol import (DetokenizeRequest, TokenizeChatRequest,
+                                                 TokenizeCompletionRequest)
+from lmserve.entrypoints.openai.protocol_responses import DetokenizeResponse, TokenizeResponse
+from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from lmserve.errors import InvalidRequestError
+
+
+class OpenAIServingTokenization(OpenAIServingChat):
+    """Shares rendering and tokenization with the chat handler (one code path)."""
+
+    def tokenize_request(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        self.check_model(request.model)
+        if isinstance(request, TokenizeChatRequest):
+            if request.continue_final_message and request.add_generation_prompt:
+                raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` "
+                                          "to True.", "continue_final_message")
+            text = self.render([m.to_template_dict() for m in request.messages],
+                               add_generation_prompt=request.add_generation_prompt,
+                               continue_final_message=request.continue_final_message, tools=request.tools,
+                               documents=request.documents, chat_template=request.chat_template,
+                               chat_template_kwargs=request.chat_template_kwargs)
+            param = "messages"
+        else:
+            text, param = request.prompt, "prompt"
+        ids = self.tokenize(text, request.add_special_tokens, param=param)
+        strs = None
+        if request.return_token_strs:
+            strs = list(self.require_tokenizer().convert_ids_to_tokens(ids))
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
+
+    def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(request.model)
+        self.check_token_ids(request.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.require_tokenizer().decode(request.tokens))

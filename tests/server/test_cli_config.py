@@ -1,0 +1,132 @@
+"""``lmserve serve`` argument parsing: YAML config precedence, refused vLLM flags, the API
+key from the environment. Parse-level only: no server, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve.engine.arg_utils import EngineArgs
+from lmserve.entrypoints.cli import make_parser
+from lmserve.entrypoints.cli_args import parse_serve_args
+
+
+def parse(argv, monkeypatch=None):
+    _, serve = make_parser()
+    return parse_serve_args(argv, serve)
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults():
+    a = parse([])
+    assert (a.host, a.port, a.uvicorn_log_level, a.model) == (None, 8000, "info", None)
+    assert a.allowed_origins == ["*"] and a.response_role == "assistant"
+    assert a.max_logprobs == 20 and a.scheduling_policy == "fcfs" and a.enable_prefix_caching is True
+
+
+def test_seed_example_config(tmp_path):
+    cfg = write(tmp_path, 'host: "127.0.0.1"\nport: 6379\nuvicorn-log-level: "info"\n')
+    a = parse(["SOME_MODEL", "--config", cfg])
+    assert (a.host, a.port, a.uvicorn_log_level, a.model) == ("127.0.0.1", 6379, "info", "SOME_MODEL")
+
+
+def test_command_line_beats_config_beats_defaults(tmp_path):
+    cfg = write(tmp_path, "port: 6379\nmax-model-len: 1024\nenable_prefix_caching: false\n"
+                          "served-model-name: alias\nmodel: from-config\nallowed-origins: [\"http://a\"]\n"
+                          "override-generation-config: {temperature: 0.5}\nkv-cache-memory: 1GiB\n")
+    a = parse(["--config", cfg, "--port", "9000"])
+    assert a.port == 9000  # command line
+    assert a.max_model_len == 1024 and a.enable_prefix_caching is False  # config
+    assert a.served_model_name == ["alias"] and a.model == "from-config"
+    assert a.allowed_origins == ["http://a"]
+    assert a.override_generation_config == {"temperature": 0.5}
+    assert a.uvicorn_log_level == "info"  # default
+    b = parse(["cli-model", "--config", cfg, "--enable-prefix-caching", "--max-model-len", "2k"])
+    assert b.model == "cli-model" and b.enable_prefix_caching is True and b.max_model_len == 2048
+    ea = EngineArgs.from_cli_args(a)
+    assert ea.max_model_len == 1024 and ea.served_model_name == ["alias"] and ea.kv_cache_memory == "1GiB"
+
+
+@pytest.mark.parametrize("text", ["nonexistent-flag: 1\n", "uvicorn-log-level: loud\n", "- a\n- b\n",
+                                  "port: [unclosed\n"])
+def test_bad_config_files_are_errors(tmp_path, text, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--config", write(tmp_path, text)])
+    assert e.value.code == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--config", "/nonexistent/config.yaml"])
+    assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--enable-lora"], "LoRA"),
+    (["--lora-modules", "a=b"], "LoRA"),
+    (["--speculative-model", "x"], "speculative"),
+    (["--num-speculative-tokens", "3"], "speculative"),
+    (["--quantization", "awq"], "quantization"),
+    (["--enable-auto-tool-choice"], "tool"),
+    (["--tool-call-parser", "hermes"], "tool"),
+    (["--reasoning-parser", "deepseek_r1"], "reasoning"),
+    (["--task", "embed"], "generation"),
+    (["--cpu-offload-gb", "4"], "offloading"),
+    (["--limit-mm-per-prompt", "image=2"], "text-only"),
+    (["--kv-transfer-config", "{}"], "disaggregated"),
+    (["--num-scheduler-steps", "8"], "multi-step"),
+    (["--preemption-mode", "swap"], "recomputes"),
+])
+def test_flags_that_cannot_apply_are_refused(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[0] in err and "not supported" in err and fragment.lower() in err.lower()
+
+
+@pytest.mark.parametrize("argv", [["--quantization", "gguf"], ["--task", "generate"], ["--swap-space", "0"],
+                                  ["--num-scheduler-steps", "1"], ["--disable-frontend-multiprocessing"],
+                                  ["--use-v2-block-manager"], ["--preemption-mode", "recompute"]])
+def test_harmless_vllm_flags_are_accepted(argv):
+    parse(argv)
+
+
+def test_refused_flag_in_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--config", write(tmp_path, "enable-lora: true\n")])
+    assert "--enable-lora" in capsys.readouterr().err
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    monkeypatch.delenv("LMSERVE_API_KEY", raising=False)
+    assert parse([]).api_key is None
+    monkeypatch.setenv("LMSERVE_API_KEY", "k2")
+    assert parse([]).api_key == "k2"
+    monkeypatch.setenv("VLLM_API_KEY", "k1")
+    assert parse([]).api_key == "k1"
+    assert parse(["--api-key", "k0"]).api_key == "k0"
+
+
+def test_server_flags(tmp_path):
+    a = parse(["--served-model-name", "a", "b", "--allowed-origins", '["http://x","http://y"]',
+               "--middleware", "m.one", "--middleware", "m.two", "--rope-theta", "5e5",
+               "--enable-request-id-headers", "--max-log-len", "10", "--root-path", "/api"])
+    assert a.served_model_name == ["a", "b"] and a.allowed_origins == ["http://x", "http://y"]
+    assert a.middleware == ["m.one", "m.two"] and a.hf_overrides == {"rope_theta": 500000.0}
+    assert a.enable_request_id_headers and a.max_log_len == 10 and a.root_path == "/api"
+
+
+def test_top_level_help_and_version(capsys):
+    from lmserve.entrypoints.cli import main
+
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "lmserve" in capsys.readouterr().out
