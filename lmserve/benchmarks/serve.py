@@ -532,7 +532,11 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         root = None
         if args.model is None:
-            args.model, root = await get_first_model(client, base_url, headers)
+            try:
+                args.model, root = await get_first_model(client, base_url, headers)
+            except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as e:
+                raise SystemExit(f"lmserve bench serve: cannot list models at {base_url}/v1/models "
+                                 f"(is the server running?): {e!r}") from e
         tokenizer, tokenizer_id = load_tokenizer(args.tokenizer, [root, args.model], args.tokenizer_mode)
         if tokenizer is None:
             print("No local tokenizer: prompts are token ids; output tokens come from the server's usage.")
