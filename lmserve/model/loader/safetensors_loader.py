@@ -16,23 +16,18 @@ _PROGRESS_DELAY_S = 2.0
 
 def weight_files(model_dir: str) -> list[str]:
     """The checkpoint's weight files: those named by ``model.safetensors.index.json`` if present,
-    else every ``*.safetensors``, else ``pytorch_model*.bin``. FileNotFoundError if none."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, n) for n in names]
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if files:
-        return files
-    bin_index = os.path.join(model_dir, "pytorch_model.bin.index.json")
-    if os.path.isfile(bin_index):
-        with open(bin_index, encoding="utf-8") as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(model_dir, n) for n in names]
-    files = sorted(glob.glob(os.path.join(model_dir, "pytorch_model*.bin")))
-    if files:
-        return files
+    else every ``*.safetensors``, else ``pytorch_model*.bin`` (through its index if present).
+    FileNotFoundError if none."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = os.path.join(model_dir, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(model_dir, n) for n in names]
+        files = sorted(glob.glob(os.path.join(model_dir, pattern)))
+        if files:
+            return files
     raise FileNotFoundError(f"No *.safetensors (or pytorch_model*.bin) weights in {model_dir}")
 
 
