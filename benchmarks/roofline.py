@@ -71,7 +71,6 @@ def measure_bandwidth(buffer_mib: int = 1024, repeats: int = 5) -> tuple[float, 
     nbytes = src.numel() * src.element_size()
     t_read = _best_seconds(lambda: src.sum(), repeats)
     t_copy = _best_seconds(lambda: dst.copy_(src), repeats)
-    del src, dst
     return nbytes / t_read / 1e9, 2 * nbytes / t_copy / 1e9
 
 
