@@ -52,6 +52,58 @@ def parse_memory_size(value: str | int | float | None) -> int | None:
     return int(float(s))
 
 
+POOLING_TYPES = ("LAST", "ALL", "CLS", "MEAN", "STEP")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns hidden states into its output (vLLM's ``PoolerConfig``).
+
+    Resolved from the checkpoint (sentence-transformers ``modules.json`` and
+    ``1_Pooling/config.json``, the ``Normalize`` module) and the model class's defaults,
+    then overridden by ``--pooler-config`` / ``--override-pooler-config``. After resolution
+    ``pooling_type`` is one of ``POOLING_TYPES`` and ``normalize`` is a bool.
+    """
+
+    pooling_type: str | None = None
+    normalize: bool | None = None
+    dimensions: int | None = None  # default output dimensions (matryoshka models)
+    use_activation: bool | None = None  # default for classify/score (None: yes)
+    logit_bias: float | None = None  # added to classification logits before the activation
+    step_tag_id: int | None = None  # STEP pooling: keep positions whose token is this id
+    returned_token_ids: list[int] | None = None  # STEP pooling: keep only these label columns
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None:
+            if str(self.pooling_type).upper() not in POOLING_TYPES:
+                raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)}, "
+                                 f"got {self.pooling_type!r}")
+            object.__setattr__(self, "pooling_type", str(self.pooling_type).upper())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PoolerConfig":
+        """From a JSON override; ``activation``/``softmax`` are aliases of ``use_activation``.
+        Unknown keys are a ValueError naming the accepted ones."""
+        d = dict(d)
+        for alias in ("activation", "softmax"):
+            if alias in d:
+                value = d.pop(alias)
+                d.setdefault("use_activation", value)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown pooler config key(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**d)
+
+    def merged(self, override: "PoolerConfig | None") -> "PoolerConfig":
+        """This config with every field the override sets (not None) replaced."""
+        if override is None:
+            return self
+        values = {k: getattr(override, k) if getattr(override, k) is not None else getattr(self, k)
+                  for k in self.__dataclass_fields__}
+        return PoolerConfig(**values)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # what the user named (path, GGUF file or hub id)
@@ -69,12 +121,26 @@ class ModelConfig:
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False
     load_format: str = "auto"  # "auto" | "safetensors" | "gguf" | "dummy"
+    # "generate": a causal LM sampling tokens; "pooling": embed/classify/score requests only.
+    runner_type: str = "generate"
+    # "none", or how a generative architecture is used as a pooling model: "embed" | "classify".
+    convert_type: str = "none"
+    pooler_config: PoolerConfig | None = None  # set (resolved) exactly when runner_type == "pooling"
+    supported_pooling_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.max_logprobs < -1:
             raise ValueError("max_logprobs must be >= -1")
+        if self.runner_type not in ("generate", "pooling"):
+            raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner_type!r}")
+        if (self.runner_type == "pooling") != (self.pooler_config is not None):
+            raise ValueError("a pooler config is set exactly for pooling models")
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner_type == "pooling"
 
     @property
     def vocab_size(self) -> int:

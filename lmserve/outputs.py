@@ -67,6 +67,10 @@ class RequestOutput:
 
 @dataclass
 class PoolingOutput:
+    """The pooled result of one prompt. ``data`` is a float32 CPU tensor:
+    [hidden] (or [dimensions]) for embed, [num_labels] for classify, [1] for score,
+    [num_tokens, hidden | num_labels] for token_embed / token_classify."""
+
     data: Any  # torch.Tensor
 
 
@@ -76,4 +80,71 @@ class PoolingRequestOutput:
     outputs: PoolingOutput
     prompt_token_ids: list[int]
     finished: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    prompt: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(request_id={self.request_id!r}, outputs={self.outputs!r}, "
+                f"prompt_token_ids={self.prompt_token_ids!r}, finished={self.finished})")
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+    @classmethod
+    def from_base(cls, out: PoolingOutput) -> "EmbeddingOutput":
+        if out.data.dim() != 1:
+            raise ValueError("an embedding must be one vector")
+        return cls(out.data.tolist())
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # probabilities (or raw logits when activation is off), one per label
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+    @classmethod
+    def from_base(cls, out: PoolingOutput) -> "ClassificationOutput":
+        if out.data.dim() != 1:
+            raise ValueError("a classification must be one vector")
+        return cls(out.data.tolist())
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+    @classmethod
+    def from_base(cls, out: PoolingOutput) -> "ScoringOutput":
+        if out.data.dim() > 1 or out.data.numel() != 1:
+            raise ValueError("a score must be one number")
+        return cls(float(out.data.reshape(-1)[0]))
+
+
+def _typed_request_output(output_cls: type):
+    class _Typed(PoolingRequestOutput):
+        @classmethod
+        def from_base(cls, base: PoolingRequestOutput):
+            return cls(base.request_id, output_cls.from_base(base.outputs), base.prompt_token_ids,
+                       base.finished, base.num_cached_tokens, base.prompt)
+    return _Typed
+
+
+class EmbeddingRequestOutput(_typed_request_output(EmbeddingOutput)):
+    """``outputs`` is an ``EmbeddingOutput``."""
+
+
+class ClassificationRequestOutput(_typed_request_output(ClassificationOutput)):
+    """``outputs`` is a ``ClassificationOutput``."""
+
+
+class ScoringRequestOutput(_typed_request_output(ScoringOutput)):
+    """``outputs`` is a ``ScoringOutput``."""
