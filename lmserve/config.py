@@ -69,7 +69,7 @@ class PoolerConfig:
     normalize: bool | None = None
     dimensions: int | None = None  # default output dimensions (matryoshka models)
     use_activation: bool | None = None  # default for classify/score (None: yes)
-    logit_bias: float | None = None  # added to classification logits before the activation
+    logit_bias: float | None = None  # subtracted from classification logits before the activation (vLLM's sign)
     step_tag_id: int | None = None  # STEP pooling: keep positions whose token is this id
     returned_token_ids: list[int] | None = None  # STEP pooling: keep only these label columns
 

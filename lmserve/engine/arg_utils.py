@@ -14,10 +14,16 @@ from typing import Any
 
 import torch
 
-from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
+from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, PoolerConfig,
                             SchedulerConfig, parse_memory_size, resolve_dtype)
 
 logger = logging.getLogger(__name__)
+
+
+# --task (the seed's flag) -> the --runner it implies and the pooling task the model must support.
+_TASKS = {"auto": ("auto", None), "generate": ("generate", None), "embed": ("pooling", "embed"),
+          "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"),
+          "score": ("pooling", "score"), "reward": ("pooling", "token_classify")}
 
 
 def _json_or_none(value: str | dict | None) -> dict | None:
@@ -28,7 +34,12 @@ def _json_or_none(value: str | dict | None) -> dict | None:
 
 @dataclass
 class EngineArgs:
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF (MiniLM for pooling)
+    runner: str = "auto"  # "auto" | "generate" | "pooling"
+    convert: str = "auto"  # "auto" | "none" | "embed" | "classify"
+    task: str = "auto"  # the seed's --task: auto, generate, embed/embedding, classify, score, reward
+    pooler_config: dict[str, Any] | str | None = None
+    override_pooler_config: dict[str, Any] | str | None = None  # older name of pooler_config
     tokenizer: str | None = None
     revision: str | None = None
     tokenizer_revision: str | None = None
@@ -73,6 +84,18 @@ class EngineArgs:
         g = parser.add_argument_group("engine")
         g.add_argument("--model", default=None, help="Model: a local directory, a .gguf file or a Hugging "
                        "Face id found in the local HF cache. Default: the embedded SmolLM2-135M-Instruct.")
+        g.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
+                       help="generate: a text-generation model; pooling: embeddings, scores, classification. "
+                       "auto: from the architecture.")
+        g.add_argument("--convert", default=d.convert, choices=["auto", "none", "embed", "classify"],
+                       help="Use a generative architecture as a pooling model (embed: last-token embeddings).")
+        g.add_argument("--task", default=d.task, choices=list(_TASKS),
+                       help="The task to serve; embed/classify/score/reward imply --runner pooling. With no "
+                       "model, --task embed serves the embedded all-MiniLM-L6-v2.")
+        g.add_argument("--pooler-config", type=json.loads, default=None,
+                       help='Pooling settings, e.g. \'{"pooling_type": "MEAN", "normalize": false}\'.')
+        g.add_argument("--override-pooler-config", type=json.loads, default=None,
+                       help="Older name of --pooler-config.")
         g.add_argument("--tokenizer", default=None)
         g.add_argument("--revision", default=None)
         g.add_argument("--tokenizer-revision", default=None)
@@ -122,25 +145,40 @@ class EngineArgs:
     # ------------------------------------------------------------------ configs
     def create_engine_config(self) -> EngineConfig:
         from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
-        from lmserve.model.loader.resolve import default_model, resolve_model
+        from lmserve.model.loader.resolve import default_embedding_model, default_model, resolve_model
+        from lmserve.model.models.registry import resolve_model_class
 
         if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
             raise ValueError("tensor/pipeline parallelism is not available yet in lmserve: "
                              "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
         if self.kv_cache_dtype != "auto":
             raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
-        model = self.model or default_model()
+        runner, task = self._runner_and_task()
+        model = self.model or (default_embedding_model() if runner == "pooling" else default_model())
         model_dir, gguf_file = resolve_model(model, self.revision, self.download_dir)
         if self.load_format == "gguf" and gguf_file is None:
             raise ValueError(f"--load-format gguf, but {model} is not a GGUF file")
         hf_config = load_hf_config(model_dir, gguf_file)
         for k, v in (_json_or_none(self.hf_overrides) or {}).items():
             setattr(hf_config, k, v)
+        model_cls, runner_type, convert_type = resolve_model_class(hf_config, runner, self.convert)
+        pooler, tasks = self._pooling_setup(model_dir, hf_config, model_cls, runner_type, task)
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = resolve_dtype(self.dtype, checkpoint_dtype(hf_config, model_dir=model_dir, gguf_file=gguf_file), device)
+        ckpt_dtype = checkpoint_dtype(hf_config, model_dir=model_dir, gguf_file=gguf_file)
+        if pooler is not None and self.dtype == "auto" and device == "cpu" and ckpt_dtype == torch.float32:
+            # Pooling models are small and their outputs are compared as vectors: a float32 checkpoint
+            # stays float32 (bf16 would cost ~1e-3 of cosine agreement with the reference).
+            dtype = torch.float32
+        else:
+            dtype = resolve_dtype(self.dtype, ckpt_dtype, device)
         derived_len = _derive_max_model_len(hf_config)
+        if pooler is not None:
+            from lmserve.model.loader.pooler_config import sentence_transformers_max_seq_length
+            st_len = sentence_transformers_max_seq_length(model_dir)
+            if st_len:
+                derived_len = min(derived_len, st_len)
         max_model_len = self.max_model_len or derived_len
         if max_model_len > derived_len:
             raise ValueError(f"max_model_len {max_model_len} is longer than the model's maximum "
@@ -156,18 +194,28 @@ class EngineArgs:
         model_config = ModelConfig(
             model=model, model_path=model_dir, gguf_file=gguf_file, tokenizer=tokenizer,
             hf_config=hf_config, dtype=dtype, max_model_len=max_model_len,
-            served_model_name=names or (self.model or "SmolLM2-135M-Instruct"),
+            served_model_name=names or (self.model or ("all-MiniLM-L6-v2" if pooler is not None
+                                                       else "SmolLM2-135M-Instruct")),
             seed=self.seed, revision=self.revision, generation_config=self.generation_config,
             override_generation_config=_json_or_none(self.override_generation_config) or {},
             max_logprobs=self.max_logprobs, skip_tokenizer_init=self.skip_tokenizer_init,
-            load_format=self.load_format)
+            load_format=self.load_format, runner_type=runner_type, convert_type=convert_type,
+            pooler_config=pooler, supported_pooling_tasks=tasks)
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_memory=parse_memory_size(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
-            enable_prefix_caching=self.enable_prefix_caching,
+            # A pooling request runs once and never reads the prefix cache.
+            enable_prefix_caching=self.enable_prefix_caching and pooler is None,
             num_gpu_blocks_override=self.num_gpu_blocks_override)
-        max_batched = self.max_num_batched_tokens or (
-            2048 if self.enable_chunked_prefill else max(2048, max_model_len))
+        if pooler is not None:
+            # Pooling requests are never chunked: the budget must hold one whole prompt.
+            if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max_model_len:
+                raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                                 f"max_model_len ({max_model_len}) for a pooling model: its prompts run whole.")
+            max_batched = self.max_num_batched_tokens or max(2048, max_model_len)
+        else:
+            max_batched = self.max_num_batched_tokens or (
+                2048 if self.enable_chunked_prefill else max(2048, max_model_len))
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=max_batched, max_num_seqs=self.max_num_seqs,
             max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
@@ -179,6 +227,48 @@ class EngineArgs:
             device_config=DeviceConfig(device),
             logits_processors=tuple(self.logits_processors or ()),
             enforce_eager=self.enforce_eager)
+
+
+    def _runner_and_task(self) -> tuple[str, str | None]:
+        """(--runner after --task, the pooling task --task asks for). Conflicts are a ValueError."""
+        if self.task not in _TASKS:
+            raise ValueError(f"Unknown task {self.task!r}; choose from {', '.join(_TASKS)}")
+        task_runner, pooling_task = _TASKS[self.task]
+        runner = self.runner
+        if task_runner != "auto":
+            if runner not in ("auto", task_runner):
+                raise ValueError(f"--task {self.task} needs --runner {task_runner}, not --runner {runner}")
+            runner = task_runner
+        if runner == "auto" and self.convert in ("embed", "classify"):
+            runner = "pooling"
+        if runner == "auto" and self.model is None and (self.pooler_config or self.override_pooler_config):
+            runner = "pooling"
+        return runner, pooling_task
+
+    def _pooling_setup(self, model_dir: str, hf_config: Any, model_cls: type, runner_type: str,
+                       task: str | None) -> tuple[PoolerConfig | None, tuple[str, ...]]:
+        """The resolved pooler config and the pooling tasks of a pooling model; (None, ())
+        for a generative one. A --task the model cannot do is a ValueError."""
+        override = _json_or_none(self.pooler_config) or _json_or_none(self.override_pooler_config)
+        if runner_type != "pooling":
+            if override:
+                raise ValueError("--pooler-config applies to pooling models only (add --runner pooling)")
+            if task is not None:
+                raise ValueError(f"--task {self.task} needs a pooling model")
+            return None, ()
+        from lmserve.model.loader.pooler_config import resolve_pooler_config
+
+        pooler = resolve_pooler_config(model_dir, model_cls,
+                                       PoolerConfig.from_dict(override) if override else None)
+        from lmserve.model.layers.pooler import supported_tasks
+
+        tasks = tuple(supported_tasks(model_cls.pooling_tasks, pooler))
+        if "score" in tasks and int(getattr(hf_config, "num_labels", 1)) != 1:
+            tasks = tuple(t for t in tasks if t != "score")  # a score is one number: one label only
+        if task is not None and task not in tasks:
+            raise ValueError(f"--task {self.task}: this model ({model_cls.__name__}) supports the pooling "
+                             f"tasks {', '.join(tasks)}")
+        return pooler, tasks
 
 
 def _derive_max_model_len(hf_config: Any) -> int:

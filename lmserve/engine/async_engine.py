@@ -27,7 +27,8 @@ from typing import Any
 from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.llm_engine import LLMEngine, PreparedRequest, PromptType
 from lmserve.errors import EngineDeadError, OverloadedError
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import PoolingRequestOutput, RequestOutput
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,25 @@ class AsyncLLM:
         request_id = request_id or uuid.uuid4().hex
         prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority, cache_salt,
                                                add_special_tokens=add_special_tokens)
+        async for out in self._submit(prepared):
+            yield out
+
+    async def encode(self, prompt: PromptType, pooling_params: PoolingParams,
+                     request_id: str | None = None, priority: int = 0,
+                     add_special_tokens: bool = True) -> AsyncIterator[PoolingRequestOutput]:
+        """Yields the one finished PoolingRequestOutput of a pooling model's request
+        (``pooling_params.task`` says which task). Raises like ``generate``."""
+        self._raise_if_dead()
+        request_id = request_id or uuid.uuid4().hex
+        prepared = self.engine.prepare_pooling_request(request_id, prompt, pooling_params, priority,
+                                                       add_special_tokens=add_special_tokens)
+        async for out in self._submit(prepared):
+            yield out
+
+    async def _submit(self, prepared: PreparedRequest) -> AsyncIterator[Any]:
+        """Queues a prepared request for the engine thread and yields its outputs until it
+        finishes; closing the iterator early aborts it."""
+        request_id = prepared.request_id
         queue: asyncio.Queue = asyncio.Queue()
         pending = _Pending(prepared, queue, asyncio.get_running_loop())
         limit = self.engine_config.scheduler_config.max_waiting_requests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from lmserve.config import EngineConfig
 from lmserve.engine.kv_cache import KVCacheManager
@@ -28,6 +29,7 @@ class CoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
+    pooled: Any = None  # torch.Tensor: the result of a finished pooling request
 
     @property
     def finished(self) -> bool:
@@ -60,7 +62,14 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
-        if request.num_prompt_tokens >= self.max_seq_len:
+        if request.is_pooling != self.config.model_config.is_pooling:
+            raise ValueError("This model does not support pooling requests" if request.is_pooling
+                             else "This model is a pooling model: it does not generate text")
+        if request.is_pooling:
+            if request.num_prompt_tokens > self.max_seq_len:
+                raise ValueError(f"The prompt ({request.num_prompt_tokens} tokens) is longer than the "
+                                 f"model's maximum context length ({self.max_seq_len} tokens).")
+        elif request.num_prompt_tokens >= self.max_seq_len:
             raise ValueError(
                 f"The prompt ({request.num_prompt_tokens} tokens) leaves no room to generate: the context "
                 f"holds {self.max_seq_len} tokens (max_model_len {self.config.scheduler_config.max_model_len}, "
@@ -98,6 +107,12 @@ class EngineCore:
         for s in sched.scheduled:
             req = s.request
             rid = req.request_id
+            if req.is_pooling:
+                req.status = RequestStatus.FINISHED_STOPPED
+                finished.append(req)
+                outputs.append(CoreOutput(rid, [], status=req.status, pooled=result.pooled[rid],
+                                          first_scheduled_time=req.first_scheduled_time))
+                continue
             out = CoreOutput(rid, [], num_cached_tokens=max(req.num_cached_tokens, 0),
                              prompt_logprobs=result.prompt_logprobs.get(rid),
                              first_scheduled_time=req.first_scheduled_time)

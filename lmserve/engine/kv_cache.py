@@ -166,7 +166,7 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of the request in whole blocks, never covering its
         last token. Takes no references (``allocate_slots`` does)."""
-        if not self.enable_caching or request.wants_prompt_logprobs:
+        if not self.enable_caching or request.wants_prompt_logprobs or request.is_pooling:
             return [], 0
         self.update_block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

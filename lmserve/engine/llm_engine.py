@@ -17,13 +17,16 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.core import EngineCore
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.request import Request, RequestStatus
-from lmserve.outputs import RequestOutput
+from lmserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
+from lmserve.pooling_params import PoolingParams, resolve_encode_task
 from lmserve.sampling_params import SamplingParams
 from lmserve.worker.logits_processors.loading import validate_all
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | dict[str, Any]  # "text" | {"prompt": text} | {"prompt_token_ids": [...], "prompt": text?}
+# "text" | {"prompt": text} | {"prompt_token_ids": [...], "prompt": text?}; pooling prompts may add
+# "token_type_ids": [...] (one per token: the segments of a cross-encoder pair).
+PromptType = str | dict[str, Any]
 
 _GENERATION_CONFIG_FIELDS = {
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -39,6 +42,7 @@ class PreparedRequest:
     children: list[tuple[str, SamplingParams]]
     requests: list[Request]
     arrival_time: float
+    pooling: bool = False  # one pooling request: ``requests[0]``, no children
 
 
 class LLMEngine:
@@ -64,6 +68,7 @@ class LLMEngine:
         self.logitsprocs_classes = load_custom_logitsprocs(list(config.logits_processors))
         self.core = EngineCore(config, self.logitsprocs_classes)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._pooling: dict[str, Request] = {}  # live pooling requests (they bypass the output processor)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -87,28 +92,35 @@ class LLMEngine:
         return SamplingParams(**self.default_sampling_params())
 
     # ------------------------------------------------------------------ inputs
-    def process_prompt(self, prompt: PromptType, params: SamplingParams | None = None,
+    def process_prompt(self, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                        add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """-> (text, token ids). ``truncate_prompt_tokens`` keeps the last k token ids, except
+        for pooling params on text, where the tokenizer truncates (keeping its special tokens,
+        on its truncation side) as sentence-transformers does."""
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, dict):
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
         else:
             raise ValueError(f"A prompt must be a string or a dict, got {type(prompt).__name__}")
+        trunc = params.truncate_prompt_tokens if params is not None else None
+        keep = None if trunc is None else (self.model_config.max_model_len if trunc == -1 else trunc)
         if ids is None:
             if text is None:
                 raise ValueError("A prompt needs 'prompt' text or 'prompt_token_ids'")
             if self.tokenizer is None:
                 raise ValueError("The tokenizer is not initialised (skip_tokenizer_init): pass token ids")
-            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            if keep is not None and isinstance(params, PoolingParams):
+                ids = self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
+                                     max_length=keep)["input_ids"]
+            else:
+                ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         ids = list(ids)
         vocab = self.model_config.vocab_size
         for t in ids:
-            if not isinstance(t, int) or not 0 <= t < vocab:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"Token id {t} is out of vocabulary (vocab size {vocab})")
-        trunc = params.truncate_prompt_tokens if params is not None else None
-        if trunc is not None:
-            keep = self.model_config.max_model_len if trunc == -1 else trunc
+        if keep is not None:
             ids = ids[-keep:]
         if not ids:
             raise ValueError("The prompt is empty: at least one token is needed")
@@ -140,6 +152,9 @@ class LLMEngine:
                         add_special_tokens: bool = True) -> "PreparedRequest":
         """Tokenizes and validates without touching engine state (safe from any thread);
         raises ValueError for anything wrong with the request."""
+        if self.model_config.is_pooling:
+            raise ValueError("This model is a pooling model (embeddings, scores, classification): "
+                             "it does not generate text.")
         text, ids = self.process_prompt(prompt, params, add_special_tokens)
         params = params.clone()
         max_tokens = self._prepare_params(params, len(ids))
@@ -166,10 +181,57 @@ class LLMEngine:
             requests.append(req)
         return PreparedRequest(request_id, text, ids, children, requests, arrival)
 
+    def prepare_pooling_request(self, request_id: str, prompt: PromptType, params: PoolingParams,
+                                priority: int = 0, arrival_time: float | None = None,
+                                add_special_tokens: bool = True) -> "PreparedRequest":
+        """Like ``prepare_request`` for a pooling model. ``params.task`` names the task ("embed",
+        "classify", "score", "token_embed", "token_classify"; "encode" or None: the model's
+        per-token task); the params are cloned and verified against the model. Raises
+        ValueError for an unsupported task or field, a prompt longer than max_model_len
+        (unless truncated), empty or out-of-vocabulary prompts."""
+        mc = self.model_config
+        if not mc.is_pooling:
+            raise ValueError("This model does not support pooling (embeddings, scores, classification): "
+                             "it is a generative model. Serve it with --runner pooling to use it as an "
+                             "embedding model.")
+        params = params.clone()
+        task = params.task
+        if task in (None, "encode"):
+            task = resolve_encode_task(task, mc.supported_pooling_tasks)
+        params.verify(task, mc)
+        text, ids = self.process_prompt(prompt, params, add_special_tokens)
+        token_type_ids = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+        if token_type_ids is not None:
+            token_type_ids = list(token_type_ids)[-len(ids):]
+            if len(token_type_ids) != len(ids):
+                raise ValueError("token_type_ids must have one entry per prompt token")
+        limit = self.core.max_seq_len
+        if len(ids) > limit:
+            raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                             f"{len(ids)} tokens in the input for {task} pooling. Please reduce the length of "
+                             "the input, or set truncate_prompt_tokens.")
+        if self.config.scheduler_config.policy != "priority" and priority != 0:
+            raise ValueError("priority scheduling is not enabled: a request's priority must be 0 "
+                             "unless the server runs with --scheduling-policy priority")
+        arrival = arrival_time or time.time()
+        req = Request(request_id, ids, None, priority=priority, arrival_time=arrival, prompt=text,
+                      pooling_params=params, token_type_ids=token_type_ids)
+        return PreparedRequest(request_id, text, ids, [], [req], arrival, pooling=True)
+
+    def add_pooling_request(self, request_id: str, prompt: PromptType, params: PoolingParams,
+                            priority: int = 0, add_special_tokens: bool = True) -> None:
+        self.add_prepared(self.prepare_pooling_request(request_id, prompt, params, priority,
+                                                       add_special_tokens=add_special_tokens))
+
     def add_prepared(self, prepared: "PreparedRequest") -> None:
         """Queues a prepared request (engine thread only)."""
-        if self.output_processor.has(prepared.request_id):
+        if self.output_processor.has(prepared.request_id) or prepared.request_id in self._pooling:
             raise ValueError(f"request id {prepared.request_id!r} is already in use")
+        if prepared.pooling:
+            req = prepared.requests[0]
+            self.core.add_request(req)
+            self._pooling[req.request_id] = req
+            return
         for req in prepared.requests:
             self.core.add_request(req)
         self.output_processor.add_request(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
@@ -186,6 +248,9 @@ class LLMEngine:
             request_ids = [request_ids]
         outs = []
         for rid in request_ids:
+            if self._pooling.pop(rid, None) is not None:
+                self.core.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+                continue
             self.core.finish_requests(self.output_processor.child_ids(rid), RequestStatus.FINISHED_ABORTED)
             out = self.output_processor.abort(rid)
             if out is not None:
@@ -199,11 +264,22 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return self.core.scheduler.num_unfinished
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         core_outputs = self.core.step()
+        if self.model_config.is_pooling:
+            return self._pooling_outputs(core_outputs)
         outputs, to_stop = self.output_processor.process(core_outputs)
         for child_id, stop_str in to_stop:
             self.core.finish_requests([child_id], RequestStatus.FINISHED_STOPPED, stop_str)
+        return outputs
+
+    def _pooling_outputs(self, core_outputs: list) -> list[PoolingRequestOutput]:
+        """A pooling engine runs only pooling requests; each finishes in the step that ran it."""
+        outputs = []
+        for co in core_outputs:
+            req = self._pooling.pop(co.request_id)
+            outputs.append(PoolingRequestOutput(req.request_id, PoolingOutput(co.pooled), req.prompt_token_ids,
+                                                finished=True, prompt=req.prompt))
         return outputs
 
     def get_stats(self) -> dict[str, Any]:

@@ -6,6 +6,8 @@ Invariants:
   their K/V in the request's blocks.
 - ``output_token_ids`` is appended to in place, never replaced: logits processors hold
   a live reference to it.
+- A pooling request (``pooling_params`` set) is never chunked and never reads the prefix
+  cache: it runs its whole prompt in one step and finishes there, with no output tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 
@@ -50,7 +53,7 @@ _FINISH_REASONS = {
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None exactly for pooling requests
     eos_token_id: int | None = None
     priority: int = 0
     cache_salt: str | None = None
@@ -71,10 +74,16 @@ class Request:
     first_token_time: float | None = None
     # Prompt logprobs are computed chunk by chunk; the scheduler skips the prefix cache for them.
     prompt_logprobs_done: int = 0
+    pooling_params: PoolingParams | None = None  # set for embed/classify/score requests
+    token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.sampling_params.seed is not None:
+        if self.token_type_ids is not None and len(self.token_type_ids) != len(self.prompt_token_ids):
+            raise ValueError("token_type_ids must have one entry per prompt token")
+        if (self.sampling_params is None) == (self.pooling_params is None):
+            raise ValueError("a request has either sampling params or pooling params")
+        if self.sampling_params is not None and self.sampling_params.seed is not None:
             self.generator = torch.Generator()
             self.generator.manual_seed(self.sampling_params.seed)
 
@@ -95,8 +104,12 @@ class Request:
         return self.status.finished
 
     @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.sampling_params.prompt_logprobs is not None
+        return self.sampling_params is not None and self.sampling_params.prompt_logprobs is not None
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

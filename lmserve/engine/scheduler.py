@@ -31,7 +31,8 @@ class ScheduledRequest:
     block_ids: list[int]
     num_computed_before: int  # request.num_computed_tokens when the step was planned
     # True when this step reaches the end of the request's known tokens, so the
-    # logits of its last token produce the next token (a partial prefill does not sample).
+    # logits of its last token produce the next token (a partial prefill does not sample);
+    # for a pooling request, always True: its whole prompt runs in this step and is pooled.
     samples: bool
 
 
@@ -138,9 +139,13 @@ class Scheduler:
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits)
 
     # ------------------------------------------------------------------ scheduling
+    def _may_chunk(self, req: Request) -> bool:
+        """Pooling requests need every prompt position's hidden state in one step."""
+        return self.config.enable_chunked_prefill and not req.is_pooling
+
     def _tokens_wanted(self, req: Request, budget: int) -> int:
         n = min(req.num_tokens - req.num_computed_tokens, budget)
-        if not self.config.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
+        if not self._may_chunk(req) and n < req.num_tokens - req.num_computed_tokens:
             return 0  # a prefill must fit whole
         return n
 
@@ -190,7 +195,7 @@ class Scheduler:
                     hits, num_hit_tokens = self.kv.get_computed_blocks(req)
                 need = req.num_tokens - req.num_computed_tokens - num_hit_tokens
                 n = min(need, budget)
-                if not self.config.enable_chunked_prefill and n < need:
+                if not self._may_chunk(req) and n < need:
                     break
                 if not self.kv.allocate_slots(req, n, hits):
                     break

@@ -77,7 +77,6 @@ _unsupported("--quantization", "only unquantized weights and GGUF files are supp
              accepted=lambda v: v in ("None", "none", "gguf"))
 _unsupported("-q", "only unquantized weights and GGUF files are supported",
              accepted=lambda v: v in ("None", "none", "gguf"), dest="quantization_short")
-_unsupported("--task", "lmserve serve runs generation models", accepted=lambda v: v in ("auto", "generate"))
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
 _unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
 _unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
@@ -102,7 +101,6 @@ _unsupported("--tokenizer-pool-size", "tokenization runs in the server process",
 _unsupported("--tokenizer-pool-type", "tokenization runs in the server process")
 _unsupported("--tokenizer-pool-extra-config", "tokenization runs in the server process")
 _unsupported("--override-neuron-config", "Neuron devices are not supported")
-_unsupported("--override-pooler-config", "lmserve serve runs generation models")
 _unsupported("--otlp-traces-endpoint", "OpenTelemetry tracing is not supported")
 _unsupported("--collect-detailed-traces", "OpenTelemetry tracing is not supported")
 _unsupported("--code-revision", "remote model code is never run")

@@ -26,6 +26,15 @@ def available_host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def pooling_num_blocks(config: EngineConfig) -> int:
+    """Blocks a pooling runner needs: its requests hold KV only during the one step that
+    runs their whole prompt, so one full token budget (plus a partial block per sequence)
+    is all that is ever in use. For an encoder without a KV cache these ids are pure
+    bookkeeping for the scheduler; no memory backs them."""
+    cc, sc = config.cache_config, config.scheduler_config
+    return -(-sc.max_num_batched_tokens // cc.block_size) + sc.max_num_seqs
+
+
 def determine_num_blocks(config: EngineConfig, kv_spec, device: torch.device) -> int:
     """Blocks for ``--num-gpu-blocks-override``, else ``--kv-cache-memory`` bytes, else
     (CPU) min(4 GiB, utilisation x half the available RAM) or (CUDA) utilisation x
@@ -48,6 +57,8 @@ def determine_num_blocks(config: EngineConfig, kv_spec, device: torch.device) ->
     else:
         budget = min(_CPU_DEFAULT_KV_BYTES, int(cc.gpu_memory_utilization * available_host_memory() / 2))
     num_blocks = min(budget // per_block, blocks_per_seq * sc.max_num_seqs + 1)
+    if config.model_config.is_pooling:
+        num_blocks = min(num_blocks, pooling_num_blocks(config))
     if num_blocks < blocks_per_seq and cc.kv_cache_memory is None:
         logger.warning("KV cache fits only %d blocks; one sequence of max_model_len needs %d",
                        num_blocks, blocks_per_seq)

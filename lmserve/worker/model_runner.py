@@ -31,6 +31,8 @@ class RunnerOutput:
     logprobs: dict[str, LogprobsRow] = field(default_factory=dict)
     # request id -> logprobs of prompt tokens [start, start + len) (prompt position >= 1)
     prompt_logprobs: dict[str, tuple[int, list[LogprobsRow]]] = field(default_factory=dict)
+    # request id -> the pooler's float32 CPU tensor (pooling runner only)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -39,28 +41,35 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, logitsprocs_classes: list[type]) -> None:
         from lmserve.model.loader import get_model
         from lmserve.worker.input_batch import InputBatch
+        from lmserve.worker.kv_cache_sizing import pooling_num_blocks
         from lmserve.worker.logits_processors.loading import build_logitsprocs
         from lmserve.worker.sampler import Sampler
 
         self.config = config
         self.device = config.device_config.torch_device
         self.block_size = config.cache_config.block_size
+        self.is_pooling = config.model_config.is_pooling
         torch.manual_seed(config.model_config.seed)
         self.model = get_model(config.model_config, self.device)
-        self.kv_spec = self.model.kv_cache_spec()
-        self.num_blocks = determine_num_blocks(config, self.kv_spec, self.device)
-        shape = (2, self.num_blocks, self.block_size, self.kv_spec.num_kv_heads, self.kv_spec.head_dim)
-        # Zeroed, never empty: masked attention positions multiply 0 x V, which must not be NaN.
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_spec.dtype, device=self.device)
-                          for _ in range(self.kv_spec.num_layers)]
+        self.uses_token_type_ids = bool(getattr(self.model, "uses_token_type_ids", False))
+        self.kv_spec = self.model.kv_cache_spec() if getattr(self.model, "needs_kv_cache", True) else None
+        if self.kv_spec is None:  # an encoder: block ids are scheduler bookkeeping only
+            self.num_blocks = pooling_num_blocks(config)
+            self.kv_caches: list[torch.Tensor] = []
+        else:
+            self.num_blocks = determine_num_blocks(config, self.kv_spec, self.device)
+            # Zeroed, never empty: masked attention positions multiply 0 x V, which must not be NaN.
+            self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.block_size, self.device)
+            logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                        self.num_blocks * self.kv_spec.bytes_per_block(self.block_size) / 2**20)
         self.vocab_size = config.model_config.vocab_size
-        self.logitsprocs = build_logitsprocs(config, self.device, logitsprocs_classes)
-        self.input_batch = InputBatch(max_num_reqs=config.scheduler_config.max_num_seqs,
-                                      vocab_size=self.vocab_size, device=self.device,
-                                      logitsprocs=self.logitsprocs)
-        self.sampler = Sampler()
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                    self.num_blocks * self.kv_spec.bytes_per_block(self.block_size) / 2**20)
+        self.input_batch = None
+        if not self.is_pooling:
+            self.logitsprocs = build_logitsprocs(config, self.device, logitsprocs_classes)
+            self.input_batch = InputBatch(max_num_reqs=config.scheduler_config.max_num_seqs,
+                                          vocab_size=self.vocab_size, device=self.device,
+                                          logitsprocs=self.logitsprocs)
+            self.sampler = Sampler()
 
     # ------------------------------------------------------------------ batch building
     def _update_input_batch(self, sampling: list[ScheduledRequest]) -> None:
@@ -79,6 +88,7 @@ class ModelRunner:
         batch.refresh()
 
     def _build_batch(self, scheduled: list[ScheduledRequest]):
+        """-> (input_ids, positions, metadata, flat start of each request, the batch order)."""
         order = sorted(scheduled, key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         num_decodes = sum(1 for s in order if s.num_new_tokens == 1)
         bs = self.block_size
@@ -115,7 +125,7 @@ class ModelRunner:
             max_query_len=max(query_lens), max_seq_len=max(seq_lens))
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        return ids_t, pos_t, meta, starts
+        return ids_t, pos_t, meta, starts, order
 
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
@@ -123,9 +133,11 @@ class ModelRunner:
         out = RunnerOutput()
         if sched.is_empty:
             return out
+        if self.is_pooling:
+            return self._execute_pooling(sched)
         sampling = [s for s in sched.scheduled if s.samples]
         self._update_input_batch(sampling)
-        input_ids, positions, meta, starts = self._build_batch(sched.scheduled)
+        input_ids, positions, meta, starts, _ = self._build_batch(sched.scheduled)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
 
         for s in sched.scheduled:
@@ -172,3 +184,26 @@ class ModelRunner:
         t = compute_logprobs_tensors(logprobs, targets, k)
         ids, lps, ranks = t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist()
         out.prompt_logprobs[r.request_id] = (first + 1, list(zip(ids, lps, ranks)))
+
+    def _execute_pooling(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Every scheduled request is a whole prompt (the scheduler never chunks pooling
+        requests), so the hidden rows are the prompts back to back in batch order."""
+        from lmserve.model.layers.pooler import PoolingMetadata
+
+        out = RunnerOutput()
+        input_ids, positions, meta, _, order = self._build_batch(sched.scheduled)
+        kwargs = {}
+        if self.uses_token_type_ids:
+            types: list[int] = []
+            for s in order:
+                r = s.request
+                types.extend(r.token_type_ids if r.token_type_ids is not None else [0] * r.num_prompt_tokens)
+            kwargs["token_type_ids"] = torch.tensor(types, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, **kwargs)  # [T, hidden]
+        pooling_meta = PoolingMetadata(prompt_lens=[s.request.num_prompt_tokens for s in order],
+                                       params=[s.request.pooling_params for s in order],
+                                       prompt_token_ids=[s.request.prompt_token_ids for s in order])
+        results = self.model.pooler(hidden, pooling_meta)
+        for s, data in zip(order, results, strict=True):
+            out.pooled[s.request.request_id] = data.to("cpu", torch.float32)
+        return out

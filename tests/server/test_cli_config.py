@@ -75,7 +75,6 @@ def test_missing_config_file(capsys):
     (["--enable-auto-tool-choice"], "tool"),
     (["--tool-call-parser", "hermes"], "tool"),
     (["--reasoning-parser", "deepseek_r1"], "reasoning"),
-    (["--task", "embed"], "generation"),
     (["--cpu-offload-gb", "4"], "offloading"),
     (["--limit-mm-per-prompt", "image=2"], "text-only"),
     (["--kv-transfer-config", "{}"], "disaggregated"),
@@ -90,7 +89,9 @@ def test_flags_that_cannot_apply_are_refused(argv, fragment, capsys):
     assert argv[0] in err and "not supported" in err and fragment.lower() in err.lower()
 
 
-@pytest.mark.parametrize("argv", [["--quantization", "gguf"], ["--task", "generate"], ["--swap-space", "0"],
+@pytest.mark.parametrize("argv", [["--quantization", "gguf"], ["--task", "generate"], ["--task", "embed"],
+                                  ["--runner", "pooling"], ["--pooler-config", '{"pooling_type": "MEAN"}'],
+                                  ["--override-pooler-config", '{"normalize": false}'], ["--swap-space", "0"],
                                   ["--num-scheduler-steps", "1"], ["--disable-frontend-multiprocessing"],
                                   ["--use-v2-block-manager"], ["--preemption-mode", "recompute"]])
 def test_harmless_vllm_flags_are_accepted(argv):

@@ -12,7 +12,8 @@ from lmserve.model.loader.gguf_loader import iter_gguf_weights
 from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
 from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
-from lmserve.model.models.registry import get_model_class
+from lmserve.model.layers.pooler import Pooler
+from lmserve.model.models.registry import resolve_model_class
 
 __all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "checkpoint_dtype",
            "initialize_dummy_weights"]
@@ -36,9 +37,13 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Module:
     """Build the model for ``model_config.hf_config`` in ``model_config.dtype`` on ``device``,
     load its weights per ``load_format`` ("auto": GGUF if ``gguf_file`` else safetensors/bin;
-    "dummy": seeded random), and return it in eval mode with gradients off."""
+    "dummy": seeded random), and return it in eval mode with gradients off.
+
+    The class follows ``model_config.runner_type`` / ``convert_type`` (``resolve_model_class``);
+    a pooling model gets ``model.pooler``, a ``Pooler`` over ``model_config.pooler_config`` with
+    the model's ``classifier_head`` (if any)."""
     device = torch.device(device)
-    cls = get_model_class(model_config.hf_config)
+    cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
     with torch.device(device):
         model = cls(model_config.hf_config, model_config.dtype)
     fmt = model_config.load_format
@@ -55,6 +60,9 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
         model.load_weights(iter_checkpoint_weights(model_config.model_path))
     else:
         raise ValueError(f"Unknown load_format {fmt!r}; choose from auto, safetensors, gguf, dummy")
+    if model_config.is_pooling:
+        model.pooler = Pooler(model_config.pooler_config, getattr(model, "classifier_head", None),
+                              getattr(model, "num_labels", None))
     model.to(device)
     model.eval()
     model.requires_grad_(False)

