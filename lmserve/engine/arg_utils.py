@@ -167,9 +167,10 @@ class EngineArgs:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         ckpt_dtype = checkpoint_dtype(hf_config, model_dir=model_dir, gguf_file=gguf_file)
-        if pooler is not None and self.dtype == "auto" and device == "cpu" and ckpt_dtype == torch.float32:
+        if pooler is not None and self.dtype == "auto" and device == "cpu" and ckpt_dtype in (torch.float32, None):
             # Pooling models are small and their outputs are compared as vectors: a float32 checkpoint
-            # stays float32 (bf16 would cost ~1e-3 of cosine agreement with the reference).
+            # stays float32 (bf16 would cost ~1e-4 of cosine agreement with the reference). A config
+            # without torch_dtype means float32, as in transformers.
             dtype = torch.float32
         else:
             dtype = resolve_dtype(self.dtype, ckpt_dtype, device)

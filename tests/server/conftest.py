@@ -126,3 +126,72 @@ def metric_value(text: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
+
+
+# ---------------------------------------------------------------------- pooling servers
+@pytest.fixture(scope="session")
+def minilm_server(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """all-MiniLM-L6-v2 served as an embedding model (the runner is detected from BertModel)."""
+    log = str(tmp_path_factory.mktemp("logs") / "minilm-server.log")
+    server = ServerProcess([minilm_path, "--served-model-name", "minilm", "--disable-log-requests"], log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_http(minilm_server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=minilm_server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def minilm_client(minilm_server: ServerProcess):
+    from openai import OpenAI
+
+    with OpenAI(base_url=minilm_server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_server(make_cross_encoder_checkpoint, tmp_path_factory: pytest.TempPathFactory
+                         ) -> Iterator[ServerProcess]:
+    """A one-label cross-encoder (MiniLM encoder + seeded random head) with ``--task score``."""
+    log = str(tmp_path_factory.mktemp("logs") / "cross-encoder-server.log")
+    server = ServerProcess([make_cross_encoder_checkpoint(1), "--served-model-name", "ce", "--task", "score",
+                            "--disable-log-requests"], log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def classifier_server(make_cross_encoder_checkpoint, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[ServerProcess]:
+    """A three-label sequence classifier (MiniLM encoder + seeded random head)."""
+    log = str(tmp_path_factory.mktemp("logs") / "classifier-server.log")
+    server = ServerProcess([make_cross_encoder_checkpoint(3), "--served-model-name", "clf",
+                            "--disable-log-requests"], log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_embed_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny ChatML Llama used as an embedding model (``--runner pooling``): it has a chat
+    template, so the ``messages`` form of /v1/embeddings can be checked."""
+    log = str(tmp_path_factory.mktemp("logs") / "tiny-embed-server.log")
+    server = ServerProcess([tiny_model_dir, "--served-model-name", "tiny-embed", "--runner", "pooling",
+                            "--dtype", "float32", "--disable-log-requests"], log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -26,18 +26,29 @@ from starlette.responses import JSONResponse, Response
 
 from lmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                  TokenizeChatRequest, TokenizeCompletionRequest)
+from lmserve.entrypoints.openai.protocol_pooling import (ClassificationChatRequest,
+                                                         ClassificationCompletionRequest, EmbeddingChatRequest,
+                                                         EmbeddingCompletionRequest, PoolingChatRequest,
+                                                         PoolingCompletionRequest, RerankRequest, ScoreRequest)
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from lmserve.entrypoints.openai.serving_classification import OpenAIServingClassification
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from lmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from lmserve.entrypoints.openai.serving_engine import ServerOptions, error_body
 from lmserve.entrypoints.openai.serving_models import OpenAIServingModels
+from lmserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
+from lmserve.entrypoints.openai.serving_score import ServingScores
 from lmserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from lmserve.entrypoints.score_utils import score_mode
 from lmserve.errors import InvalidRequestError, LMServeError, NotReadyError
 from lmserve.metrics import EngineMetrics
 
 logger = logging.getLogger("lmserve.server")
 
 UNAUTHENTICATED_PATHS = frozenset({"/health", "/ping", "/metrics"})
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# Requests counted by GET /load (as vLLM's ``load_aware_call`` routes).
+LOAD_TRACKED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/pooling",
+                                "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"})
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -51,10 +62,24 @@ def lmserve_version() -> str:
 
 @dataclass
 class _Handlers:
-    completion: OpenAIServingCompletion
-    chat: OpenAIServingChat
+    """One handler per API; None where the model cannot serve it (a generative model has no
+    pooling handlers, a pooling model no generation ones), which is vLLM's 400
+    "The model does not support ... API"."""
+
     models: OpenAIServingModels
     tokenization: OpenAIServingTokenization
+    completion: OpenAIServingCompletion | None = None
+    chat: OpenAIServingChat | None = None
+    embedding: OpenAIServingEmbedding | None = None
+    pooling: OpenAIServingPooling | None = None
+    classification: OpenAIServingClassification | None = None
+    score: ServingScores | None = None
+
+    def get(self, name: str, api: str) -> Any:
+        handler = getattr(self, name)
+        if handler is None:
+            raise InvalidRequestError(f"The model does not support {api}")
+        return handler
 
 
 class ServerState:
@@ -87,11 +112,24 @@ class ServerState:
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
             log_requests=not getattr(args, "disable_log_requests", False),
             max_log_len=getattr(args, "max_log_len", None))
-        self.handlers = _Handlers(
-            completion=OpenAIServingCompletion(engine, options, self.metrics),
-            chat=OpenAIServingChat(engine, options, self.metrics),
-            models=OpenAIServingModels(options, mc.max_model_len),
-            tokenization=OpenAIServingTokenization(engine, options, self.metrics))
+        handlers = _Handlers(models=OpenAIServingModels(options, mc.max_model_len),
+                             tokenization=OpenAIServingTokenization(engine, options, self.metrics))
+        if getattr(mc, "runner_type", "generate") == "pooling":
+            tasks = tuple(mc.supported_pooling_tasks)
+            handlers.pooling = OpenAIServingPooling(engine, options, self.metrics)
+            if "embed" in tasks:
+                handlers.embedding = OpenAIServingEmbedding(engine, options, self.metrics)
+            if "classify" in tasks:
+                handlers.classification = OpenAIServingClassification(engine, options, self.metrics)
+            try:
+                score_mode(mc)  # a cross-encoder (one label) or an embedding model
+                handlers.score = ServingScores(engine, options, self.metrics)
+            except ValueError:
+                pass
+        else:
+            handlers.completion = OpenAIServingCompletion(engine, options, self.metrics)
+            handlers.chat = OpenAIServingChat(engine, options, self.metrics)
+        self.handlers = handlers
         self.engine = engine
 
     def ready(self) -> _Handlers:
@@ -205,7 +243,7 @@ class AuthMiddleware:
 
 
 class RequestTrackingMiddleware:
-    """Counts in-flight generation requests (GET /load) and, when enabled, sets the
+    """Counts in-flight generation and pooling requests (GET /load) and, when enabled, sets the
     ``X-Request-Id`` response header (the client's, or the id the handler chose)."""
 
     def __init__(self, app: Any, state: ServerState, echo_request_id: bool) -> None:
@@ -216,7 +254,7 @@ class RequestTrackingMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        tracked = _route_path(scope) in GENERATION_PATHS
+        tracked = _route_path(scope) in LOAD_TRACKED_PATHS
         if tracked:
             self.state.in_flight += 1
 
@@ -333,31 +371,80 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Any:
-        handler = state.ready().completion
+        handler = state.ready().get("completion", "Completions API")
         _log_ignored(request)
         rid = _base_request_id(raw, request.request_id, "request_id" in request.model_fields_set)
         return _respond(await handler.create_completion(request, f"cmpl-{rid}", raw))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Any:
-        handler = state.ready().chat
+        handler = state.ready().get("chat", "Chat Completions API")
         _log_ignored(request)
         rid = _base_request_id(raw, request.request_id, "request_id" in request.model_fields_set)
         return _respond(await handler.create_chat_completion(request, f"chatcmpl-{rid}", raw))
 
     @app.post("/tokenize")
     async def tokenize(body: dict[str, Any]) -> Any:
-        model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
-        try:
-            request = model.model_validate(body)
-        except ValidationError as e:
-            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+        request = _parse(body, TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest)
         return JSONResponse(state.ready().tokenization.tokenize_request(request).model_dump())
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> Any:
         return JSONResponse(state.ready().tokenization.detokenize_request(request).model_dump())
 
+    _add_pooling_routes(app, state)
+
+
+def _parse(body: dict[str, Any], model: type) -> Any:
+    """``body`` validated as ``model``; errors read as FastAPI's own body validation errors."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from e
+
+
+def _add_pooling_routes(app: FastAPI, state: ServerState) -> None:
+    """The pooling APIs. ``input`` and ``messages`` bodies are two request models: the body
+    is parsed as the one whose key it has."""
+
+    def rid(raw: Request, request: Any, prefix: str) -> str:
+        return f"{prefix}-{_base_request_id(raw, request.request_id, 'request_id' in request.model_fields_set)}"
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: dict[str, Any], raw: Request) -> Any:
+        handler = state.ready().get("embedding", "Embeddings API")
+        request = _parse(body, EmbeddingChatRequest if "messages" in body else EmbeddingCompletionRequest)
+        _log_ignored(request)
+        return _respond(await handler.create_embedding(request, rid(raw, request, "embd"), raw))
+
+    @app.post("/pooling")
+    async def pooling(body: dict[str, Any], raw: Request) -> Any:
+        handler = state.ready().get("pooling", "Pooling API")
+        request = _parse(body, PoolingChatRequest if "messages" in body else PoolingCompletionRequest)
+        _log_ignored(request)
+        return _respond(await handler.create_pooling(request, rid(raw, request, "pool"), raw))
+
+    @app.post("/classify")
+    async def classify(body: dict[str, Any], raw: Request) -> Any:
+        handler = state.ready().get("classification", "Classification API")
+        request = _parse(body, ClassificationChatRequest if "messages" in body else ClassificationCompletionRequest)
+        _log_ignored(request)
+        return _respond(await handler.create_classify(request, rid(raw, request, "classify"), raw))
+
+    async def score(request: ScoreRequest, raw: Request) -> Any:
+        handler = state.ready().get("score", "Score API")
+        _log_ignored(request)
+        return _respond(await handler.create_score(request, rid(raw, request, "score"), raw))
+
+    async def rerank(request: RerankRequest, raw: Request) -> Any:
+        handler = state.ready().get("score", "Rerank (Score) API")
+        _log_ignored(request)
+        return _respond(await handler.do_rerank(request, rid(raw, request, "rerank"), raw))
+
+    for path in ("/score", "/v1/score"):
+        app.post(path)(score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.post(path)(rerank)
 
 def _log_ignored(request: Any) -> None:
     ignored = request.ignored_fields()
