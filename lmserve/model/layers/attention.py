@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
+from lmserve.model.layers.cpu_kernels import CpuPagedAttention, get_paged_attention_kernel, log_fallback_once
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     value_cache[slots[valid]] = v[valid].to(value_cache.dtype)
 
 
+# Chunks continuing a cached context go to the CPU decode kernel in bf16 at any length, in fp32
+# up to this many tokens (past it, gather + SDPA is as fast; see PagedAttention._prefill_native).
+NATIVE_PREFILL_MAX_QLEN_FP32 = 16
+
+
 class PagedAttention(nn.Module):
     """Attention of new tokens over their sequences' whole context, through a paged KV cache.
 
@@ -71,6 +77,12 @@ class PagedAttention(nn.Module):
     position p attends to keys at positions <= p of its own sequence (and > p - sliding_window
     when a window is set). Decodes (the first ``meta.num_decodes`` sequences) run as one
     batched computation; prefill chunks one sequence at a time with SDPA.
+
+    On CPU the KV write, the decodes and chunks that continue a cached context run on native
+    kernels (``cpu_kernels``: the decode kernel reads K/V in place through the block table, no
+    gather copy). ``LMSERVE_DISABLE_CPU_KERNELS=1``, a build failure or inputs they do not take
+    fall back to the pure-torch ``write_kv_cache`` / ``_decode`` / ``_prefill``, which they must
+    agree with.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -91,13 +103,17 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        kernel = self._cpu_kernel(q, kv_cache, meta)
+        if kernel is None or not kernel.write_kv(k, v, kv_cache, meta.slot_mapping):
+            write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)  # [T, Hq, D]
         num_tokens = meta.num_tokens
         if num_tokens < q.shape[0]:
             out[num_tokens:] = 0  # padding rows past the batch's tokens
         nd = meta.num_decodes
-        if nd > 0:
+        if nd > 0 and (kernel is None or not kernel.decode(q[:nd], kv_cache, meta.block_tables, meta.seq_lens,
+                                                           out[:nd], self.scale, self.sliding_window,
+                                                           torch.get_num_threads())):
             out[:nd] = self._decode(q[:nd], kv_cache, meta)
         start = nd  # decodes have one token each
         for i in range(nd, meta.num_seqs):
@@ -105,9 +121,24 @@ class PagedAttention(nn.Module):
             if qlen == 0:
                 continue
             end = start + qlen
-            out[start:end] = self._prefill(i, q[start:end], k[start:end], v[start:end], kv_cache, meta)
+            if kernel is None or not self._prefill_native(i, q[start:end], kv_cache, meta, out[start:end], kernel):
+                out[start:end] = self._prefill(i, q[start:end], k[start:end], v[start:end], kv_cache, meta)
             start = end
         return out
+
+    @staticmethod
+    def _cpu_kernel(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> CpuPagedAttention | None:
+        """The native CPU kernels when they are on, built, and take this call's tensors."""
+        if q.device.type != "cpu":
+            return None
+        kernel = get_paged_attention_kernel()
+        if kernel is None:
+            return None
+        reason = kernel.unsupported(q, kv_cache, meta)
+        if reason is not None:
+            log_fallback_once(reason)
+            return None
+        return kernel
 
     # -- decodes: one token per sequence, batched ----------------------------------------------
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -139,6 +170,22 @@ class PagedAttention(nn.Module):
         return out.reshape(nd, self.num_heads, self.head_dim)
 
     # -- prefills: one sequence (chunk) at a time ----------------------------------------------
+    def _prefill_native(self, i: int, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                        out: torch.Tensor, kernel: CpuPagedAttention) -> bool:
+        """A chunk q [qlen, Hq, D] that continues a cached context, on the decode kernel as qlen
+        one-token queries (row r sees the first ctx_len + r + 1 tokens of the sequence's blocks),
+        into out [qlen, Hq, D]. Only where that measured faster than gather + SDPA
+        (benchmarks/attention_microbench.py --prefill): bf16, or fp32 chunks of up to
+        ``NATIVE_PREFILL_MAX_QLEN_FP32`` tokens. False (nothing written) otherwise."""
+        qlen = q.shape[0]
+        seq_len = meta.seq_lens_cpu[i]
+        if seq_len == qlen or (q.dtype != torch.bfloat16 and qlen > NATIVE_PREFILL_MAX_QLEN_FP32):
+            return False
+        seq_lens = torch.arange(seq_len - qlen + 1, seq_len + 1, dtype=torch.int32)  # [qlen]
+        tables = meta.block_tables[i:i + 1].expand(qlen, -1)  # [qlen, W], one row repeated (stride 0)
+        return kernel.decode(q, kv_cache, tables, seq_lens, out, self.scale, self.sliding_window,
+                             torch.get_num_threads())
+
     def _prefill(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         """q: [qlen, Hq, D], k/v: [qlen, Hkv, D] (already in the cache) -> [qlen, Hq, D]."""

@@ -1,0 +1,11 @@
+"""Native CPU kernels, compiled from C at first use (``build.py``). Each must agree with a
+pure-torch reference, which its caller falls back to when the kernel cannot be built or does not
+take the inputs; ``LMSERVE_DISABLE_CPU_KERNELS=1`` switches them off."""
+
+from lmserve.model.layers.cpu_kernels.paged_attention import (
+    CpuPagedAttention,
+    get_paged_attention_kernel,
+    log_fallback_once,
+)
+
+__all__ = ["CpuPagedAttention", "get_paged_attention_kernel", "log_fallback_once"]

@@ -1,0 +1,137 @@
+"""ctypes binding of ``paged_attention.c``: paged decode attention and the KV-cache write on CPU.
+
+``get_paged_attention_kernel()`` compiles and loads the C source at first use (``build.py``) and
+returns a ``CpuPagedAttention``, or None where it cannot be had (no compiler, compile or load
+failure: logged once) or is switched off with ``LMSERVE_DISABLE_CPU_KERNELS=1``. The only state
+is the loaded library, held by that object and cached by the lru_cache'd loader. ctypes releases
+the GIL for the duration of each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lmserve.model.layers.attention_metadata import AttentionMetadata
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, load_library
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERRORS = {-1: "unsupported arguments", -2: "a seq_len is < 1 or past its block table",
+           -3: "a block id is out of range", -4: "out of memory"}
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# the C signatures
+_DECODE_ARGS = [_p, _i64, _i32, _p, _i32, _i64, _i32, _p, _i64, _i64, _p, _p, _i64,
+                _i32, _i32, _i32, _i32, _f32, _i32, _i32]
+_WRITE_ARGS = [_p, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i32]
+
+
+class CpuPagedAttention:
+    """The loaded kernels. ``unsupported`` says why a layer call cannot use them (or None);
+    ``write_kv`` and ``decode`` then do the work, or return False (nothing done) for inputs
+    whose layout they do not take, after logging why once."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._decode = lib.lms_paged_decode
+        self._decode.argtypes = _DECODE_ARGS
+        self._decode.restype = ctypes.c_int
+        self._write = lib.lms_write_kv
+        self._write.argtypes = _WRITE_ARGS
+        self._write.restype = ctypes.c_int
+        self.path = ("portable C", "AVX-512", "AVX-512 + AVX512_BF16")[lib.lms_kernel_info()]
+        self.dtypes = frozenset(dt for dt, code in _DTYPE_CODES.items() if lib.lms_supports_dtype(code))
+
+    def unsupported(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> str | None:
+        """Why this layer call (q [T, Hq, D], kv_cache [2, num_blocks, block_size, Hkv, D]) cannot
+        run on the kernels, or None."""
+        if q.device.type != "cpu" or kv_cache.device.type != "cpu" or meta.block_tables.device.type != "cpu":
+            return "tensors are not on CPU"
+        if q.dtype != kv_cache.dtype or q.dtype not in self.dtypes:
+            return f"dtypes q={q.dtype} / kv_cache={kv_cache.dtype} are not supported"
+        if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[2] != meta.block_size \
+                or kv_cache.shape[4] != q.shape[-1] or not kv_cache.is_contiguous():
+            return "kv_cache is not a contiguous [2, num_blocks, block_size, Hkv, D] tensor"
+        if meta.seq_lens.dtype != torch.int32 or meta.block_tables.dtype != torch.int32 \
+                or meta.slot_mapping.dtype != torch.int64:
+            return "metadata dtypes are not int32 (seq_lens, block_tables) / int64 (slot_mapping)"
+        return None
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        """``write_kv_cache`` (k, v: [T, Hkv, D]; slots < 0 skipped); False if k/v do not fit."""
+        hkv, d = kv_cache.shape[3], kv_cache.shape[4]
+        if k.dtype != kv_cache.dtype or v.dtype != kv_cache.dtype or not _dense_rows(k, hkv, d) \
+                or not _dense_rows(v, hkv, d) or not slot_mapping.is_contiguous() \
+                or slot_mapping.shape[0] < k.shape[0]:
+            log_fallback_once("k / v are not dense [T, Hkv, D] rows of the cache's dtype (KV write)")
+            return False
+        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+        rc = self._write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), kv_cache.data_ptr(), num_slots,
+                         slot_mapping.data_ptr(), k.shape[0], hkv * d, _DTYPE_CODES[k.dtype])
+        if rc != 0:
+            raise IndexError(f"slot_mapping has a slot >= {num_slots}")
+        return True
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               out: torch.Tensor, scale: float, sliding_window: int | None, num_threads: int) -> bool:
+        """One-token queries q [nd, Hq, D] into out [nd, Hq, D]: row i attends to the first
+        seq_lens[i] tokens of its block table row block_tables[i] (the last sliding_window of
+        them, when set), as ``PagedAttention._decode``. block_tables [>= nd, W] int32 may repeat
+        a row (stride 0); seq_lens [>= nd] int32. False if q/out do not fit."""
+        nd, hq, d = q.shape
+        if not _dense_rows(q, hq, d) or not _dense_rows(out, hq, d):
+            log_fallback_once("q / out rows are not dense [Hq, D] (decode)")
+            return False
+        _, num_blocks, block_size, hkv, _ = kv_cache.shape
+        tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+        seq_lens = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
+        code = _DTYPE_CODES[q.dtype]
+        rc = self._decode(q.data_ptr(), q.stride(0), code, kv_cache.data_ptr(), code, num_blocks, block_size,
+                          tables.data_ptr(), tables.stride(0), tables.shape[1], seq_lens.data_ptr(),
+                          out.data_ptr(), out.stride(0), nd, hq, hkv, d, scale, sliding_window or 0, num_threads)
+        if rc != 0:
+            raise ValueError(f"paged decode kernel: {_ERRORS.get(rc, f'error {rc}')}")
+        return True
+
+
+def _dense_rows(t: torch.Tensor, heads: int, d: int) -> bool:
+    """t is [N, heads, d] with each row's heads and dims dense (any row stride)."""
+    return t.dim() == 3 and t.shape[1] == heads and t.shape[2] == d and t.stride(2) == 1 and t.stride(1) == d
+
+
+@functools.lru_cache(maxsize=None)
+def _load(compiler: str | None, cache_dir: str | None, extra_flags: tuple[str, ...]) -> CpuPagedAttention | None:
+    """One load per (compiler, cache dir, flags) setting: the environment values are part of the
+    key so that changing them takes effect (build.py reads them again)."""
+    del compiler, cache_dir
+    try:
+        kernel = CpuPagedAttention(load_library(SOURCE, extra_flags))
+    except (KernelBuildError, AttributeError) as e:
+        logger.warning("CPU paged-attention kernel unavailable, using the pure-torch path: %s", e)
+        return None
+    logger.info("CPU paged-attention kernel loaded (%s)", kernel.path)
+    return kernel
+
+
+def get_paged_attention_kernel(extra_flags: tuple[str, ...] = ()) -> CpuPagedAttention | None:
+    """The kernels, or None when disabled (``LMSERVE_DISABLE_CPU_KERNELS=1``) or unavailable.
+    ``extra_flags`` (tests, benchmarks) builds a variant, e.g. ``("-mno-avx512f",)``."""
+    env = os.environ
+    if env.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"), extra_flags)
+
+
+@functools.lru_cache(maxsize=None)
+def log_fallback_once(reason: str) -> None:
+    """Logs (once per distinct reason) why a layer call ran on the pure-torch path."""
+    logger.info("CPU paged-attention kernel not used: %s; using the pure-torch path", reason)
