@@ -22,15 +22,29 @@ _DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
-    """vLLM's rule: "auto" keeps a 16-bit checkpoint's dtype and turns fp32 into a
-    16-bit type (bf16 on CPU, whose matmuls are fast in bf16; fp16 on CUDA)."""
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN's AVX-512 / AMX bf16 paths). Without
+    them (an AVX2-only CPU) oneDNN emulates bf16 at ~1 GFLOP/s, 100x below its fp32 speed."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str,
+                  fast_bf16: bool | None = None) -> torch.dtype:
+    """vLLM's rule: "auto" keeps a 16-bit checkpoint's dtype and turns fp32 into a 16-bit type
+    (bf16 on CPU, fp16 on CUDA). On a CPU without native bf16 (``fast_bf16``, default
+    ``cpu_has_fast_bf16()``) "auto" is float32 whatever the checkpoint: 16-bit matmuls are
+    emulated there and 50-100x slower. An explicit dtype is always kept."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose from auto, {', '.join(sorted(_DTYPES))}.")
         return _DTYPES[dtype]
+    if device == "cpu" and not (cpu_has_fast_bf16() if fast_bf16 is None else fast_bf16):
+        return torch.float32
     if checkpoint_dtype in (torch.float16, torch.bfloat16):
         return checkpoint_dtype
     return torch.bfloat16 if device == "cpu" else torch.float16
@@ -127,8 +141,16 @@ class ModelConfig:
     convert_type: str = "none"
     pooler_config: PoolerConfig | None = None  # set (resolved) exactly when runner_type == "pooling"
     supported_pooling_tasks: tuple[str, ...] = ()
+    # None or "gguf": a GGUF file on CPU (bf16) keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs
+    # them with int4 kernels; "none": dequantize every weight at load (exact vs transformers).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, "gguf", "none"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported: lmserve runs unquantized "
+                             "weights and GGUF files; choose None, 'gguf' or 'none'")
+        if self.quantization == "gguf" and not self.gguf_file:
+            raise ValueError("quantization='gguf' needs a GGUF model file")
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.max_logprobs < -1:

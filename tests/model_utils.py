@@ -36,9 +36,11 @@ class PagedTestCache:
         self.blocks: dict[object, list[int]] = {}
         self.num_cached: dict[object, int] = {}
 
-    def step(self, chunks: list[tuple[object, list[int]]], pad_tokens: int = 0) -> StepBatch:
+    def step(self, chunks: list[tuple[object, list[int]]], pad_tokens: int = 0, decode_only: bool = False
+             ) -> StepBatch:
         """chunks: (sequence id, new token ids) per sequence; one-token chunks go first as decodes.
-        ``pad_tokens`` appends padding tokens (slot -1) past the batch's real tokens."""
+        ``pad_tokens`` appends padding tokens (slot -1) past the batch's real tokens.
+        ``decode_only``: every new token is a generated one (``AttentionMetadata.decode_only``)."""
         decodes = [c for c in chunks if len(c[1]) == 1]
         prefills = [c for c in chunks if len(c[1]) > 1]
         ordered = decodes + prefills
@@ -81,6 +83,7 @@ class PagedTestCache:
             block_size=self.block_size,
             query_lens_cpu=qlens,
             seq_lens_cpu=seq_lens,
+            decode_only=decode_only,
             max_query_len=max(qlens),
             max_seq_len=max(seq_lens),
         )

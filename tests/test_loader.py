@@ -23,10 +23,11 @@ _SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_la
               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
 
 
-def _model_config(model_dir: str, gguf_file: str | None, dtype=torch.float32) -> ModelConfig:
+def _model_config(model_dir: str, gguf_file: str | None, dtype=torch.float32,
+                  quantization: str | None = None) -> ModelConfig:
     return ModelConfig(model=model_dir, model_path=model_dir, gguf_file=gguf_file, tokenizer=model_dir,
                        hf_config=load_hf_config(model_dir, gguf_file), dtype=dtype, max_model_len=128,
-                       served_model_name="m")
+                       served_model_name="m", quantization=quantization)
 
 
 def _logits(model, tokens: list[int]) -> torch.Tensor:
@@ -157,6 +158,66 @@ def test_tiny_gguf_roundtrip(tmp_path, arch):
     torch.testing.assert_close(_logits(model, toks), hf_logits(hf, toks), atol=1e-4, rtol=1e-4)
 
 
+def _decode_logits(model, prompt: list[int], steps: list[int]) -> torch.Tensor:
+    """Logits [1 + len(steps), vocab]: the prompt's last position, then one decode step per token
+    (one row each, so quantized layers take their int kernel path)."""
+    cache = PagedTestCache(model.kv_cache_spec(), num_blocks=64, block_size=16)
+    batch = cache.step([("a", prompt)])
+    rows = [model.compute_logits(model(batch.input_ids, batch.positions, cache.kv_caches, batch.meta))[-1]]
+    for tok in steps:
+        batch = cache.step([("a", [tok])], decode_only=True)
+        rows.append(model.compute_logits(model(batch.input_ids, batch.positions, cache.kv_caches, batch.meta))[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("quant,arch,tied", [("Q4_0", "llama", False), ("Q4_1", "llama", True),
+                                             ("Q8_0", "qwen2", True)])
+def test_gguf_kept_quantized(tmp_path, quant, arch, tied):
+    """A bf16 model on CPU keeps a GGUF's Q4_0/Q4_1/Q8_0 matrices quantized (the default):
+    quantized modules whose dense weights equal the dequantized load's (so the Q/K
+    un-permutation of blocks is right), and logits close to the dequantized model's."""
+    from lmserve.model.layers.quantized_linear import QuantizedEmbedding, QuantizedLinear, QuantizedMergedLinear
+    from lmserve.model.loader import keeps_gguf_quantized
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    hf = make_hf_model(cls(**{**_SMALL, "hidden_size": 64, "intermediate_size": 128}, tie_word_embeddings=tied),
+                       seed=3)
+    write_tiny_gguf(hf, str(tmp_path / "tiny.gguf"), arch, quant=quant)
+    mc_q = _model_config(str(tmp_path), "tiny.gguf", dtype=torch.bfloat16)
+    mc_d = _model_config(str(tmp_path), "tiny.gguf", dtype=torch.bfloat16, quantization="none")
+    assert keeps_gguf_quantized(mc_q, "cpu") and not keeps_gguf_quantized(mc_d, "cpu")
+    assert not keeps_gguf_quantized(_model_config(str(tmp_path), "tiny.gguf"), "cpu")  # fp32: no fast kernel
+    quant_model, dense_model = get_model(mc_q, "cpu"), get_model(mc_d, "cpu")
+    layer = quant_model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedMergedLinear) and layer.self_attn.qkv_proj.qweight is not None
+    assert isinstance(layer.mlp.gate_up_proj, QuantizedMergedLinear) and layer.mlp.gate_up_proj.qweight is not None
+    assert isinstance(layer.self_attn.o_proj, QuantizedLinear) and isinstance(layer.mlp.down_proj, QuantizedLinear)
+    assert isinstance(quant_model.model.embed_tokens, QuantizedEmbedding)
+    if tied:
+        assert quant_model.lm_head is quant_model.model.embed_tokens
+    else:
+        assert isinstance(quant_model.lm_head, QuantizedLinear) and quant_model.lm_head.qweight is not None
+    dense_params = dict(dense_model.named_parameters())
+    for name, param in quant_model.named_parameters():
+        assert torch.equal(param, dense_params[name]), name
+    # Against the fp32 dequantized model, the int kernels' error is the dense bf16 model's
+    # (these random models amplify bf16 rounding: both are 3-6% of the largest logit).
+    exact = get_model(_model_config(str(tmp_path), "tiny.gguf", quantization="none"), "cpu")
+    toks = [5, 17, 33, 2, 90, 41, 7, 64, 12]
+    ref = _decode_logits(exact, toks[:4], toks[4:])
+    err_quant = (_decode_logits(quant_model, toks[:4], toks[4:]) - ref).abs().max()
+    err_dense = (_decode_logits(dense_model, toks[:4], toks[4:]) - ref).abs().max()
+    assert err_quant <= 1.5 * err_dense + 0.01 * ref.abs().max(), (err_quant, err_dense)
+
+
+def test_quantization_option_validation(tmp_path):
+    LlamaConfig(**_SMALL).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="awq"):
+        _model_config(str(tmp_path), None, quantization="awq")
+    with pytest.raises(ValueError, match="GGUF"):
+        _model_config(str(tmp_path), None, quantization="gguf")
+
+
 def test_gguf_names():
     assert gguf_to_hf_name("blk.12.attn_q.bias") == "model.layers.12.self_attn.q_proj.bias"
     assert gguf_to_hf_name("blk.0.attn_k_norm.weight") == "model.layers.0.self_attn.k_norm.weight"
@@ -177,7 +238,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_hf_reference):
     own GGUF loading of the same file: equal weights and logits."""
     path = _smollm2_path()
     model_dir, gguf_file = resolve_model(path)
-    mc = _model_config(model_dir, gguf_file)
+    mc = _model_config(model_dir, gguf_file, quantization="none")
     assert mc.hf_config.architectures == ["LlamaForCausalLM"]
     assert mc.hf_config.tie_word_embeddings is True
     assert checkpoint_dtype(mc.hf_config, model_dir, gguf_file) == torch.float32

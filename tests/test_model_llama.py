@@ -242,3 +242,21 @@ def test_checkpoint_dtype(tmp_path):
     config.save_pretrained(str(tmp_path))
     assert checkpoint_dtype(load_hf_config(str(tmp_path)), str(tmp_path)) == torch.bfloat16
     assert checkpoint_dtype(config, None, "model.gguf") == torch.float32
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_dtype_follows_the_cpu(fast_bf16):
+    """--dtype auto: a 16-bit checkpoint keeps its dtype and fp32 becomes bf16 on a CPU with native
+    bf16; on one without (AVX2 only: bf16 emulated, ~100x slower) auto is fp32. CUDA and explicit
+    dtypes are unaffected."""
+    from lmserve.config import resolve_dtype
+
+    expect_cpu = torch.bfloat16 if fast_bf16 else torch.float32
+    assert resolve_dtype("auto", torch.float32, "cpu", fast_bf16=fast_bf16) == expect_cpu
+    assert resolve_dtype("auto", torch.bfloat16, "cpu", fast_bf16=fast_bf16) == expect_cpu
+    assert resolve_dtype("auto", None, "cpu", fast_bf16=fast_bf16) == expect_cpu
+    assert resolve_dtype("auto", torch.float16, "cpu", fast_bf16=True) == torch.float16
+    assert resolve_dtype("auto", torch.float32, "cuda", fast_bf16=fast_bf16) == torch.float16
+    assert resolve_dtype("auto", torch.bfloat16, "cuda", fast_bf16=fast_bf16) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.float32, "cpu", fast_bf16=fast_bf16) == torch.bfloat16
+    assert resolve_dtype("float32", torch.bfloat16, "cpu", fast_bf16=fast_bf16) == torch.float32

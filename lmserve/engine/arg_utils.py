@@ -48,6 +48,8 @@ class EngineArgs:
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False
     load_format: str = "auto"
+    # None / "gguf": keep a GGUF file's Q4_0/Q4_1/Q8_0 weights quantized (CPU, bf16); "none": dequantize
+    quantization: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
@@ -104,6 +106,9 @@ class EngineArgs:
         g.add_argument("--trust-remote-code", action="store_true")
         g.add_argument("--skip-tokenizer-init", action="store_true")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"])
+        g.add_argument("--quantization", "-q", type=_parse_quantization, default=d.quantization,
+                       help="Weight quantization. Default (None) or gguf: a GGUF file's Q4_0/Q4_1/Q8_0 weights "
+                       "stay quantized on CPU (bf16) and run with int4 kernels; none: dequantize them at load.")
         g.add_argument("--dtype", default=d.dtype,
                        choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
         g.add_argument("--max-model-len", type=_parse_int_suffix, default=None)
@@ -201,7 +206,8 @@ class EngineArgs:
             override_generation_config=_json_or_none(self.override_generation_config) or {},
             max_logprobs=self.max_logprobs, skip_tokenizer_init=self.skip_tokenizer_init,
             load_format=self.load_format, runner_type=runner_type, convert_type=convert_type,
-            pooler_config=pooler, supported_pooling_tasks=tasks)
+            pooler_config=pooler, supported_pooling_tasks=tasks,
+            quantization=None if self.quantization in (None, "None") else str(self.quantization).lower())
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_memory=parse_memory_size(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -278,6 +284,16 @@ def _derive_max_model_len(hf_config: Any) -> int:
         if isinstance(v, int) and v > 0:
             return v
     return 2048
+
+
+def _parse_quantization(value: str) -> str | None:
+    """--quantization: None/gguf/none (vLLM's other methods are refused with a reason)."""
+    if value == "None":
+        return None
+    if value.lower() in ("gguf", "none"):
+        return value.lower()
+    raise argparse.ArgumentTypeError(f"{value} is not supported: lmserve runs unquantized weights and GGUF "
+                                     "files (quantization None, gguf or none)")
 
 
 def _parse_int_suffix(value: str) -> int:

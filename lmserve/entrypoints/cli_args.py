@@ -73,10 +73,6 @@ _unsupported("--enable-auto-tool-choice", _TOOLS, action="store_const", const=Tr
 _unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
 for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
     _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
-_unsupported("--quantization", "only unquantized weights and GGUF files are supported",
-             accepted=lambda v: v in ("None", "none", "gguf"))
-_unsupported("-q", "only unquantized weights and GGUF files are supported",
-             accepted=lambda v: v in ("None", "none", "gguf"), dest="quantization_short")
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
 _unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
 _unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "

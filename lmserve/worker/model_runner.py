@@ -122,7 +122,8 @@ class ModelRunner:
             block_tables=tables.to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_size=bs, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            decode_only=all(s.num_computed_before >= s.request.num_prompt_tokens for s in order))
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids_t, pos_t, meta, starts, order

@@ -35,6 +35,10 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # True when every new token of this step is a generated one (no prompt token, not even a
+    # 1-token chunk after a prefix-cache hit). Quantized layers take their few-row int kernels
+    # only then, so a prompt is computed the same way whether or not its prefix was cached.
+    decode_only: bool = False
 
     @property
     def num_seqs(self) -> int:

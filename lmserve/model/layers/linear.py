@@ -36,7 +36,10 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]. ``decode_only``: the step has no prompt
+        token (``AttentionMetadata.decode_only``); quantized subclasses may then use their
+        few-row kernels, a dense layer ignores it."""
         return F.linear(x, self.weight, self.bias)
 
 
@@ -88,3 +91,7 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., embedding_dim] -> [..., num_embeddings]: the table used as a tied lm_head."""
+        return F.linear(hidden, self.weight)

@@ -13,10 +13,18 @@ from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
 from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
 from lmserve.model.layers.pooler import Pooler
+from lmserve.model.layers.quantized_linear import KERNEL_DTYPES
 from lmserve.model.models.registry import resolve_model_class
 
 __all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "checkpoint_dtype",
-           "initialize_dummy_weights"]
+           "initialize_dummy_weights", "keeps_gguf_quantized"]
+
+
+def keeps_gguf_quantized(model_config: ModelConfig, device: torch.device | str) -> bool:
+    """Whether a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay quantized at run time: quantization
+    None/"gguf" (not "none"), on CPU, in a dtype the int4 CPU kernel is fast for (bf16)."""
+    return (bool(model_config.gguf_file) and model_config.quantization != "none"
+            and torch.device(device).type == "cpu" and model_config.dtype in KERNEL_DTYPES)
 
 
 @torch.no_grad()
@@ -37,7 +45,8 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Module:
     """Build the model for ``model_config.hf_config`` in ``model_config.dtype`` on ``device``,
     load its weights per ``load_format`` ("auto": GGUF if ``gguf_file`` else safetensors/bin;
-    "dummy": seeded random), and return it in eval mode with gradients off.
+    "dummy": seeded random), and return it in eval mode with gradients off. A GGUF file's
+    Q4_0/Q4_1/Q8_0 weights stay quantized when ``keeps_gguf_quantized`` says so.
 
     The class follows ``model_config.runner_type`` / ``convert_type`` (``resolve_model_class``);
     a pooling model gets ``model.pooler``, a ``Pooler`` over ``model_config.pooler_config`` with
@@ -51,7 +60,8 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
         initialize_dummy_weights(model, model_config.seed)
     elif model_config.gguf_file and fmt in ("auto", "gguf"):
         path = os.path.join(model_config.model_path, model_config.gguf_file)
-        model.load_weights(iter_gguf_weights(path, model_config.hf_config))
+        model.load_weights(iter_gguf_weights(path, model_config.hf_config,
+                                             keep_quantized=keeps_gguf_quantized(model_config, device)))
     elif fmt == "gguf":
         raise ValueError("load_format='gguf' but the model has no GGUF file")
     elif fmt in ("auto", "safetensors", "pt"):

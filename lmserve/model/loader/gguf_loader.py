@@ -1,4 +1,5 @@
-"""Read llama.cpp GGUF checkpoints: dequantize every tensor and rename it to Hugging Face's names.
+"""Read llama.cpp GGUF checkpoints: rename every tensor to Hugging Face's names and dequantize it,
+or keep Q4_0/Q4_1/Q8_0 matrices quantized (``BlockQuantizedWeight``) for the int4 CPU kernels.
 
 The header is parsed here directly (a few dozen lines of ``struct``): ``gguf.GGUFReader``
 decodes every tokenizer array up front, which costs seconds on each read of a small model.
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmserve.model.layers.quantized_linear import BLOCK_BYTES, GROUP, BlockQuantizedWeight
 from lmserve.model.models.llama import ROPE_FREQ_FACTORS
 
 _PROGRESS_DELAY_S = 2.0
@@ -49,6 +51,8 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 # ggml types stored as plain numpy items; all others are raw bytes for gguf.quants.dequantize.
 _PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
+# ggml types that can stay quantized (their blocks map onto the int4 kernel exactly).
+_BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 
 
 @dataclass(frozen=True)
@@ -166,11 +170,27 @@ def dequantize_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -> tor
     return torch.from_numpy(out).reshape(shape)
 
 
-def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def block_quantized_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -> BlockQuantizedWeight | None:
+    """A 2-D Q4_0/Q4_1/Q8_0 tensor's blocks (copied out of ``data``, the whole file as uint8) as
+    uint8 [N, K/32, bytes per block]; None for any other type or shape."""
+    qtype = _BLOCK_TYPES.get(info.ggml_type)
+    if qtype is None or len(info.dims) != 2 or info.dims[0] % GROUP:
+        return None
+    k, n = info.dims
+    n_bytes = n * (k // GROUP) * BLOCK_BYTES[qtype]
+    raw = np.array(data[info.offset: info.offset + n_bytes])  # a writable copy of the mapped bytes
+    return BlockQuantizedWeight(qtype, torch.from_numpy(raw).reshape(n, k // GROUP, BLOCK_BYTES[qtype]))
+
+
+def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | BlockQuantizedWeight]]:
     """Yield (HF parameter name, float tensor) for every tensor of the GGUF file at ``path``.
 
+    With ``keep_quantized``, 2-D Q4_0/Q4_1/Q8_0 tensors are yielded as ``BlockQuantizedWeight``
+    (their blocks, not dequantized); every other tensor is dequantized as without it.
     Q/K weights (and biases) of llama-architecture files are un-permuted using the head counts
-    of ``hf_config``, so the result equals transformers' own GGUF loading.
+    of ``hf_config`` (for blocks: their rows, each row's blocks moving with it), so the result
+    equals transformers' own GGUF loading.
     """
     header = read_gguf_header(path)
     arch = header.metadata.get("general.architecture", "")
@@ -178,14 +198,17 @@ def iter_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Te
     n_kv = int(getattr(hf_config, "num_key_value_heads", None) or n_head)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_offset)
     try:
-        for info in tqdm(header.tensors, desc="Dequantizing GGUF", delay=_PROGRESS_DELAY_S, leave=False):
+        for info in tqdm(header.tensors, desc="Loading GGUF", delay=_PROGRESS_DELAY_S, leave=False):
             hf_name = gguf_to_hf_name(info.name)
-            weight = dequantize_tensor(data, info)
+            weight: torch.Tensor | BlockQuantizedWeight | None = None
+            if keep_quantized:
+                weight = block_quantized_tensor(data, info)
+            rows = weight.blocks if weight is not None else dequantize_tensor(data, info)
             if arch in _PERMUTED_QK_ARCHS:
                 if ".self_attn.q_proj." in hf_name:
-                    weight = unpermute_qk(weight, n_head)
+                    rows = unpermute_qk(rows, n_head)
                 elif ".self_attn.k_proj." in hf_name:
-                    weight = unpermute_qk(weight, n_kv)
-            yield hf_name, weight
+                    rows = unpermute_qk(rows, n_kv)
+            yield hf_name, (BlockQuantizedWeight(weight.qtype, rows.contiguous()) if weight is not None else rows)
     finally:
         del data

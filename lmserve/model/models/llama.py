@@ -21,6 +21,7 @@ from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, copy_checked
 from lmserve.model.layers.norm import RMSNorm
+from lmserve.model.layers.quantized_linear import BlockQuantizedWeight, quantized_module_for
 from lmserve.model.layers.rotary import RotaryEmbedding
 
 # Checkpoint tensors that are derived state, never weights.
@@ -74,7 +75,7 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """hidden [T, hidden]; cos/sin [T, 1, head_dim/2] -> [T, hidden]."""
         T = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, meta.decode_only))
         q = q.reshape(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -83,7 +84,7 @@ class LlamaAttention(nn.Module):
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
         out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim), meta.decode_only)
 
 
 class LlamaMLP(nn.Module):
@@ -98,8 +99,9 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
+    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; ``decode_only`` as ``Linear.forward``."""
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, decode_only)), decode_only)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -121,7 +123,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, meta.decode_only), residual
 
 
 class LlamaModel(nn.Module):
@@ -182,7 +184,10 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, hidden] -> logits [N, vocab] in float32 (matmul in the model dtype)."""
-        return torch.nn.functional.linear(hidden_states, self.lm_head.weight).float()
+        head = self.lm_head
+        # the lm_head sees only the sampling rows: their count alone picks a quantized head's path
+        logits = head.project(hidden_states) if isinstance(head, VocabEmbedding) else head(hidden_states, True)
+        return logits.float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.model.layers[0].self_attn
@@ -245,12 +250,29 @@ class LlamaForSequenceClassification(nn.Module):
         return load_llama_weights(self, weights)
 
 
-def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+def _quantized_owner(model: nn.Module, module_name: str) -> nn.Module | None:
+    """The module ``module_name`` swapped (everywhere it is referenced, so a tied lm_head
+    follows) for its quantized counterpart; None if it has none (the weight is then dequantized)."""
+    old = model.get_submodule(module_name)
+    new = quantized_module_for(old)
+    if new is not None and new is not old:
+        for parent in model.modules():
+            for child_name, child in parent._modules.items():  # noqa: SLF001 - no public re-parenting API
+                if child is old:
+                    parent._modules[child_name] = new  # noqa: SLF001
+    return new
+
+
+def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | BlockQuantizedWeight]],
                        skip_prefix: str | None = None) -> set[str]:
     """Copy HF-named tensors into a model holding a ``LlamaModel`` as ``model.model``; Q/K/V and
     gate/up load into their merged projections. Names starting with ``skip_prefix`` are ignored
     (and their parameters not expected). ValueError on unknown names, shape mismatches, or
-    parameters left unloaded. Returns the HF names loaded."""
+    parameters left unloaded. Returns the HF names loaded.
+
+    A ``BlockQuantizedWeight`` (a GGUF Q4_0/Q4_1/Q8_0 matrix kept quantized) turns the linear or
+    embedding module it belongs to into its quantized counterpart (``quantized_linear``), which
+    keeps the packed weight and the dequantized one (as the same ``weight`` Parameter)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {name for name in params if not (skip_prefix and name.startswith(skip_prefix))}
     filled: set[str] = set()  # model parameter names (merged ones once all shards arrived)
@@ -267,6 +289,7 @@ def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         if skip_prefix and name.startswith(skip_prefix):
             continue
         parts = name.split(".")
+        quantized = isinstance(tensor, BlockQuantizedWeight)
         merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
         if merged is not None:
             module_name = ".".join(parts[:-2] + [merged[0]])
@@ -274,13 +297,18 @@ def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             if target not in params:
                 unknown.append(name)
                 continue
-            model.get_submodule(module_name).load_shard(parts[-1], merged[1], tensor)
+            module = _quantized_owner(model, module_name) if quantized else model.get_submodule(module_name)
+            module.load_shard(parts[-1], merged[1], tensor)
             seen = shards_seen.setdefault(target, set())
             seen.add(merged[1])
-            if len(seen) == len(model.get_submodule(module_name).shard_names):
+            if len(seen) == len(module.shard_names):
                 filled.add(target)
         elif name in params:
-            copy_checked(params[name], tensor, name)
+            module = _quantized_owner(model, ".".join(parts[:-1])) if quantized else None
+            if module is not None:
+                module.load_quantized(tensor, name)
+            else:
+                copy_checked(params[name], tensor.dequantize() if quantized else tensor, name)
             filled.add(name)
         else:
             unknown.append(name)
