@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import servers as sv  # noqa: E402
 from report import serving_bounds, shape_from_dir, write_report  # noqa: E402
 from roofline import MachineRoofline  # noqa: E402
-from workloads import Workload, model_dir, select_workloads  # noqa: E402
+from workloads import Workload, model_dir, select_workloads, served_model_path  # noqa: E402
 
 _SCALARS = (int, float, str, bool, type(None))
 
@@ -104,8 +104,9 @@ def serve_and_measure(server_name: str, model: str, wls: list[Workload], args: a
     harnesses = args.harness.split(",")
     log_path = os.path.join(args.out, "logs", f"server-{server_name}-{model}.log")
     with open(log_path, "w") as log:
-        print(f"[{time.strftime('%H:%M:%S')}] starting {server_name} on {mdir} ...", flush=True)
-        server = sv.Server(server_name, mdir, name, args.port, log)
+        served = served_model_path(server_name, model)
+        print(f"[{time.strftime('%H:%M:%S')}] starting {server_name} on {served} ({args.dtype}) ...", flush=True)
+        server = sv.Server(server_name, served, name, args.port, log, args.dtype)
         try:
             startup = server.wait_ready(args.server_timeout)
             print(f"    {server_name} ready after {startup:.0f} s", flush=True)
@@ -147,7 +148,8 @@ def measure_roofline(args: argparse.Namespace) -> tuple[MachineRoofline, dict[st
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     check = cpu.stop()
     m = MachineRoofline(**json.loads(out))
-    print(f"    read {m.read_gbps:.1f} GB/s, bf16 matmul {m.matmul_gflops_bf16:.0f} GFLOP/s, other CPU "
+    print(f"    read {m.read_gbps:.1f} GB/s, matmul {m.matmul_gflops_bf16:.0f} GFLOP/s bf16, "
+          f"{m.matmul_gflops_fp32:.0f} fp32, other CPU "
           f"{check['other_cpu_frac']:.0%}", flush=True)
     if check["contended"]:
         _loud("WARNING: other processes ran during the roofline measurement; the bounds are off.")
@@ -188,7 +190,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bench-timeout", type=float, default=3600.0, help="Seconds per client run.")
     p.add_argument("--retry-contended", type=int, default=0, help="Repeat a contended run up to N times.")
     p.add_argument("--report-only", default=None, metavar="DIR", help="Rewrite DIR's table.md and plot.png.")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="Both servers' --dtype; auto: bfloat16 on a CPU with native bf16, else float32.")
     args = p.parse_args(argv)
+    args.dtype = sv.bench_dtype(args.dtype)
     for flag, allowed in (("servers", sv.SERVERS), ("harness", sv.HARNESSES)):
         bad = [x for x in getattr(args, flag).split(",") if x not in allowed]
         if bad:
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "smoke": args.smoke, "cpu": _cpu_name(),
         "lmserve_commit": _git_commit(), "argv": sys.argv, "contention_limit": sv.CONTENTION_LIMIT,
-        "lmserve_serve_flags": sv.LMSERVE_SERVE_FLAGS, "vllm_serve_flags": sv.VLLM_SERVE_FLAGS,
+        "dtype": args.dtype, "lmserve_serve_flags": sv.LMSERVE_SERVE_FLAGS, "vllm_serve_flags": sv.VLLM_SERVE_FLAGS,
         "vllm_serve_env": sv.VLLM_SERVE_ENV, "server_notes": {},
         "precheck": quiet, "workloads": {w.name: asdict(w) for w in wls}, "runs": []}
     runs: list[dict[str, Any]] = results["runs"]
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         machine, check = measure_roofline(args)
         results["machine"], results["roofline_check"] = asdict(machine), check
         for w in wls:
-            results["workloads"][w.name]["bounds"] = serving_bounds(shape_from_dir(model_dir(w.model)), machine, w)
+            shape = shape_from_dir(model_dir(w.model), dtype_bytes=2 if args.dtype == "bfloat16" else 4)
+            results["workloads"][w.name]["bounds"] = serving_bounds(shape, machine, w, args.dtype)
     except KeyboardInterrupt:
         interrupted = True
         _loud("Interrupted: servers stopped; writing what was measured.")

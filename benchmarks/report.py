@@ -46,9 +46,12 @@ def shape_from_dir(path: str, dtype_bytes: int = 2) -> ModelShape:
                       head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, dtype_bytes=dtype_bytes)
 
 
-def serving_bounds(shape: ModelShape, machine: MachineRoofline, w: Workload) -> dict[str, float]:
-    """The ideal duration of workload ``w`` (see the module docstring) and its parts."""
-    bw, peak = machine.bandwidth_gbps * 1e9, machine.matmul_gflops_bf16 * 1e9
+def serving_bounds(shape: ModelShape, machine: MachineRoofline, w: Workload,
+                   dtype: str = "bfloat16") -> dict[str, float]:
+    """The ideal duration of workload ``w`` (see the module docstring) and its parts, at the
+    matmul peak of ``dtype`` (the servers' dtype; ``shape.dtype_bytes`` must match it)."""
+    bw = machine.bandwidth_gbps * 1e9
+    peak = (machine.matmul_gflops_bf16 if dtype == "bfloat16" else machine.matmul_gflops_fp32) * 1e9
     kv, attn, wbytes = shape.kv_bytes_per_token, shape.attn_flops_per_query_key, shape.step_weight_bytes
     p, i, o = w.prefix_len, w.prompt_len, w.output_len
     total = flops = nbytes = 0.0

@@ -84,10 +84,14 @@ def measure_matmul(n: int = 2048, dtype: torch.dtype = torch.float32, repeats: i
 
 
 def measure_machine(buffer_mib: int = 1024, matmul_n: int = 2048, repeats: int = 5) -> MachineRoofline:
+    from lmserve.config import cpu_has_fast_bf16
+
     read, copy = measure_bandwidth(buffer_mib, repeats)
+    # without native bf16 the emulated matmul runs at ~1 GFLOP/s: a 512 matrix measures it in a second
+    bf16_n = matmul_n if cpu_has_fast_bf16() else min(matmul_n, 512)
     return MachineRoofline(read_gbps=read, copy_gbps=copy,
                            matmul_gflops_fp32=measure_matmul(matmul_n, torch.float32, repeats),
-                           matmul_gflops_bf16=measure_matmul(matmul_n, torch.bfloat16, repeats),
+                           matmul_gflops_bf16=measure_matmul(bf16_n, torch.bfloat16, repeats),
                            threads=torch.get_num_threads(), buffer_mib=buffer_mib, matmul_n=matmul_n)
 
 

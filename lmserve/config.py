@@ -141,7 +141,7 @@ class ModelConfig:
     convert_type: str = "none"
     pooler_config: PoolerConfig | None = None  # set (resolved) exactly when runner_type == "pooling"
     supported_pooling_tasks: tuple[str, ...] = ()
-    # None or "gguf": a GGUF file on CPU (bf16) keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs
+    # None or "gguf": a GGUF file on CPU (bf16/fp32) keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs
     # them with int4 kernels; "none": dequantize every weight at load (exact vs transformers).
     quantization: str | None = None
 

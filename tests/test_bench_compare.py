@@ -233,8 +233,10 @@ def test_both_harnesses_get_the_same_flags():
     assert a[a.index("--backend"):a.index("--label")] == v[v.index("--backend"):v.index("--label")]
     assert a[1:5] == ["-m", "lmserve.entrypoints.cli", "bench", "serve"]
     assert v[:3] == ["bash", servers.VLLM_CPU, "bench"]
-    s = servers.serve_command("lmserve", "/m/x", "x", 9)
-    assert s[3:5] == ["serve", "/m/x"] and "--served-model-name" in s and "bfloat16" in s
+    s = servers.serve_command("lmserve", "/m/x", "x", 9, "float32")
+    assert s[3:5] == ["serve", "/m/x"] and "--served-model-name" in s and s[s.index("--dtype") + 1] == "float32"
+    assert servers.bench_dtype("bfloat16") == "bfloat16"
+    assert servers.bench_dtype() in ("bfloat16", "float32")
     assert servers.serve_command("vllm", "/m/x", "x", 9)[:5] == ["bash", servers.VLLM_CPU, "serve", "/m/x", "9"]
 
 

@@ -122,13 +122,14 @@ def test_output_rows_padded_to_kernel_multiple():
 
 
 def test_dispatch_crossover(monkeypatch):
-    """bf16 with at most ``max_rows`` rows -> the int kernel; more rows, or fp32 activations
-    (no fast fp32 int kernel on CPU) -> the dense weight (F.linear, equal to the dequantized model)."""
+    """At most ``max_rows`` rows of a decode-only step -> the int kernel (bf16, and fp32 rows rounded
+    to bf16 for it); more rows, or a step with prompt tokens -> the dense weight (F.linear, equal
+    to the dequantized model)."""
     calls = []
     orig = PackedWeight.forward
     monkeypatch.setattr(PackedWeight, "forward", lambda self, x: calls.append(x.shape[0]) or orig(self, x))
     for qtype in ("Q4_1", "Q8_0"):
-        blocks, _ = make_blocks(qtype, 32, 64)
+        blocks, ref_w = make_blocks(qtype, 32, 64)
         lin = QuantizedLinear.from_linear(Linear(64, 32, dtype=torch.bfloat16))
         lin.load_quantized(blocks)
         limit = MAX_ROWS["q8x2" if qtype == "Q8_0" else "int4"]
@@ -142,8 +143,12 @@ def test_dispatch_crossover(monkeypatch):
         assert torch.equal(lin(x), F.linear(x, lin.weight)) and calls == [limit]
         f32 = QuantizedLinear.from_linear(Linear(64, 32, dtype=torch.float32))
         f32.load_quantized(blocks)
+        assert f32.qweight.scales_zeros.dtype == torch.bfloat16
         x = torch.randn(1, 64)
-        assert torch.equal(f32(x, decode_only=True), F.linear(x, f32.weight)) and calls == [limit]
+        assert torch.equal(f32(x), F.linear(x, f32.weight)) and calls == [limit]
+        y = f32(x, decode_only=True)
+        assert calls == [limit, 1] and y.dtype == torch.float32
+        _assert_close_to_ref(y, _ref_matmul(x.bfloat16().float(), ref_w), torch.bfloat16)
     # 3-D inputs are flattened to rows and back
     y = lin(torch.randn(1, 1, 64).bfloat16(), decode_only=True)
     assert y.shape == (1, 1, 32)

@@ -7,8 +7,8 @@ scale/zero pair per 32) near the memory bandwidth: ~4-6x faster at M=1. It is a 
 so its time grows linearly with M and a bf16 matmul wins from ~10 rows on
 (``benchmarks/quantized_linear_microbench.py``): every quantized module also keeps the
 dequantized weight in the model dtype as ``weight`` and dispatches on the number of rows.
-Only bf16 activations take the int path (the kernel has no fast fp32/fp16 path on CPU: 10x
-slower than a dense matmul there).
+The kernel is fast for bf16 activations only (its fp32 path is 10-30x slower), so modules pack
+their scales in bf16 and an fp32 model's rows are rounded to bf16 for the int path (``KERNEL_DTYPES``).
 
 Formats (``w`` the float weight, ``q`` the stored integer, per block of 32 along K, fp16 d/m):
 - Q4_0: ``w = d * (q - 8)``, q in 0..15 -> int4 with scale ``d``, zero ``0``;
@@ -44,8 +44,13 @@ _N_ALIGN = 16
 # measured with benchmarks/quantized_linear_microbench.py on SmolLM2's shapes (AMD EPYC Zen 4,
 # 2 threads): "int4" one int4 matmul (Q4_0/Q4_1); "q8x2" the doubled-K int4 matmul for Q8_0.
 MAX_ROWS = {"int4": 8, "q8x2": 4}
-# Activation dtypes for which the int kernel is fast; other dtypes always use the dense weight.
-KERNEL_DTYPES = (torch.bfloat16,)
+# Activation dtypes that take the int kernel; other dtypes always use the dense weight. Modules pack
+# their scales in bf16, the kernel's only fast CPU path: fp32 rows are rounded to bf16 on the way in
+# and the result widened back (llama.cpp likewise rounds activations for its quantized dot products).
+# For an fp32 model that is the bigger win: a decode step reads 4-bit weights instead of 32-bit ones
+# (SmolLM2 on an AVX2 CPU: 54 ms per token against 124 dense).
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+_COMPUTE_DTYPE = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,8 @@ def _layout(qtype: str) -> str:
 
 class PackedWeight(nn.Module):
     """A weight [N, K] packed for ``aten._weight_int4pack_mm_for_cpu`` (see the module
-    docstring for the layouts). ``forward(x [M, K])`` -> [M, N] in x's dtype, which must be the
-    dtype the scales were made for."""
+    docstring for the layouts). ``forward(x [M, K])`` -> [M, N] in x's dtype, computed in the
+    dtype the scales were packed in."""
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int,
                  layout: str) -> None:
@@ -156,15 +161,18 @@ class PackedWeight(nn.Module):
         return cls(packed, scales_zeros, n, k, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype, computed in the scales' dtype (x converted to it)."""
+        xk = x.to(self.scales_zeros.dtype)
         if self.layout == "q8x2":
-            x = torch.cat([x, x], dim=-1)  # [M, 2K]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, GROUP, self.scales_zeros)
-        return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+            xk = torch.cat([xk, xk], dim=-1)  # [M, 2K]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk.contiguous(), self.packed, GROUP, self.scales_zeros)
+        y = y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+        return y.to(x.dtype)
 
 
 def _use_kernel(qweight: PackedWeight | None, x: torch.Tensor) -> bool:
     return qweight is not None and x.dtype in KERNEL_DTYPES and x.shape[0] <= qweight.max_rows \
-        and x.dtype == qweight.scales_zeros.dtype and x.device.type == "cpu"
+        and x.device.type == "cpu"
 
 
 def _matmul(qweight: PackedWeight | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -190,7 +198,7 @@ def _load_dense_and_packed(weight: torch.Tensor, loaded: BlockQuantizedWeight, n
         raise ValueError(f"{name}: checkpoint shape {loaded.shape} != model shape {tuple(weight.shape)}")
     with torch.no_grad():
         weight.copy_(loaded.dequantize())
-    return PackedWeight.from_blocks([loaded], weight.dtype)
+    return PackedWeight.from_blocks([loaded], _COMPUTE_DTYPE)
 
 
 class QuantizedLinear(Linear):
@@ -251,7 +259,7 @@ class QuantizedMergedLinear(MergedLinear):
         if param_name == "weight" and len(self._pending) == len(self.shard_names):
             parts = [self._pending[s] for s in self.shard_names]
             self.qweight = None if any(p is None for p in parts) else \
-                PackedWeight.from_blocks(parts, self.weight.dtype)
+                PackedWeight.from_blocks(parts, _COMPUTE_DTYPE)
             self._pending = {}
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:

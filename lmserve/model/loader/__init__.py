@@ -22,7 +22,7 @@ __all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "che
 
 def keeps_gguf_quantized(model_config: ModelConfig, device: torch.device | str) -> bool:
     """Whether a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay quantized at run time: quantization
-    None/"gguf" (not "none"), on CPU, in a dtype the int4 CPU kernel is fast for (bf16)."""
+    None/"gguf" (not "none"), on CPU, in bf16 or fp32 (``KERNEL_DTYPES``; fp16 stays dense)."""
     return (bool(model_config.gguf_file) and model_config.quantization != "none"
             and torch.device(device).type == "cpu" and model_config.dtype in KERNEL_DTYPES)
 
