@@ -65,9 +65,10 @@ def bench_dtype(requested: str = "auto") -> str:
 
 
 def serve_command(server: str, model_dir: str, name: str, port: int, dtype: str = "bfloat16") -> list[str]:
-    if server == "lmserve":
+    if server == "lmserve":  # a GGUF (W3) keeps its quantized weights in fp32 too
+        quant = ["--quantization", "gguf"] if model_dir.endswith(".gguf") else []
         return [*lmserve_cli(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", name, "--dtype", dtype, *LMSERVE_SERVE_FLAGS]
+                "--served-model-name", name, "--dtype", dtype, *quant, *LMSERVE_SERVE_FLAGS]
     if server == "vllm":  # the anchor script adds --served-model-name basename(model_dir)
         return ["bash", VLLM_CPU, "serve", model_dir, str(port), "--host", "127.0.0.1", "--dtype", dtype,
                 *VLLM_SERVE_FLAGS]

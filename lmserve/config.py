@@ -141,8 +141,8 @@ class ModelConfig:
     convert_type: str = "none"
     pooler_config: PoolerConfig | None = None  # set (resolved) exactly when runner_type == "pooling"
     supported_pooling_tasks: tuple[str, ...] = ()
-    # None or "gguf": a GGUF file on CPU (bf16/fp32) keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs
-    # them with int4 kernels; "none": dequantize every weight at load (exact vs transformers).
+    # A GGUF file on CPU keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs them with int4 kernels:
+    # None in bf16, "gguf" in bf16 and fp32 (``keeps_gguf_quantized``); "none" dequantizes every weight.
     quantization: str | None = None
 
     def __post_init__(self) -> None:

@@ -235,6 +235,8 @@ def test_both_harnesses_get_the_same_flags():
     assert v[:3] == ["bash", servers.VLLM_CPU, "bench"]
     s = servers.serve_command("lmserve", "/m/x", "x", 9, "float32")
     assert s[3:5] == ["serve", "/m/x"] and "--served-model-name" in s and s[s.index("--dtype") + 1] == "float32"
+    g = servers.serve_command("lmserve", "/m/x.gguf", "x", 9, "float32")
+    assert g[g.index("--quantization") + 1] == "gguf" and "--quantization" not in s
     assert servers.bench_dtype("bfloat16") == "bfloat16"
     assert servers.bench_dtype() in ("bfloat16", "float32")
     assert servers.serve_command("vllm", "/m/x", "x", 9)[:5] == ["bash", servers.VLLM_CPU, "serve", "/m/x", "9"]

@@ -186,7 +186,8 @@ def test_gguf_kept_quantized(tmp_path, quant, arch, tied):
     mc_q = _model_config(str(tmp_path), "tiny.gguf", dtype=torch.bfloat16)
     mc_d = _model_config(str(tmp_path), "tiny.gguf", dtype=torch.bfloat16, quantization="none")
     assert keeps_gguf_quantized(mc_q, "cpu") and not keeps_gguf_quantized(mc_d, "cpu")
-    assert keeps_gguf_quantized(_model_config(str(tmp_path), "tiny.gguf"), "cpu")  # fp32: rows rounded to bf16
+    assert not keeps_gguf_quantized(_model_config(str(tmp_path), "tiny.gguf"), "cpu")  # fp32: exact by default
+    assert keeps_gguf_quantized(_model_config(str(tmp_path), "tiny.gguf", quantization="gguf"), "cpu")
     assert not keeps_gguf_quantized(_model_config(str(tmp_path), "tiny.gguf", dtype=torch.float16), "cpu")
     quant_model, dense_model = get_model(mc_q, "cpu"), get_model(mc_d, "cpu")
     layer = quant_model.model.layers[0]
@@ -210,7 +211,7 @@ def test_gguf_kept_quantized(tmp_path, quant, arch, tied):
     err_dense = (_decode_logits(dense_model, toks[:4], toks[4:]) - ref).abs().max()
     assert err_quant <= 1.5 * err_dense + 0.01 * ref.abs().max(), (err_quant, err_dense)
     # fp32 kept quantized: only the int path's rows are rounded to bf16, so it is closer still
-    fp32_quant = get_model(_model_config(str(tmp_path), "tiny.gguf"), "cpu")
+    fp32_quant = get_model(_model_config(str(tmp_path), "tiny.gguf", quantization="gguf"), "cpu")
     assert fp32_quant.model.layers[0].self_attn.qkv_proj.qweight is not None
     err_fp32 = (_decode_logits(fp32_quant, toks[:4], toks[4:]) - ref).abs().max()
     assert err_fp32 <= 1.5 * err_dense + 0.01 * ref.abs().max(), (err_fp32, err_dense)

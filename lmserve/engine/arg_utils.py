@@ -48,7 +48,7 @@ class EngineArgs:
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False
     load_format: str = "auto"
-    # None / "gguf": keep a GGUF file's Q4_0/Q4_1/Q8_0 weights quantized (CPU, bf16/fp32); "none": dequantize
+    # GGUF Q4_0/Q4_1/Q8_0 weights kept quantized on CPU: None in bf16, "gguf" in bf16 and fp32; "none": never
     quantization: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -107,8 +107,9 @@ class EngineArgs:
         g.add_argument("--skip-tokenizer-init", action="store_true")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"])
         g.add_argument("--quantization", "-q", type=_parse_quantization, default=d.quantization,
-                       help="Weight quantization. Default (None) or gguf: a GGUF file's Q4_0/Q4_1/Q8_0 weights "
-                       "stay quantized on CPU (bf16 or fp32) and run with int4 kernels; none: dequantize them at load.")
+                       help="Weight quantization. A GGUF file's Q4_0/Q4_1/Q8_0 weights stay quantized on CPU and run "
+                       "with int4 kernels: by default (None) in bf16; gguf: in bf16 and in float32 (the int kernel "
+                       "rounds fp32 rows to bf16); none: dequantize them at load.")
         g.add_argument("--dtype", default=d.dtype,
                        choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
         g.add_argument("--max-model-len", type=_parse_int_suffix, default=None)

@@ -47,8 +47,8 @@ MAX_ROWS = {"int4": 8, "q8x2": 4}
 # Activation dtypes that take the int kernel; other dtypes always use the dense weight. Modules pack
 # their scales in bf16, the kernel's only fast CPU path: fp32 rows are rounded to bf16 on the way in
 # and the result widened back (llama.cpp likewise rounds activations for its quantized dot products).
-# For an fp32 model that is the bigger win: a decode step reads 4-bit weights instead of 32-bit ones
-# (SmolLM2 on an AVX2 CPU: 54 ms per token against 124 dense).
+# For an fp32 model (kept quantized only with --quantization gguf) that is the bigger win: a decode
+# step reads 4-bit weights instead of 32-bit ones (SmolLM2 on an AVX2 CPU: 54 ms per token, 124 dense).
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 _COMPUTE_DTYPE = torch.bfloat16
 

@@ -13,7 +13,6 @@ from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
 from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
 from lmserve.model.layers.pooler import Pooler
-from lmserve.model.layers.quantized_linear import KERNEL_DTYPES
 from lmserve.model.models.registry import resolve_model_class
 
 __all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "checkpoint_dtype",
@@ -21,10 +20,15 @@ __all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "che
 
 
 def keeps_gguf_quantized(model_config: ModelConfig, device: torch.device | str) -> bool:
-    """Whether a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay quantized at run time: quantization
-    None/"gguf" (not "none"), on CPU, in bf16 or fp32 (``KERNEL_DTYPES``; fp16 stays dense)."""
-    return (bool(model_config.gguf_file) and model_config.quantization != "none"
-            and torch.device(device).type == "cpu" and model_config.dtype in KERNEL_DTYPES)
+    """Whether a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay quantized at run time (on CPU only):
+    in bf16 unless quantization is "none"; in fp32 only when asked for (quantization "gguf"),
+    because the int kernel rounds an fp32 model's rows to bf16, and a dense fp32 model equals
+    transformers' token for token."""
+    if not model_config.gguf_file or model_config.quantization == "none" or torch.device(device).type != "cpu":
+        return False
+    if model_config.dtype == torch.bfloat16:
+        return True
+    return model_config.dtype == torch.float32 and model_config.quantization == "gguf"
 
 
 @torch.no_grad()
