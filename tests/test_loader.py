@@ -256,11 +256,11 @@ def test_smollm2_gguf_matches_transformers(smollm2_hf_reference):
     state = ref.state_dict()
     for i, layer in enumerate(ours.model.layers):
         prefix = f"model.layers.{i}."
-        q, k, v = layer.self_attn.qkv_proj.weight.split(layer.self_attn.qkv_proj.output_sizes)
-        gate, up = layer.mlp.gate_up_proj.weight.split(layer.mlp.gate_up_proj.output_sizes)
+        q, k, v = layer.self_attn.qkv_proj.dense_weight().split(layer.self_attn.qkv_proj.output_sizes)
+        gate, up = layer.mlp.gate_up_proj.dense_weight().split(layer.mlp.gate_up_proj.output_sizes)
         for name, ours_w in [("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v),
-                             ("self_attn.o_proj", layer.self_attn.o_proj.weight), ("mlp.gate_proj", gate),
-                             ("mlp.up_proj", up), ("mlp.down_proj", layer.mlp.down_proj.weight),
+                             ("self_attn.o_proj", layer.self_attn.o_proj.dense_weight()), ("mlp.gate_proj", gate),
+                             ("mlp.up_proj", up), ("mlp.down_proj", layer.mlp.down_proj.dense_weight()),
                              ("input_layernorm", layer.input_layernorm.weight),
                              ("post_attention_layernorm", layer.post_attention_layernorm.weight)]:
             assert torch.equal(ours_w, state[prefix + name + ".weight"]), prefix + name

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.model.layers.cpu_gemm import dense_linear
+
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     """param.copy_(loaded) with a clear error on a shape mismatch (dtype/device are converted)."""
@@ -23,7 +25,11 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 
 class Linear(nn.Module):
     """y = x @ weight.T + bias; weight [out_features, in_features] (torch/HF layout). Parameters are
-    allocated uninitialized: they are meant to be loaded (or dummy-initialized) right after."""
+    allocated uninitialized: they are meant to be loaded (or dummy-initialized) right after.
+    ``packed_weight``: set by ``cpu_gemm.prepack_model`` after loading (the dense weight then lives
+    only there, in oneDNN's layout); None means ``F.linear`` on ``weight``."""
+
+    packed_weight: torch.Tensor | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:
@@ -40,7 +46,11 @@ class Linear(nn.Module):
         """x [..., in_features] -> [..., out_features]. ``decode_only``: the step has no prompt
         token (``AttentionMetadata.decode_only``); quantized subclasses may then use their
         few-row kernels, a dense layer ignores it."""
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias, self.packed_weight)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight [out_features, in_features] as a plain tensor, prepacked or not (a copy when packed)."""
+        return self.weight if self.packed_weight is None else self.packed_weight.to_dense()
 
 
 class MergedLinear(Linear):
@@ -78,7 +88,10 @@ class MergedLinear(Linear):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding table [vocab_size, hidden_size], allocated uninitialized."""
+    """Token embedding table [vocab_size, hidden_size], allocated uninitialized. ``packed_weight``:
+    a oneDNN copy of the table for ``project`` when it is a tied lm_head (``cpu_gemm``)."""
+
+    packed_weight: torch.Tensor | None = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -94,4 +107,4 @@ class VocabEmbedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., embedding_dim] -> [..., num_embeddings]: the table used as a tied lm_head."""
-        return F.linear(hidden, self.weight)
+        return dense_linear(hidden, self.weight, None, self.packed_weight)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.model.layers.cpu_gemm import dense_linear
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding
 
 GROUP = 32  # llama.cpp's block length for Q4_0/Q4_1/Q8_0 = the int4 kernel's group size
@@ -176,16 +177,17 @@ def _use_kernel(qweight: PackedWeight | None, x: torch.Tensor) -> bool:
 
 
 def _matmul(qweight: PackedWeight | None, weight: torch.Tensor, bias: torch.Tensor | None,
-            x: torch.Tensor, allowed: bool) -> torch.Tensor:
+            x: torch.Tensor, allowed: bool, packed: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] -> [..., N]: the int kernel for few rows when ``allowed``, else the dense weight.
 
     Layers inside the model pass ``allowed = AttentionMetadata.decode_only``: prompt tokens always
     take the dense path, so a prompt's last position (hence its first sampled token) comes out the
-    same whether the prompt was prefilled whole or, after a prefix-cache hit, as a 1-token chunk."""
+    same whether the prompt was prefilled whole or, after a prefix-cache hit, as a 1-token chunk.
+    ``packed``: the dense weight prepacked for oneDNN (``cpu_gemm``), used instead of ``weight``."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not allowed or not _use_kernel(qweight, x2):
-        return F.linear(x, weight, bias)
+        return dense_linear(x, weight, bias, packed)
     y = qweight(x2)
     if bias is not None:
         y = y + bias
@@ -226,7 +228,7 @@ class QuantizedLinear(Linear):
         self.qweight = _load_dense_and_packed(self.weight, loaded, name)
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
-        return _matmul(self.qweight, self.weight, self.bias, x, decode_only)
+        return _matmul(self.qweight, self.weight, self.bias, x, decode_only, self.packed_weight)
 
 
 class QuantizedMergedLinear(MergedLinear):
@@ -263,7 +265,7 @@ class QuantizedMergedLinear(MergedLinear):
             self._pending = {}
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
-        return _matmul(self.qweight, self.weight, self.bias, x, decode_only)
+        return _matmul(self.qweight, self.weight, self.bias, x, decode_only, self.packed_weight)
 
 
 class QuantizedEmbedding(VocabEmbedding):
@@ -288,7 +290,7 @@ class QuantizedEmbedding(VocabEmbedding):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied lm_head: it only sees the rows that sample, whose count alone picks the path."""
-        return _matmul(self.qweight, self.weight, None, hidden, True)
+        return _matmul(self.qweight, self.weight, None, hidden, True, self.packed_weight)
 
 
 def quantized_module_for(module: nn.Module) -> nn.Module | None:

@@ -1,0 +1,94 @@
+"""oneDNN-prepacked CPU linears (lmserve/model/layers/cpu_gemm.py): equal to F.linear, applied by
+get_model to every dense matmul, freeing the dense copy, and off where they do not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config
+
+from lmserve.model.layers import cpu_gemm
+from lmserve.model.layers.cpu_gemm import onednn_linear_supported, pack_weight, packed_linear, prepack_model
+from lmserve.model.layers.linear import Linear, VocabEmbedding
+from lmserve.model.loader import get_model
+from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
+from tests.test_model_llama import _model_config, _run, _tokens
+
+pytestmark = pytest.mark.skipif(not onednn_linear_supported(torch.empty(2, 2)),
+                                reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 32, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(200, 96, generator=gen)
+    b = torch.randn(200, generator=gen) if bias else None
+    x = torch.randn(rows, 96, generator=gen)
+    packed = pack_weight(w)
+    assert packed.shape == w.shape
+    torch.testing.assert_close(packed_linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    # leading dims and a non-contiguous input (a transposed view) are taken as F.linear takes them
+    x3 = torch.randn(2, 96, rows, generator=gen).transpose(1, 2)
+    torch.testing.assert_close(packed_linear(x3, packed, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.to_dense(), w)
+
+
+def _tied_qwen2(tmp_path):
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    hf = make_hf_model(cfg, seed=7)
+    hf.save_pretrained(str(tmp_path))
+    return hf
+
+
+def test_get_model_prepacks_and_frees_dense_weights(tmp_path):
+    """Every Linear and the tied head are packed; a packed Linear holds no dense weight, and its
+    ``dense_weight()`` is the checkpoint's; logits still equal HF's."""
+    hf = _tied_qwen2(tmp_path)
+    ours = get_model(_model_config(str(tmp_path)), "cpu")
+    linears = [m for m in ours.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed_weight is not None and m.weight.numel() == 0 for m in linears)
+    head = ours.lm_head
+    assert isinstance(head, VocabEmbedding) and head.packed_weight is not None
+    assert head.weight.shape == (128, 64)  # the table stays for lookups
+    state = hf.state_dict()
+    assert torch.equal(ours.model.layers[0].self_attn.o_proj.dense_weight(),
+                       state["model.layers.0.self_attn.o_proj.weight"])
+    toks = _tokens(23, 3)
+    out = _run(ours, PagedTestCache(ours.kv_cache_spec()), [("a", toks)])["a"]
+    ref = hf_logits(hf, toks)
+    assert (out - ref).abs().max() < 1e-4
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_packed_and_reference_paths_agree(tmp_path, monkeypatch):
+    """The same checkpoint with and without prepacking gives the same greedy tokens over a
+    batched chunked run (the fast path and the eager path are equal)."""
+    _tied_qwen2(tmp_path)
+    packed = get_model(_model_config(str(tmp_path)), "cpu")
+    monkeypatch.setenv(cpu_gemm.DISABLE_ENV, "1")
+    plain = get_model(_model_config(str(tmp_path)), "cpu")
+    assert all(m.packed_weight is None for m in plain.modules() if isinstance(m, (Linear, VocabEmbedding)))
+    chunks = [("a", _tokens(17, 1)), ("b", _tokens(5, 2)), ("c", _tokens(40, 3))]
+    out_p = _run(packed, PagedTestCache(packed.kv_cache_spec()), chunks)
+    out_r = _run(plain, PagedTestCache(plain.kv_cache_spec()), chunks)
+    for sid, _ in chunks:
+        assert (out_p[sid] - out_r[sid]).abs().max() < 1e-4
+        assert torch.equal(out_p[sid].argmax(-1), out_r[sid].argmax(-1))
+
+
+def test_not_packed_where_it_does_not_apply(monkeypatch):
+    """bf16 only on a CPU with native bf16; fp16 never; a packed module is not packed twice."""
+    monkeypatch.setattr(cpu_gemm, "cpu_has_fast_bf16", lambda: False)
+    assert not onednn_linear_supported(torch.empty(4, 4, dtype=torch.bfloat16))
+    assert not onednn_linear_supported(torch.empty(4, 4, dtype=torch.float16))
+    monkeypatch.setattr(cpu_gemm, "cpu_has_fast_bf16", lambda: True)
+    assert onednn_linear_supported(torch.empty(4, 4, dtype=torch.bfloat16))
+
+    lin = Linear(8, 4, dtype=torch.float32)
+    torch.nn.init.normal_(lin.weight)
+    wrapper = torch.nn.Sequential(lin)
+    assert prepack_model(wrapper) == 1 and prepack_model(wrapper) == 0
