@@ -32,6 +32,15 @@ def _json_or_none(value: str | dict | None) -> dict | None:
     return json.loads(value)
 
 
+def default_token_budget(device: str) -> int:
+    """Default ``max_num_batched_tokens`` with chunked prefill. On CPU, 512: a CPU's matmuls are
+    saturated from a few hundred rows on, and past that the activations outgrow the caches (random
+    Qwen2-365M, fp32, 16 prompts x 256 tokens, 2-core EPYC: prefill 126 tok/s at a 128-token budget,
+    145 at 256, 152 at 512, 123 at 2048), while a smaller step lets earlier prompts finish first
+    (lower TTFT) and keeps decode steps short. Elsewhere 2048, as vLLM."""
+    return 512 if device == "cpu" else 2048
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF (MiniLM for pooling)
@@ -126,7 +135,8 @@ class EngineArgs:
                        default=d.enable_prefix_caching)
         g.add_argument("--num-gpu-blocks-override", type=int, default=None)
         g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto"])
-        g.add_argument("--max-num-batched-tokens", type=_parse_int_suffix, default=None)
+        g.add_argument("--max-num-batched-tokens", type=_parse_int_suffix, default=None,
+                       help="tokens per engine step (default: 512 on CPU, 2048 on GPU with chunked prefill)")
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                        default=d.enable_chunked_prefill)
@@ -223,7 +233,7 @@ class EngineArgs:
             max_batched = self.max_num_batched_tokens or max(2048, max_model_len)
         else:
             max_batched = self.max_num_batched_tokens or (
-                2048 if self.enable_chunked_prefill else max(2048, max_model_len))
+                default_token_budget(device) if self.enable_chunked_prefill else max(2048, max_model_len))
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=max_batched, max_num_seqs=self.max_num_seqs,
             max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
