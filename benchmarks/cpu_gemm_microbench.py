@@ -1,10 +1,10 @@
-"""Dense CPU linears: ``F.linear`` (MKL sgemm) against oneDNN on a prepacked weight
-(``lmserve.model.layers.cpu_gemm``), per row count, on the weight shapes of issue 4's
+"""Dense CPU linears: ``F.linear`` (MKL sgemm) against the two prepacked backends of
+``lmserve.model.layers.cpu_gemm`` (oneDNN, and lmserve's AVX2 sgemm kernel where it applies), per row count, on the weight shapes of issue 4's
 random Qwen2-365M model (QKV, O, gate|up, down, the tied 8192-row head).
 
 Each call reads its weight from DRAM, as a decode step does: the script rotates over enough
 copies of each weight (``--copies``, default about 256 MB per shape) that none stays in the caches.
-Prints GFLOP/s for both and the ratio.
+Prints GFLOP/s for each and the best packed backend's ratio to F.linear.
 
     python benchmarks/cpu_gemm_microbench.py [--dtype float32|bfloat16] [--threads N]
 """
@@ -17,7 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmserve.model.layers.cpu_gemm import BATCH_HINT, pack_weight, packed_linear
+from lmserve.model.layers.cpu_gemm import BATCH_HINT, pack_weight
+from lmserve.model.layers.cpu_kernels import get_sgemm_kernel
 
 SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864), "lm_head": (8192, 896)}
 ROWS = (1, 4, 8, 16, 32, 64, 256, 1024)
@@ -45,20 +46,23 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"oneDNN layout for {BATCH_HINT} rows; GFLOP/s, weights read from DRAM")
-    print(f"| shape | N x K | M | F.linear | oneDNN packed | ratio |\n|---|---|---:|---:|---:|---:|")
+    backends = ["onednn"] + (["sgemm"] if dtype == torch.float32 and get_sgemm_kernel() is not None else [])
+    print(f"| shape | N x K | M | F.linear | {' | '.join(backends)} | best / F.linear |\n"
+          f"|---|---|---:|---:|{'---:|' * len(backends)}---:|")
     gen = torch.Generator().manual_seed(0)
     for name, (n, k) in SHAPES.items():
         copies = max(2, args.pool_mb * 2**20 // (n * k * dtype.itemsize))
         weights = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(copies)]
-        packed = [pack_weight(w) for w in weights]
+        packed = {b: [pack_weight(w, b) for w in weights] for b in backends}
         for m in ROWS:
             x = torch.randn(m, k, generator=gen).to(dtype)
             calls = max(copies, 8)
             t_mkl = best_seconds(lambda i: F.linear(x, weights[i % copies]), calls)
-            t_dnn = best_seconds(lambda i: packed_linear(x, packed[i % copies], None), calls)
+            times = [best_seconds(lambda i: packed[b][i % copies].linear(x, None), calls) for b in backends]
             flops = 2 * m * n * k
-            print(f"| {name} | {n} x {k} | {m} | {flops / t_mkl / 1e9:.1f} | {flops / t_dnn / 1e9:.1f} | "
-                  f"{t_mkl / t_dnn:.2f}x |", flush=True)
+            cols = " | ".join(f"{flops / t / 1e9:.1f}" for t in times)
+            print(f"| {name} | {n} x {k} | {m} | {flops / t_mkl / 1e9:.1f} | {cols} | {t_mkl / min(times):.2f}x |",
+                  flush=True)
         del weights, packed
 
 

@@ -1,5 +1,5 @@
-"""oneDNN-prepacked CPU linears (lmserve/model/layers/cpu_gemm.py): equal to F.linear, applied by
-get_model to every dense matmul, freeing the dense copy, and off where they do not apply."""
+"""Prepacked CPU linears (lmserve/model/layers/cpu_gemm.py, cpu_kernels/sgemm.c): both backends equal
+F.linear, applied by get_model to every dense matmul, freeing the dense copy, off where they do not apply."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import Qwen2Config
 
 from lmserve.model.layers import cpu_gemm
-from lmserve.model.layers.cpu_gemm import onednn_linear_supported, pack_weight, packed_linear, prepack_model
+from lmserve.model.layers.cpu_gemm import onednn_linear_supported, pack_weight, prepack_model
+from lmserve.model.layers.cpu_kernels import get_sgemm_kernel
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
@@ -19,20 +20,35 @@ pytestmark = pytest.mark.skipif(not onednn_linear_supported(torch.empty(2, 2)),
                                 reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 32, 300])
+BACKENDS = ["onednn"] + (["sgemm"] if get_sgemm_kernel() is not None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [0, 1, 3, 7, 32, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(rows, bias):
+def test_packed_linear_matches_f_linear(backend, rows, bias):
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(200, 96, generator=gen)
+    w = torch.randn(200, 96, generator=gen)  # 200 = 12 full 16-column panels + a partial one
     b = torch.randn(200, generator=gen) if bias else None
     x = torch.randn(rows, 96, generator=gen)
-    packed = pack_weight(w)
-    assert packed.shape == w.shape
-    torch.testing.assert_close(packed_linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    packed = pack_weight(w, backend)
+    assert packed.backend == backend and packed.shape == w.shape
+    torch.testing.assert_close(packed.linear(x, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     # leading dims and a non-contiguous input (a transposed view) are taken as F.linear takes them
     x3 = torch.randn(2, 96, rows, generator=gen).transpose(1, 2)
-    torch.testing.assert_close(packed_linear(x3, packed, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.linear(x3, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
     assert torch.equal(packed.to_dense(), w)
+
+
+@pytest.mark.skipif("sgemm" not in BACKENDS, reason="the sgemm kernel does not apply to this CPU")
+def test_sgemm_rows_are_batch_invariant():
+    """A row's output is bit-identical whatever the batch around it (one sequential sum per element)."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 300, generator=gen), torch.randn(40, 300, generator=gen)
+    packed = pack_weight(w, "sgemm")
+    full = packed.linear(x, None)
+    for rows in (slice(0, 1), slice(5, 12), slice(17, 40)):
+        assert torch.equal(packed.linear(x[rows], None), full[rows])
 
 
 def _tied_qwen2(tmp_path):

@@ -1,13 +1,16 @@
-"""Dense CPU linears on oneDNN with weights prepacked once after loading.
+"""Dense CPU linears on weights prepacked once after loading.
 
 Why: a decode step of a batch is a handful of skinny matmuls (M = the batch, 1-64 rows) against
-weights read from DRAM. ``F.linear`` calls MKL's sgemm, which packs the weight panel on every
-call; oneDNN's matmul on a weight reordered once into its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``, the op torch's Inductor uses for frozen CPU
-linears) skips that. Measured on the Qwen2-365M shapes, 2 threads of an AVX2 EPYC, fp32, weights
-read from DRAM (``benchmarks/cpu_gemm_microbench.py``): M=32 70-82 GFLOP/s against MKL's 32-56,
-M=4-16 1.4-3.4x, M>=256 1.1-1.7x, M=1 equal (both read ~10 GB/s) but for the 8192-row head (0.8x).
-The layout is chosen for 32 rows (``BATCH_HINT``), which was best or close to it from 1 to 512 rows.
+weights read from DRAM. ``F.linear`` calls MKL's sgemm, which packs the weight panel on every call.
+Two kernels take a weight packed once instead (``pack_weight`` picks one per weight):
+- ``sgemm``: lmserve's AVX2 fp32 kernel (``cpu_kernels/sgemm.c``), on CPUs with AVX2 + FMA and no
+  AVX-512, for float32 weights;
+- ``onednn``: oneDNN's matmul on a weight reordered into its blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``, the op torch's Inductor uses for frozen CPU
+  linears), for float32 elsewhere and for bf16 on a CPU with native bf16.
+Measured on the Qwen2-365M shapes, 2 threads of an AVX2 EPYC (Zen 3), fp32, weights read from DRAM
+(``benchmarks/cpu_gemm_microbench.py``), GFLOP/s for F.linear / oneDNN / sgemm: M=32 32-56 / 60-86 /
+92-101; M=1 4-6 / 5-7 / 8-11; M=256 74-114 / 113-133 / 125-145.
 
 Invariants:
 - only CPU weights in float32, or bfloat16 on a CPU with native bf16 (elsewhere oneDNN emulates
@@ -15,7 +18,8 @@ Invariants:
 - a packed module keeps its ``in_features``/``out_features`` but no longer owns a dense weight:
   its ``weight`` Parameter is replaced by an empty one, so the memory is not held twice (the tied
   lm_head is the exception: the embedding table stays for lookups and the head gets a packed copy);
-- results equal ``F.linear`` up to fp32 summation order (|diff| ~1e-6 relative).
+- results equal ``F.linear`` up to fp32 summation order; the sgemm kernel's rows are also
+  independent of the batch they are in (one sequential sum per output).
 ``LMSERVE_DISABLE_CPU_KERNELS=1`` leaves every module on ``F.linear`` (the reference path).
 """
 
@@ -23,49 +27,108 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmserve.config import cpu_has_fast_bf16
+from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_sgemm_kernel
 
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
-# Rows the blocked layout is tuned for (oneDNN picks its blocking from it; any M still works).
+# Rows oneDNN's blocked layout is tuned for (it picks its blocking from it; any M still works).
 BATCH_HINT = 32
 
 
+class PrepackedWeight:
+    """A dense weight [N, K] held in a CPU kernel's layout. ``linear(x, bias)`` is
+    ``F.linear(x, weight, bias)``; ``to_dense()`` gives the weight back."""
+
+    backend = ""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype) -> None:
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            return self.linear(x.to(self.dtype), bias).to(x.dtype)
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, x.shape[-1]), bias)
+        return y.reshape(*lead, self.shape[0])
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OnednnWeight(PrepackedWeight):
+    backend = "onednn"
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(tuple(weight.shape), weight.dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+
+    def to_dense(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+
+class SgemmWeight(PrepackedWeight):
+    backend = "sgemm"
+
+    def __init__(self, weight: torch.Tensor, kernel: CpuSgemm) -> None:
+        super().__init__(tuple(weight.shape), torch.float32)
+        self.kernel = kernel
+        self.panels = kernel.pack(weight)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernel.matmul(x, self.panels, self.shape[0], bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return CpuSgemm.unpack(self.panels, self.shape[0])
+
+
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
+
+
 def onednn_linear_supported(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` may be prepacked: a CPU float32 tensor, or bf16 with native bf16, and
+    """Whether oneDNN can take ``weight``: a 2-D CPU float32 tensor, or bf16 with native bf16,
     torch built with oneDNN, and the kernels not switched off."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return False
-    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+    if _disabled() or weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_has_fast_bf16())
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight [N, K] -> an opaque oneDNN tensor for ``packed_linear`` (same shape and dtype)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ weight.T + bias -> [..., N] in x's dtype; ``packed`` from ``pack_weight``."""
-    if x.dtype != packed.dtype:
-        return packed_linear(x.to(packed.dtype), packed, bias).to(x.dtype)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+def pack_weight(weight: torch.Tensor, backend: str = "auto") -> PrepackedWeight | None:
+    """weight [N, K] in a kernel's layout, or None when no kernel takes it (``onednn_linear_supported``).
+    ``backend``: "auto" (sgemm for float32 where its kernel loads, else oneDNN), "sgemm" or "onednn"."""
+    if not onednn_linear_supported(weight):
+        return None
+    if backend in ("auto", "sgemm") and weight.dtype == torch.float32:
+        kernel = get_sgemm_kernel()
+        if kernel is not None:
+            return SgemmWeight(weight, kernel)
+        if backend == "sgemm":
+            return None
+    return OnednnWeight(weight)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 packed: torch.Tensor | None) -> torch.Tensor:
-    """The dense matmul of a linear module: oneDNN on ``packed`` when set, else ``F.linear``."""
+                 packed: PrepackedWeight | None) -> torch.Tensor:
+    """The dense matmul of a linear module: the packed kernel when set, else ``F.linear``."""
     if packed is not None:
-        return packed_linear(x, packed, bias)
+        return packed.linear(x, bias)
     return F.linear(x, weight, bias)
 
 
@@ -75,22 +138,24 @@ def _free_dense(module: nn.Module) -> None:
 
 
 def prepack_model(model: nn.Module) -> int:
-    """Prepack every dense matmul weight of ``model`` that ``onednn_linear_supported`` takes:
-    each ``Linear`` (incl. merged and quantized ones, whose dense path it is), and the tied
-    lm_head (a ``VocabEmbedding`` that is ``model.lm_head``: packed copy, table kept).
-    Call once, after the weights are loaded and the model is on its device. Returns the count."""
+    """Pack every dense matmul weight of ``model`` that a kernel takes (``pack_weight``): each
+    ``Linear`` (incl. merged and quantized ones, whose dense path it is), and the tied lm_head
+    (a ``VocabEmbedding`` that is ``model.lm_head``: packed copy, table kept). Call once, after
+    the weights are loaded and the model is on its device. Returns the number packed."""
     from lmserve.model.layers.linear import Linear, VocabEmbedding
 
-    count = 0
+    backends: Counter[str] = Counter()
     for module in model.modules():
-        if isinstance(module, Linear) and module.packed_weight is None and onednn_linear_supported(module.weight):
+        if isinstance(module, Linear) and module.packed_weight is None:
             module.packed_weight = pack_weight(module.weight)
-            _free_dense(module)
-            count += 1
+            if module.packed_weight is not None:
+                _free_dense(module)
+                backends[module.packed_weight.backend] += 1
     head = getattr(model, "lm_head", None)
-    if isinstance(head, VocabEmbedding) and head.packed_weight is None and onednn_linear_supported(head.weight):
+    if isinstance(head, VocabEmbedding) and head.packed_weight is None:
         head.packed_weight = pack_weight(head.weight)
-        count += 1
-    if count:
-        logger.info("Prepacked %d linear weights for oneDNN (%s)", count, DISABLE_ENV + "=1 turns this off")
-    return count
+        if head.packed_weight is not None:
+            backends[head.packed_weight.backend] += 1
+    if backends:
+        logger.info("Prepacked linear weights: %s (%s=1 turns this off)", dict(backends), DISABLE_ENV)
+    return sum(backends.values())

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.model.layers.cpu_gemm import dense_linear
+from lmserve.model.layers.cpu_gemm import PrepackedWeight, dense_linear
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -29,7 +29,7 @@ class Linear(nn.Module):
     ``packed_weight``: set by ``cpu_gemm.prepack_model`` after loading (the dense weight then lives
     only there, in oneDNN's layout); None means ``F.linear`` on ``weight``."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: PrepackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:
@@ -91,7 +91,7 @@ class VocabEmbedding(nn.Module):
     """Token embedding table [vocab_size, hidden_size], allocated uninitialized. ``packed_weight``:
     a oneDNN copy of the table for ``project`` when it is a tied lm_head (``cpu_gemm``)."""
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: PrepackedWeight | None = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()

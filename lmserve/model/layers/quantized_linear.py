@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.model.layers.cpu_gemm import dense_linear
+from lmserve.model.layers.cpu_gemm import PrepackedWeight, dense_linear
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding
 
 GROUP = 32  # llama.cpp's block length for Q4_0/Q4_1/Q8_0 = the int4 kernel's group size
@@ -177,7 +177,7 @@ def _use_kernel(qweight: PackedWeight | None, x: torch.Tensor) -> bool:
 
 
 def _matmul(qweight: PackedWeight | None, weight: torch.Tensor, bias: torch.Tensor | None,
-            x: torch.Tensor, allowed: bool, packed: torch.Tensor | None) -> torch.Tensor:
+            x: torch.Tensor, allowed: bool, packed: PrepackedWeight | None) -> torch.Tensor:
     """x [..., K] -> [..., N]: the int kernel for few rows when ``allowed``, else the dense weight.
 
     Layers inside the model pass ``allowed = AttentionMetadata.decode_only``: prompt tokens always

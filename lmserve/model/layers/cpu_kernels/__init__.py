@@ -7,5 +7,6 @@ from lmserve.model.layers.cpu_kernels.paged_attention import (
     get_paged_attention_kernel,
     log_fallback_once,
 )
+from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_sgemm_kernel
 
-__all__ = ["CpuPagedAttention", "get_paged_attention_kernel", "log_fallback_once"]
+__all__ = ["CpuPagedAttention", "CpuSgemm", "get_paged_attention_kernel", "get_sgemm_kernel", "log_fallback_once"]
