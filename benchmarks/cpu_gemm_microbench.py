@@ -12,27 +12,16 @@ Prints GFLOP/s for each and the best packed backend's ratio to F.linear.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from lmserve.model.layers.cpu_gemm import BATCH_HINT, pack_weight
 from lmserve.model.layers.cpu_kernels import get_sgemm_kernel
+from quantized_linear_microbench import time_us  # the sibling script's timer
 
 SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864), "lm_head": (8192, 896)}
 ROWS = (1, 4, 8, 16, 32, 64, 256, 1024)
-
-
-def best_seconds(fn, calls: int, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        fn(0)
-        t = time.perf_counter()
-        for i in range(calls):
-            fn(i)
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best
 
 
 def main() -> None:
@@ -57,11 +46,11 @@ def main() -> None:
         for m in ROWS:
             x = torch.randn(m, k, generator=gen).to(dtype)
             calls = max(copies, 8)
-            t_mkl = best_seconds(lambda i: F.linear(x, weights[i % copies]), calls)
-            times = [best_seconds(lambda i: packed[b][i % copies].linear(x, None), calls) for b in backends]
-            flops = 2 * m * n * k
-            cols = " | ".join(f"{flops / t / 1e9:.1f}" for t in times)
-            print(f"| {name} | {n} x {k} | {m} | {flops / t_mkl / 1e9:.1f} | {cols} | {t_mkl / min(times):.2f}x |",
+            t_mkl = time_us(lambda i: F.linear(x, weights[i % copies]), calls)
+            times = [time_us(lambda i: packed[b][i % copies].linear(x, None), calls) for b in backends]
+            flops = 2 * m * n * k  # per microsecond: flops / t / 1e3 GFLOP/s
+            cols = " | ".join(f"{flops / t / 1e3:.1f}" for t in times)
+            print(f"| {name} | {n} x {k} | {m} | {flops / t_mkl / 1e3:.1f} | {cols} | {t_mkl / min(times):.2f}x |",
                   flush=True)
         del weights, packed
 

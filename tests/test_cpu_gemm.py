@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from transformers import Qwen2Config
 
 from lmserve.model.layers import cpu_gemm
-from lmserve.model.layers.cpu_gemm import onednn_linear_supported, pack_weight, prepack_model
+from lmserve.model.layers.cpu_gemm import prepack_supported, pack_weight, prepack_model
 from lmserve.model.layers.cpu_kernels import get_sgemm_kernel
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
 from tests.test_model_llama import _model_config, _run, _tokens
 
-pytestmark = pytest.mark.skipif(not onednn_linear_supported(torch.empty(2, 2)),
+pytestmark = pytest.mark.skipif(not prepack_supported(torch.empty(2, 2)),
                                 reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
 
 
@@ -99,10 +99,10 @@ def test_packed_and_reference_paths_agree(tmp_path, monkeypatch):
 def test_not_packed_where_it_does_not_apply(monkeypatch):
     """bf16 only on a CPU with native bf16; fp16 never; a packed module is not packed twice."""
     monkeypatch.setattr(cpu_gemm, "cpu_has_fast_bf16", lambda: False)
-    assert not onednn_linear_supported(torch.empty(4, 4, dtype=torch.bfloat16))
-    assert not onednn_linear_supported(torch.empty(4, 4, dtype=torch.float16))
+    assert not prepack_supported(torch.empty(4, 4, dtype=torch.bfloat16))
+    assert not prepack_supported(torch.empty(4, 4, dtype=torch.float16))
     monkeypatch.setattr(cpu_gemm, "cpu_has_fast_bf16", lambda: True)
-    assert onednn_linear_supported(torch.empty(4, 4, dtype=torch.bfloat16))
+    assert prepack_supported(torch.empty(4, 4, dtype=torch.bfloat16))
 
     lin = Linear(8, 4, dtype=torch.float32)
     torch.nn.init.normal_(lin.weight)

@@ -26,7 +26,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 
 import torch
@@ -34,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.config import cpu_has_fast_bf16
+from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV, kernels_disabled
 from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_sgemm_kernel
 
 logger = logging.getLogger(__name__)
 
-DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
 # Rows oneDNN's blocked layout is tuned for (it picks its blocking from it; any M still works).
 BATCH_HINT = 32
 
@@ -96,14 +95,11 @@ class SgemmWeight(PrepackedWeight):
         return CpuSgemm.unpack(self.panels, self.shape[0])
 
 
-def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
-
-
-def onednn_linear_supported(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can take ``weight``: a 2-D CPU float32 tensor, or bf16 with native bf16,
-    torch built with oneDNN, and the kernels not switched off."""
-    if _disabled() or weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+def prepack_supported(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` may be prepacked: a 2-D CPU float32 tensor, or bf16 with native bf16,
+    torch built with oneDNN (the backend every packable weight can fall back to), and the kernels
+    not switched off."""
+    if kernels_disabled() or weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
@@ -111,9 +107,9 @@ def onednn_linear_supported(weight: torch.Tensor) -> bool:
 
 
 def pack_weight(weight: torch.Tensor, backend: str = "auto") -> PrepackedWeight | None:
-    """weight [N, K] in a kernel's layout, or None when no kernel takes it (``onednn_linear_supported``).
+    """weight [N, K] in a kernel's layout, or None when no kernel takes it (``prepack_supported``).
     ``backend``: "auto" (sgemm for float32 where its kernel loads, else oneDNN), "sgemm" or "onednn"."""
-    if not onednn_linear_supported(weight):
+    if not prepack_supported(weight):
         return None
     if backend in ("auto", "sgemm") and weight.dtype == torch.float32:
         kernel = get_sgemm_kernel()

@@ -21,6 +21,13 @@ import tempfile
 from pathlib import Path
 
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+# Set to anything but "" or "0", it switches every native CPU kernel off (the pure-torch reference paths).
+DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
+
+
+def kernels_disabled() -> bool:
+    """Whether ``LMSERVE_DISABLE_CPU_KERNELS`` switches the native CPU kernels off (read at each call)."""
+    return os.environ.get(DISABLE_ENV, "") not in ("", "0")
 
 
 class KernelBuildError(RuntimeError):

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.cpu_kernels.build import KernelBuildError, load_library
+from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV  # noqa: F401  (re-exported for tests and benchmarks)
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_attention.c")
-DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERRORS = {-1: "unsupported arguments", -2: "a seq_len is < 1 or past its block table",
            -3: "a block id is out of range", -4: "out of memory"}
@@ -125,9 +125,9 @@ def _load(compiler: str | None, cache_dir: str | None, extra_flags: tuple[str, .
 def get_paged_attention_kernel(extra_flags: tuple[str, ...] = ()) -> CpuPagedAttention | None:
     """The kernels, or None when disabled (``LMSERVE_DISABLE_CPU_KERNELS=1``) or unavailable.
     ``extra_flags`` (tests, benchmarks) builds a variant, e.g. ``("-mno-avx512f",)``."""
-    env = os.environ
-    if env.get(DISABLE_ENV, "") not in ("", "0"):
+    if kernels_disabled():
         return None
+    env = os.environ
     return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"), extra_flags)
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lmserve.model.layers.cpu_kernels.build import KernelBuildError, load_library
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sgemm.c")
-DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
 PANEL = 16  # output columns per packed panel (NR in sgemm.c)
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -87,7 +86,7 @@ def _load(compiler: str | None, cache_dir: str | None) -> CpuSgemm | None:
 
 def get_sgemm_kernel() -> CpuSgemm | None:
     """The kernel, or None (see the module docstring)."""
-    env = os.environ
-    if env.get(DISABLE_ENV, "") not in ("", "0"):
+    if kernels_disabled():
         return None
+    env = os.environ
     return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
