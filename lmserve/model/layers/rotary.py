@@ -11,10 +11,14 @@ same way before applying them), so applying RoPE is one gather per forward.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lmserve.model.layers.cpu_kernels.cpu_ops import CpuOps
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -74,12 +78,37 @@ def compute_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float, i
     return inv_freq, float(attention_scaling), max_pos
 
 
+@dataclass(frozen=True)
+class RotaryInputs:
+    """One forward's RoPE rows, gathered once and applied in every layer.
+
+    ``cos_sin`` [T, D]: ``cat(cos, sin)`` at each token's position; ``cpu_ops``: the fused CPU
+    kernel, or None for the torch ops (the kernel computes the same ops with the same roundings,
+    so the two are bit-identical; it declines inputs it does not take, which then take the ops)."""
+
+    cos_sin: torch.Tensor
+    cpu_ops: CpuOps | None = None
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k), as ``RotaryEmbedding.apply``."""
+        if self.cpu_ops is not None:
+            fused = self.cpu_ops.rope_neox(q, k, self.cos_sin)
+            if fused is not None:
+                return fused
+        cos, sin = self.cos_sin.chunk(2, dim=-1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style ("rotate half") RoPE with a precomputed cos/sin cache.
 
     Invariant: ``cos_sin_cache[p] == cat(cos(p * inv_freq), sin(p * inv_freq)) * attention_scaling``
-    computed in fp32, stored in ``dtype``; positions must be < ``max_position``.
+    computed in fp32, stored in ``dtype``; positions must be < ``max_position``. ``cpu_ops`` (set
+    by ``attach_cpu_ops`` after loading) goes into every ``RotaryInputs`` this module makes.
     """
+
+    cpu_ops: CpuOps | None
 
     def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor, attention_scaling: float,
                  dtype: torch.dtype) -> None:
@@ -88,6 +117,7 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self.attention_scaling = attention_scaling
         self._inv_freq = inv_freq.float().cpu()  # host copy, to rebuild the cache (e.g. GGUF rope_freqs)
+        self.cpu_ops = None
         self.register_buffer("cos_sin_cache", self._build_cache(self._inv_freq, dtype), persistent=False)
 
     @classmethod
@@ -111,6 +141,10 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq = self._inv_freq / factors
         cache = self._build_cache(self._inv_freq, self.cos_sin_cache.dtype)
         self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
+
+    def inputs_for(self, positions: torch.Tensor) -> RotaryInputs:
+        """positions [T] -> their ``RotaryInputs`` (one gather per forward)."""
+        return RotaryInputs(self.cos_sin_cache.index_select(0, positions), self.cpu_ops)
 
     def get_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, D/2]: gather once, reuse in every layer."""

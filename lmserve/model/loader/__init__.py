@@ -13,6 +13,7 @@ from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
 from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
 from lmserve.model.layers.cpu_gemm import prepack_model
+from lmserve.model.layers.cpu_kernels.cpu_ops import attach_cpu_ops
 from lmserve.model.layers.pooler import Pooler
 from lmserve.model.models.registry import resolve_model_class
 
@@ -56,7 +57,8 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     The class follows ``model_config.runner_type`` / ``convert_type`` (``resolve_model_class``);
     a pooling model gets ``model.pooler``, a ``Pooler`` over ``model_config.pooler_config`` with
     the model's ``classifier_head`` (if any). On CPU the dense matmul weights are then prepacked
-    for oneDNN (``cpu_gemm.prepack_model``)."""
+    (``cpu_gemm.prepack_model``) and the norms, rotary and SiLU-and-mul get their fused kernels
+    (``cpu_ops.attach_cpu_ops``)."""
     device = torch.device(device)
     cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
     with torch.device(device):
@@ -83,4 +85,5 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     model.eval()
     model.requires_grad_(False)
     prepack_model(model)
+    attach_cpu_ops(model)
     return model

@@ -22,7 +22,7 @@ from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, copy_checked
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.quantized_linear import BlockQuantizedWeight, quantized_module_for
-from lmserve.model.layers.rotary import RotaryEmbedding
+from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
 
 # Checkpoint tensors that are derived state, never weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -71,9 +71,9 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim ** -0.5,
                                    sliding_window=_sliding_window(config, layer_idx))
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, rope: RotaryInputs, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """hidden [T, hidden]; cos/sin [T, 1, head_dim/2] -> [T, hidden]."""
+        """hidden [T, hidden]; ``rope`` at the T positions -> [T, hidden]."""
         T = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, meta.decode_only))
         q = q.reshape(T, self.num_heads, self.head_dim)  # [T, Hq, D]
@@ -81,8 +81,7 @@ class LlamaAttention(nn.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
+        q, k = rope.rotate(q, k)
         out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim), meta.decode_only)
 
@@ -112,7 +111,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RotaryInputs,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-norm block with the residual carried separately: returns (mlp output, residual)
         whose sum is HF's layer output."""
@@ -121,7 +120,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
+        hidden = self.self_attn(hidden, rope, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden, meta.decode_only), residual
 
@@ -137,10 +136,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary_emb.get_cos_sin(positions)  # [T, 1, D/2] each
+        rope = self.rotary_emb.inputs_for(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, meta)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

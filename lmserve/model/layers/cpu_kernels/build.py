@@ -2,9 +2,9 @@
 
 The library lands in ``$LMSERVE_KERNEL_CACHE`` (default ``$LMSERVE_CACHE_DIR/kernels``, else
 ``~/.cache/lmserve/kernels``) under a name that hashes the source, the flags, the compiler's
-version and the CPU's flags, so that an edited source, another compiler or another machine sharing
-the home directory gets its own build. It is written to a temporary name and renamed into place,
-so concurrent processes never load a half-written file (both may compile; the last rename wins).
+version and the CPU's flags, so that an edited source (or header beside it), another compiler or
+another machine sharing the home directory gets its own build. It is written to a temporary name
+and renamed into place, so concurrent processes never load a half-written file (both may compile; the last rename wins).
 
 ``$LMSERVE_KERNEL_CC`` names the compiler (default: ``gcc`` on ``PATH``). Compiling takes about a
 second (plain C with intrinsics; no torch headers).
@@ -79,7 +79,8 @@ def build_library(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     """Path of the compiled ``source`` (compiling it unless a cached build exists)."""
     cc = find_compiler()
     flags = BASE_FLAGS + tuple(extra_flags)
-    text = source.read_bytes()
+    # the source and every header beside it (the sources include them by relative name)
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), _compiler_version(cc).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:24]
     out_dir = kernel_cache_dir()

@@ -1,0 +1,140 @@
+"""ctypes binding of ``cpu_ops.c``: fused RMSNorm, rotary embedding and SiLU-and-mul for CPU
+tensors in float32 or bfloat16.
+
+``get_cpu_ops()`` compiles and loads the C source at first use (``build.py``) and returns a
+``CpuOps``, or None where it cannot be had (no compiler, a failed build: logged once) or is
+switched off with ``LMSERVE_DISABLE_CPU_KERNELS=1``. Each method returns its result, or None when
+the inputs are not ones the kernels take (another device or dtype, a strided last dimension): the
+caller then runs its pure-torch reference, which is also the definition of what the kernels compute
+(``cpu_ops.c`` states how close). ctypes releases the GIL for the duration of each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.c")
+FLAGS = ("-ffp-contract=off",)  # no FMA the torch reference does not do (see cpu_ops.c)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """A CPU tensor of a supported dtype viewed as rows: dense last dimension, one row stride."""
+    return x.device.type == "cpu" and x.dtype in DTYPE_CODES and x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuOps:
+    """The loaded kernels (see the module docstring for the None convention)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._rms = lib.lms_rms_norm
+        self._rms.argtypes = [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _f32, _i32, _i32]
+        self._rope = lib.lms_rope_neox
+        self._rope.argtypes = [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i64, _i64, _i32, _i32]
+        self._silu = lib.lms_silu_mul
+        self._silu.argtypes = [_p, _i64, _p, _i64, _i64, _i32, _i32]
+        for fn in (self._rms, self._rope, self._silu):
+            fn.restype = ctypes.c_int
+
+    @staticmethod
+    def _check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise ValueError(f"CPU kernel {what} rejected its arguments (rc {rc})")
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``RMSNorm`` of x [T, H] (after ``x + residual`` when given) -> (normed, x + residual or None)."""
+        if not _rows_ok(x) or weight.dtype != x.dtype or not weight.is_contiguous() or \
+                (residual is not None and (not _rows_ok(residual) or residual.dtype != x.dtype
+                                           or residual.shape != x.shape)):
+            return None
+        t, h = x.shape
+        out = torch.empty(t, h, dtype=x.dtype)
+        res_out = None if residual is None else torch.empty(t, h, dtype=x.dtype)
+        self._check(self._rms(x.data_ptr(), x.stride(0), _ptr(residual), 0 if residual is None else residual.stride(0),
+                              weight.data_ptr(), out.data_ptr(), _ptr(res_out), t, h, eps, DTYPE_CODES[x.dtype],
+                              torch.get_num_threads()), "rms_norm")
+        return out, res_out
+
+    def rope_neox(self, q: torch.Tensor, k: torch.Tensor,
+                  cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """q [T, Hq, D], k [T, Hkv, D] (heads dense, any token stride) rotated by cos_sin [T, D]
+        (``cat(cos, sin)`` rows) -> new contiguous (q, k)."""
+        if q.dim() != 3 or k.dim() != 3 or q.dtype != k.dtype or cos_sin.dtype != q.dtype:
+            return None
+        t, hq, d = q.shape
+        heads_dense = all(x.device.type == "cpu" and x.stride(2) == 1 and x.stride(1) == d for x in (q, k))
+        if not heads_dense or q.dtype not in DTYPE_CODES or k.shape[0] != t or k.shape[2] != d or \
+                cos_sin.shape != (t, d) or not _rows_ok(cos_sin):
+            return None
+        q_out, k_out = torch.empty(t, hq, d, dtype=q.dtype), torch.empty(t, k.shape[1], d, dtype=q.dtype)
+        self._check(self._rope(q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), k.shape[1],
+                               cos_sin.data_ptr(), cos_sin.stride(0), q_out.data_ptr(), k_out.data_ptr(), t, d,
+                               DTYPE_CODES[q.dtype], torch.get_num_threads()), "rope_neox")
+        return q_out, k_out
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, 2d] (gate | up) -> silu(gate) * up [T, d]."""
+        if not _rows_ok(x) or x.shape[1] % 2:
+            return None
+        t, d = x.shape[0], x.shape[1] // 2
+        out = torch.empty(t, d, dtype=x.dtype)
+        self._check(self._silu(x.data_ptr(), x.stride(0), out.data_ptr(), t, d, DTYPE_CODES[x.dtype],
+                               torch.get_num_threads()), "silu_mul")
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _load(compiler: str | None, cache_dir: str | None) -> CpuOps | None:
+    del compiler, cache_dir  # part of the cache key only (build.py reads them)
+    try:
+        return CpuOps(load_library(SOURCE, FLAGS))
+    except (KernelBuildError, AttributeError) as e:
+        logger.warning("fused CPU ops unavailable, using the torch reference ops: %s", e)
+        return None
+
+
+def attach_cpu_ops(model: torch.nn.Module) -> int:
+    """Give every ``RMSNorm``, ``SiluAndMul`` and ``RotaryEmbedding`` of a CPU model the fused
+    kernels (each keeps its torch ops for inputs the kernels decline). Call once after loading,
+    with the model on its device; a model on another device, or no kernels, is left as it is.
+    Returns the number of modules given them."""
+    from lmserve.model.layers.activation import SiluAndMul
+    from lmserve.model.layers.norm import RMSNorm
+    from lmserve.model.layers.rotary import RotaryEmbedding
+
+    param = next(model.parameters(), None)
+    ops = get_cpu_ops() if param is None or param.device.type == "cpu" else None
+    if ops is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, SiluAndMul, RotaryEmbedding)):
+            module.cpu_ops = ops
+            count += 1
+    return count
+
+
+def get_cpu_ops() -> CpuOps | None:
+    """The kernels, or None (see the module docstring)."""
+    if kernels_disabled():
+        return None
+    env = os.environ
+    return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))

@@ -1,0 +1,130 @@
+"""Fused CPU ops (lmserve/model/layers/cpu_kernels/cpu_ops.c): RMSNorm, rotary and SiLU-and-mul equal
+their torch reference ops (rotary bit for bit; RMSNorm and SiLU to the last fp32 bit / one bf16 ulp),
+get_model attaches them, and a model runs the same with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from lmserve.model.layers.activation import SiluAndMul
+from lmserve.model.layers.cpu_kernels import build
+from lmserve.model.layers.cpu_kernels.cpu_ops import attach_cpu_ops, get_cpu_ops
+from lmserve.model.layers.norm import RMSNorm
+from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
+from lmserve.model.loader import get_model
+from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
+from tests.test_model_llama import _model_config, _run, _tokens
+
+OPS = get_cpu_ops()
+pytestmark = pytest.mark.skipif(OPS is None, reason="no C compiler (or LMSERVE_DISABLE_CPU_KERNELS=1)")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _assert_last_bit(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32: within a few ulps (relative 2^-20: a row's scale may differ in its last bit, which
+    moves the whole row); bf16: equal but for one ulp in a few elements."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    rtol = 2.0 ** -20 if ref.dtype == torch.float32 else 2.0 ** -7
+    torch.testing.assert_close(got.float(), ref.float(), rtol=rtol, atol=1e-30)
+    if ref.dtype == torch.bfloat16 and ref.numel():
+        assert (got != ref).float().mean().item() < 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [0, 1, 7, 300])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, rows, with_residual):
+    gen = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(200, eps=1e-5, dtype=dtype)
+    norm.weight.data = torch.randn(200, generator=gen).to(dtype)
+    x = (torch.randn(rows, 260, generator=gen) * 4).to(dtype)[:, 30:230]  # a strided row view
+    res = torch.randn(rows, 200, generator=gen).to(dtype) if with_residual else None
+    ref = norm(x, res)
+    got = OPS.rms_norm(x, norm.weight, 1e-5, res)
+    if with_residual:
+        assert torch.equal(got[1], ref[1])  # x + residual: one rounding either way
+        _assert_last_bit(got[0], ref[0])
+    else:
+        assert got[1] is None
+        _assert_last_bit(got[0], ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [0, 1, 9, 300])
+def test_rope_is_bit_identical_to_reference(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    hq, hkv, d = 6, 2, 32
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=gen).to(dtype)  # q, k: views into one row
+    q = qkv[:, : hq * d].reshape(rows, hq, d)
+    k = qkv[:, hq * d: (hq + hkv) * d].reshape(rows, hkv, d)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    rot = RotaryEmbedding(d, 2048, inv_freq, 1.0, dtype)
+    positions = torch.randint(0, 2048, (rows,), generator=gen)
+    ref = RotaryInputs(rot.cos_sin_cache.index_select(0, positions)).rotate(q, k)
+    got = RotaryInputs(rot.cos_sin_cache.index_select(0, positions), OPS).rotate(q, k)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert got[0].is_contiguous() and got[1].is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [0, 1, 5, 300])
+def test_silu_and_mul_matches_reference(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 2 * 150, generator=gen) * 6).to(dtype)
+    x[:, 0] = torch.tensor([-200.0, 200.0, 0.0] * (rows // 3 + 1))[:rows].to(dtype)  # exp over/underflow
+    act = SiluAndMul()
+    ref = act(x)
+    act.cpu_ops = OPS
+    _assert_last_bit(act(x), ref)
+
+
+def test_kernels_decline_what_they_do_not_take():
+    """float16, a strided last dim, mismatched shapes: None, and the modules fall back to torch."""
+    h = torch.randn(3, 16, dtype=torch.float16)
+    assert OPS.rms_norm(h, torch.ones(16, dtype=torch.float16), 1e-6) is None
+    assert OPS.silu_and_mul(torch.randn(16, 6).t()) is None  # last dim strided
+    assert OPS.silu_and_mul(torch.randn(2, 5)) is None  # odd width
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 8)
+    assert OPS.rope_neox(q, k, torch.randn(3, 8)) is None  # wrong row count
+    norm = RMSNorm(16, dtype=torch.float16)
+    norm.cpu_ops = OPS
+    assert torch.equal(norm(h), RMSNorm(16, dtype=torch.float16)(h))
+    x3 = torch.randn(2, 3, 16)  # 3-D (per-head q/k norms): the torch ops
+    norm32 = RMSNorm(16)
+    norm32.cpu_ops = OPS
+    assert torch.equal(norm32(x3), RMSNorm(16)(x3))
+
+
+def _llama(tmp_path):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    hf = make_hf_model(cfg, seed=11)
+    hf.save_pretrained(str(tmp_path))
+    return hf
+
+
+def test_get_model_attaches_kernels_and_matches_hf(tmp_path, monkeypatch):
+    """get_model gives every norm, the rotary and the activation the kernels; logits still equal
+    HF's, and equal the same model without the kernels over a batched chunked run."""
+    hf = _llama(tmp_path)
+    fused = get_model(_model_config(str(tmp_path)), "cpu")
+    kinds = (RMSNorm, SiluAndMul, RotaryEmbedding)
+    mods = [m for m in fused.modules() if isinstance(m, kinds)]
+    assert len(mods) == 2 * 2 + 1 + 2 + 1 and all(m.cpu_ops is OPS for m in mods)
+    toks = _tokens(23, 3)
+    out = _run(fused, PagedTestCache(fused.kv_cache_spec()), [("a", toks)])["a"]
+    ref = hf_logits(hf, toks)
+    assert (out - ref).abs().max() < 1e-4 and torch.equal(out.argmax(-1), ref.argmax(-1))
+
+    monkeypatch.setenv(build.DISABLE_ENV, "1")
+    plain = get_model(_model_config(str(tmp_path)), "cpu")
+    assert all(m.cpu_ops is None for m in plain.modules() if isinstance(m, kinds))
+    assert attach_cpu_ops(plain) == 0  # switched off: nothing attached
+    chunks = [("a", _tokens(17, 1)), ("b", _tokens(5, 2)), ("c", _tokens(40, 3))]
+    out_f = _run(fused, PagedTestCache(fused.kv_cache_spec()), chunks)
+    out_p = _run(plain, PagedTestCache(plain.kv_cache_spec()), chunks)
+    for sid, _ in chunks:
+        assert (out_f[sid] - out_p[sid]).abs().max() < 1e-4
+        assert torch.equal(out_f[sid].argmax(-1), out_p[sid].argmax(-1))
