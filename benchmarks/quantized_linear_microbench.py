@@ -8,19 +8,26 @@ over enough copies of each weight (about 256 MB) that every call reads its weigh
 a model's decode step does (a single hot copy of a small matrix sits in the L2/L3 caches and
 flatters the dense path). The last column is the largest M at which the int kernel still wins.
 
-    python benchmarks/quantized_linear_microbench.py [--dtype bfloat16|float32] [--cold] [--threads N]
+``--token`` instead times one decode token's 121 int-path matmuls of SmolLM2-135M (30 layers x
+QKV, O, gate|up, down as Q4_1, then the Q8_0 head; distinct weights, 96 MB, so from DRAM) at M = 1
+with torch's int4 kernel and with lmserve's VNNI GEMV (``VnniWeight``, where the CPU has it),
+interleaved, best and median of 30 tokens each.
+
+    python benchmarks/quantized_linear_microbench.py [--dtype bfloat16|float32] [--cold] [--threads N] [--token]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmserve.model.layers.quantized_linear import BLOCK_BYTES, GROUP, BlockQuantizedWeight, PackedWeight
+from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops
+from lmserve.model.layers.quantized_linear import BLOCK_BYTES, GROUP, BlockQuantizedWeight, PackedWeight, VnniWeight
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -48,15 +55,44 @@ def time_us(fn, calls: int, repeats: int = 3) -> float:
     return best
 
 
+def token_matmuls(dtype: torch.dtype, tokens: int = 30) -> None:
+    """One decode token's int-path matmuls per kernel (see the module docstring)."""
+    ops = get_cpu_ops()
+    blocks = [random_blocks("Q4_1", n, k, seed=i) for i in range(30)
+              for n, k in (SHAPES["qkv"], SHAPES["o"], SHAPES["gate_up"], SHAPES["down"])]
+    blocks.append(random_blocks("Q8_0", *SHAPES["lm_head"], seed=99))
+    kernels = {"torch int4": [PackedWeight.from_blocks([b], torch.bfloat16) for b in blocks]}
+    if ops is not None and ops.has_qgemv:
+        kernels["lmserve VNNI"] = [VnniWeight.from_blocks([b], ops) for b in blocks]
+    xs = {k: torch.randn(1, k).to(dtype) for k in (576, 1536)}
+    mb = sum(b.blocks.numel() for b in blocks) / 1e6
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(tokens):
+        for name, weights in kernels.items():
+            t = time.perf_counter()
+            for w, b in zip(weights, blocks):
+                w(xs[b.shape[1]])
+            times[name].append((time.perf_counter() - t) * 1e3)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, activations {dtype}; one token's "
+          f"{len(blocks)} matmuls ({mb:.0f} MB of GGUF blocks), ms")
+    print("| kernel | best | median | GB/s at best |\n|---|---:|---:|---:|")
+    for name, ts in times.items():
+        print(f"| {name} | {min(ts):.2f} | {statistics.median(ts):.2f} | {mb / min(ts):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--cold", action="store_true", help="read every weight from DRAM (rotate over copies)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--token", action="store_true", help="one decode token's matmuls, torch int4 vs VNNI")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.token:
+        token_matmuls(dtype)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, activations {args.dtype}, "
           f"{'cold (DRAM)' if args.cold else 'hot (cached)'} weights; microseconds per call")
     print(f"| qtype | shape | {' | '.join(f'M={m} int / dense' for m in ROWS)} | int wins up to M |")

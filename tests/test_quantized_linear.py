@@ -1,6 +1,7 @@
 """Weight-only quantized layers (``lmserve.model.layers.quantized_linear``): llama.cpp blocks
-unpacked exactly, torch's int4 CPU kernel's dequantization rule, and the int path of every
-module against a reference matmul with the weight ``gguf.quants.dequantize`` gives."""
+unpacked exactly, torch's int4 CPU kernel's dequantization rule, the VNNI GEMV (AVX-512 VNNI
+CPUs) against its exact definition, and the int path of every module against a reference matmul
+with the weight ``gguf.quants.dequantize`` gives."""
 
 from __future__ import annotations
 
@@ -11,12 +12,23 @@ import torch.nn.functional as F
 
 gguf = pytest.importorskip("gguf")
 
+from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV  # noqa: E402
+from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops  # noqa: E402
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding  # noqa: E402
 from lmserve.model.layers.quantized_linear import (  # noqa: E402
-    BLOCK_BYTES, MAX_ROWS, BlockQuantizedWeight, PackedWeight, QuantizedEmbedding, QuantizedLinear,
+    BLOCK_BYTES, MAX_ROWS, BlockQuantizedWeight, VnniWeight, PackedWeight, QuantizedEmbedding, QuantizedLinear,
     QuantizedMergedLinear, quantized_module_for)
 
 QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+_OPS = get_cpu_ops()
+needs_vnni = pytest.mark.skipif(_OPS is None or not _OPS.has_qgemv,
+                                   reason="the VNNI GEMV needs AVX-512 VNNI and a C compiler")
+
+
+@pytest.fixture
+def torch_int4_path(monkeypatch):
+    """Modules pack for torch's int4 kernel even where the VNNI GEMV exists."""
+    monkeypatch.setenv(DISABLE_ENV, "1")
 
 
 def make_blocks(qtype: str, n: int, k: int, seed: int = 0) -> tuple[BlockQuantizedWeight, torch.Tensor]:
@@ -109,7 +121,7 @@ def test_quantized_linear_bf16_with_bias(qtype, rows):
         assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
 
 
-def test_output_rows_padded_to_kernel_multiple():
+def test_output_rows_padded_to_kernel_multiple(torch_int4_path):
     """The kernel wants N % 16 == 0: other N are padded with zero rows and cut off."""
     blocks, ref_w = make_blocks("Q4_1", 40, 64, seed=6)
     lin = QuantizedLinear.from_linear(Linear(64, 40, dtype=torch.bfloat16))
@@ -121,7 +133,7 @@ def test_output_rows_padded_to_kernel_multiple():
     _assert_close_to_ref(y, _ref_matmul(x, ref_w), torch.bfloat16)
 
 
-def test_dispatch_crossover(monkeypatch):
+def test_dispatch_crossover(monkeypatch, torch_int4_path):
     """At most ``max_rows`` rows of a decode-only step -> the int kernel (bf16, and fp32 rows rounded
     to bf16 for it); more rows, or a step with prompt tokens -> the dense weight (F.linear, equal
     to the dequantized model)."""
@@ -175,7 +187,7 @@ def test_merged_q4_shards_pack_together(rows):
     _assert_close_to_ref(k, _ref_matmul(x, parts[1][1], merged.bias[64:96]), torch.bfloat16)
 
 
-def test_merged_q8_0_shards():
+def test_merged_q8_0_shards(torch_int4_path):
     parts = [make_blocks("Q8_0", 48, 64, seed=11), make_blocks("Q8_0", 48, 64, seed=12)]
     merged = QuantizedMergedLinear(64, [48, 48], ["gate", "up"], dtype=torch.bfloat16)
     for shard, (blocks, _) in zip(["gate", "up"], parts):
@@ -235,3 +247,70 @@ def test_block_shape_validation():
     blocks, _ = make_blocks("Q4_0", 16, 64)
     with pytest.raises(ValueError, match="checkpoint shape"):
         lin.load_quantized(blocks)
+
+
+# ---- the VNNI GEMV (cpu_ops.c) --------------------------------------------------------------
+
+def _int16_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel sees it: per block of 32, q = round_half_even(x * 32767 / max|x|),
+    times max|x| / 32767 (float64)."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)  # fp32 product, rounded half to even like VCVTPS2DQ
+    return (q.double() * (amax / 32767.0).double()).reshape(x.shape)
+
+
+@needs_vnni
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
+def test_int8dot_equals_its_definition(qtype, dtype, rows):
+    """The kernel computes (exact weight) . (int16-quantized x) in fp32: equal to that product in
+    float64 up to fp32 accumulation (bf16: the output's rounding); and within the quantization's
+    own bound, sum_k |w| max|x_block| / 65534, of the product with the unquantized x."""
+    blocks, ref_w = make_blocks(qtype, 80, 192, seed=rows)  # K = 192: three pairs of blocks
+    packed = VnniWeight.from_blocks([blocks], _OPS)
+    assert packed is not None and packed.layout == "vnni"
+    x = (torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)) * 2).to(dtype)
+    x[0, :32] = 0  # an all-zero block: scale 0
+    y = packed(x)
+    assert y.shape == (rows, 80) and y.dtype == dtype
+    exact = _int16_activations(x) @ ref_w.double().T
+    rtol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((y.double() - exact).abs() <= rtol * exact.abs() + 1e-5).all()
+    amax = x.double().reshape(rows, -1, 32).abs().amax(-1)  # [rows, K/32]
+    bound = (amax / 65534) @ ref_w.double().abs().reshape(80, -1, 32).sum(-1).T
+    assert ((y.double() - _ref_matmul(x, ref_w)).abs() <= bound * 1.01 + rtol * exact.abs() + 1e-5).all()
+
+
+@needs_vnni
+def test_int8dot_packing_and_dispatch():
+    """Modules pack for the VNNI kernel where it applies: K a multiple of 64 and one layout;
+    K = 96 keeps torch's int4 packing; more than max_rows rows take the dense weight; merged Q4
+    shards of both formats share one kernel, and Q8_0 shards another."""
+    blocks, ref_w = make_blocks("Q4_1", 48, 128)
+    lin = QuantizedLinear.from_linear(Linear(128, 48, dtype=torch.bfloat16))
+    lin.load_quantized(blocks)
+    assert isinstance(lin.qweight, VnniWeight) and lin.qweight.max_rows == MAX_ROWS["vnni"]
+    x = torch.randn(MAX_ROWS["vnni"] + 1, 128).bfloat16()
+    assert torch.equal(lin(x, decode_only=True), F.linear(x, lin.weight))
+    odd, _ = make_blocks("Q4_1", 48, 96)
+    lin96 = QuantizedLinear.from_linear(Linear(96, 48, dtype=torch.bfloat16))
+    lin96.load_quantized(odd)
+    assert isinstance(lin96.qweight, PackedWeight)
+    parts = [make_blocks("Q4_1", 64, 128, seed=7), make_blocks("Q4_0", 32, 128, seed=8)]
+    merged = QuantizedMergedLinear(128, [64, 32], ["q", "k"], dtype=torch.bfloat16)
+    for shard, (b, _) in zip("qk", parts):
+        merged.load_shard("weight", shard, b)
+    assert isinstance(merged.qweight, VnniWeight) and merged.qweight.nibbles
+    x = torch.randn(2, 128).bfloat16()
+    _assert_close_to_ref(merged(x, decode_only=True), _ref_matmul(x, torch.cat([r for _, r in parts])),
+                         torch.bfloat16)
+    q8 = [make_blocks("Q8_0", 48, 128, seed=11), make_blocks("Q8_0", 48, 128, seed=12)]
+    merged8 = QuantizedMergedLinear(128, [48, 48], ["gate", "up"], dtype=torch.bfloat16)
+    for shard, (b, _) in zip(["gate", "up"], q8):
+        merged8.load_shard("weight", shard, b)
+    assert isinstance(merged8.qweight, VnniWeight) and not merged8.qweight.nibbles
+    _assert_close_to_ref(merged8(x, decode_only=True), _ref_matmul(x, torch.cat([r for _, r in q8])),
+                         torch.bfloat16)

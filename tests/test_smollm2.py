@@ -110,7 +110,11 @@ def test_quantized_agrees_with_dequantized(smollm2_path):
 
     quant, dense = load(None), load("none")
     assert isinstance(quant.model.layers[0].mlp.gate_up_proj, QuantizedMergedLinear)
-    assert isinstance(quant.lm_head, QuantizedEmbedding) and quant.lm_head.qweight.layout == "q8x2"
+    from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops
+
+    ops = get_cpu_ops()
+    head_layout = "vnni" if ops is not None and ops.has_qgemv else "q8x2"  # the VNNI GEMV: AVX-512 VNNI
+    assert isinstance(quant.lm_head, QuantizedEmbedding) and quant.lm_head.qweight.layout == head_layout
     tokenizer = get_tokenizer(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path))
     agree = total = 0
     deltas = []

@@ -157,3 +157,155 @@ int lms_silu_mul(const void* x, int64_t x_stride, void* out, int64_t T, int64_t 
   }
   return 0;
 }
+
+/* ---- GEMV on llama.cpp block-quantized weights, integer dot products (AVX-512 VNNI) ----------
+ * out[r][n] = sum_k w[n][k] * xq[r][k] (+ bias[n]) for M <= 8 rows, where xq is x quantized per
+ * block of 32 along K to int16 (scale dx = max|x| / 32767, round to nearest even: relative error
+ * 2^-16 of the block's largest element, far below the bf16 rounding of the torch int4 path) and w
+ * the exact weight, w = d * u + m per block with u unsigned:
+ *   nibbles = 1 (Q4_0 / Q4_1, u in 0..15): qw [N, K/2], a block's 16 bytes as in the GGUF file
+ *     (byte j: value j in the low nibble, value j + 16 in the high one);
+ *   nibbles = 0 (Q8_0, u = q + 128 in 0..255, m = -128 d): qw [N, K], each pair of blocks' 64
+ *     bytes in the order [b 0..15, b+1 0..15, b 16..31, b+1 16..31] (what the nibble split of a
+ *     Q4 block pair gives, so both formats share the activation layout).
+ * d, m: [N, K/32] fp16 (the file's precision; Q4_0's m = -8 d and Q8_0's -128 d are exact in it).
+ * Per block: d dx (u . q_x) + m dx sum(q_x), the dot in int32 (VPDPWSSD: u <= 255 times
+ * |q_x| <= 32767, four products a lane, cannot overflow). K must be a multiple of 64 (pairs of
+ * blocks) and at most 16384. x [M, K] (row stride x_stride, dtype xdt); bias [N] in xdt or NULL; out [M, N] (row
+ * stride out_stride) in xdt. Parallel over N. */
+#define LMS_QGEMV_MAX_ROWS 8
+#define LMS_QGEMV_MAX_K 16384
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define LMS_QGEMV 1
+
+/* x rows -> int16 in the pair layout (per pair p of blocks b, b+1: 64 values, [b 0..15, b+1 0..15,
+ * b 16..31, b+1 16..31]), per-block scales dx and sums dx * sum(q_x) */
+static void quantize_rows(const void* x, int64_t x_stride, int64_t M, int xdt, int64_t K, int16_t* xq, float* dx,
+                          float* xsum) {
+  const int64_t nb = K / 32;
+  float row[K];
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t r = 0; r < M; r++) {
+    load_row(row_at(x, r, x_stride, xdt), K, xdt, row);
+    for (int64_t b = 0; b < nb; b++) {
+      const __m512 v0 = _mm512_loadu_ps(row + b * 32), v1 = _mm512_loadu_ps(row + b * 32 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
+      int16_t* dst = xq + r * K + (b / 2) * 64 + (b % 2) * 16;
+      _mm256_storeu_si256((__m256i*)dst, _mm512_cvtsepi32_epi16(q0));
+      _mm256_storeu_si256((__m256i*)(dst + 32), _mm512_cvtsepi32_epi16(q1));
+      dx[r * nb + b] = amax / 32767.f;
+      xsum[r * nb + b] = dx[r * nb + b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+  }
+}
+
+/* pair p's weights widened to u16: [0] = values 0..15 of blocks 2p, 2p+1; [1] = values 16..31 */
+LMS_INLINE void load_weight_pair(const uint8_t* qw, const int nibbles, const int64_t n, const int64_t K,
+                                 const int64_t p, __m512i* w) {
+  __m256i lo, hi;
+  if (nibbles) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(qw + n * (K / 2) + p * 32));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    lo = _mm256_and_si256(v, low4);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+  } else {
+    lo = _mm256_loadu_si256((const __m256i*)(qw + n * K + p * 64));
+    hi = _mm256_loadu_si256((const __m256i*)(qw + n * K + p * 64 + 32));
+  }
+  w[0] = _mm512_cvtepu8_epi16(lo);
+  w[1] = _mm512_cvtepu8_epi16(hi);
+}
+
+LMS_INLINE __m128 load_f16_pair(const uint16_t* p) {
+  int32_t bits;
+  memcpy(&bits, p, 4);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+}
+
+/* pair p of blocks for M rows: acc[r] += (d dx) (u . q_x); lanes 0-7 hold block 2p, 8-15 block 2p+1 */
+LMS_INLINE void qgemv_pair(const int16_t* xq, const float* dx, const __m512i* w, const __m128 dpair, const int64_t K,
+                           const int64_t nb, const int64_t p, const int M, __m512* acc) {
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int r = 0; r < M; r++) {
+    const int16_t* xp = xq + r * K + p * 64;
+    __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512((const void*)xp));
+    dot = _mm512_dpwssd_epi32(dot, w[1], _mm512_loadu_si512((const void*)(xp + 32)));
+    const __m128 spair = _mm_mul_ps(dpair, _mm_castpd_ps(_mm_load_sd((const double*)(dx + r * nb + 2 * p))));
+    const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(spair));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+  }
+}
+
+LMS_INLINE void qgemv_rows(const int16_t* xq, const float* dx, const float* xsum, const uint8_t* qw, const uint16_t* d,
+                           const uint16_t* m, const int nibbles, const int64_t n, const int64_t K, const int M,
+                           float* res) {
+  const int64_t nb = K / 32, np = nb / 2;
+  const uint16_t* dn = d + n * nb;
+  const uint16_t* mn = m + n * nb;
+  __m512 acc0[LMS_QGEMV_MAX_ROWS], acc1[LMS_QGEMV_MAX_ROWS]; /* even / odd pairs: two FMA chains */
+  for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  int64_t p = 0;
+  __m512i w0[2], w1[2];
+  for (; p + 2 <= np; p += 2) {
+    load_weight_pair(qw, nibbles, n, K, p, w0);
+    load_weight_pair(qw, nibbles, n, K, p + 1, w1);
+    qgemv_pair(xq, dx, w0, load_f16_pair(dn + 2 * p), K, nb, p, M, acc0);
+    qgemv_pair(xq, dx, w1, load_f16_pair(dn + 2 * p + 2), K, nb, p + 1, M, acc1);
+  }
+  if (p < np) {
+    load_weight_pair(qw, nibbles, n, K, p, w0);
+    qgemv_pair(xq, dx, w0, load_f16_pair(dn + 2 * p), K, nb, p, M, acc0);
+  }
+  for (int r = 0; r < M; r++) {
+    __m512 macc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 16) {
+      const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + b));
+      macc = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + r * nb + b), macc);
+    }
+    res[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + _mm512_reduce_add_ps(macc);
+  }
+}
+
+int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t* qw, const uint16_t* d,
+              const uint16_t* m, int nibbles, int64_t N, int64_t K, const void* bias, void* out, int64_t out_stride,
+              int nthreads) {
+  if (!ok_dtype(xdt) || M < 1 || M > LMS_QGEMV_MAX_ROWS || N < 1 || K < 64 || K % 64 || K > LMS_QGEMV_MAX_K)
+    return -1;
+  const int64_t nb = K / 32;
+  /* the quantized rows: M K <= 8 x 16384 values (256 KiB), on the stack (no allocation per call) */
+  int16_t xq[M * K] __attribute__((aligned(64)));
+  float dx[M * nb], xsum[M * nb];
+  quantize_rows(x, x_stride, M, xdt, K, xq, dx, xsum);
+  const int rows = (int)M;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t n = 0; n < N; n++) {
+    float res[LMS_QGEMV_MAX_ROWS];
+    switch (rows) { /* constant row counts keep the accumulators in registers */
+      case 1: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 1, res); break;
+      case 2: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 2, res); break;
+      case 4: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 4, res); break;
+      default: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, rows, res); break;
+    }
+    const float b = bias ? load1(bias, n, xdt) : 0.f;
+    for (int r = 0; r < rows; r++) store1((char*)out + r * out_stride * dtype_size(xdt), n, res[r] + b, xdt);
+  }
+  return 0;
+}
+#else
+#define LMS_QGEMV 0
+int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t* qw, const uint16_t* d,
+              const uint16_t* m, int nibbles, int64_t N, int64_t K, const void* bias, void* out, int64_t out_stride,
+              int nthreads) {
+  (void)x, (void)x_stride, (void)M, (void)xdt, (void)qw, (void)d, (void)m, (void)nibbles, (void)N, (void)K;
+  (void)bias, (void)out, (void)out_stride, (void)nthreads;
+  return -1;
+}
+#endif
+
+/* 1 where lms_qgemv has its AVX-512 VNNI path; 0 where it is absent (the binding does not offer it) */
+int lms_qgemv_available(void) { return LMS_QGEMV; }

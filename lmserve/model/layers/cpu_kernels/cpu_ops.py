@@ -1,5 +1,6 @@
 """ctypes binding of ``cpu_ops.c``: fused RMSNorm, rotary embedding and SiLU-and-mul for CPU
-tensors in float32 or bfloat16.
+tensors in float32 or bfloat16, and (on CPUs with AVX-512 VNNI) the integer-dot GEMV on llama.cpp
+block-quantized weights.
 
 ``get_cpu_ops()`` compiles and loads the C source at first use (``build.py``) and returns a
 ``CpuOps``, or None where it cannot be had (no compiler, a failed build: logged once) or is
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_ops.c")
 FLAGS = ("-ffp-contract=off",)  # no FMA the torch reference does not do (see cpu_ops.c)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+QGEMV_MAX_ROWS = 8  # LMS_QGEMV_MAX_ROWS
+QGEMV_MAX_K = 16384  # LMS_QGEMV_MAX_K
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -50,8 +53,11 @@ class CpuOps:
         self._rope.argtypes = [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i64, _i64, _i32, _i32]
         self._silu = lib.lms_silu_mul
         self._silu.argtypes = [_p, _i64, _p, _i64, _i64, _i32, _i32]
-        for fn in (self._rms, self._rope, self._silu):
+        self._qgemv = lib.lms_qgemv
+        self._qgemv.argtypes = [_p, _i64, _i64, _i32, _p, _p, _p, _i32, _i64, _i64, _p, _p, _i64, _i32]
+        for fn in (self._rms, self._rope, self._silu, self._qgemv):
             fn.restype = ctypes.c_int
+        self.has_qgemv = bool(lib.lms_qgemv_available())
 
     @staticmethod
     def _check(rc: int, what: str) -> None:
@@ -100,6 +106,23 @@ class CpuOps:
                                torch.get_num_threads()), "silu_mul")
         return out
 
+
+    def qgemv(self, x: torch.Tensor, qw: torch.Tensor, d: torch.Tensor, m: torch.Tensor, nibbles: bool,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x [M, K] (M <= 8, K a multiple of 64 up to 16384) times a block-quantized weight [N, K] in
+        ``cpu_ops.c``'s layout (qw uint8, d and m float16 [N, K/32]), x quantized to int16 per block
+        of 32 -> [M, N] in x's dtype; None where the kernel is absent or does not take the input."""
+        if not self.has_qgemv or not _rows_ok(x) or not 1 <= x.shape[0] <= QGEMV_MAX_ROWS or \
+                x.shape[1] % 64 or x.shape[1] > QGEMV_MAX_K or \
+                (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):
+            return None
+        rows, k = x.shape
+        n = d.shape[0]
+        out = torch.empty(rows, n, dtype=x.dtype)
+        self._check(self._qgemv(x.data_ptr(), x.stride(0), rows, DTYPE_CODES[x.dtype], qw.data_ptr(), d.data_ptr(),
+                                m.data_ptr(), int(nibbles), n, k, _ptr(bias), out.data_ptr(), n,
+                                torch.get_num_threads()), "qgemv")
+        return out
 
 @functools.lru_cache(maxsize=None)
 def _load(compiler: str | None, cache_dir: str | None) -> CpuOps | None:
