@@ -2,6 +2,7 @@
 pure-torch reference, which its caller falls back to when the kernel cannot be built or does not
 take the inputs; ``LMSERVE_DISABLE_CPU_KERNELS=1`` switches them off."""
 
+from lmserve.model.layers.cpu_kernels.cpu_ops import CpuOps, attach_cpu_ops, get_cpu_ops
 from lmserve.model.layers.cpu_kernels.paged_attention import (
     CpuPagedAttention,
     get_paged_attention_kernel,
@@ -9,4 +10,5 @@ from lmserve.model.layers.cpu_kernels.paged_attention import (
 )
 from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_sgemm_kernel
 
-__all__ = ["CpuPagedAttention", "CpuSgemm", "get_paged_attention_kernel", "get_sgemm_kernel", "log_fallback_once"]
+__all__ = ["CpuOps", "CpuPagedAttention", "CpuSgemm", "attach_cpu_ops", "get_cpu_ops", "get_paged_attention_kernel",
+           "get_sgemm_kernel", "log_fallback_once"]
