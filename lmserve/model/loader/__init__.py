@@ -57,7 +57,7 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     The class follows ``model_config.runner_type`` / ``convert_type`` (``resolve_model_class``);
     a pooling model gets ``model.pooler``, a ``Pooler`` over ``model_config.pooler_config`` with
     the model's ``classifier_head`` (if any). On CPU the dense matmul weights are then prepacked
-    (``cpu_gemm.prepack_model``) and the norms, rotary and SiLU-and-mul get their fused kernels
+    (``cpu_gemm.prepack_model``) and the norms and rotary get their fused kernels
     (``cpu_ops.attach_cpu_ops``)."""
     device = torch.device(device)
     cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
