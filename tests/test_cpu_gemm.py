@@ -14,7 +14,7 @@ from lmserve.model.layers.cpu_kernels import get_sgemm_kernel
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
-from tests.test_model_llama import _model_config, _run, _tokens
+from tests.test_model_llama import _assert_batched_runs_agree, _model_config, _run, _tokens
 
 pytestmark = pytest.mark.skipif(not prepack_supported(torch.empty(2, 2)),
                                 reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
@@ -88,12 +88,7 @@ def test_packed_and_reference_paths_agree(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_gemm.DISABLE_ENV, "1")
     plain = get_model(_model_config(str(tmp_path)), "cpu")
     assert all(m.packed_weight is None for m in plain.modules() if isinstance(m, (Linear, VocabEmbedding)))
-    chunks = [("a", _tokens(17, 1)), ("b", _tokens(5, 2)), ("c", _tokens(40, 3))]
-    out_p = _run(packed, PagedTestCache(packed.kv_cache_spec()), chunks)
-    out_r = _run(plain, PagedTestCache(plain.kv_cache_spec()), chunks)
-    for sid, _ in chunks:
-        assert (out_p[sid] - out_r[sid]).abs().max() < 1e-4
-        assert torch.equal(out_p[sid].argmax(-1), out_r[sid].argmax(-1))
+    _assert_batched_runs_agree(packed, plain)
 
 
 def test_not_packed_where_it_does_not_apply(monkeypatch):

@@ -14,7 +14,7 @@ from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
-from tests.test_model_llama import _model_config, _run, _tokens
+from tests.test_model_llama import _assert_batched_runs_agree, _model_config, _run, _tokens
 
 OPS = get_cpu_ops()
 pytestmark = pytest.mark.skipif(OPS is None, reason="no C compiler (or LMSERVE_DISABLE_CPU_KERNELS=1)")
@@ -72,6 +72,8 @@ def test_kernels_decline_what_they_do_not_take():
     h = torch.randn(3, 16, dtype=torch.float16)
     assert OPS.rms_norm(h, torch.ones(16, dtype=torch.float16), 1e-6) is None
     assert OPS.rms_norm(torch.randn(16, 6).t(), torch.ones(16), 1e-6) is None  # last dim strided
+    wide = torch.randn(1, 16385)  # past the kernel's row buffer
+    assert OPS.rms_norm(wide, torch.ones(16385), 1e-6) is None
     q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 8)
     assert OPS.rope_neox(q, k, torch.randn(3, 8)) is None  # wrong row count
     norm = RMSNorm(16, dtype=torch.float16)
@@ -108,9 +110,4 @@ def test_get_model_attaches_kernels_and_matches_hf(tmp_path, monkeypatch):
     plain = get_model(_model_config(str(tmp_path)), "cpu")
     assert all(m.cpu_ops is None for m in plain.modules() if isinstance(m, kinds))
     assert attach_cpu_ops(plain) == 0  # switched off: nothing attached
-    chunks = [("a", _tokens(17, 1)), ("b", _tokens(5, 2)), ("c", _tokens(40, 3))]
-    out_f = _run(fused, PagedTestCache(fused.kv_cache_spec()), chunks)
-    out_p = _run(plain, PagedTestCache(plain.kv_cache_spec()), chunks)
-    for sid, _ in chunks:
-        assert (out_f[sid] - out_p[sid]).abs().max() < 1e-4
-        assert torch.equal(out_f[sid].argmax(-1), out_p[sid].argmax(-1))
+    _assert_batched_runs_agree(fused, plain)

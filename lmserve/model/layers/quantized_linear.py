@@ -89,20 +89,26 @@ class BlockQuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.blocks.shape[0], self.blocks.shape[1] * GROUP
 
+    def fields(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The blocks' stored fields (d, m, qs): d float16 [N, K/32]; m float16 [N, K/32] for Q4_1,
+        else None; qs the packed values, uint8 [N, K/32, 16] for Q4_* (value j in the low nibble of
+        byte j, value j + 16 in the high one) or int8 [N, K/32, 32] for Q8_0."""
+        b = self.blocks
+        n, nb, _ = b.shape
+        d = b[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
+        if self.qtype == "Q8_0":
+            return d, None, b[..., 2:].contiguous().view(torch.int8)
+        if self.qtype == "Q4_1":
+            return d, b[..., 2:4].contiguous().view(torch.float16).reshape(n, nb), b[..., 4:]
+        return d, None, b[..., 2:]
+
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(q, d, m): q [N, K] (uint8 0..15 for Q4_*, int8 for Q8_0), d and m float32 [N, K/32]
         (m is None except for Q4_1). The weight is ``d * (q - 8)``, ``d * q + m`` or ``d * q``."""
-        b = self.blocks
-        n, nb, _ = b.shape
-        d = b[..., 0:2].contiguous().view(torch.float16).float().reshape(n, nb)
-        if self.qtype == "Q8_0":
-            q = b[..., 2:].contiguous().view(torch.int8).reshape(n, nb * GROUP)
-            return q, d, None
-        start = 4 if self.qtype == "Q4_1" else 2
-        m = b[..., 2:4].contiguous().view(torch.float16).float().reshape(n, nb) if self.qtype == "Q4_1" else None
-        qs = b[..., start:]  # [N, nb, 16]: value j in the low nibble of byte j, value j+16 in the high one
-        q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, nb * GROUP)
-        return q, d, m
+        d, m, qs = self.fields()
+        n, k = self.shape
+        q = qs.reshape(n, k) if self.qtype == "Q8_0" else torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)
+        return q, d.float(), None if m is None else m.float()
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K], bit-equal to ``gguf.quants.dequantize`` of the same blocks."""
@@ -206,16 +212,15 @@ class VnniWeight(nn.Module):
 
     @staticmethod
     def _parts(w: BlockQuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = w.blocks
-        n, nb, _ = b.shape
-        d = b[..., 0:2].contiguous().view(torch.float16).reshape(n, nb)
+        """(qw, d, m) of one weight in the kernel's layout."""
+        d, m, qs = w.fields()
+        n, nb = d.shape
         if w.qtype == "Q8_0":  # u = q + 128; per pair of blocks: [b 0..15, b+1 0..15, b 16..31, b+1 16..31]
-            u = (b[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+            u = (qs.to(torch.int16) + 128).to(torch.uint8)
             u = u.reshape(n, nb // 2, 2, 2, 16).permute(0, 1, 3, 2, 4).reshape(n, nb * GROUP)
             return u.contiguous(), d, (-128 * d.float()).half()
-        if w.qtype == "Q4_1":
-            return b[..., 4:].contiguous().reshape(n, nb * 16), d, b[..., 2:4].contiguous().view(torch.float16).reshape(n, nb)
-        return b[..., 2:].contiguous().reshape(n, nb * 16), d, (-8 * d.float()).half()  # Q4_0: w = d q - 8 d
+        qw = qs.reshape(n, nb * 16).contiguous()  # the file's nibbles as they are
+        return qw, d, m if m is not None else (-8 * d.float()).half()  # Q4_0: w = d q - 8 d
 
     @classmethod
     def from_blocks(cls, weights: Sequence[BlockQuantizedWeight], ops: CpuOps) -> "VnniWeight | None":

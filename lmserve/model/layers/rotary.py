@@ -146,12 +146,6 @@ class RotaryEmbedding(nn.Module):
         """positions [T] -> their ``RotaryInputs`` (one gather per forward)."""
         return RotaryInputs(self.cos_sin_cache.index_select(0, positions), self.cpu_ops)
 
-    def get_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, 1, D/2]: gather once, reuse in every layer."""
-        cs = self.cos_sin_cache.index_select(0, positions)  # [T, D]
-        cos, sin = cs.chunk(2, dim=-1)
-        return cos.unsqueeze(1), sin.unsqueeze(1)
-
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, D] rotated by cos/sin [T, 1, D/2]; same elementwise ops as HF's
@@ -163,5 +157,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D] at ``positions`` [T] -> rotated (q, k)."""
-        cos, sin = self.get_cos_sin(positions)
-        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+        return self.inputs_for(positions).rotate(q, k)

@@ -27,7 +27,7 @@
 #include "lms_dtypes.h"
 
 #define LMS_PAR_MIN 32768 /* elements below which an op stays on one thread (fork/join costs more) */
-#define LMS_MAX_ROW 65536 /* longest row the fused ops take (their fp32 row buffer is on the stack) */
+#define LMS_MAX_ROW 16384 /* longest row the fused ops take (their fp32 row buffers, 192 KiB at most, are on the stack) */
 
 LMS_INLINE int ok_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16; }
 

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_ops.c")
 FLAGS = ("-ffp-contract=off",)  # no FMA the torch reference does not do (see cpu_ops.c)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_ROW = 16384  # LMS_MAX_ROW: the longest row (hidden size, head dim) the fused ops take
 QGEMV_MAX_ROWS = 8  # LMS_QGEMV_MAX_ROWS
 QGEMV_MAX_K = 16384  # LMS_QGEMV_MAX_K
 
@@ -65,7 +66,7 @@ class CpuOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``RMSNorm`` of x [T, H] (after ``x + residual`` when given) -> (normed, x + residual or None)."""
-        if not _rows_ok(x) or weight.dtype != x.dtype or not weight.is_contiguous() or \
+        if not _rows_ok(x) or x.shape[1] > MAX_ROW or weight.dtype != x.dtype or not weight.is_contiguous() or \
                 (residual is not None and (not _rows_ok(residual) or residual.dtype != x.dtype
                                            or residual.shape != x.shape)):
             return None
@@ -85,7 +86,7 @@ class CpuOps:
             return None
         t, hq, d = q.shape
         heads_dense = all(x.device.type == "cpu" and x.stride(2) == 1 and x.stride(1) == d for x in (q, k))
-        if not heads_dense or q.dtype not in DTYPE_CODES or k.shape[0] != t or k.shape[2] != d or \
+        if not heads_dense or d > MAX_ROW or q.dtype not in DTYPE_CODES or k.shape[0] != t or k.shape[2] != d or \
                 cos_sin.shape != (t, d) or not _rows_ok(cos_sin):
             return None
         q_out, k_out = torch.empty(t, hq, d, dtype=q.dtype), torch.empty(t, k.shape[1], d, dtype=q.dtype)
