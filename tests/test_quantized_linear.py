@@ -251,36 +251,41 @@ def test_block_shape_validation():
 
 # ---- the VNNI GEMV (cpu_ops.c) --------------------------------------------------------------
 
-def _int16_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] as the kernel sees it: per block of 32, q = round_half_even(x * 32767 / max|x|),
-    times max|x| / 32767 (float64)."""
+QSCALE = 16256.0  # cpu_ops.c's LMS_QSCALE: activations quantized to |q| <= 127 * 128
+
+
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel sees it: per block of 32, q = round_half_even(x * 16256 / max|x|),
+    times max|x| / 16256 (float64)."""
     xb = x.float().reshape(x.shape[0], -1, 32)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, QSCALE / amax, torch.zeros_like(amax))
     q = torch.round(xb * inv)  # fp32 product, rounded half to even like VCVTPS2DQ
-    return (q.double() * (amax / 32767.0).double()).reshape(x.shape)
+    return (q.double() * (amax / QSCALE).double()).reshape(x.shape)
 
 
 @needs_vnni
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
-def test_int8dot_equals_its_definition(qtype, dtype, rows):
-    """The kernel computes (exact weight) . (int16-quantized x) in fp32: equal to that product in
+@pytest.mark.parametrize("k", [192, 256, 320])
+def test_int8dot_equals_its_definition(qtype, dtype, rows, k):
+    """The kernel computes (exact weight) . (15-bit-quantized x) in fp32: equal to that product in
     float64 up to fp32 accumulation (bf16: the output's rounding); and within the quantization's
-    own bound, sum_k |w| max|x_block| / 65534, of the product with the unquantized x."""
-    blocks, ref_w = make_blocks(qtype, 80, 192, seed=rows)  # K = 192: three pairs of blocks
+    own bound, sum_k |w| max|x_block| / 32512, of the product with the unquantized x. K = 192 and
+    320: one group of 4 blocks and a last one of 2; two full groups and a last one of 2."""
+    blocks, ref_w = make_blocks(qtype, 80, k, seed=rows)
     packed = VnniWeight.from_blocks([blocks], _OPS)
     assert packed is not None and packed.layout == "vnni"
-    x = (torch.randn(rows, 192, generator=torch.Generator().manual_seed(3)) * 2).to(dtype)
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(3)) * 2).to(dtype)
     x[0, :32] = 0  # an all-zero block: scale 0
     y = packed(x)
     assert y.shape == (rows, 80) and y.dtype == dtype
-    exact = _int16_activations(x) @ ref_w.double().T
+    exact = _quantized_activations(x) @ ref_w.double().T
     rtol = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((y.double() - exact).abs() <= rtol * exact.abs() + 1e-5).all()
     amax = x.double().reshape(rows, -1, 32).abs().amax(-1)  # [rows, K/32]
-    bound = (amax / 65534) @ ref_w.double().abs().reshape(80, -1, 32).sum(-1).T
+    bound = (amax / (2 * QSCALE)) @ ref_w.double().abs().reshape(80, -1, 32).sum(-1).T
     assert ((y.double() - _ref_matmul(x, ref_w)).abs() <= bound * 1.01 + rtol * exact.abs() + 1e-5).all()
 
 

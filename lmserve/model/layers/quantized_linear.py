@@ -25,12 +25,15 @@ int path differs from the dequantized weight only by the bf16 rounding of d and 
 
 On CPUs with AVX-512 VNNI the weights are instead kept in (nearly) the file's own layout and run
 by lmserve's integer-dot GEMV (``VnniWeight``, ``cpu_kernels/cpu_ops.c``): the activations are
-quantized to int16 per block of 32 (relative error 2^-16 of the block's largest element, well
-below the bf16 rounding of the int4 path) and each block's dot product is two VPDPWSSD. Measured
-on SmolLM2-135M's shapes (Zen 4, 2 threads, the 121 matmuls of one decode token, 96 MB of blocks
-read from DRAM, ``benchmarks/quantized_linear_microbench.py --token``, five runs on a noisy VM):
-best of 30 tokens 6.7-7.9 ms against 6.9-8.8 with the int4 kernel, 3-11 % faster in every run,
-most of it on the Q8_0 head (~1.2 ms against ~1.9). ``LMSERVE_DISABLE_CPU_KERNELS=1`` keeps the
+quantized to 15 bits per block of 32 (relative error 2^-15 of the block's largest element, well
+below the bf16 rounding of the int4 path), split exactly into two signed bytes, and each group of
+4 blocks' dot products is four VPDPBUSD. Measured on SmolLM2-135M's shapes (Zen 4, 2 threads,
+``benchmarks/quantized_linear_microbench.py --token``: the 121 matmuls of one decode token, 96 MB
+of blocks read from DRAM, each called from Python): best of 30 tokens 6.9 ms against 7.8 with the
+int4 kernel; the 49152x576 Q8_0 head alone 0.85 ms against 1.44 with the earlier two-VPDPWSSD
+kernel. Called one by one, each GEMV still pays ~10-20 us of Python and ctypes overhead, which is
+why a quantized model's decode step runs all of them from one native call (``decode_step.c``).
+``LMSERVE_DISABLE_CPU_KERNELS=1`` keeps the
 torch kernel.
 """
 
@@ -190,9 +193,9 @@ class PackedWeight(nn.Module):
 
 class VnniWeight(nn.Module):
     """A weight [N, K] for ``CpuOps.qgemv`` (``cpu_ops.c`` gives the layout): u8 values ``qw``
-    (Q4: the file's nibbles; Q8_0: ``q + 128``, pairs of blocks interleaved by halves) and fp16
+    (Q4: the file's nibbles; Q8_0: ``q + 128``, groups of 4 blocks interleaved by halves) and fp16
     per-block ``d``, ``m`` with ``w = d * u + m``. ``forward(x [M, K])`` -> [M, N] in x's dtype
-    (fp32 or bf16), x quantized to int16 per block of 32 inside the kernel."""
+    (fp32 or bf16), x quantized to 15 bits per block of 32 inside the kernel."""
 
     def __init__(self, qw: torch.Tensor, d: torch.Tensor, m: torch.Tensor, nibbles: bool, in_features: int,
                  ops: CpuOps) -> None:
@@ -215,10 +218,13 @@ class VnniWeight(nn.Module):
         """(qw, d, m) of one weight in the kernel's layout."""
         d, m, qs = w.fields()
         n, nb = d.shape
-        if w.qtype == "Q8_0":  # u = q + 128; per pair of blocks: [b 0..15, b+1 0..15, b 16..31, b+1 16..31]
-            u = (qs.to(torch.int16) + 128).to(torch.uint8)
-            u = u.reshape(n, nb // 2, 2, 2, 16).permute(0, 1, 3, 2, 4).reshape(n, nb * GROUP)
-            return u.contiguous(), d, (-128 * d.float()).half()
+        if w.qtype == "Q8_0":  # u = q + 128; per group of 4 blocks (2 at the end): values 0..15, then 16..31
+            u = (qs.to(torch.int16) + 128).to(torch.uint8)  # [N, nb, 32]
+            full = nb // 4 * 4
+            groups = [u[:, :full].reshape(n, nb // 4, 4, 2, 16).transpose(2, 3).reshape(n, full * GROUP)]
+            if nb > full:
+                groups.append(u[:, full:].reshape(n, nb - full, 2, 16).transpose(1, 2).reshape(n, -1))
+            return torch.cat(groups, dim=1).contiguous(), d, (-128 * d.float()).half()
         qw = qs.reshape(n, nb * 16).contiguous()  # the file's nibbles as they are
         return qw, d, m if m is not None else (-8 * d.float()).half()  # Q4_0: w = d q - 8 d
 

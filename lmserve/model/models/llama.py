@@ -11,7 +11,7 @@ Variants differ only in flags read from the Hugging Face config:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, co
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.quantized_linear import BlockQuantizedWeight, quantized_module_for
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
+
+if TYPE_CHECKING:
+    from lmserve.model.layers.cpu_kernels.decode_step import LlamaDecodeStep
 
 # Checkpoint tensors that are derived state, never weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -157,6 +160,9 @@ class LlamaForCausalLM(nn.Module):
     needs_kv_cache = True
     uses_token_type_ids = False
 
+    # the native one-call decode step (``cpu_kernels.decode_step``), set after loading where it applies
+    decode_step: LlamaDecodeStep | None = None
+
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
@@ -177,7 +183,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] (flat batch, laid out as ``attn_metadata`` says); one KV cache
-        per layer -> hidden states [T, hidden] after the final norm. ``token_type_ids`` is ignored."""
+        per layer -> hidden states [T, hidden] after the final norm. ``token_type_ids`` is ignored.
+        A decode-only step goes through ``decode_step`` when there is one and it takes the step."""
+        if self.decode_step is not None and attn_metadata.decode_only:
+            hidden = self.decode_step(input_ids, positions, kv_caches, attn_metadata)
+            if hidden is not None:
+                return hidden
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     @torch.no_grad()

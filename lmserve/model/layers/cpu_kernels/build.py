@@ -79,8 +79,9 @@ def build_library(source: Path, extra_flags: tuple[str, ...] = ()) -> Path:
     """Path of the compiled ``source`` (compiling it unless a cached build exists)."""
     cc = find_compiler()
     flags = BASE_FLAGS + tuple(extra_flags)
-    # the source and every header beside it (the sources include them by relative name)
-    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    # the source and every header and source beside it (a source may include them by relative name)
+    siblings = sorted(p for p in source.parent.iterdir() if p.suffix in (".h", ".c") and p != source)
+    text = source.read_bytes() + b"".join(p.read_bytes() for p in siblings)
     key = hashlib.sha256(b"\0".join([text, " ".join(flags).encode(), _compiler_version(cc).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:24]
     out_dir = kernel_cache_dir()

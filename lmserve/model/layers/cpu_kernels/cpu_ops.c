@@ -126,105 +126,121 @@ int lms_rope_neox(const void* q, int64_t q_stride, int64_t hq, const void* k, in
 
 /* ---- GEMV on llama.cpp block-quantized weights, integer dot products (AVX-512 VNNI) ----------
  * out[r][n] = sum_k w[n][k] * xq[r][k] (+ bias[n]) for M <= 8 rows, where xq is x quantized per
- * block of 32 along K to int16 (scale dx = max|x| / 32767, round to nearest even: relative error
- * 2^-16 of the block's largest element, far below the bf16 rounding of the torch int4 path) and w
- * the exact weight, w = d * u + m per block with u unsigned:
+ * block of 32 along K to 15 bits (q = round_half_even(x * 16256 / max|x|), scale dx = max|x| / 16256:
+ * relative error 2^-15 of the block's largest element, far below the bf16 rounding of the torch
+ * int4 path) and w the exact weight, w = d * u + m per block with u unsigned:
  *   nibbles = 1 (Q4_0 / Q4_1, u in 0..15): qw [N, K/2], a block's 16 bytes as in the GGUF file
  *     (byte j: value j in the low nibble, value j + 16 in the high one);
- *   nibbles = 0 (Q8_0, u = q + 128 in 0..255, m = -128 d): qw [N, K], each pair of blocks' 64
- *     bytes in the order [b 0..15, b+1 0..15, b 16..31, b+1 16..31] (what the nibble split of a
- *     Q4 block pair gives, so both formats share the activation layout).
+ *   nibbles = 0 (Q8_0, u = q + 128 in 0..255, m = -128 d): qw [N, K], per group of 4 blocks (the
+ *     last group of a K that is not a multiple of 128 has 2) their values 0..15 block after block,
+ *     then their values 16..31: what the nibble split of the file's Q4 bytes gives, so both formats
+ *     share one activation layout.
  * d, m: [N, K/32] fp16 (the file's precision; Q4_0's m = -8 d and Q8_0's -128 d are exact in it).
- * Per block: d dx (u . q_x) + m dx sum(q_x), the dot in int32 (VPDPWSSD: u <= 255 times
- * |q_x| <= 32767, four products a lane, cannot overflow). K must be a multiple of 64 (pairs of
- * blocks) and at most 16384. x [M, K] (row stride x_stride, dtype xdt); bias [N] in xdt or NULL; out [M, N] (row
- * stride out_stride) in xdt. Parallel over N. */
+ * The dot products: q = 128 a + b with a in -127..127 and b in -64..63 (exact), so u . q =
+ * 128 (u . a) + (u . b), each an unsigned-by-signed byte dot (VPDPBUSD, four products a lane, int32,
+ * cannot overflow: |u . a| <= 255 * 127 * 32). Per block: d dx (u . q) + m dx sum(q), in fp32.
+ * K must be a multiple of 64 and at most 16384. x [M, K] (row stride x_stride, dtype xdt); bias [N]
+ * in xdt or NULL; out [M, N] (row stride out_stride) in xdt. Parallel over N. */
 #define LMS_QGEMV_MAX_ROWS 8
 #define LMS_QGEMV_MAX_K 16384
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LMS_QSCALE 16256.f /* 127 * 128: |q| <= 16256 keeps a = (q + 64) >> 7 within -127..127 */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define LMS_QGEMV 1
 
-/* x rows -> int16 in the pair layout (per pair p of blocks b, b+1: 64 values, [b 0..15, b+1 0..15,
- * b 16..31, b+1 16..31]), per-block scales dx and sums dx * sum(q_x) */
-static void quantize_rows(const void* x, int64_t x_stride, int64_t M, int xdt, int64_t K, int16_t* xq, float* dx,
+/* The activations of one row: per group g of 4 blocks (128 values), 256 bytes: a of values 0..15 of
+ * the 4 blocks, a of values 16..31, then b likewise (a group of 2 blocks leaves its upper halves 0). */
+#define XQ_GROUP_BYTES 256
+
+/* x rows -> the byte layout above, per-block scales dx and sums dx * sum(q) */
+static void quantize_rows(const void* x, int64_t x_stride, int64_t M, int xdt, int64_t K, int8_t* xq, float* dx,
                           float* xsum) {
-  const int64_t nb = K / 32;
+  const int64_t nb = K / 32, row_bytes = (nb + 3) / 4 * XQ_GROUP_BYTES;
   float row[K];
   const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512i c64 = _mm512_set1_epi32(64);
+  memset(xq, 0, (size_t)(M * row_bytes));
   for (int64_t r = 0; r < M; r++) {
     load_row(row_at(x, r, x_stride, xdt), K, xdt, row);
     for (int64_t b = 0; b < nb; b++) {
       const __m512 v0 = _mm512_loadu_ps(row + b * 32), v1 = _mm512_loadu_ps(row + b * 32 + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
-      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      const float inv = amax > 0.f ? LMS_QSCALE / amax : 0.f;
       const __m512 vinv = _mm512_set1_ps(inv);
       const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
-      int16_t* dst = xq + r * K + (b / 2) * 64 + (b % 2) * 16;
-      _mm256_storeu_si256((__m256i*)dst, _mm512_cvtsepi32_epi16(q0));
-      _mm256_storeu_si256((__m256i*)(dst + 32), _mm512_cvtsepi32_epi16(q1));
-      dx[r * nb + b] = amax / 32767.f;
+      const __m512i a0 = _mm512_srai_epi32(_mm512_add_epi32(q0, c64), 7), a1 = _mm512_srai_epi32(_mm512_add_epi32(q1, c64), 7);
+      const __m512i b0 = _mm512_sub_epi32(q0, _mm512_slli_epi32(a0, 7)), b1 = _mm512_sub_epi32(q1, _mm512_slli_epi32(a1, 7));
+      int8_t* dst = xq + r * row_bytes + (b / 4) * XQ_GROUP_BYTES + (b % 4) * 16;
+      _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(a0));
+      _mm_storeu_si128((__m128i*)(dst + 64), _mm512_cvtepi32_epi8(a1));
+      _mm_storeu_si128((__m128i*)(dst + 128), _mm512_cvtepi32_epi8(b0));
+      _mm_storeu_si128((__m128i*)(dst + 192), _mm512_cvtepi32_epi8(b1));
+      dx[r * nb + b] = amax / LMS_QSCALE;
       xsum[r * nb + b] = dx[r * nb + b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     }
   }
 }
 
-/* pair p's weights widened to u16: [0] = values 0..15 of blocks 2p, 2p+1; [1] = values 16..31 */
-LMS_INLINE void load_weight_pair(const uint8_t* qw, const int nibbles, const int64_t n, const int64_t K,
-                                 const int64_t p, __m512i* w) {
-  __m256i lo, hi;
+/* group g's weights as bytes: w[0] = values 0..15 of its blocks, w[1] = values 16..31 (zeros past a
+ * 2-block group: `half` masks the loads to 32 bytes) */
+LMS_INLINE void load_weight_group(const uint8_t* qw, const int nibbles, const int64_t n, const int64_t K,
+                                  const int64_t g, const __mmask64 k, __m512i* w) {
   if (nibbles) {
-    const __m256i v = _mm256_loadu_si256((const __m256i*)(qw + n * (K / 2) + p * 32));
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    lo = _mm256_and_si256(v, low4);
-    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    const __m512i v = _mm512_maskz_loadu_epi8(k, qw + n * (K / 2) + g * 64);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    w[0] = _mm512_and_si512(v, low4);
+    w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
   } else {
-    lo = _mm256_loadu_si256((const __m256i*)(qw + n * K + p * 64));
-    hi = _mm256_loadu_si256((const __m256i*)(qw + n * K + p * 64 + 32));
+    const uint8_t* p = qw + n * K + g * 128;
+    const int64_t hi = k == ~(__mmask64)0 ? 64 : 32;
+    w[0] = _mm512_maskz_loadu_epi8(k, p);
+    w[1] = _mm512_maskz_loadu_epi8(k, p + hi);
   }
-  w[0] = _mm512_cvtepu8_epi16(lo);
-  w[1] = _mm512_cvtepu8_epi16(hi);
 }
 
-LMS_INLINE __m128 load_f16_pair(const uint16_t* p) {
-  int32_t bits;
-  memcpy(&bits, p, 4);
-  return _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
-}
-
-/* pair p of blocks for M rows: acc[r] += (d dx) (u . q_x); lanes 0-7 hold block 2p, 8-15 block 2p+1 */
-LMS_INLINE void qgemv_pair(const int16_t* xq, const float* dx, const __m512i* w, const __m128 dpair, const int64_t K,
-                           const int64_t nb, const int64_t p, const int M, __m512* acc) {
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+/* group g for M rows: acc[r] += (d dx) (u . q), lane l holding block 4g + l / 4 */
+LMS_INLINE void qgemv_group(const int8_t* xq, const int64_t row_bytes, const float* dx, const __m512i* w,
+                            const __m128 d4, const __mmask8 k4, const int64_t nb, const int64_t g, const int M,
+                            __m512* acc) {
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int r = 0; r < M; r++) {
-    const int16_t* xp = xq + r * K + p * 64;
-    __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512((const void*)xp));
-    dot = _mm512_dpwssd_epi32(dot, w[1], _mm512_loadu_si512((const void*)(xp + 32)));
-    const __m128 spair = _mm_mul_ps(dpair, _mm_castpd_ps(_mm_load_sd((const double*)(dx + r * nb + 2 * p))));
-    const __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(spair));
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+    const int8_t* xp = xq + r * row_bytes + g * XQ_GROUP_BYTES;
+    __m512i da = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512((const void*)xp));
+    da = _mm512_dpbusd_epi32(da, w[1], _mm512_loadu_si512((const void*)(xp + 64)));
+    __m512i db = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512((const void*)(xp + 128)));
+    db = _mm512_dpbusd_epi32(db, w[1], _mm512_loadu_si512((const void*)(xp + 192)));
+    const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(da, 7), db);
+    const __m128 s4 = _mm_mul_ps(d4, _mm_maskz_loadu_ps(k4, dx + r * nb + 4 * g));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4)), acc[r]);
   }
 }
 
-LMS_INLINE void qgemv_rows(const int16_t* xq, const float* dx, const float* xsum, const uint8_t* qw, const uint16_t* d,
+LMS_INLINE void qgemv_rows(const int8_t* xq, const float* dx, const float* xsum, const uint8_t* qw, const uint16_t* d,
                            const uint16_t* m, const int nibbles, const int64_t n, const int64_t K, const int M,
                            float* res) {
-  const int64_t nb = K / 32, np = nb / 2;
+  const int64_t nb = K / 32, full = nb / 4, row_bytes = (nb + 3) / 4 * XQ_GROUP_BYTES;
   const uint16_t* dn = d + n * nb;
   const uint16_t* mn = m + n * nb;
-  __m512 acc0[LMS_QGEMV_MAX_ROWS], acc1[LMS_QGEMV_MAX_ROWS]; /* even / odd pairs: two FMA chains */
+  __m512 acc0[LMS_QGEMV_MAX_ROWS], acc1[LMS_QGEMV_MAX_ROWS]; /* even / odd groups: two FMA chains */
   for (int r = 0; r < M; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  int64_t p = 0;
+  const __mmask64 all = ~(__mmask64)0;
+  int64_t g = 0;
   __m512i w0[2], w1[2];
-  for (; p + 2 <= np; p += 2) {
-    load_weight_pair(qw, nibbles, n, K, p, w0);
-    load_weight_pair(qw, nibbles, n, K, p + 1, w1);
-    qgemv_pair(xq, dx, w0, load_f16_pair(dn + 2 * p), K, nb, p, M, acc0);
-    qgemv_pair(xq, dx, w1, load_f16_pair(dn + 2 * p + 2), K, nb, p + 1, M, acc1);
+  for (; g + 2 <= full; g += 2) {
+    load_weight_group(qw, nibbles, n, K, g, all, w0);
+    load_weight_group(qw, nibbles, n, K, g + 1, all, w1);
+    qgemv_group(xq, row_bytes, dx, w0, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(dn + 4 * g))), 0xF, nb, g, M, acc0);
+    qgemv_group(xq, row_bytes, dx, w1, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(dn + 4 * g + 4))), 0xF, nb, g + 1,
+                M, acc1);
   }
-  if (p < np) {
-    load_weight_pair(qw, nibbles, n, K, p, w0);
-    qgemv_pair(xq, dx, w0, load_f16_pair(dn + 2 * p), K, nb, p, M, acc0);
+  if (g < full) {
+    load_weight_group(qw, nibbles, n, K, g, all, w0);
+    qgemv_group(xq, row_bytes, dx, w0, _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(dn + 4 * g))), 0xF, nb, g, M, acc0);
+    g++;
+  }
+  if (nb % 4) { /* a last group of 2 blocks (K % 128 == 64) */
+    load_weight_group(qw, nibbles, n, K, g, (__mmask64)0xFFFFFFFFu, w1);
+    qgemv_group(xq, row_bytes, dx, w1, _mm_cvtph_ps(_mm_maskz_loadu_epi16(0x3, dn + 4 * g)), 0x3, nb, g, M, acc1);
   }
   for (int r = 0; r < M; r++) {
     __m512 macc = _mm512_setzero_ps();
@@ -243,9 +259,9 @@ int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t
   if (!ok_dtype(xdt) || M < 1 || M > LMS_QGEMV_MAX_ROWS || N < 1 || K < 64 || K % 64 || K > LMS_QGEMV_MAX_K)
     return -1;
   const int64_t nb = K / 32;
-  /* the quantized rows: M K <= 8 x 16384 values (256 KiB), on the stack (no allocation per call) */
-  int16_t xq[M * K] __attribute__((aligned(64)));
-  float dx[M * nb], xsum[M * nb];
+  /* the quantized rows: 2 M K <= 256 KiB, on the stack (no allocation per call) */
+  int8_t xq[M * ((nb + 3) / 4) * XQ_GROUP_BYTES] __attribute__((aligned(64)));
+  float dx[M * nb + 4], xsum[M * nb];
   quantize_rows(x, x_stride, M, xdt, K, xq, dx, xsum);
   const int rows = (int)M;
 #pragma omp parallel for schedule(static) num_threads(nthreads)

@@ -1,0 +1,276 @@
+/* A whole decode step of a Llama-family decoder stack in one call, for CPU models whose every
+ * linear layer runs on the VNNI GEMV (GGUF Q4_0/Q4_1/Q8_0 weights kept quantized, AVX-512 VNNI).
+ *
+ * Why: at decode a small model's step is ~120 GEMVs of tens of microseconds and ~300 small ops;
+ * run from Python, each costs 10-20 us of dispatch (module calls, argument checks, ctypes, tensor
+ * allocation, an OpenMP fork), as much as the arithmetic. Here the step is one OpenMP parallel
+ * region: the threads stay up for all layers and meet at barriers between the ops (what CUDA
+ * graphs give a GPU, or llama.cpp's graph executor a CPU).
+ *
+ * The ops are the very kernels of the eager path, compiled from the same sources (this file
+ * includes cpu_ops.c and paged_attention.c): the fused RMSNorm (+ residual add), neox rotary,
+ * the KV-cache write, the paged decode attention, and lms_qgemv's GEMV, so the fast path and the
+ * eager path compute the same numbers. The one op of its own is SiLU-and-mul, act = silu(gate) * up
+ * with silu(x) = x / (1 + exp(-x)) in fp32 and, in bfloat16, silu rounded to bf16 before the
+ * multiply and the product rounded again (torch's order); its exp is the attention kernel's
+ * polynomial (exp512, relative error ~4e-9 before rounding), not torch's, so a result can differ
+ * from torch's in the last bit, rarely.
+ *
+ * Per layer, for R rows (one decode token of each of R sequences; row r is sequence r):
+ *   normed, res = rmsnorm(h + res)      (the first layer: res = h, normed = rmsnorm(h))
+ *   qkv = normed W_qkv^T (+ bias);  q, k = rope(q, k);  cache[slot[r]] = k, v
+ *   attn = paged_decode(q, cache, block_tables, seq_lens);  h = attn W_o^T (+ bias)
+ *   normed, res = rmsnorm(h + res);  gu = normed W_gu^T;  h = (silu(gu[:I]) * gu[I:]) W_down^T
+ * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel), contiguous.
+ */
+#include <omp.h>
+
+#include "cpu_ops.c"
+/* paged_attention.c is built alone without -ffp-contract=off: the same here, so its code is the same */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+#include "paged_attention.c"
+#pragma GCC pop_options
+
+#if LMS_QGEMV && LMS_AVX512
+#define LMS_DECODE_STEP 1
+
+typedef struct {
+  const uint8_t* qw;
+  const uint16_t* d;
+  const uint16_t* m;
+  const void* bias; /* [n] in the model dtype, or NULL */
+  int64_t n, k;
+  int32_t nibbles;
+} LmsQLinear;
+
+typedef struct {
+  const void* input_norm; /* [hidden] */
+  const void* post_norm;  /* [hidden] */
+  LmsQLinear qkv, o, gate_up, down;
+  void* kv_cache; /* [2, num_blocks, block_size, Hkv, D] */
+  int64_t num_blocks;
+  int32_t sliding_window; /* 0: none */
+} LmsLayer;
+
+typedef struct {
+  int32_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, dtype, block_size, max_rows;
+  float eps, scale;
+  const LmsLayer* layers;
+  const void* final_norm;
+  /* buffers, [max_rows, width] each: h (in: the embeddings; the layers' output), res, normed, qkv,
+   * q and k (rotated), attn, gu (gate | up), act, out (the final norm's output) */
+  void *h, *res, *normed, *qkv, *q, *k, *attn, *gu, *act, *out;
+} LmsDecodeModel;
+
+int lms_decode_step_available(void) { return 1; }
+
+/* ---- SiLU-and-mul ---------------------------------------------------------------------------- */
+
+LMS_INLINE __m512 load16(const void* p, int64_t i, int dt) {
+  if (dt == DT_F32) return _mm512_loadu_ps((const float*)p + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i))), 16));
+}
+
+LMS_INLINE __m512 round16(__m512 v, int dt) { /* to bf16 and back (round to nearest even), or v */
+  if (dt == DT_F32) return v;
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+LMS_INLINE void store16(void* p, int64_t i, __m512 v, int dt) {
+  if (dt == DT_F32) {
+    _mm512_storeu_ps((float*)p + i, v);
+  } else {
+    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round16(v, dt)), 16)));
+  }
+}
+
+/* act[r][i0 .. i1) = silu(gu[r][i]) * gu[r][I + i]; i0, i1 multiples of 16 but i1 may be I */
+static void silu_mul_rows(const void* gu, void* act, int rows, int64_t I, int64_t i0, int64_t i1, int dt) {
+  for (int r = 0; r < rows; r++) {
+    const int64_t g0 = r * 2 * I, a0 = r * I;
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+      const __m512 g = load16(gu, g0 + i, dt), u = load16(gu, g0 + I + i, dt);
+      const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))), dt);
+      store16(act, a0 + i, _mm512_mul_ps(s, u), dt);
+    }
+    for (; i < i1; i++) { /* a tail when I is not a multiple of 16: scalar expf */
+      const float g = load1(gu, g0 + i, dt), u = load1(gu, g0 + I + i, dt);
+      store1(act, a0 + i, round_to(g / (1.0f + expf(-g)), dt) * u, dt);
+    }
+  }
+}
+
+/* ---- the step ---------------------------------------------------------------------------------- */
+
+/* rows [n0, n1) of out = xq W^T (+ bias): lms_qgemv's loop body on this thread's share */
+static void qgemv_share(const LmsQLinear* W, const int8_t* xq, const float* dx, const float* xsum, int rows, void* out,
+                        int dt, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    float res[LMS_QGEMV_MAX_ROWS];
+    switch (rows) {
+      case 1: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, 1, res); break;
+      case 2: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, 2, res); break;
+      case 4: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, 4, res); break;
+      default: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, rows, res); break;
+    }
+    if (W->bias) { /* the eager path adds the bias to the rounded product: y = qgemv(x) + bias */
+      const float b = load1(W->bias, n, dt);
+      for (int r = 0; r < rows; r++) store1(out, r * W->n + n, round_to(res[r], dt) + b, dt);
+    } else {
+      for (int r = 0; r < rows; r++) store1(out, r * W->n + n, res[r], dt);
+    }
+  }
+}
+
+typedef struct { /* the shared state of one step's parallel region */
+  int8_t* xq;
+  float *dx, *xsum;
+  int rows, nth, dt;
+} Step;
+
+/* out [rows, W->n] = x [rows, W->k] W^T, all threads (x quantized once, by one of them) */
+static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid) {
+#pragma omp single
+  quantize_rows(x, W->k, st->rows, st->dt, W->k, st->xq, st->dx, st->xsum);
+  const int64_t per = (W->n + st->nth - 1) / st->nth;
+  const int64_t n0 = tid * per < W->n ? tid * per : W->n, n1 = n0 + per < W->n ? n0 + per : W->n;
+  qgemv_share(W, st->xq, st->dx, st->xsum, st->rows, out, st->dt, n0, n1);
+#pragma omp barrier
+}
+
+static int check_step(const LmsDecodeModel* M, int rows, const int32_t* bt, int64_t bt_width, const int32_t* seq_lens,
+                      const int64_t* slots, int* max_len) {
+  if (rows < 1 || rows > M->max_rows || rows > LMS_QGEMV_MAX_ROWS || !ok_dtype(M->dtype) ||
+      M->hidden > LMS_MAX_ROW || M->head_dim > LMS_MAX_ROW || M->head_dim % 2 || M->num_heads % M->num_kv_heads)
+    return LMS_ERR_ARGS;
+  *max_len = 0;
+  for (int r = 0; r < rows; r++) {
+    const int L = seq_lens[r];
+    if (L < 1 || (int64_t)L > bt_width * M->block_size) return LMS_ERR_SEQ_LEN;
+    for (int l = 0; l < M->num_layers; l++) {
+      const LmsLayer* ly = &M->layers[l];
+      const int t0 = (ly->sliding_window > 0 && L > ly->sliding_window) ? L - ly->sliding_window : 0;
+      for (int b = t0 / M->block_size; b <= (L - 1) / M->block_size; b++)
+        if (bt[(int64_t)r * bt_width + b] < 0 || bt[(int64_t)r * bt_width + b] >= ly->num_blocks) return LMS_ERR_BLOCK_ID;
+      if (slots[r] < 0 || slots[r] >= ly->num_blocks * M->block_size) return LMS_ERR_ARGS;
+    }
+    if (L > *max_len) *max_len = L;
+  }
+  return LMS_OK;
+}
+
+/* One decode step: M->h holds the rows' embeddings on entry; M->out their final hidden states on
+ * return. cos_sin [rows, head_dim] (cat(cos, sin) at each row's position); block_tables [rows,
+ * bt_width] int32 (dense); seq_lens [rows] int32 (the context after this token); slots [rows] int64
+ * (where this token's K/V go). Returns 0, or a negative LMS_ERR_* code before anything is written. */
+int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, const int32_t* block_tables,
+                    int64_t bt_width, const int32_t* seq_lens, const int64_t* slots, int nthreads) {
+  int max_len = 0;
+  const int err = check_step(M, rows, block_tables, bt_width, seq_lens, slots, &max_len);
+  if (err) return err;
+  const int dt = M->dtype, H = M->hidden, D = M->head_dim, Hq = M->num_heads, Hkv = M->num_kv_heads;
+  const int64_t qsz = (int64_t)Hq * D, kvsz = (int64_t)Hkv * D, qkv_w = qsz + 2 * kvsz, I = M->intermediate;
+  int64_t kmax = H > I ? H : I;
+  if (qsz > kmax) kmax = qsz;
+  if (kmax > LMS_QGEMV_MAX_K) return LMS_ERR_ARGS;
+  const int64_t nb = kmax / 32;
+  int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)(rows * ((nb + 3) / 4) * XQ_GROUP_BYTES));
+  float* dx = (float*)malloc(sizeof(float) * (size_t)(rows * nb + 4));
+  float* xsum = (float*)malloc(sizeof(float) * (size_t)(rows * nb));
+  if (!xq || !dx || !xsum) {
+    free(xq), free(dx), free(xsum);
+    return LMS_ERR_NOMEM;
+  }
+  const int G = Hq / Hkv, items = rows * Hkv;
+  const size_t ns = (size_t)(max_len + 15) / 16 * 16 + 16, Dp = (size_t)(D + 31) / 32 * 32;
+  const size_t nzeros = Dp > ns ? Dp : ns;
+  const size_t sz_kp = round64(sizeof(char*) * (ns + 16)), sz_s = round64(sizeof(float) * G * ns),
+               sz_pb = round64(sizeof(uint16_t) * G * ns), sz_qf = round64(sizeof(float) * G * Dp),
+               sz_tile = round64(sizeof(float) * 16 * Dp), sz_acc = round64(sizeof(float) * G * D),
+               sz_l = round64(sizeof(float) * G), sz_zeros = round64(sizeof(float) * nzeros);
+  const size_t scratch_bytes = 2 * sz_kp + sz_s + sz_pb + sz_qf + sz_tile + sz_acc + sz_l + sz_zeros;
+  item_fn attn_item = dt == DT_F32 ? item_f32 : item_bf16;
+  const int esz = dtype_size(dt);
+  int nomem = 0;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    Step st = {xq, dx, xsum, rows, nth, dt};
+    char* buf = (char*)aligned_alloc(64, scratch_bytes);
+    Scratch S;
+    if (buf) {
+      char* p = buf;
+      S.kp = (const char**)p, p += sz_kp;
+      S.vp = (const char**)p, p += sz_kp;
+      S.s = (float*)p, p += sz_s;
+      S.pb = (uint16_t*)p, p += sz_pb;
+      S.qf = (float*)p, p += sz_qf;
+      S.tile = (float*)p, p += sz_tile;
+      S.acc = (float*)p, p += sz_acc;
+      S.l = (float*)p, p += sz_l;
+      S.zeros = (float*)p;
+      memset(S.zeros, 0, sz_zeros);
+    } else {
+#pragma omp atomic write
+      nomem = 1;
+    }
+#pragma omp barrier
+    if (!nomem) {
+      for (int l = 0; l < M->num_layers; l++) {
+        const LmsLayer* ly = &M->layers[l];
+#pragma omp single
+        {
+          if (l == 0) {
+            memcpy(M->res, M->h, (size_t)rows * H * esz);
+            lms_rms_norm(M->h, H, NULL, 0, ly->input_norm, M->normed, NULL, rows, H, M->eps, dt, 1);
+          } else {
+            lms_rms_norm(M->h, H, M->res, H, ly->input_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
+          }
+        }
+        linear(&st, &ly->qkv, M->normed, M->qkv, tid);
+#pragma omp single
+        {
+          lms_rope_neox(M->qkv, qkv_w, Hq, (const char*)M->qkv + qsz * esz, qkv_w, Hkv, cos_sin, D, M->q, M->k, rows,
+                        D, dt, 1);
+          lms_write_kv(M->k, kvsz, (const char*)M->qkv + (qsz + kvsz) * esz, qkv_w, ly->kv_cache,
+                       ly->num_blocks * M->block_size, slots, rows, kvsz, dt);
+        }
+        const Problem P = {(const char*)M->q, qsz, (const char*)ly->kv_cache,
+                           ly->num_blocks * M->block_size * kvsz * esz, M->block_size, block_tables, bt_width,
+                           seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window};
+#pragma omp for schedule(dynamic, 1)
+        for (int w = 0; w < items; w++) attn_item(&P, w / Hkv, w % Hkv, &S);
+        linear(&st, &ly->o, M->attn, M->h, tid);
+#pragma omp single
+        lms_rms_norm(M->h, H, M->res, H, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
+        linear(&st, &ly->gate_up, M->normed, M->gu, tid);
+        {
+          const int64_t per = (I + 16 * nth - 1) / (16 * nth) * 16;
+          const int64_t i0 = tid * per < I ? tid * per : I, i1 = i0 + per < I ? i0 + per : I;
+          silu_mul_rows(M->gu, M->act, rows, I, i0, i1, dt);
+        }
+#pragma omp barrier
+        linear(&st, &ly->down, M->act, M->h, tid);
+      }
+#pragma omp single
+      lms_rms_norm(M->h, H, M->res, H, M->final_norm, M->out, M->res, rows, H, M->eps, dt, 1);
+    }
+    free(buf);
+  }
+  free(xq), free(dx), free(xsum);
+  return nomem ? LMS_ERR_NOMEM : LMS_OK;
+}
+#else
+#define LMS_DECODE_STEP 0
+int lms_decode_step_available(void) { return 0; }
+int lms_decode_step(const void* M, int rows, const void* cos_sin, const int32_t* block_tables, int64_t bt_width,
+                    const int32_t* seq_lens, const int64_t* slots, int nthreads) {
+  (void)M, (void)rows, (void)cos_sin, (void)block_tables, (void)bt_width, (void)seq_lens, (void)slots, (void)nthreads;
+  return -1;
+}
+#endif
