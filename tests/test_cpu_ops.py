@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig
 
 from lmserve.model.layers.cpu_kernels import build
+from lmserve.model.layers.activation import SiluAndMul
 from lmserve.model.layers.cpu_kernels.cpu_ops import attach_cpu_ops, get_cpu_ops
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
@@ -67,6 +68,26 @@ def test_rope_is_bit_identical_to_reference(dtype, rows):
     assert got[0].is_contiguous() and got[1].is_contiguous()
 
 
+@pytest.mark.skipif(OPS is None or not OPS.has_silu, reason="the fused SiLU needs AVX-512")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(1, 40), (3, 576), (32, 4864), (0, 64)])
+def test_silu_and_mul_matches_torch(dtype, rows, width):
+    """silu(gate) * up with torch's roundings: bf16 equal to torch's two ops; fp32 within a few ulp
+    (the exp is not torch's: 3 ulp with the multiply); a row stride wider than the row (a view) is read in place."""
+    wide = (torch.randn(rows, 2 * width + 8, generator=torch.Generator().manual_seed(rows)) * 4).to(dtype)
+    x = wide[:, :2 * width]  # rows 8 elements apart from their neighbours' ends
+    if rows:
+        x[0, :4] = torch.tensor([0.0, -90.0, 90.0, 1e-30]).to(dtype)
+    fused = SiluAndMul()
+    fused.cpu_ops = OPS
+    got, ref = fused(x), SiluAndMul()(x)
+    assert got.shape == ref.shape == (rows, width) and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, rtol=4e-7, atol=1e-37)
+
+
 def test_kernels_decline_what_they_do_not_take():
     """float16, a strided last dim, mismatched shapes: None, and the modules fall back to torch."""
     h = torch.randn(3, 16, dtype=torch.float16)
@@ -94,13 +115,13 @@ def _llama(tmp_path):
 
 
 def test_get_model_attaches_kernels_and_matches_hf(tmp_path, monkeypatch):
-    """get_model gives every norm and the rotary the kernels; logits still equal HF's, and equal
+    """get_model gives every norm, the rotary and the SiLUs the kernels; logits still equal HF's, and equal
     the same model without the kernels over a batched chunked run."""
     hf = _llama(tmp_path)
     fused = get_model(_model_config(str(tmp_path)), "cpu")
-    kinds = (RMSNorm, RotaryEmbedding)
+    kinds = (RMSNorm, RotaryEmbedding, SiluAndMul)
     mods = [m for m in fused.modules() if isinstance(m, kinds)]
-    assert len(mods) == 2 * 2 + 1 + 1 and all(m.cpu_ops is OPS for m in mods)
+    assert len(mods) == 2 * 2 + 1 + 1 + 2 and all(m.cpu_ops is OPS for m in mods)
     toks = _tokens(23, 3)
     out = _run(fused, PagedTestCache(fused.kv_cache_spec()), [("a", toks)])["a"]
     ref = hf_logits(hf, toks)

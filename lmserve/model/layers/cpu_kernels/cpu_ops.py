@@ -1,5 +1,5 @@
-"""ctypes binding of ``cpu_ops.c``: fused RMSNorm and rotary embedding for CPU tensors in
-float32 or bfloat16, and (on CPUs with AVX-512 VNNI) the integer-dot GEMV on llama.cpp
+"""ctypes binding of ``cpu_ops.c``: fused RMSNorm, rotary embedding and (on AVX-512 CPUs)
+SiLU-and-mul for CPU tensors in float32 or bfloat16, and (on CPUs with AVX-512 VNNI) the integer-dot GEMV on llama.cpp
 block-quantized weights.
 
 ``get_cpu_ops()`` compiles and loads the C source at first use (``build.py``) and returns a
@@ -54,9 +54,12 @@ class CpuOps:
         self._rope.argtypes = [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i64, _i64, _i32, _i32]
         self._qgemv = lib.lms_qgemv
         self._qgemv.argtypes = [_p, _i64, _i64, _i32, _p, _p, _p, _i32, _i64, _i64, _p, _p, _i64, _i32]
-        for fn in (self._rms, self._rope, self._qgemv):
+        self._silu = lib.lms_silu_mul
+        self._silu.argtypes = [_p, _i64, _p, _i64, _i64, _i32, _i32]
+        for fn in (self._rms, self._rope, self._qgemv, self._silu):
             fn.restype = ctypes.c_int
         self.has_qgemv = bool(lib.lms_qgemv_available())
+        self.has_silu = bool(lib.lms_silu_available())
 
     @staticmethod
     def _check(rc: int, what: str) -> None:
@@ -95,6 +98,17 @@ class CpuOps:
                                DTYPE_CODES[q.dtype], torch.get_num_threads()), "rope_neox")
         return q_out, k_out
 
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, 2I] (gate | up) -> silu(gate) * up [T, I], rounded like torch's two ops (the exp
+        differs from torch's in the last bit, rarely); None where the kernel is absent or declines."""
+        if not self.has_silu or not _rows_ok(x) or x.shape[1] % 2 or x.shape[1] == 0:
+            return None
+        t, i = x.shape[0], x.shape[1] // 2
+        out = torch.empty(t, i, dtype=x.dtype)
+        self._check(self._silu(x.data_ptr(), x.stride(0), out.data_ptr(), t, i, DTYPE_CODES[x.dtype],
+                               torch.get_num_threads()), "silu_mul")
+        return out
+
     def qgemv(self, x: torch.Tensor, qw: torch.Tensor, d: torch.Tensor, m: torch.Tensor, nibbles: bool,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """x [M, K] (M <= 8, K a multiple of 64 up to 16384) times a block-quantized weight [N, K] in
@@ -123,10 +137,11 @@ def _load(compiler: str | None, cache_dir: str | None) -> CpuOps | None:
 
 
 def attach_cpu_ops(model: torch.nn.Module) -> int:
-    """Give every ``RMSNorm`` and ``RotaryEmbedding`` of a CPU model the fused
+    """Give every ``RMSNorm``, ``RotaryEmbedding`` and ``SiluAndMul`` of a CPU model the fused
     kernels (each keeps its torch ops for inputs the kernels decline). Call once after loading,
     with the model on its device; a model on another device, or no kernels, is left as it is.
     Returns the number of modules given them."""
+    from lmserve.model.layers.activation import SiluAndMul
     from lmserve.model.layers.norm import RMSNorm
     from lmserve.model.layers.rotary import RotaryEmbedding
 
@@ -136,7 +151,7 @@ def attach_cpu_ops(model: torch.nn.Module) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, (RMSNorm, RotaryEmbedding)):
+        if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
             module.cpu_ops = ops
             count += 1
     return count

@@ -10,11 +10,8 @@
  * The ops are the very kernels of the eager path, compiled from the same sources (this file
  * includes cpu_ops.c and paged_attention.c): the fused RMSNorm (+ residual add), neox rotary,
  * the KV-cache write, the paged decode attention, and lms_qgemv's GEMV, so the fast path and the
- * eager path compute the same numbers. The one op of its own is SiLU-and-mul, act = silu(gate) * up
- * with silu(x) = x / (1 + exp(-x)) in fp32 and, in bfloat16, silu rounded to bf16 before the
- * multiply and the product rounded again (torch's order); its exp is the attention kernel's
- * polynomial (exp512, relative error ~4e-9 before rounding), not torch's, so a result can differ
- * from torch's in the last bit, rarely.
+ * eager path compute the same numbers (SiLU-and-mul too: lms_simd.h's silu_mul_span, which the
+ * eager path runs as lms_silu_mul).
  *
  * Per layer, for R rows (one decode token of each of R sequences; row r is sequence r):
  *   normed, res = rmsnorm(h + res)      (the first layer: res = h, normed = rmsnorm(h))
@@ -64,45 +61,6 @@ typedef struct {
 } LmsDecodeModel;
 
 int lms_decode_step_available(void) { return 1; }
-
-/* ---- SiLU-and-mul ---------------------------------------------------------------------------- */
-
-LMS_INLINE __m512 load16(const void* p, int64_t i, int dt) {
-  if (dt == DT_F32) return _mm512_loadu_ps((const float*)p + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i))), 16));
-}
-
-LMS_INLINE __m512 round16(__m512 v, int dt) { /* to bf16 and back (round to nearest even), or v */
-  if (dt == DT_F32) return v;
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32((int)0xffff0000u)));
-}
-
-LMS_INLINE void store16(void* p, int64_t i, __m512 v, int dt) {
-  if (dt == DT_F32) {
-    _mm512_storeu_ps((float*)p + i, v);
-  } else {
-    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round16(v, dt)), 16)));
-  }
-}
-
-/* act[r][i0 .. i1) = silu(gu[r][i]) * gu[r][I + i]; i0, i1 multiples of 16 but i1 may be I */
-static void silu_mul_rows(const void* gu, void* act, int rows, int64_t I, int64_t i0, int64_t i1, int dt) {
-  for (int r = 0; r < rows; r++) {
-    const int64_t g0 = r * 2 * I, a0 = r * I;
-    int64_t i = i0;
-    for (; i + 16 <= i1; i += 16) {
-      const __m512 g = load16(gu, g0 + i, dt), u = load16(gu, g0 + I + i, dt);
-      const __m512 s = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))), dt);
-      store16(act, a0 + i, _mm512_mul_ps(s, u), dt);
-    }
-    for (; i < i1; i++) { /* a tail when I is not a multiple of 16: scalar expf */
-      const float g = load1(gu, g0 + i, dt), u = load1(gu, g0 + I + i, dt);
-      store1(act, a0 + i, round_to(g / (1.0f + expf(-g)), dt) * u, dt);
-    }
-  }
-}
 
 /* ---- the step ---------------------------------------------------------------------------------- */
 
@@ -234,7 +192,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         {
           const int64_t per = (I + 16 * nth - 1) / (16 * nth) * 16;
           const int64_t i0 = tid * per < I ? tid * per : I, i1 = i0 + per < I ? i0 + per : I;
-          silu_mul_rows(M->gu, M->act, rows, I, i0, i1, dt);
+          silu_mul_span(M->gu, 2 * I, M->act, I, rows, I, i0, i1, dt);
         }
 #pragma omp barrier
         linear(&st, &ly->down, M->act, M->h, tid);

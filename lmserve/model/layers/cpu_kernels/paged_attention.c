@@ -160,48 +160,7 @@ LMS_INLINE void item_portable(const Problem* P, int i, int h, const Scratch* S, 
 /* ---- AVX-512 path -------------------------------------------------------------------------- */
 #if LMS_AVX512
 
-LMS_INLINE __mmask16 mask16(int w) { return w >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (w > 0 ? w : 0)) - 1); }
-
-LMS_INLINE __m512 ld16(const void* p, __mmask16 m, const int dt) { /* 16 elements -> fp32 */
-  if (dt == DT_F32) return _mm512_maskz_loadu_ps(m, p);
-  __m256i x = _mm256_maskz_loadu_epi16(m, p);
-  if (dt == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-  return _mm512_cvtph_ps(x);
-}
-
-LMS_INLINE __m256i f32x16_to_bf16(__m512 v) { /* round to nearest even; NaN stays NaN */
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-LMS_INLINE void st16(void* p, __m512 v, __mmask16 m, const int dt) {
-  if (dt == DT_F32) _mm512_mask_storeu_ps(p, m, v);
-  else if (dt == DT_BF16) _mm256_mask_storeu_epi16(p, m, f32x16_to_bf16(v));
-  else _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-/* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2/2, degree-7
- * Taylor polynomial (relative error ~4e-9 before fp32 rounding). */
-LMS_INLINE __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+#include "lms_simd.h"
 
 /* Software prefetch of `count` rows of `bytes` each (the blocks of a sequence are scattered, so
  * the hardware prefetcher loses the stream at every block boundary). */
