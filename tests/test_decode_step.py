@@ -1,5 +1,5 @@
 """The native one-call decode step (``cpu_kernels/decode_step.c``) against the eager path it
-replaces: tiny Llama / Qwen2 GGUFs kept quantized (Q4_0, Q4_1, Q8_0), decode steps of 1-4
+replaces: tiny Llama / Qwen2 / Qwen3 (q/k norms) GGUFs kept quantized (Q4_0, Q4_1, Q8_0), decode steps of 1-4
 sequences of different lengths over a paged cache with scattered blocks: equal bit for bit, in
 bfloat16 and in float32 (the same kernels, the eager path's SiLU included).
 Also: which models get the step, and the calls it declines (the eager path then runs)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen2Config
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops
 from lmserve.model.layers.cpu_kernels.decode_step import ENV, MAX_ROWS, LlamaDecodeStep
@@ -26,7 +26,7 @@ _SHAPE = dict(vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_
 
 
 def _model(tmp_path, arch: str, quant: str, dtype: torch.dtype):
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
     hf = make_hf_model(cls(**_SHAPE, tie_word_embeddings=arch == "qwen2"), seed=4)
     write_tiny_gguf(hf, str(tmp_path / "tiny.gguf"), arch, quant=quant)
     return get_model(_model_config(str(tmp_path), "tiny.gguf", dtype=dtype, quantization="gguf"), "cpu")
@@ -53,7 +53,8 @@ def _run(model, use_step: bool, steps: int = 6) -> list[torch.Tensor]:
         model.decode_step = saved
 
 
-@pytest.mark.parametrize("arch,quant", [("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0"), ("qwen2", "Q4_1")])
+@pytest.mark.parametrize("arch,quant", [("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0"), ("qwen2", "Q4_1"),
+                                        ("qwen3", "Q8_0")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_step_equals_eager(tmp_path, arch, quant, dtype):
     model = _model(tmp_path, arch, quant, dtype)

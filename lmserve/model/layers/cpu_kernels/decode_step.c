@@ -15,7 +15,7 @@
  *
  * Per layer, for R rows (one decode token of each of R sequences; row r is sequence r):
  *   normed, res = rmsnorm(h + res)      (the first layer: res = h, normed = rmsnorm(h))
- *   qkv = normed W_qkv^T (+ bias);  q, k = rope(q, k);  cache[slot[r]] = k, v
+ *   qkv = normed W_qkv^T (+ bias);  (Qwen3: q, k = rmsnorm per head);  q, k = rope(q, k);  cache[slot[r]] = k, v
  *   attn = paged_decode(q, cache, block_tables, seq_lens);  h = attn W_o^T (+ bias)
  *   normed, res = rmsnorm(h + res);  gu = normed W_gu^T;  h = (silu(gu[:I]) * gu[I:]) W_down^T
  * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel), contiguous.
@@ -44,6 +44,8 @@ typedef struct {
 typedef struct {
   const void* input_norm; /* [hidden] */
   const void* post_norm;  /* [hidden] */
+  const void* q_norm;     /* [head_dim] (Qwen3: per-head RMSNorm of q and k before RoPE), or NULL */
+  const void* k_norm;     /* [head_dim], or NULL */
   LmsQLinear qkv, o, gate_up, down;
   void* kv_cache; /* [2, num_blocks, block_size, Hkv, D] */
   int64_t num_blocks;
@@ -175,8 +177,18 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         linear(&st, &ly->qkv, M->normed, M->qkv, tid);
 #pragma omp single
         {
-          lms_rope_neox(M->qkv, qkv_w, Hq, (const char*)M->qkv + qsz * esz, qkv_w, Hkv, cos_sin, D, M->q, M->k, rows,
-                        D, dt, 1);
+          if (ly->q_norm) { /* normed heads into q, k; then rotated in place (rope reads a head before writing it) */
+            for (int r = 0; r < rows; r++) {
+              const char* row = (const char*)M->qkv + (int64_t)r * qkv_w * esz;
+              lms_rms_norm(row, D, NULL, 0, ly->q_norm, (char*)M->q + r * qsz * esz, NULL, Hq, D, M->eps, dt, 1);
+              lms_rms_norm(row + qsz * esz, D, NULL, 0, ly->k_norm, (char*)M->k + r * kvsz * esz, NULL, Hkv, D, M->eps,
+                           dt, 1);
+            }
+            lms_rope_neox(M->q, qsz, Hq, M->k, kvsz, Hkv, cos_sin, D, M->q, M->k, rows, D, dt, 1);
+          } else {
+            lms_rope_neox(M->qkv, qkv_w, Hq, (const char*)M->qkv + qsz * esz, qkv_w, Hkv, cos_sin, D, M->q, M->k, rows,
+                          D, dt, 1);
+          }
           lms_write_kv(M->k, kvsz, (const char*)M->qkv + (qsz + kvsz) * esz, qkv_w, ly->kv_cache,
                        ly->num_blocks * M->block_size, slots, rows, kvsz, dt);
         }

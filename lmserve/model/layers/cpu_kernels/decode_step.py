@@ -42,7 +42,7 @@ class _QLinear(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", _p), ("post_norm", _p), ("qkv", _QLinear), ("o", _QLinear), ("gate_up", _QLinear),
+    _fields_ = [("input_norm", _p), ("post_norm", _p), ("q_norm", _p), ("k_norm", _p), ("qkv", _QLinear), ("o", _QLinear), ("gate_up", _QLinear),
                 ("down", _QLinear), ("kv_cache", _p), ("num_blocks", _i64), ("sliding_window", _i32)]
 
 
@@ -103,8 +103,8 @@ class LlamaDecodeStep:
     @classmethod
     def build(cls, model: torch.nn.Module) -> "LlamaDecodeStep | None":
         """The step for ``model``, or None where it does not apply (see the module docstring):
-        not a CPU Llama-family causal LM in fp32/bf16, a linear layer off the VNNI GEMV, Qwen3's
-        q/k norms, mixed norm epsilons, or shapes past the kernels' limits."""
+        not a CPU Llama-family causal LM in fp32/bf16, a linear layer off the VNNI GEMV, mixed
+        norm epsilons, or shapes past the kernels' limits."""
         lib = _load_library()
         inner = getattr(model, "model", None)
         if lib is None or inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
@@ -121,10 +121,12 @@ class LlamaDecodeStep:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [_qlinear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(q is None for q in linears) or attn.qk_norm or any(n.variance_epsilon != eps for n in norms) or \
+            head_norms = (attn.q_norm, attn.k_norm) if attn.qk_norm else ()
+            if any(q is None for q in linears) or any(n.variance_epsilon != eps for n in norms + head_norms) or \
                     attn.head_dim * attn.num_heads > QGEMV_MAX_K or attn.attn.scale != inner.layers[0].self_attn.attn.scale:
                 return None
-            layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *linears, None, 0,
+            qk = [n.weight.data_ptr() for n in head_norms] or [None, None]
+            layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *qk, *linears, None, 0,
                                  attn.attn.sliding_window or 0))
         return cls(lib, model, layers, dtype) if layers else None
 
