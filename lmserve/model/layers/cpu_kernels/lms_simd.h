@@ -1,7 +1,9 @@
 /* AVX-512 helpers shared by the CPU kernels' C sources (included where the target has AVX-512
  * F/BW/VL): masked loads and stores of 16 elements in any dtype code as fp32, fp32 -> bf16 with
  * round to nearest even, a vector exp, and SiLU-and-mul. build.py hashes this header into every
- * kernel's cache key. */
+ * kernel's cache key. Every fused multiply-add here is an explicit FMA intrinsic and no product
+ * feeds an add, so the result is the same under -ffp-contract=off (cpu_ops.c) and =fast
+ * (paged_attention.c): the eager kernels and decode_step.c compute the same bits. */
 #ifndef LMS_SIMD_H
 #define LMS_SIMD_H
 #include <immintrin.h>
