@@ -319,3 +319,5 @@ def test_int8dot_packing_and_dispatch():
     assert isinstance(merged8.qweight, VnniWeight) and not merged8.qweight.nibbles
     _assert_close_to_ref(merged8(x, decode_only=True), _ref_matmul(x, torch.cat([r for _, r in q8])),
                          torch.bfloat16)
+    w, bias = merged8.qweight, torch.randn(96).bfloat16()  # a bias goes on after the product's rounding
+    assert torch.equal(_OPS.qgemv(x, w.qw, w.d, w.m, w.nibbles, bias), w(x) + bias)

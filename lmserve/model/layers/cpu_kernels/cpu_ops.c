@@ -20,6 +20,7 @@
  * Built at first use by build.py (gcc -O3 -march=native -fopenmp, plus -ffp-contract=off).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -167,7 +168,8 @@ int lms_silu_available(void) { return LMS_SILU; }
  * 128 (u . a) + (u . b), each an unsigned-by-signed byte dot (VPDPBUSD, four products a lane, int32,
  * cannot overflow: |u . a| <= 255 * 127 * 32). Per block: d dx (u . q) + m dx sum(q), in fp32.
  * K must be a multiple of 64 and at most 16384. x [M, K] (row stride x_stride, dtype xdt); bias [N]
- * in xdt or NULL; out [M, N] (row stride out_stride) in xdt. Parallel over N. */
+ * in xdt or NULL (added after the product is rounded to xdt); out [M, N] (row stride out_stride) in
+ * xdt. Parallel over N. */
 #define LMS_QGEMV_MAX_ROWS 8
 #define LMS_QGEMV_MAX_K 16384
 #define LMS_QSCALE 16256.f /* 127 * 128: |q| <= 16256 keeps a = (q + 64) >> 7 within -127..127 */
@@ -280,6 +282,32 @@ LMS_INLINE void qgemv_rows(const int8_t* xq, const float* dx, const float* xsum,
   }
 }
 
+/* thread tid's share [*n0, *n1) of n items split in nth contiguous parts (OpenMP's static schedule) */
+LMS_INLINE void thread_share(int64_t n, int tid, int nth, int64_t* n0, int64_t* n1) {
+  const int64_t per = (n + nth - 1) / nth;
+  *n0 = tid * per < n ? tid * per : n;
+  *n1 = *n0 + per < n ? *n0 + per : n;
+}
+
+/* output columns n0 <= n < n1 of all rows (row stride out_stride, dtype xdt) from the quantized
+ * rows; a bias is added to the product rounded to xdt, as the eager path's qgemv(x) + bias does */
+static void qgemv_range(const int8_t* xq, const float* dx, const float* xsum, const uint8_t* qw, const uint16_t* d,
+                        const uint16_t* m, const int nibbles, const int64_t K, const int rows, const void* bias,
+                        void* out, const int64_t out_stride, const int xdt, const int64_t n0, const int64_t n1) {
+  for (int64_t n = n0; n < n1; n++) {
+    float res[LMS_QGEMV_MAX_ROWS];
+    switch (rows) { /* constant row counts keep the accumulators in registers */
+      case 1: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 1, res); break;
+      case 2: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 2, res); break;
+      case 4: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 4, res); break;
+      default: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, rows, res); break;
+    }
+    const float b = bias ? load1(bias, n, xdt) : 0.f;
+    for (int r = 0; r < rows; r++)
+      store1((char*)out + r * out_stride * dtype_size(xdt), n, bias ? round_to(res[r], xdt) + b : res[r], xdt);
+  }
+}
+
 int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t* qw, const uint16_t* d,
               const uint16_t* m, int nibbles, int64_t N, int64_t K, const void* bias, void* out, int64_t out_stride,
               int nthreads) {
@@ -290,18 +318,11 @@ int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t
   int8_t xq[M * ((nb + 3) / 4) * XQ_GROUP_BYTES] __attribute__((aligned(64)));
   float dx[M * nb + 4], xsum[M * nb];
   quantize_rows(x, x_stride, M, xdt, K, xq, dx, xsum);
-  const int rows = (int)M;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t n = 0; n < N; n++) {
-    float res[LMS_QGEMV_MAX_ROWS];
-    switch (rows) { /* constant row counts keep the accumulators in registers */
-      case 1: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 1, res); break;
-      case 2: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 2, res); break;
-      case 4: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, 4, res); break;
-      default: qgemv_rows(xq, dx, xsum, qw, d, m, nibbles, n, K, rows, res); break;
-    }
-    const float b = bias ? load1(bias, n, xdt) : 0.f;
-    for (int r = 0; r < rows; r++) store1((char*)out + r * out_stride * dtype_size(xdt), n, res[r] + b, xdt);
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t n0, n1;
+    thread_share(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+    qgemv_range(xq, dx, xsum, qw, d, m, nibbles, K, (int)M, bias, out, out_stride, xdt, n0, n1);
   }
   return 0;
 }

@@ -113,7 +113,8 @@ class CpuOps:
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """x [M, K] (M <= 8, K a multiple of 64 up to 16384) times a block-quantized weight [N, K] in
         ``cpu_ops.c``'s layout (qw uint8, d and m float16 [N, K/32]), x quantized to 15 bits per block
-        of 32 -> [M, N] in x's dtype; None where the kernel is absent or does not take the input."""
+        of 32 -> [M, N] in x's dtype, ``bias`` [N] added after that rounding (the same as
+        ``qgemv(x) + bias``); None where the kernel is absent or does not take the input."""
         if not self.has_qgemv or not _rows_ok(x) or not 1 <= x.shape[0] <= QGEMV_MAX_ROWS or \
                 x.shape[1] % 64 or x.shape[1] > QGEMV_MAX_K or \
                 (bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous())):

@@ -20,8 +20,6 @@
  *   normed, res = rmsnorm(h + res);  gu = normed W_gu^T;  h = (silu(gu[:I]) * gu[I:]) W_down^T
  * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel), contiguous.
  */
-#include <omp.h>
-
 #include "cpu_ops.c"
 /* paged_attention.c is built alone without -ffp-contract=off: the same here, so its code is the same */
 #pragma GCC push_options
@@ -66,26 +64,6 @@ int lms_decode_step_available(void) { return 1; }
 
 /* ---- the step ---------------------------------------------------------------------------------- */
 
-/* rows [n0, n1) of out = xq W^T (+ bias): lms_qgemv's loop body on this thread's share */
-static void qgemv_share(const LmsQLinear* W, const int8_t* xq, const float* dx, const float* xsum, int rows, void* out,
-                        int dt, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; n++) {
-    float res[LMS_QGEMV_MAX_ROWS];
-    switch (rows) {
-      case 1: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, 1, res); break;
-      case 2: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, 2, res); break;
-      case 4: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, 4, res); break;
-      default: qgemv_rows(xq, dx, xsum, W->qw, W->d, W->m, W->nibbles, n, W->k, rows, res); break;
-    }
-    if (W->bias) { /* the eager path adds the bias to the rounded product: y = qgemv(x) + bias */
-      const float b = load1(W->bias, n, dt);
-      for (int r = 0; r < rows; r++) store1(out, r * W->n + n, round_to(res[r], dt) + b, dt);
-    } else {
-      for (int r = 0; r < rows; r++) store1(out, r * W->n + n, res[r], dt);
-    }
-  }
-}
-
 typedef struct { /* the shared state of one step's parallel region */
   int8_t* xq;
   float *dx, *xsum;
@@ -96,9 +74,10 @@ typedef struct { /* the shared state of one step's parallel region */
 static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid) {
 #pragma omp single
   quantize_rows(x, W->k, st->rows, st->dt, W->k, st->xq, st->dx, st->xsum);
-  const int64_t per = (W->n + st->nth - 1) / st->nth;
-  const int64_t n0 = tid * per < W->n ? tid * per : W->n, n1 = n0 + per < W->n ? n0 + per : W->n;
-  qgemv_share(W, st->xq, st->dx, st->xsum, st->rows, out, st->dt, n0, n1);
+  int64_t n0, n1;
+  thread_share(W->n, tid, st->nth, &n0, &n1);
+  qgemv_range(st->xq, st->dx, st->xsum, W->qw, W->d, W->m, W->nibbles, W->k, st->rows, W->bias, out, W->n, st->dt,
+              n0, n1);
 #pragma omp barrier
 }
 

@@ -5,8 +5,8 @@ Q4_0/Q4_1/Q8_0 weights kept quantized, on a CPU with AVX-512 VNNI).
 ``attach_decode_step(model)`` gives such a model a ``LlamaDecodeStep`` as ``model.decode_step``
 (``LlamaForCausalLM.forward`` then runs decode-only steps of up to ``max_rows`` sequences through
 it); any other model, or ``LMSERVE_DECODE_STEP=0``, or no kernels, leaves ``decode_step`` None
-and the eager path runs. The step computes what the eager path computes with the same kernels
-(``decode_step.c`` says where the last bit can differ); tests hold the two equal.
+and the eager path runs. The step computes what the eager path computes, with the same kernels;
+tests hold the two equal bit for bit.
 
 The step keeps raw pointers to the model's weights and, once bound at the first call, to the KV
 caches: both must outlive it and not move (the model owns it; the runner allocates its caches
@@ -27,12 +27,15 @@ import torch
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
 from lmserve.model.layers.cpu_kernels.cpu_ops import DTYPE_CODES, FLAGS, QGEMV_MAX_K, get_cpu_ops
+from lmserve.model.layers.quantized_linear import MAX_ROWS as INT_KERNEL_MAX_ROWS
+from lmserve.model.layers.quantized_linear import VnniWeight
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 ENV = "LMSERVE_DECODE_STEP"  # "0" switches the one-call decode step off (the eager path runs)
-MAX_ROWS = 4  # sequences per step: the VNNI GEMV's row limit in the eager path (MAX_ROWS["vnni"])
+# sequences per step: where the eager path runs the VNNI GEMV (more rows take the dense weight there)
+MAX_ROWS = INT_KERNEL_MAX_ROWS["vnni"]
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -42,8 +45,9 @@ class _QLinear(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", _p), ("post_norm", _p), ("q_norm", _p), ("k_norm", _p), ("qkv", _QLinear), ("o", _QLinear), ("gate_up", _QLinear),
-                ("down", _QLinear), ("kv_cache", _p), ("num_blocks", _i64), ("sliding_window", _i32)]
+    _fields_ = [("input_norm", _p), ("post_norm", _p), ("q_norm", _p), ("k_norm", _p), ("qkv", _QLinear),
+                ("o", _QLinear), ("gate_up", _QLinear), ("down", _QLinear), ("kv_cache", _p), ("num_blocks", _i64),
+                ("sliding_window", _i32)]
 
 
 _BUFFERS = ("h", "res", "normed", "qkv", "q", "k", "attn", "gu", "act", "out")
@@ -62,8 +66,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _qlinear(module: Any) -> _QLinear | None:
     """The VNNI weight of a (merged) linear layer as the C struct, or None if it has none."""
-    from lmserve.model.layers.quantized_linear import VnniWeight
-
     w = getattr(module, "qweight", None)
     if not isinstance(w, VnniWeight):
         return None
