@@ -1,5 +1,5 @@
-"""Prepacked CPU linears (lmserve/model/layers/cpu_gemm.py, cpu_kernels/sgemm.c): both backends equal
-F.linear, applied by get_model to every dense matmul, freeing the dense copy, off where they do not apply."""
+"""Prepacked CPU linears (lmserve/model/layers/cpu_gemm.py, cpu_kernels/sgemm.c, sbgemm.c): every backend
+equals F.linear, applied by get_model to every dense matmul, freeing the dense copy, off where they do not apply."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from transformers import Qwen2Config
 
 from lmserve.model.layers import cpu_gemm
 from lmserve.model.layers.cpu_gemm import prepack_supported, pack_weight, prepack_model
-from lmserve.model.layers.cpu_kernels import get_sgemm_kernel
+from lmserve.config import cpu_has_fast_bf16
+from lmserve.model.layers.cpu_kernels import get_sbgemm_kernel, get_sgemm_kernel
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
@@ -20,35 +21,63 @@ pytestmark = pytest.mark.skipif(not prepack_supported(torch.empty(2, 2)),
                                 reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
 
 
-BACKENDS = ["onednn"] + (["sgemm"] if get_sgemm_kernel() is not None else [])
+BACKENDS = [("onednn", torch.float32)] + ([("sgemm", torch.float32)] if get_sgemm_kernel() is not None else []) + \
+    ([("onednn", torch.bfloat16)] if cpu_has_fast_bf16() else []) + \
+    ([("sbgemm", torch.bfloat16)] if get_sbgemm_kernel() is not None else [])
+PANEL_KERNELS = [b for b in BACKENDS if b[0] != "onednn"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _assert_linear_close(y, x, w, b):
+    """fp32: F.linear's result to fp32 rounding; bf16: the exact product of the bf16 inputs, rounded
+    once to bf16 (within one bf16 rounding, 2^-8 relative)."""
+    if y.dtype == torch.float32:
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    else:
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS)
 @pytest.mark.parametrize("rows", [0, 1, 3, 7, 32, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(backend, rows, bias):
+def test_packed_linear_matches_f_linear(backend, dtype, rows, bias):
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(200, 96, generator=gen)  # 200 = 12 full 16-column panels + a partial one
-    b = torch.randn(200, generator=gen) if bias else None
-    x = torch.randn(rows, 96, generator=gen)
+    w = torch.randn(200, 96, generator=gen).to(dtype)  # 200 = 12 full 16-column panels + a partial one (3 + 1 of 64)
+    b = torch.randn(200, generator=gen).to(dtype) if bias else None
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
     packed = pack_weight(w, backend)
-    assert packed.backend == backend and packed.shape == w.shape
-    torch.testing.assert_close(packed.linear(x, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert packed.backend == backend and packed.shape == w.shape and packed.dtype == dtype
+    _assert_linear_close(packed.linear(x, b), x, w, b)
     # leading dims and a non-contiguous input (a transposed view) are taken as F.linear takes them
-    x3 = torch.randn(2, 96, rows, generator=gen).transpose(1, 2)
-    torch.testing.assert_close(packed.linear(x3, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 96, rows, generator=gen).to(dtype).transpose(1, 2)
+    _assert_linear_close(packed.linear(x3, b), x3, w, b)
     assert torch.equal(packed.to_dense(), w)
 
 
-@pytest.mark.skipif("sgemm" not in BACKENDS, reason="the sgemm kernel does not apply to this CPU")
-def test_sgemm_rows_are_batch_invariant():
-    """A row's output is bit-identical whatever the batch around it (one sequential sum per element)."""
+@pytest.mark.skipif(not PANEL_KERNELS, reason="no panel kernel applies to this CPU")
+@pytest.mark.parametrize("backend,dtype", PANEL_KERNELS)
+def test_panel_kernel_rows_are_batch_invariant(backend, dtype):
+    """A row's output is bit-identical whatever the batch around it and the thread count (one
+    fixed-order sum per element)."""
     gen = torch.Generator().manual_seed(0)
-    w, x = torch.randn(64, 300, generator=gen), torch.randn(40, 300, generator=gen)
-    packed = pack_weight(w, "sgemm")
+    w, x = torch.randn(130, 300, generator=gen).to(dtype), torch.randn(40, 300, generator=gen).to(dtype)
+    packed = pack_weight(w, backend)
     full = packed.linear(x, None)
     for rows in (slice(0, 1), slice(5, 12), slice(17, 40)):
         assert torch.equal(packed.linear(x[rows], None), full[rows])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(packed.linear(x, None), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(get_sbgemm_kernel() is None, reason="no AVX512-BF16")
+def test_sbgemm_declines_odd_k_and_falls_back_to_onednn():
+    w = torch.randn(8, 33).bfloat16()
+    assert pack_weight(w, "sbgemm") is None
+    assert pack_weight(w).backend == "onednn"
 
 
 def _tied_qwen2(tmp_path):

@@ -2,15 +2,19 @@
 
 Why: a decode step of a batch is a handful of skinny matmuls (M = the batch, 1-64 rows) against
 weights read from DRAM. ``F.linear`` calls MKL's sgemm, which packs the weight panel on every call.
-Two kernels take a weight packed once instead (``pack_weight`` picks one per weight):
+Three kernels take a weight packed once instead (``pack_weight`` picks one per weight):
 - ``sgemm``: lmserve's AVX2 fp32 kernel (``cpu_kernels/sgemm.c``), on CPUs with AVX2 + FMA and no
   AVX-512, for float32 weights;
+- ``sbgemm``: lmserve's AVX512-BF16 kernel (``cpu_kernels/sbgemm.c``), for bf16 weights on CPUs
+  with AVX512-BF16 (it is also the dense GEMM of the native decode step);
 - ``onednn``: oneDNN's matmul on a weight reordered into its blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, the op torch's Inductor uses for frozen CPU
-  linears), for float32 elsewhere and for bf16 on a CPU with native bf16.
-Measured on the Qwen2-365M shapes, 2 threads of an AVX2 EPYC (Zen 3), fp32, weights read from DRAM
-(``benchmarks/cpu_gemm_microbench.py``), GFLOP/s for F.linear / oneDNN / sgemm: M=32 32-56 / 60-86 /
-92-101; M=1 4-6 / 5-7 / 8-11; M=256 74-114 / 113-133 / 125-145.
+  linears), for float32 elsewhere and for bf16 on a CPU with native bf16 but no AVX512-BF16.
+Measured on the Qwen2-365M shapes, weights read from DRAM (``benchmarks/cpu_gemm_microbench.py``):
+- 2 threads of an AVX2 EPYC (Zen 3), fp32, GFLOP/s for F.linear / oneDNN / sgemm: M=32 32-56 /
+  60-86 / 92-101; M=1 4-6 / 5-7 / 8-11; M=256 74-114 / 113-133 / 125-145;
+- 2 threads of an AVX-512 EPYC (Zen 4), bf16, oneDNN / sbgemm (best of 5): M=32 211-315 / 291-349;
+  M=16 148-257 / 216-299; M=256 379-392 / 396-410 (the peak measured is ~400).
 
 Invariants:
 - only CPU weights in float32, or bfloat16 on a CPU with native bf16 (elsewhere oneDNN emulates
@@ -18,7 +22,7 @@ Invariants:
 - a packed module keeps its ``in_features``/``out_features`` but no longer owns a dense weight:
   its ``weight`` Parameter is replaced by an empty one, so the memory is not held twice (the tied
   lm_head is the exception: the embedding table stays for lookups and the head gets a packed copy);
-- results equal ``F.linear`` up to fp32 summation order; the sgemm kernel's rows are also
+- results equal ``F.linear`` up to fp32 summation order; the sgemm and sbgemm kernels' rows are also
   independent of the batch they are in (one sequential sum per output).
 ``LMSERVE_DISABLE_CPU_KERNELS=1`` leaves every module on ``F.linear`` (the reference path).
 """
@@ -34,7 +38,7 @@ from torch import nn
 
 from lmserve.config import cpu_has_fast_bf16
 from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV, kernels_disabled
-from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_sgemm_kernel
+from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_panel_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +85,11 @@ class OnednnWeight(PrepackedWeight):
 
 
 class SgemmWeight(PrepackedWeight):
-    backend = "sgemm"
+    """A weight in one of lmserve's panel kernels' layouts (fp32 ``sgemm`` or bf16 ``sbgemm``)."""
 
     def __init__(self, weight: torch.Tensor, kernel: CpuSgemm) -> None:
-        super().__init__(tuple(weight.shape), torch.float32)
+        super().__init__(tuple(weight.shape), kernel.dtype)
+        self.backend = kernel.name
         self.kernel = kernel
         self.panels = kernel.pack(weight)
 
@@ -108,14 +113,15 @@ def prepack_supported(weight: torch.Tensor) -> bool:
 
 def pack_weight(weight: torch.Tensor, backend: str = "auto") -> PrepackedWeight | None:
     """weight [N, K] in a kernel's layout, or None when no kernel takes it (``prepack_supported``).
-    ``backend``: "auto" (sgemm for float32 where its kernel loads, else oneDNN), "sgemm" or "onednn"."""
+    ``backend``: "auto" (lmserve's panel kernel for the weight's dtype where it loads and takes the
+    shape: sgemm for float32, sbgemm for bf16; else oneDNN), "sgemm", "sbgemm" or "onednn"."""
     if not prepack_supported(weight):
         return None
-    if backend in ("auto", "sgemm") and weight.dtype == torch.float32:
-        kernel = get_sgemm_kernel()
-        if kernel is not None:
+    if backend != "onednn":
+        kernel = get_panel_kernel(weight.dtype)
+        if kernel is not None and kernel.takes(weight) and backend in ("auto", kernel.name):
             return SgemmWeight(weight, kernel)
-        if backend == "sgemm":
+        if backend != "auto":
             return None
     return OnednnWeight(weight)
 

@@ -1,10 +1,11 @@
-"""ctypes binding of ``sgemm.c``: the fp32 skinny-M GEMM on a prepacked weight (AVX2 + FMA CPUs).
+"""ctypes bindings of the two panel GEMMs on a prepacked weight (skinny M first, any M taken):
+``sgemm.c``, fp32 on AVX2 + FMA CPUs, and ``sbgemm.c``, bf16 on AVX512-BF16 CPUs.
 
-``get_sgemm_kernel()`` compiles and loads the C source at first use (``build.py``) and returns a
-``CpuSgemm``, or None where it does not apply: switched off (``LMSERVE_DISABLE_CPU_KERNELS=1``),
-no compiler or a failed build (logged once), a CPU without AVX2 + FMA, or one with AVX-512 (oneDNN's
-AVX-512 kernels are used there; this kernel was tuned and measured on AVX2 only). ctypes releases
-the GIL for the duration of each call.
+``get_sgemm_kernel()`` / ``get_sbgemm_kernel()`` compile and load the C source at first use
+(``build.py``) and return a ``CpuSgemm``, or None where it does not apply: switched off
+(``LMSERVE_DISABLE_CPU_KERNELS=1``), no compiler or a failed build (logged once), a CPU without the
+instructions; for the fp32 kernel also a CPU with AVX-512 (oneDNN's AVX-512 kernels are used there;
+that kernel was tuned and measured on AVX2 only). ctypes releases the GIL for each call.
 """
 
 from __future__ import annotations
@@ -21,72 +22,97 @@ from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_dis
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("sgemm.c")
-PANEL = 16  # output columns per packed panel (NR in sgemm.c)
-
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 class CpuSgemm:
-    """The loaded kernel: ``pack`` a weight once, then ``matmul`` any number of rows by it."""
+    """A loaded panel kernel: ``pack`` a weight once, then ``matmul`` any number of rows by it.
+    Panels are [ceil(N / panel), K / pair, panel, pair] in ``dtype``: ``panel`` output columns, each
+    as consecutive groups of ``pair`` K-elements (fp32: 16 columns, pairs of 1; bf16: 64, pairs of 2,
+    VDPBF16PS's operand layout), zero-padded past N."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        self._lib = lib
-        self._pack = lib.lms_sgemm_pack
+    def __init__(self, lib: ctypes.CDLL, name: str, prefix: str, dtype: torch.dtype, panel: int, pair: int) -> None:
+        self._lib, self.name = lib, name
+        self.dtype, self.panel, self.pair = dtype, panel, pair
+        self._pack = getattr(lib, f"{prefix}_pack")
         self._pack.argtypes = [_p, _p, _i64, _i64, _i32]
         self._pack.restype = None
-        self._gemm = lib.lms_sgemm
+        self._gemm = getattr(lib, prefix)
         self._gemm.argtypes = [_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i32]
         self._gemm.restype = ctypes.c_int
 
+    def takes(self, weight: torch.Tensor) -> bool:
+        """Whether ``pack`` takes this weight: 2-D, K a multiple of the pair size."""
+        return weight.dim() == 2 and weight.shape[1] % self.pair == 0 and weight.shape[1] > 0
+
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight [N, K] float32 -> panels float32 [ceil(N / 16), K, 16] (zero-padded columns)."""
-        w = weight.detach().to(torch.float32).contiguous()
+        """weight [N, K] -> panels (see the class docstring)."""
+        w = weight.detach().to(self.dtype).contiguous()
         n, k = w.shape
-        panels = torch.empty(-(-n // PANEL), k, PANEL, dtype=torch.float32)
+        panels = torch.empty(-(-n // self.panel), k // self.pair, self.panel, self.pair, dtype=self.dtype)
         self._pack(w.data_ptr(), panels.data_ptr(), n, k, torch.get_num_threads())
         return panels
 
     @staticmethod
     def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:
         """The inverse of ``pack``: [N, K]."""
-        return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n].contiguous()
+        return panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * panels.shape[2], -1)[:n].contiguous()
 
     def matmul(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [M, K] float32 (rows dense, any row stride) @ W^T + bias -> [M, n] float32."""
+        """x [M, K] in the kernel's dtype (rows dense, any row stride) @ W^T + bias -> [M, n]."""
         if x.stride(-1) != 1:
             x = x.contiguous()
         m, k = x.shape
-        out = torch.empty(m, n, dtype=torch.float32)
+        out = torch.empty(m, n, dtype=self.dtype)
         if m == 0:
             return out
         b = 0 if bias is None else bias.contiguous().data_ptr()
         rc = self._gemm(x.data_ptr(), x.stride(0), panels.data_ptr(), b, out.data_ptr(), n, m, n, k,
                         torch.get_num_threads())
         if rc != 0:
-            raise ValueError(f"sgemm kernel rejected shapes x {tuple(x.shape)}, weight [{n}, {k}]")
+            raise ValueError(f"{self.name} kernel rejected shapes x {tuple(x.shape)}, weight [{n}, {k}]")
         return out
 
 
+# name -> (C prefix, dtype, panel columns, pair, why info() != 1 keeps oneDNN)
+_KERNELS = {"sgemm": ("lms_sgemm", torch.float32, 16, 1, {0: "no AVX2 + FMA", 2: "AVX-512"}),
+            "sbgemm": ("lms_sbgemm", torch.bfloat16, 64, 2, {0: "no AVX512-BF16"})}
+
+
 @functools.lru_cache(maxsize=None)
-def _load(compiler: str | None, cache_dir: str | None) -> CpuSgemm | None:
+def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuSgemm | None:
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
+    prefix, dtype, panel, pair, reasons = _KERNELS[name]
     try:
-        lib = load_library(SOURCE)
-        info = lib.lms_sgemm_info()
+        lib = load_library(Path(__file__).with_name(f"{name}.c"))
+        info = getattr(lib, f"{prefix}_info")()
     except (KernelBuildError, AttributeError) as e:
-        logger.warning("CPU sgemm kernel unavailable, using oneDNN for fp32 linears: %s", e)
+        logger.warning("CPU %s kernel unavailable, using oneDNN for %s linears: %s", name, dtype, e)
         return None
     if info != 1:
-        logger.info("CPU sgemm kernel not used on this CPU (%s); fp32 linears use oneDNN",
-                    "AVX-512" if info == 2 else "no AVX2 + FMA")
+        logger.info("CPU %s kernel not used on this CPU (%s); %s linears use oneDNN", name,
+                    reasons.get(info, info), dtype)
         return None
-    return CpuSgemm(lib)
+    return CpuSgemm(lib, name, prefix, dtype, panel, pair)
 
 
-def get_sgemm_kernel() -> CpuSgemm | None:
-    """The kernel, or None (see the module docstring)."""
+def _get(name: str) -> CpuSgemm | None:
     if kernels_disabled():
         return None
     env = os.environ
-    return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
+    return _load(name, env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
+
+
+def get_sgemm_kernel() -> CpuSgemm | None:
+    """The fp32 kernel, or None (see the module docstring)."""
+    return _get("sgemm")
+
+
+def get_sbgemm_kernel() -> CpuSgemm | None:
+    """The bf16 kernel, or None (see the module docstring)."""
+    return _get("sbgemm")
+
+
+def get_panel_kernel(dtype: torch.dtype) -> CpuSgemm | None:
+    """The panel kernel for weights of ``dtype``, or None."""
+    return get_sgemm_kernel() if dtype == torch.float32 else get_sbgemm_kernel() if dtype == torch.bfloat16 else None

@@ -1,0 +1,168 @@
+/* bf16 GEMM against a prepacked weight, fp32 accumulation: out[M, N] = bf16(x[M, K] @ W[N, K]^T + bias).
+ *
+ * Why: oneDNN's bf16 matmul (the packed path of cpu_gemm.py) reaches ~70 % of the AVX512-BF16 peak at
+ * the 16-64 rows of a decode step and ~95 % only from a few hundred rows up; a decode-heavy batch
+ * spends most of its step in those skinny matmuls. This kernel is the classic register-blocked
+ * micro-kernel on VDPBF16PS: a 6 x 64 block of the output in 24 zmm accumulators, the weight packed
+ * once into 64-column panels in the instruction's pair layout, each panel read from DRAM once per
+ * call and then from L2 for the other row tiles (the next panel prefetched meanwhile). It is also
+ * the dense GEMM of decode_step.c, so the native step and the eager path compute the same bits.
+ *
+ * Layout: K is even; panel p holds columns [64 p, 64 p + 64) of W^T as K / 2 groups of 64 pairs
+ * (zero-padded past N): packed[((p * K/2 + kp) * 64 + j) * 2 + e] = W[64 p + j, 2 kp + e].
+ * Invariants: each output element is one fixed-order fp32 sum over the K / 2 pairs (VDPBF16PS adds
+ * both products of a pair into the accumulator), plus the bias, rounded once to bf16 (round to
+ * nearest even), as oneDNN's bf16 linear rounds; so a row's result does not depend on M, on the
+ * other rows or on the thread count (batch invariant). Threads split the panels, and the row tiles
+ * too when there are fewer panels than threads.
+ * Without AVX512-BF16 the library builds but lms_sbgemm_info() returns 0 and the caller keeps oneDNN.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SB_NR 64 /* output columns per panel: 4 vectors of 16 fp32 accumulators */
+#define SB_MR 6  /* rows per tile: 6 x 4 = 24 accumulators of the 32 zmm registers */
+
+int lms_sbgemm_info(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* w [N, K] bf16 (K even) -> packed, ceil(N / 64) * K * 64 bf16 (layout above) */
+void lms_sbgemm_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_threads) {
+  const int64_t np = (N + SB_NR - 1) / SB_NR, K2 = K / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t p = 0; p < np; p++) {
+    uint16_t *dst = packed + p * K * SB_NR;
+    for (int j = 0; j < SB_NR; j++) {
+      const int64_t n = p * SB_NR + j;
+      for (int64_t kp = 0; kp < K2; kp++)
+        for (int e = 0; e < 2; e++) dst[(kp * SB_NR + j) * 2 + e] = n < N ? w[n * K + 2 * kp + e] : 0;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "lms_simd.h"
+
+#define LMS_SBGEMM 1
+
+/* R rows (1..6, a compile-time constant after inlining) of x times one panel; ncols of its 64
+ * columns are stored. prefetch: the next panel (pulled toward L2 while this one is in cache), or 0. */
+LMS_INLINE void sb_tile(const int R, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K2, uint16_t *c,
+                        int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
+  __m512 acc[SB_MR][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; kp++) {
+    const uint16_t *b = bp + kp * 2 * SB_NR;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(b + 64), b3 = (__m512bh)_mm512_loadu_si512(b + 96);
+    if (kp < pf_lines) _mm_prefetch((const char *)prefetch + 64 * kp, _MM_HINT_T1);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      memcpy(&pair, a + r * lda + 2 * kp, 4);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], x, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], x, b3);
+    }
+  }
+  __m512 bv[4];
+  for (int v = 0; v < 4; v++) bv[v] = bias ? ld16(bias + 16 * v, mask16(ncols - 16 * v), DT_BF16) : _mm512_setzero_ps();
+#pragma GCC unroll 6
+  for (int r = 0; r < R; r++)
+    for (int v = 0; v < 4; v++) {
+      const __mmask16 m = mask16(ncols - 16 * v);
+      if (m) _mm256_mask_storeu_epi16(c + r * ldc + 16 * v, m, f32x16_to_bf16(_mm512_add_ps(acc[r][v], bv[v])));
+    }
+}
+
+static void sb_rows_times_panel(int mr, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K2, uint16_t *c,
+                                int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
+  switch (mr) {
+    case 6: sb_tile(6, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
+    case 5: sb_tile(5, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
+    case 4: sb_tile(4, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
+    case 3: sb_tile(3, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
+    case 2: sb_tile(2, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
+    default: sb_tile(1, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
+  }
+}
+
+/* The work of a call: (panel, row group) items; rows are cut into groups only when there are fewer
+ * panels than threads (then a thread takes a group of tiles of a panel, not a whole panel). */
+typedef struct {
+  int64_t np, ntiles, groups;
+} SbWork;
+
+LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads) {
+  SbWork w;
+  w.np = (N + SB_NR - 1) / SB_NR;
+  w.ntiles = (M + SB_MR - 1) / SB_MR;
+  w.groups = 1;
+  if (w.np < 2 * nthreads) {
+    w.groups = (2 * nthreads + w.np - 1) / w.np;
+    if (w.groups > w.ntiles) w.groups = w.ntiles;
+  }
+  return w;
+}
+
+/* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (32 rows: 6,6,5,5,5,5),
+ * the same for every item count, so the split never changes a result. */
+static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+                         int64_t ldo, int64_t M, int64_t N, int64_t K, SbWork w, int64_t i0, int64_t i1) {
+  const int64_t K2 = K / 2;
+  for (int64_t it = i0; it < i1; it++) {
+    const int64_t p = it / w.groups, g = it % w.groups;
+    const uint16_t *bp = packed + p * K * SB_NR;
+    const int ncols = (int)(N - p * SB_NR < SB_NR ? N - p * SB_NR : SB_NR);
+    const int64_t t0 = g * w.ntiles / w.groups, t1 = (g + 1) * w.ntiles / w.groups;
+    int64_t m = 0;
+    for (int64_t t = 0; t < t0; t++) m += (M - m + (w.ntiles - t) - 1) / (w.ntiles - t);
+    for (int64_t t = t0; t < t1; t++) {
+      const int mr = (int)((M - m + (w.ntiles - t) - 1) / (w.ntiles - t));
+      /* every tile pulls its share of the next panel toward L2 (lines [t per, t per + per)) */
+      const int64_t per = (2 * K2 + w.ntiles - 1) / w.ntiles, first = t * per;
+      const int64_t n_pf = (w.groups == 1 && p + 1 < w.np && first < 2 * K2) ? (2 * K2 - first < per ? 2 * K2 - first : per) : 0;
+      sb_rows_times_panel(mr, x + m * lda, lda, bp, K2, out + m * ldo + p * SB_NR, ldo, ncols,
+                          bias ? bias + p * SB_NR : 0, (const char *)(bp + K * SB_NR) + 64 * first, n_pf);
+      m += mr;
+    }
+  }
+}
+
+LMS_INLINE int sbgemm_bad_args(int64_t lda, int64_t ldo, int64_t M, int64_t N, int64_t K) {
+  return M < 0 || N < 1 || K < 2 || K % 2 || lda < K || ldo < N;
+}
+
+/* x [M, K] bf16 (row stride lda), packed from lms_sbgemm_pack, bias [N] bf16 or NULL, out [M, N] bf16
+ * (row stride ldo). Returns 0, or -1 on bad sizes (nothing written). */
+int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+               int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
+  if (sbgemm_bad_args(lda, ldo, M, N, K)) return -1;
+  if (M == 0) return 0;
+  const SbWork w = sb_work(M, N, num_threads);
+  const int64_t items = w.np * w.groups;
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t i0 = items * tid / nth, i1 = items * (tid + 1) / nth;
+    sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, i0, i1);
+  }
+  return 0;
+}
+#else
+#define LMS_SBGEMM 0
+int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+               int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
+  (void)x, (void)lda, (void)packed, (void)bias, (void)out, (void)ldo, (void)M, (void)N, (void)K, (void)num_threads;
+  return -1;
+}
+#endif
