@@ -6,14 +6,14 @@ Three kernels take a weight packed once instead (``pack_weight`` picks one per w
 - ``sgemm``: lmserve's AVX2 fp32 kernel (``cpu_kernels/sgemm.c``), on CPUs with AVX2 + FMA and no
   AVX-512, for float32 weights;
 - ``sbgemm``: lmserve's AVX512-BF16 kernel (``cpu_kernels/sbgemm.c``), for bf16 weights on CPUs
-  with AVX512-BF16 (it is also the dense GEMM of the native decode step);
+  with AVX512-BF16 (and an even K);
 - ``onednn``: oneDNN's matmul on a weight reordered into its blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, the op torch's Inductor uses for frozen CPU
   linears), for float32 elsewhere and for bf16 on a CPU with native bf16 but no AVX512-BF16.
 Measured on the Qwen2-365M shapes, weights read from DRAM (``benchmarks/cpu_gemm_microbench.py``):
 - 2 threads of an AVX2 EPYC (Zen 3), fp32, GFLOP/s for F.linear / oneDNN / sgemm: M=32 32-56 /
   60-86 / 92-101; M=1 4-6 / 5-7 / 8-11; M=256 74-114 / 113-133 / 125-145;
-- 2 threads of an AVX-512 EPYC (Zen 4), bf16, oneDNN / sbgemm (best of 5): M=32 211-315 / 291-349;
+- 2 threads of an AVX-512 EPYC (Zen 4), bf16, oneDNN / sbgemm (``--dtype bfloat16 --repeats 5``): M=32 211-315 / 291-349;
   M=16 148-257 / 216-299; M=256 379-392 / 396-410 (the peak measured is ~400).
 
 Invariants:
@@ -38,7 +38,7 @@ from torch import nn
 
 from lmserve.config import cpu_has_fast_bf16
 from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV, kernels_disabled
-from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_panel_kernel
+from lmserve.model.layers.cpu_kernels.sgemm import CpuPanelGemm, get_panel_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,10 @@ class OnednnWeight(PrepackedWeight):
         return self.packed.to_dense()
 
 
-class SgemmWeight(PrepackedWeight):
+class PanelWeight(PrepackedWeight):
     """A weight in one of lmserve's panel kernels' layouts (fp32 ``sgemm`` or bf16 ``sbgemm``)."""
 
-    def __init__(self, weight: torch.Tensor, kernel: CpuSgemm) -> None:
+    def __init__(self, weight: torch.Tensor, kernel: CpuPanelGemm) -> None:
         super().__init__(tuple(weight.shape), kernel.dtype)
         self.backend = kernel.name
         self.kernel = kernel
@@ -97,7 +97,7 @@ class SgemmWeight(PrepackedWeight):
         return self.kernel.matmul(x, self.panels, self.shape[0], bias)
 
     def to_dense(self) -> torch.Tensor:
-        return CpuSgemm.unpack(self.panels, self.shape[0])
+        return CpuPanelGemm.unpack(self.panels, self.shape[0])
 
 
 def prepack_supported(weight: torch.Tensor) -> bool:
@@ -120,7 +120,7 @@ def pack_weight(weight: torch.Tensor, backend: str = "auto") -> PrepackedWeight 
     if backend != "onednn":
         kernel = get_panel_kernel(weight.dtype)
         if kernel is not None and kernel.takes(weight) and backend in ("auto", kernel.name):
-            return SgemmWeight(weight, kernel)
+            return PanelWeight(weight, kernel)
         if backend != "auto":
             return None
     return OnednnWeight(weight)

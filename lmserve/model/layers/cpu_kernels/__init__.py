@@ -8,7 +8,7 @@ from lmserve.model.layers.cpu_kernels.paged_attention import (
     get_paged_attention_kernel,
     log_fallback_once,
 )
-from lmserve.model.layers.cpu_kernels.sgemm import CpuSgemm, get_panel_kernel, get_sbgemm_kernel, get_sgemm_kernel
+from lmserve.model.layers.cpu_kernels.sgemm import CpuPanelGemm, get_panel_kernel, get_sbgemm_kernel, get_sgemm_kernel
 
-__all__ = ["CpuOps", "CpuPagedAttention", "CpuSgemm", "attach_cpu_ops", "get_cpu_ops", "get_paged_attention_kernel",
+__all__ = ["CpuOps", "CpuPagedAttention", "CpuPanelGemm", "attach_cpu_ops", "get_cpu_ops", "get_paged_attention_kernel",
            "get_panel_kernel", "get_sbgemm_kernel", "get_sgemm_kernel", "log_fallback_once"]

@@ -5,8 +5,9 @@
  * spends most of its step in those skinny matmuls. This kernel is the classic register-blocked
  * micro-kernel on VDPBF16PS: a 6 x 64 block of the output in 24 zmm accumulators, the weight packed
  * once into 64-column panels in the instruction's pair layout, each panel read from DRAM once per
- * call and then from L2 for the other row tiles (the next panel prefetched meanwhile). It is also
- * the dense GEMM of decode_step.c, so the native step and the eager path compute the same bits.
+ * call and then from L2 for the other row tiles (the next panel prefetched meanwhile). The work is
+ * cut into items (sbgemm_items) so that a caller already inside a parallel region (the native
+ * decode step, once it takes bf16 weights) can run its share of the same computation.
  *
  * Layout: K is even; panel p holds columns [64 p, 64 p + 64) of W^T as K / 2 groups of 64 pairs
  * (zero-padded past N): packed[((p * K/2 + kp) * 64 + j) * 2 + e] = W[64 p + j, 2 kp + e].
@@ -52,7 +53,8 @@ void lms_sbgemm_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, 
 #define LMS_SBGEMM 1
 
 /* R rows (1..6, a compile-time constant after inlining) of x times one panel; ncols of its 64
- * columns are stored. prefetch: the next panel (pulled toward L2 while this one is in cache), or 0. */
+ * columns are stored. pf_lines cache lines from prefetch (a share of the next panel) are pulled
+ * toward L2 meanwhile, one per k-pair step. */
 LMS_INLINE void sb_tile(const int R, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K2, uint16_t *c,
                         int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
   __m512 acc[SB_MR][4];

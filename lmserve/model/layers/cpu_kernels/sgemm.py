@@ -2,7 +2,7 @@
 ``sgemm.c``, fp32 on AVX2 + FMA CPUs, and ``sbgemm.c``, bf16 on AVX512-BF16 CPUs.
 
 ``get_sgemm_kernel()`` / ``get_sbgemm_kernel()`` compile and load the C source at first use
-(``build.py``) and return a ``CpuSgemm``, or None where it does not apply: switched off
+(``build.py``) and return a ``CpuPanelGemm``, or None where it does not apply: switched off
 (``LMSERVE_DISABLE_CPU_KERNELS=1``), no compiler or a failed build (logged once), a CPU without the
 instructions; for the fp32 kernel also a CPU with AVX-512 (oneDNN's AVX-512 kernels are used there;
 that kernel was tuned and measured on AVX2 only). ctypes releases the GIL for each call.
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-class CpuSgemm:
+class CpuPanelGemm:
     """A loaded panel kernel: ``pack`` a weight once, then ``matmul`` any number of rows by it.
     Panels are [ceil(N / panel), K / pair, panel, pair] in ``dtype``: ``panel`` output columns, each
     as consecutive groups of ``pair`` K-elements (fp32: 16 columns, pairs of 1; bf16: 64, pairs of 2,
@@ -80,7 +80,7 @@ _KERNELS = {"sgemm": ("lms_sgemm", torch.float32, 16, 1, {0: "no AVX2 + FMA", 2:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuSgemm | None:
+def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuPanelGemm | None:
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
     prefix, dtype, panel, pair, reasons = _KERNELS[name]
     try:
@@ -93,26 +93,26 @@ def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuSgemm | 
         logger.info("CPU %s kernel not used on this CPU (%s); %s linears use oneDNN", name,
                     reasons.get(info, info), dtype)
         return None
-    return CpuSgemm(lib, name, prefix, dtype, panel, pair)
+    return CpuPanelGemm(lib, name, prefix, dtype, panel, pair)
 
 
-def _get(name: str) -> CpuSgemm | None:
+def _get(name: str) -> CpuPanelGemm | None:
     if kernels_disabled():
         return None
     env = os.environ
     return _load(name, env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
 
 
-def get_sgemm_kernel() -> CpuSgemm | None:
+def get_sgemm_kernel() -> CpuPanelGemm | None:
     """The fp32 kernel, or None (see the module docstring)."""
     return _get("sgemm")
 
 
-def get_sbgemm_kernel() -> CpuSgemm | None:
+def get_sbgemm_kernel() -> CpuPanelGemm | None:
     """The bf16 kernel, or None (see the module docstring)."""
     return _get("sbgemm")
 
 
-def get_panel_kernel(dtype: torch.dtype) -> CpuSgemm | None:
+def get_panel_kernel(dtype: torch.dtype) -> CpuPanelGemm | None:
     """The panel kernel for weights of ``dtype``, or None."""
     return get_sgemm_kernel() if dtype == torch.float32 else get_sbgemm_kernel() if dtype == torch.bfloat16 else None
