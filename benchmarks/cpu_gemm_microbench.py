@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.model.layers.cpu_gemm import BATCH_HINT, pack_weight
-from lmserve.model.layers.cpu_kernels import get_panel_kernel
+from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS, get_kernel
 from quantized_linear_microbench import time_us  # the sibling script's timer
 
 SHAPES = {"qkv": (1152, 896), "o": (896, 896), "gate_up": (9728, 896), "down": (896, 4864), "lm_head": (8192, 896)}
@@ -38,8 +38,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"oneDNN layout for {BATCH_HINT} rows; GFLOP/s, weights read from DRAM")
-    kernel = get_panel_kernel(dtype)
-    backends = ["onednn"] + ([kernel.name] if kernel is not None else [])
+    backends = ["onednn"] + [name for name in PANEL_KERNELS
+                             if (kernel := get_kernel(name)) is not None and kernel.dtype == dtype]
     print(f"| shape | N x K | M | F.linear | {' | '.join(backends)} | best / F.linear |\n"
           f"|---|---|---:|---:|{'---:|' * len(backends)}---:|")
     gen = torch.Generator().manual_seed(0)

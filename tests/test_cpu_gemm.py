@@ -1,4 +1,4 @@
-"""Prepacked CPU linears (lmserve/model/layers/cpu_gemm.py, cpu_kernels/sgemm.c, sbgemm.c): every backend
+"""Prepacked CPU linears (lmserve/model/layers/cpu_gemm.py, cpu_kernels/sgemm.c, sbgemm.c, sbgemm_amx.h): every backend
 equals F.linear, applied by get_model to every dense matmul, freeing the dense copy, off where they do not apply."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from transformers import Qwen2Config
 from lmserve.model.layers import cpu_gemm
 from lmserve.model.layers.cpu_gemm import prepack_supported, pack_weight, prepack_model
 from lmserve.config import cpu_has_fast_bf16
-from lmserve.model.layers.cpu_kernels import get_sbgemm_kernel, get_sgemm_kernel
+from lmserve.model.layers.cpu_kernels import get_sbgemm_kernel
+from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS as KERNEL_NAMES, get_kernel
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
@@ -21,10 +22,8 @@ pytestmark = pytest.mark.skipif(not prepack_supported(torch.empty(2, 2)),
                                 reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
 
 
-BACKENDS = [("onednn", torch.float32)] + ([("sgemm", torch.float32)] if get_sgemm_kernel() is not None else []) + \
-    ([("onednn", torch.bfloat16)] if cpu_has_fast_bf16() else []) + \
-    ([("sbgemm", torch.bfloat16)] if get_sbgemm_kernel() is not None else [])
-PANEL_KERNELS = [b for b in BACKENDS if b[0] != "onednn"]
+PANEL_KERNELS = [(name, kernel.dtype) for name in KERNEL_NAMES if (kernel := get_kernel(name)) is not None]
+BACKENDS = [("onednn", torch.float32)] + ([("onednn", torch.bfloat16)] if cpu_has_fast_bf16() else []) + PANEL_KERNELS
 
 
 def _assert_linear_close(y, x, w, b):
@@ -38,18 +37,19 @@ def _assert_linear_close(y, x, w, b):
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
-@pytest.mark.parametrize("rows", [0, 1, 3, 7, 32, 300])
+@pytest.mark.parametrize("rows", [0, 1, 3, 7, 17, 32, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(backend, dtype, rows, bias):
+@pytest.mark.parametrize("k", [96, 98])  # the AMX kernel's K steps of 32, and K it hands to the AVX-512 one
+def test_packed_linear_matches_f_linear(backend, dtype, rows, bias, k):
     gen = torch.Generator().manual_seed(rows)
-    w = torch.randn(200, 96, generator=gen).to(dtype)  # 200 = 12 full 16-column panels + a partial one (3 + 1 of 64)
+    w = torch.randn(200, k, generator=gen).to(dtype)  # 200 = 12 full 16-column panels + a partial one (3 + 1 of 64)
     b = torch.randn(200, generator=gen).to(dtype) if bias else None
-    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
     packed = pack_weight(w, backend)
     assert packed.backend == backend and packed.shape == w.shape and packed.dtype == dtype
     _assert_linear_close(packed.linear(x, b), x, w, b)
     # leading dims and a non-contiguous input (a transposed view) are taken as F.linear takes them
-    x3 = torch.randn(2, 96, rows, generator=gen).to(dtype).transpose(1, 2)
+    x3 = torch.randn(2, k, rows, generator=gen).to(dtype).transpose(1, 2)
     _assert_linear_close(packed.linear(x3, b), x3, w, b)
     assert torch.equal(packed.to_dense(), w)
 
@@ -60,10 +60,10 @@ def test_panel_kernel_rows_are_batch_invariant(backend, dtype):
     """A row's output is bit-identical whatever the batch around it and the thread count (one
     fixed-order sum per element)."""
     gen = torch.Generator().manual_seed(0)
-    w, x = torch.randn(130, 300, generator=gen).to(dtype), torch.randn(40, 300, generator=gen).to(dtype)
+    w, x = torch.randn(130, 320, generator=gen).to(dtype), torch.randn(40, 320, generator=gen).to(dtype)
     packed = pack_weight(w, backend)
     full = packed.linear(x, None)
-    for rows in (slice(0, 1), slice(5, 12), slice(17, 40)):
+    for rows in (slice(0, 1), slice(5, 12), slice(17, 40), slice(3, 35)):
         assert torch.equal(packed.linear(x[rows], None), full[rows])
     threads = torch.get_num_threads()
     try:
@@ -76,8 +76,9 @@ def test_panel_kernel_rows_are_batch_invariant(backend, dtype):
 @pytest.mark.skipif(get_sbgemm_kernel() is None, reason="no AVX512-BF16")
 def test_sbgemm_declines_odd_k_and_falls_back_to_onednn():
     w = torch.randn(8, 33).bfloat16()
-    assert pack_weight(w, "sbgemm") is None
+    assert pack_weight(w, "sbgemm") is None and pack_weight(w, "sbgemm_amx") is None
     assert pack_weight(w).backend == "onednn"
+    assert pack_weight(torch.randn(8, 34).bfloat16()).backend == get_sbgemm_kernel().name
 
 
 def _tied_qwen2(tmp_path):

@@ -24,6 +24,7 @@
 
 #define SB_NR 64 /* output columns per panel: 4 vectors of 16 fp32 accumulators */
 #define SB_MR 6  /* rows per tile: 6 x 4 = 24 accumulators of the 32 zmm registers */
+#define AMX_MR 16 /* rows per tile of the AMX micro-kernel (sbgemm_amx.h) */
 
 int lms_sbgemm_info(void) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -51,6 +52,11 @@ void lms_sbgemm_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, 
 #include "lms_simd.h"
 
 #define LMS_SBGEMM 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define LMS_SBGEMM_AMX 1 /* the AMX micro-kernel (sbgemm_amx.h) is built too */
+#else
+#define LMS_SBGEMM_AMX 0
+#endif
 
 /* R rows (1..6, a compile-time constant after inlining) of x times one panel; ncols of its 64
  * columns are stored. pf_lines cache lines from prefetch (a share of the next panel) are pulled
@@ -104,10 +110,10 @@ typedef struct {
   int64_t np, ntiles, groups;
 } SbWork;
 
-LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads) {
+LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads, int mr) {
   SbWork w;
   w.np = (N + SB_NR - 1) / SB_NR;
-  w.ntiles = (M + SB_MR - 1) / SB_MR;
+  w.ntiles = (M + mr - 1) / mr;
   w.groups = 1;
   if (w.np < 2 * nthreads) {
     w.groups = (2 * nthreads + w.np - 1) / w.np;
@@ -116,10 +122,17 @@ LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads) {
   return w;
 }
 
-/* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (32 rows: 6,6,5,5,5,5),
- * the same for every item count, so the split never changes a result. */
+#if LMS_SBGEMM_AMX
+static void amx_rows_times_panel(int *configured, int mr, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K,
+                                 uint16_t *c, int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch,
+                                 int64_t pf_lines);
+#endif
+
+/* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (AVX-512, 32 rows: 6,6,5,5,5,5;
+ * AMX: at most 16), the same for every item count, so the split never changes a result. amx: NULL for
+ * the AVX-512 micro-kernel, else the calling thread's configured AMX tile height (0: none yet). */
 static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                         int64_t ldo, int64_t M, int64_t N, int64_t K, SbWork w, int64_t i0, int64_t i1) {
+                         int64_t ldo, int64_t M, int64_t N, int64_t K, SbWork w, int64_t i0, int64_t i1, int *amx) {
   const int64_t K2 = K / 2;
   for (int64_t it = i0; it < i1; it++) {
     const int64_t p = it / w.groups, g = it % w.groups;
@@ -130,11 +143,24 @@ static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed,
     for (int64_t t = 0; t < t0; t++) m += (M - m + (w.ntiles - t) - 1) / (w.ntiles - t);
     for (int64_t t = t0; t < t1; t++) {
       const int mr = (int)((M - m + (w.ntiles - t) - 1) / (w.ntiles - t));
-      /* every tile pulls its share of the next panel toward L2 (lines [t per, t per + per)) */
-      const int64_t per = (2 * K2 + w.ntiles - 1) / w.ntiles, first = t * per;
-      const int64_t n_pf = (w.groups == 1 && p + 1 < w.np && first < 2 * K2) ? (2 * K2 - first < per ? 2 * K2 - first : per) : 0;
+      /* every tile pulls its share of the next panel toward L2 (lines [t per, t per + per)): the AVX-512
+       * tiles its first half (one line per K-pair step, measured best on Zen 4), the AMX tiles all of it */
+      const int64_t lines = amx ? 4 * K2 : 2 * K2;
+      const int64_t per = (lines + w.ntiles - 1) / w.ntiles, first = t * per;
+      const int64_t n_pf = (w.groups == 1 && p + 1 < w.np && first < lines) ? (lines - first < per ? lines - first : per) : 0;
+      const char *pf = (const char *)(bp + K * SB_NR) + 64 * first;
+#if LMS_SBGEMM_AMX
+      if (amx) {
+        amx_rows_times_panel(amx, mr, x + m * lda, lda, bp, K, out + m * ldo + p * SB_NR, ldo, ncols,
+                             bias ? bias + p * SB_NR : 0, pf, n_pf);
+        m += mr;
+        continue;
+      }
+#else
+      (void)amx;
+#endif
       sb_rows_times_panel(mr, x + m * lda, lda, bp, K2, out + m * ldo + p * SB_NR, ldo, ncols,
-                          bias ? bias + p * SB_NR : 0, (const char *)(bp + K * SB_NR) + 64 * first, n_pf);
+                          bias ? bias + p * SB_NR : 0, pf, n_pf);
       m += mr;
     }
   }
@@ -144,27 +170,41 @@ LMS_INLINE int sbgemm_bad_args(int64_t lda, int64_t ldo, int64_t M, int64_t N, i
   return M < 0 || N < 1 || K < 2 || K % 2 || lda < K || ldo < N;
 }
 
-/* x [M, K] bf16 (row stride lda), packed from lms_sbgemm_pack, bias [N] bf16 or NULL, out [M, N] bf16
- * (row stride ldo). Returns 0, or -1 on bad sizes (nothing written). */
-int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-               int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
+/* lms_sbgemm and lms_sbgemm_amx: the call's items split over the threads; amx picks the micro-kernel. */
+static int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+                      int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads, int amx) {
   if (sbgemm_bad_args(lda, ldo, M, N, K)) return -1;
   if (M == 0) return 0;
-  const SbWork w = sb_work(M, N, num_threads);
+  const SbWork w = sb_work(M, N, num_threads, amx ? AMX_MR : SB_MR);
   const int64_t items = w.np * w.groups;
 #pragma omp parallel num_threads(num_threads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int64_t i0 = items * tid / nth, i1 = items * (tid + 1) / nth;
-    sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, i0, i1);
+    int configured = 0; /* the thread's AMX tile height, 0: tiles not configured */
+    sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, i0, i1, amx ? &configured : 0);
+#if LMS_SBGEMM_AMX
+    if (configured) _tile_release();
+#endif
   }
   return 0;
 }
+
+/* x [M, K] bf16 (row stride lda), packed from lms_sbgemm_pack, bias [N] bf16 or NULL, out [M, N] bf16
+ * (row stride ldo). Returns 0, or -1 on bad sizes (nothing written). */
+int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+               int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
+  return sbgemm_run(x, lda, packed, bias, out, ldo, M, N, K, num_threads, 0);
+}
+
 #else
 #define LMS_SBGEMM 0
+#define LMS_SBGEMM_AMX 0
 int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
   (void)x, (void)lda, (void)packed, (void)bias, (void)out, (void)ldo, (void)M, (void)N, (void)K, (void)num_threads;
   return -1;
 }
 #endif
+
+#include "sbgemm_amx.h"

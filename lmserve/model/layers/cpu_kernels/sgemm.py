@@ -74,20 +74,26 @@ class CpuPanelGemm:
         return out
 
 
-# name -> (C prefix, dtype, panel columns, pair, why info() != 1 keeps oneDNN)
-_KERNELS = {"sgemm": ("lms_sgemm", torch.float32, 16, 1, {0: "no AVX2 + FMA", 2: "AVX-512"}),
-            "sbgemm": ("lms_sbgemm", torch.bfloat16, 64, 2, {0: "no AVX512-BF16"})}
+# name -> (C source, C prefix, dtype, panel columns, pair, why info() != 1 keeps oneDNN)
+_KERNELS = {"sgemm": ("sgemm.c", "lms_sgemm", torch.float32, 16, 1, {0: "no AVX2 + FMA", 2: "AVX-512"}),
+            "sbgemm": ("sbgemm.c", "lms_sbgemm", torch.bfloat16, 64, 2, {0: "no AVX512-BF16"}),
+            "sbgemm_amx": ("sbgemm.c", "lms_sbgemm_amx", torch.bfloat16, 64, 2,
+                           {0: "no AMX-BF16, or the OS did not grant the tile state"})}
+PANEL_KERNELS = tuple(_KERNELS)
 
 
 @functools.lru_cache(maxsize=None)
 def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuPanelGemm | None:
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
-    prefix, dtype, panel, pair, reasons = _KERNELS[name]
+    source, prefix, dtype, panel, pair, reasons = _KERNELS[name]
     try:
-        lib = load_library(Path(__file__).with_name(f"{name}.c"))
+        lib = load_library(Path(__file__).with_name(source))
         info = getattr(lib, f"{prefix}_info")()
     except (KernelBuildError, AttributeError) as e:
         logger.warning("CPU %s kernel unavailable, using oneDNN for %s linears: %s", name, dtype, e)
+        return None
+    if info != 1 and name == "sbgemm_amx":
+        logger.debug("CPU sbgemm_amx kernel not used (%s)", reasons.get(info, info))
         return None
     if info != 1:
         logger.info("CPU %s kernel not used on this CPU (%s); %s linears use oneDNN", name,
@@ -96,7 +102,8 @@ def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuPanelGem
     return CpuPanelGemm(lib, name, prefix, dtype, panel, pair)
 
 
-def _get(name: str) -> CpuPanelGemm | None:
+def get_kernel(name: str) -> CpuPanelGemm | None:
+    """The panel kernel ``name`` (one of ``PANEL_KERNELS``), or None where it does not apply."""
     if kernels_disabled():
         return None
     env = os.environ
@@ -105,12 +112,12 @@ def _get(name: str) -> CpuPanelGemm | None:
 
 def get_sgemm_kernel() -> CpuPanelGemm | None:
     """The fp32 kernel, or None (see the module docstring)."""
-    return _get("sgemm")
+    return get_kernel("sgemm")
 
 
 def get_sbgemm_kernel() -> CpuPanelGemm | None:
-    """The bf16 kernel, or None (see the module docstring)."""
-    return _get("sbgemm")
+    """The bf16 kernel: its AMX variant where the CPU and the OS allow it, else the AVX-512 one, or None."""
+    return get_kernel("sbgemm_amx") or get_kernel("sbgemm")
 
 
 def get_panel_kernel(dtype: torch.dtype) -> CpuPanelGemm | None:
