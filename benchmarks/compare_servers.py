@@ -189,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-timeout", type=float, default=900.0, help="Seconds to wait for /health.")
     p.add_argument("--bench-timeout", type=float, default=3600.0, help="Seconds per client run.")
     p.add_argument("--retry-contended", type=int, default=0, help="Repeat a contended run up to N times.")
+    p.add_argument("--append", action="store_true",
+                   help="Add this invocation's runs to --out's results.json (one server now, the other later).")
     p.add_argument("--report-only", default=None, metavar="DIR", help="Rewrite DIR's table.md and plot.png.")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="Both servers' --dtype; auto: bfloat16 on a CPU with native bf16, else float32.")
@@ -233,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype, "lmserve_serve_flags": sv.LMSERVE_SERVE_FLAGS, "vllm_serve_flags": sv.VLLM_SERVE_FLAGS,
         "vllm_serve_env": sv.VLLM_SERVE_ENV, "server_notes": {},
         "precheck": quiet, "workloads": {w.name: asdict(w) for w in wls}, "runs": []}
+    previous = os.path.join(args.out, "results.json")
+    if args.append and os.path.isfile(previous):
+        with open(previous) as f:
+            before = json.load(f)
+        results["runs"] = before["runs"]
+        results["server_notes"] = before.get("server_notes", {})
+        results["appended_to"] = {k: before.get(k) for k in ("date", "lmserve_commit", "argv")}
     runs: list[dict[str, Any]] = results["runs"]
 
     def save() -> None:

@@ -1,5 +1,6 @@
 /* A whole decode step of a Llama-family decoder stack in one call, for CPU models whose every
- * linear layer runs on the VNNI GEMV (GGUF Q4_0/Q4_1/Q8_0 weights kept quantized, AVX-512 VNNI).
+ * linear layer runs on the VNNI GEMV (GGUF Q4_0/Q4_1/Q8_0 weights kept quantized, AVX-512 VNNI),
+ * or whose every linear layer is a bf16 weight packed for sbgemm.c (AVX512-BF16, AMX where present).
  *
  * Why: at decode a small model's step is ~120 GEMVs of tens of microseconds and ~300 small ops;
  * run from Python, each costs 10-20 us of dispatch (module calls, argument checks, ctypes, tensor
@@ -8,8 +9,9 @@
  * graphs give a GPU, or llama.cpp's graph executor a CPU).
  *
  * The ops are the very kernels of the eager path, compiled from the same sources (this file
- * includes cpu_ops.c and paged_attention.c): the fused RMSNorm (+ residual add), neox rotary,
- * the KV-cache write, the paged decode attention, and lms_qgemv's GEMV, so the fast path and the
+ * includes cpu_ops.c, paged_attention.c and sbgemm.c): the fused RMSNorm (+ residual add), neox
+ * rotary, the KV-cache write, the paged decode attention, lms_qgemv's GEMV and lms_sbgemm(_amx)'s
+ * panel GEMM (the same work items, split over the region's threads), so the fast path and the
  * eager path compute the same numbers (SiLU-and-mul too: lms_simd.h's silu_mul_span, which the
  * eager path runs as lms_silu_mul).
  *
@@ -26,17 +28,20 @@
 #pragma GCC optimize("fp-contract=fast")
 #include "paged_attention.c"
 #pragma GCC pop_options
+#include "sbgemm.c"
 
 #if LMS_QGEMV && LMS_AVX512
 #define LMS_DECODE_STEP 1
 
-typedef struct {
+typedef struct { /* a linear layer: quantized (qw, d, m) or bf16 panels (panels; qw NULL) */
   const uint8_t* qw;
   const uint16_t* d;
   const uint16_t* m;
   const void* bias; /* [n] in the model dtype, or NULL */
   int64_t n, k;
   int32_t nibbles;
+  const uint16_t* panels; /* lms_sbgemm_pack's layout, or NULL */
+  int32_t amx;            /* the panels are lms_sbgemm_amx's (AMX tiles where k % 32 == 0) */
 } LmsQLinear;
 
 typedef struct {
@@ -70,20 +75,50 @@ typedef struct { /* the shared state of one step's parallel region */
   int rows, nth, dt;
 } Step;
 
-/* out [rows, W->n] = x [rows, W->k] W^T, all threads (x quantized once, by one of them) */
-static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid) {
+/* out [rows, W->n] = x [rows, W->k] W^T, all threads: quantized (x quantized once, by one of them),
+ * or bf16 panels (lms_sbgemm(_amx)'s items, split as that call splits them). *amx_cfg is the
+ * thread's AMX tile state (sbgemm_items). */
+static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid, int* amx_cfg) {
+  if (W->panels) {
+#if LMS_SBGEMM
+    const int amx = LMS_SBGEMM_AMX && W->amx && W->k % AMX_KSTEP == 0;
+    const SbWork w = sb_work(st->rows, W->n, st->nth, amx ? AMX_MR : SB_MR);
+    const int64_t items = w.np * w.groups;
+    sbgemm_items((const uint16_t*)x, W->k, W->panels, (const uint16_t*)W->bias, (uint16_t*)out, W->n, st->rows, W->n,
+                 W->k, w, items * tid / st->nth, items * (tid + 1) / st->nth, amx ? amx_cfg : 0);
+#else
+    (void)amx_cfg;
+#endif
+  } else {
 #pragma omp single
-  quantize_rows(x, W->k, st->rows, st->dt, W->k, st->xq, st->dx, st->xsum);
-  int64_t n0, n1;
-  thread_share(W->n, tid, st->nth, &n0, &n1);
-  qgemv_range(st->xq, st->dx, st->xsum, W->qw, W->d, W->m, W->nibbles, W->k, st->rows, W->bias, out, W->n, st->dt,
-              n0, n1);
+    quantize_rows(x, W->k, st->rows, st->dt, W->k, st->xq, st->dx, st->xsum);
+    int64_t n0, n1;
+    thread_share(W->n, tid, st->nth, &n0, &n1);
+    qgemv_range(st->xq, st->dx, st->xsum, W->qw, W->d, W->m, W->nibbles, W->k, st->rows, W->bias, out, W->n, st->dt,
+                n0, n1);
+  }
 #pragma omp barrier
+}
+
+/* 1: every linear layer is bf16 panels, 0: every one is quantized, -1: a mix, or panels this build lacks */
+static int panel_model(const LmsDecodeModel* M) {
+  int panels = 0, quantized = 0;
+  for (int l = 0; l < M->num_layers; l++) {
+    const LmsQLinear* ws[4] = {&M->layers[l].qkv, &M->layers[l].o, &M->layers[l].gate_up, &M->layers[l].down};
+    for (int i = 0; i < 4; i++) {
+      if (ws[i]->panels) panels++;
+      else quantized++;
+      if (ws[i]->panels && (!LMS_SBGEMM || (ws[i]->amx && !LMS_SBGEMM_AMX))) return -1;
+    }
+  }
+  return panels && quantized ? -1 : panels ? 1 : 0;
 }
 
 static int check_step(const LmsDecodeModel* M, int rows, const int32_t* bt, int64_t bt_width, const int32_t* seq_lens,
                       const int64_t* slots, int* max_len) {
-  if (rows < 1 || rows > M->max_rows || rows > LMS_QGEMV_MAX_ROWS || !ok_dtype(M->dtype) ||
+  const int panels = panel_model(M);
+  if (panels < 0 || (panels && M->dtype != DT_BF16) || (!panels && rows > LMS_QGEMV_MAX_ROWS)) return LMS_ERR_ARGS;
+  if (rows < 1 || rows > M->max_rows || !ok_dtype(M->dtype) ||
       M->hidden > LMS_MAX_ROW || M->head_dim > LMS_MAX_ROW || M->head_dim % 2 || M->num_heads % M->num_kv_heads)
     return LMS_ERR_ARGS;
   *max_len = 0;
@@ -115,8 +150,9 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
   const int64_t qsz = (int64_t)Hq * D, kvsz = (int64_t)Hkv * D, qkv_w = qsz + 2 * kvsz, I = M->intermediate;
   int64_t kmax = H > I ? H : I;
   if (qsz > kmax) kmax = qsz;
-  if (kmax > LMS_QGEMV_MAX_K) return LMS_ERR_ARGS;
-  const int64_t nb = kmax / 32;
+  const int quantized = !M->layers[0].qkv.panels; /* check_step: all linears alike */
+  if (quantized && kmax > LMS_QGEMV_MAX_K) return LMS_ERR_ARGS;
+  const int64_t nb = quantized ? kmax / 32 : 1; /* the quantized activations' buffers */
   int8_t* xq = (int8_t*)aligned_alloc(64, (size_t)(rows * ((nb + 3) / 4) * XQ_GROUP_BYTES));
   float* dx = (float*)malloc(sizeof(float) * (size_t)(rows * nb + 4));
   float* xsum = (float*)malloc(sizeof(float) * (size_t)(rows * nb));
@@ -134,6 +170,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     Step st = {xq, dx, xsum, rows, nth, dt};
+    int amx_cfg = 0; /* this thread's AMX tile height (sbgemm_items); 0: tiles unused */
     Scratch S;
     char* buf = scratch_alloc(&sizes, &S);
     if (!buf) {
@@ -153,7 +190,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
             lms_rms_norm(M->h, H, M->res, H, ly->input_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
           }
         }
-        linear(&st, &ly->qkv, M->normed, M->qkv, tid);
+        linear(&st, &ly->qkv, M->normed, M->qkv, tid, &amx_cfg);
 #pragma omp single
         {
           if (ly->q_norm) { /* normed heads into q, k; then rotated in place (rope reads a head before writing it) */
@@ -176,21 +213,24 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
                            seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window};
 #pragma omp for schedule(dynamic, 1)
         for (int w = 0; w < items; w++) attn_item(&P, w / Hkv, w % Hkv, &S);
-        linear(&st, &ly->o, M->attn, M->h, tid);
+        linear(&st, &ly->o, M->attn, M->h, tid, &amx_cfg);
 #pragma omp single
         lms_rms_norm(M->h, H, M->res, H, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
-        linear(&st, &ly->gate_up, M->normed, M->gu, tid);
+        linear(&st, &ly->gate_up, M->normed, M->gu, tid, &amx_cfg);
         {
           const int64_t per = (I + 16 * nth - 1) / (16 * nth) * 16;
           const int64_t i0 = tid * per < I ? tid * per : I, i1 = i0 + per < I ? i0 + per : I;
           silu_mul_span(M->gu, 2 * I, M->act, I, rows, I, i0, i1, dt);
         }
 #pragma omp barrier
-        linear(&st, &ly->down, M->act, M->h, tid);
+        linear(&st, &ly->down, M->act, M->h, tid, &amx_cfg);
       }
 #pragma omp single
       lms_rms_norm(M->h, H, M->res, H, M->final_norm, M->out, M->res, rows, H, M->eps, dt, 1);
     }
+#if LMS_SBGEMM_AMX
+    if (amx_cfg) _tile_release();
+#endif
     free(buf);
   }
   free(xq), free(dx), free(xsum);

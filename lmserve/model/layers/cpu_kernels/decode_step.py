@@ -1,6 +1,7 @@
 """ctypes binding of ``decode_step.c``: a Llama-family model's whole decode step (every layer, the
 final norm) as one native call, for CPU models whose linear layers all run on the VNNI GEMV (GGUF
-Q4_0/Q4_1/Q8_0 weights kept quantized, on a CPU with AVX-512 VNNI).
+Q4_0/Q4_1/Q8_0 weights kept quantized, on a CPU with AVX-512 VNNI), or all on the bf16 panel GEMM
+(bf16 weights packed by ``cpu_gemm`` for ``sbgemm`` / ``sbgemm_amx``).
 
 ``attach_decode_step(model)`` gives such a model a ``LlamaDecodeStep`` as ``model.decode_step``
 (``LlamaForCausalLM.forward`` then runs decode-only steps of up to ``max_rows`` sequences through
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
+from lmserve.model.layers.cpu_gemm import PanelWeight
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
 from lmserve.model.layers.cpu_kernels.cpu_ops import DTYPE_CODES, FLAGS, QGEMV_MAX_K, get_cpu_ops
 from lmserve.model.layers.quantized_linear import MAX_ROWS as INT_KERNEL_MAX_ROWS
@@ -36,12 +38,15 @@ SOURCE = Path(__file__).with_name("decode_step.c")
 ENV = "LMSERVE_DECODE_STEP"  # "0" switches the one-call decode step off (the eager path runs)
 # sequences per step: where the eager path runs the VNNI GEMV (more rows take the dense weight there)
 MAX_ROWS = INT_KERNEL_MAX_ROWS["vnni"]
+# sequences per step on bf16 panels (the eager path takes any; this bounds the step's buffers)
+PANEL_MAX_ROWS = 256
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
 class _QLinear(ctypes.Structure):
-    _fields_ = [("qw", _p), ("d", _p), ("m", _p), ("bias", _p), ("n", _i64), ("k", _i64), ("nibbles", _i32)]
+    _fields_ = [("qw", _p), ("d", _p), ("m", _p), ("bias", _p), ("n", _i64), ("k", _i64), ("nibbles", _i32),
+                ("panels", _p), ("amx", _i32)]
 
 
 class _Layer(ctypes.Structure):
@@ -65,12 +70,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _qlinear(module: Any) -> _QLinear | None:
-    """The VNNI weight of a (merged) linear layer as the C struct, or None if it has none."""
+    """The VNNI weight, or the bf16 panels, of a (merged) linear layer as the C struct, or None if
+    it has neither."""
     w = getattr(module, "qweight", None)
-    if not isinstance(w, VnniWeight):
-        return None
-    return _QLinear(w.qw.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(module.bias), w.out_features,
-                    w.in_features, int(w.nibbles))
+    if isinstance(w, VnniWeight):
+        return _QLinear(w.qw.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(module.bias), w.out_features,
+                        w.in_features, int(w.nibbles), None, 0)
+    p = getattr(module, "packed_weight", None)
+    if w is None and isinstance(p, PanelWeight) and p.backend in ("sbgemm", "sbgemm_amx") and \
+            (module.bias is None or module.bias.dtype == torch.bfloat16):
+        n, k = p.shape
+        return _QLinear(None, None, None, _ptr(module.bias), n, k, 0, p.panels.data_ptr(), int(p.backend == "sbgemm_amx"))
+    return None
 
 
 class LlamaDecodeStep:
@@ -79,14 +90,15 @@ class LlamaDecodeStep:
     the eager path): more than ``max_rows`` sequences, a prompt token in the step, or inputs the
     kernel refuses (it checks seq_lens, block ids and slots before writing anything)."""
 
-    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, layers: list[_Layer], dtype: torch.dtype) -> None:
+    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, layers: list[_Layer], dtype: torch.dtype,
+                 max_rows: int) -> None:
         inner = model.model
         attn0 = inner.layers[0].self_attn
         cfg = model.config
         self._fn = lib.lms_decode_step
         self._fn.argtypes = [_p, ctypes.c_int, _p, _p, _i64, _p, _p, ctypes.c_int]
         self._fn.restype = ctypes.c_int
-        self.max_rows = MAX_ROWS
+        self.max_rows = max_rows
         self._embed = inner.embed_tokens.weight
         self._cos_sin_cache = inner.rotary_emb.cos_sin_cache
         hidden, d = cfg.hidden_size, attn0.head_dim
@@ -94,19 +106,19 @@ class LlamaDecodeStep:
                   "qkv": (attn0.num_heads + 2 * attn0.num_kv_heads) * d, "q": attn0.num_heads * d,
                   "k": attn0.num_kv_heads * d, "attn": attn0.num_heads * d,
                   "gu": 2 * cfg.intermediate_size, "act": cfg.intermediate_size, "out": hidden}
-        self._bufs = {name: torch.empty(MAX_ROWS, w, dtype=dtype) for name, w in widths.items()}
-        self._cos_sin = torch.empty(MAX_ROWS, d, dtype=dtype)
+        self._bufs = {name: torch.empty(max_rows, w, dtype=dtype) for name, w in widths.items()}
+        self._cos_sin = torch.empty(max_rows, d, dtype=dtype)
         self._layers = (_Layer * len(layers))(*layers)
         self._model = _Model(len(layers), hidden, attn0.num_heads, attn0.num_kv_heads, d, cfg.intermediate_size,
-                             DTYPE_CODES[dtype], 0, MAX_ROWS, inner.norm.variance_epsilon, attn0.attn.scale,
+                             DTYPE_CODES[dtype], 0, max_rows, inner.norm.variance_epsilon, attn0.attn.scale,
                              self._layers, inner.norm.weight.data_ptr(), *(self._bufs[n].data_ptr() for n in _BUFFERS))
         self._bound: list[torch.Tensor] | None = None  # the KV caches the layers point at
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> "LlamaDecodeStep | None":
         """The step for ``model``, or None where it does not apply (see the module docstring):
-        not a CPU Llama-family causal LM in fp32/bf16, a linear layer off the VNNI GEMV, mixed
-        norm epsilons, or shapes past the kernels' limits."""
+        not a CPU Llama-family causal LM in fp32/bf16, a linear layer off the VNNI GEMV and off the
+        bf16 panels (or a mix of the two), mixed norm epsilons, or shapes past the kernels' limits."""
         lib = _load_library()
         inner = getattr(model, "model", None)
         if lib is None or inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
@@ -114,23 +126,28 @@ class LlamaDecodeStep:
         dtype = inner.embed_tokens.weight.dtype
         cfg = model.config
         if dtype not in DTYPE_CODES or inner.embed_tokens.weight.device.type != "cpu" or \
-                inner.rotary_emb.cos_sin_cache.dtype != dtype or \
-                max(cfg.hidden_size, cfg.intermediate_size) > QGEMV_MAX_K:
+                inner.rotary_emb.cos_sin_cache.dtype != dtype:
             return None
         eps = inner.norm.variance_epsilon
-        layers = []
+        layers, kinds = [], set()
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [_qlinear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             head_norms = (attn.q_norm, attn.k_norm) if attn.qk_norm else ()
             if any(q is None for q in linears) or any(n.variance_epsilon != eps for n in norms + head_norms) or \
-                    attn.head_dim * attn.num_heads > QGEMV_MAX_K or attn.attn.scale != inner.layers[0].self_attn.attn.scale:
+                    attn.attn.scale != inner.layers[0].self_attn.attn.scale:
                 return None
+            kinds.update(bool(q.panels) for q in linears)
             qk = [n.weight.data_ptr() for n in head_norms] or [None, None]
             layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *qk, *linears, None, 0,
                                  attn.attn.sliding_window or 0))
-        return cls(lib, model, layers, dtype) if layers else None
+        if not layers or len(kinds) != 1:
+            return None
+        if kinds == {True}:
+            return cls(lib, model, layers, dtype, PANEL_MAX_ROWS) if dtype == torch.bfloat16 else None
+        k_max = max(cfg.hidden_size, cfg.intermediate_size, _q_width(inner))
+        return cls(lib, model, layers, dtype, MAX_ROWS) if k_max <= QGEMV_MAX_K else None
 
     def _bind(self, kv_caches: list[torch.Tensor], block_size: int) -> bool:
         """Point the layers at ``kv_caches`` ([2, num_blocks, block_size, Hkv, D] each, contiguous,
@@ -191,6 +208,11 @@ def _load_library() -> ctypes.CDLL | None:
         return None
     env = os.environ
     return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
+
+
+def _q_width(inner: torch.nn.Module) -> int:
+    attn = inner.layers[0].self_attn
+    return attn.head_dim * attn.num_heads
 
 
 def attach_decode_step(model: torch.nn.Module) -> bool:

@@ -24,7 +24,8 @@
 
 #define SB_NR 64 /* output columns per panel: 4 vectors of 16 fp32 accumulators */
 #define SB_MR 6  /* rows per tile: 6 x 4 = 24 accumulators of the 32 zmm registers */
-#define AMX_MR 16 /* rows per tile of the AMX micro-kernel (sbgemm_amx.h) */
+#define AMX_MR 16    /* rows per tile of the AMX micro-kernel (sbgemm_amx.h) */
+#define AMX_KSTEP 32 /* its K-elements per tile step (64 bytes of bf16); other K run the AVX-512 kernel */
 
 int lms_sbgemm_info(void) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)

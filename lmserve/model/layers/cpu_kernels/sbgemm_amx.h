@@ -22,7 +22,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX_KSTEP 32        /* K-elements per tile step (64 bytes of bf16) */
 #define AMX_PAIR_STRIDE 256 /* bytes between consecutive K-pairs of a packed panel */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
