@@ -76,16 +76,13 @@ typedef struct { /* the shared state of one step's parallel region */
 } Step;
 
 /* out [rows, W->n] = x [rows, W->k] W^T, all threads: quantized (x quantized once, by one of them),
- * or bf16 panels (lms_sbgemm(_amx)'s items, split as that call splits them). *amx_cfg is the
+ * or bf16 panels (sbgemm_share: the kernel and split of lms_sbgemm(_amx)). *amx_cfg is the
  * thread's AMX tile state (sbgemm_items). */
 static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid, int* amx_cfg) {
   if (W->panels) {
 #if LMS_SBGEMM
-    const int amx = LMS_SBGEMM_AMX && W->amx && W->k % AMX_KSTEP == 0;
-    const SbWork w = sb_work(st->rows, W->n, st->nth, amx ? AMX_MR : SB_MR);
-    const int64_t items = w.np * w.groups;
-    sbgemm_items((const uint16_t*)x, W->k, W->panels, (const uint16_t*)W->bias, (uint16_t*)out, W->n, st->rows, W->n,
-                 W->k, w, items * tid / st->nth, items * (tid + 1) / st->nth, amx ? amx_cfg : 0);
+    sbgemm_share((const uint16_t*)x, W->k, W->panels, (const uint16_t*)W->bias, (uint16_t*)out, W->n, st->rows, W->n,
+                 W->k, W->amx, tid, st->nth, amx_cfg);
 #else
     (void)amx_cfg;
 #endif

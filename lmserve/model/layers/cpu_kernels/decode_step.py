@@ -77,7 +77,7 @@ def _qlinear(module: Any) -> _QLinear | None:
         return _QLinear(w.qw.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(module.bias), w.out_features,
                         w.in_features, int(w.nibbles), None, 0)
     p = getattr(module, "packed_weight", None)
-    if w is None and isinstance(p, PanelWeight) and p.backend in ("sbgemm", "sbgemm_amx") and \
+    if w is None and isinstance(p, PanelWeight) and p.dtype == torch.bfloat16 and \
             (module.bias is None or module.bias.dtype == torch.bfloat16):
         n, k = p.shape
         return _QLinear(None, None, None, _ptr(module.bias), n, k, 0, p.panels.data_ptr(), int(p.backend == "sbgemm_amx"))
@@ -146,7 +146,8 @@ class LlamaDecodeStep:
             return None
         if kinds == {True}:
             return cls(lib, model, layers, dtype, PANEL_MAX_ROWS) if dtype == torch.bfloat16 else None
-        k_max = max(cfg.hidden_size, cfg.intermediate_size, _q_width(inner))
+        attn0 = inner.layers[0].self_attn
+        k_max = max(cfg.hidden_size, cfg.intermediate_size, attn0.head_dim * attn0.num_heads)
         return cls(lib, model, layers, dtype, MAX_ROWS) if k_max <= QGEMV_MAX_K else None
 
     def _bind(self, kv_caches: list[torch.Tensor], block_size: int) -> bool:
@@ -208,11 +209,6 @@ def _load_library() -> ctypes.CDLL | None:
         return None
     env = os.environ
     return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
-
-
-def _q_width(inner: torch.nn.Module) -> int:
-    attn = inner.layers[0].self_attn
-    return attn.head_dim * attn.num_heads
 
 
 def attach_decode_step(model: torch.nn.Module) -> bool:

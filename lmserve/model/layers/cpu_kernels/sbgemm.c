@@ -171,19 +171,29 @@ LMS_INLINE int sbgemm_bad_args(int64_t lda, int64_t ldo, int64_t M, int64_t N, i
   return M < 0 || N < 1 || K < 2 || K % 2 || lda < K || ldo < N;
 }
 
-/* lms_sbgemm and lms_sbgemm_amx: the call's items split over the threads; amx picks the micro-kernel. */
+/* Thread tid's share (of nth) of out = x W^T + bias: the items of the call's work (sb_work) split
+ * in nth near-equal ranges. amx: the panels are lms_sbgemm_amx's, so the AMX micro-kernel runs
+ * where K allows it (K % AMX_KSTEP == 0); *amx_cfg is the thread's tile state (sbgemm_items). One
+ * place decides the kernel and the split, for lms_sbgemm(_amx) and for the native decode step. */
+static void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+                         int64_t ldo, int64_t M, int64_t N, int64_t K, int amx, int tid, int nth, int *amx_cfg) {
+  amx = LMS_SBGEMM_AMX && amx && K % AMX_KSTEP == 0;
+  const SbWork w = sb_work(M, N, nth, amx ? AMX_MR : SB_MR);
+  const int64_t items = w.np * w.groups;
+  sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, items * tid / nth, items * (tid + 1) / nth,
+               amx ? amx_cfg : 0);
+}
+
+/* lms_sbgemm and lms_sbgemm_amx: one parallel region, each thread its sbgemm_share. */
 static int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                       int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads, int amx) {
   if (sbgemm_bad_args(lda, ldo, M, N, K)) return -1;
   if (M == 0) return 0;
-  const SbWork w = sb_work(M, N, num_threads, amx ? AMX_MR : SB_MR);
-  const int64_t items = w.np * w.groups;
 #pragma omp parallel num_threads(num_threads)
   {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int64_t i0 = items * tid / nth, i1 = items * (tid + 1) / nth;
     int configured = 0; /* the thread's AMX tile height, 0: tiles not configured */
-    sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, i0, i1, amx ? &configured : 0);
+    sbgemm_share(x, lda, packed, bias, out, ldo, M, N, K, amx, omp_get_thread_num(), omp_get_num_threads(),
+                 &configured);
 #if LMS_SBGEMM_AMX
     if (configured) _tile_release();
 #endif

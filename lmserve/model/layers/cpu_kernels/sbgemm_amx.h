@@ -97,7 +97,7 @@ static void amx_rows_times_panel(int *configured, int mr, const uint16_t *a, int
  * after lms_sbgemm_amx_info() returned 1 in this process. */
 int lms_sbgemm_amx(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                    int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
-  return sbgemm_run(x, lda, packed, bias, out, ldo, M, N, K, num_threads, K % AMX_KSTEP == 0);
+  return sbgemm_run(x, lda, packed, bias, out, ldo, M, N, K, num_threads, 1);
 }
 #else
 int lms_sbgemm_amx_info(void) { return 0; }
