@@ -13,7 +13,8 @@ read is not already in the CPU's caches (default 1: hot).
 
 ``--prefill`` times instead one chunk of ``qlen`` tokens that continues a cached context of
 ``ctx`` tokens: gather + SDPA (``PagedAttention._prefill``) vs the decode kernel run as qlen
-one-token queries (``_prefill_native``, whatever its length rule says). Usage:
+one-token queries (``_prefill_native``) at every length, and which one the length rule
+(``attention.prefill_on_native_kernel``) picks. Usage:
 
     python benchmarks/attention_microbench.py [--dtype bfloat16|float32] [--layers 24] [--threads 1]
     python benchmarks/attention_microbench.py --prefill [--dtype float32]
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+import lmserve.model.layers.attention as attention_mod
 from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.cpu_kernels import get_paged_attention_kernel
@@ -103,24 +105,28 @@ def time_call(fn, iters: int, repeats: int) -> float:
 
 
 def prefill_table(dtype: torch.dtype, block_size: int, iters: int, repeats: int) -> None:
-    print(f"{'chunk continuing a context':34s} {'SDPA ms':>9s} {'native ms':>10s} {'speed-up':>9s}")
+    """Both ways at every length (the length rule lifted); the last column is what the rule picks."""
+    print(f"{'chunk continuing a context':34s} {'SDPA ms':>9s} {'native ms':>10s} {'speed-up':>9s}  rule")
     kernel = get_paged_attention_kernel()
-    for hq, hkv in ((14, 2), (9, 3)):
-        for ctx in (100, 1000):
-            for qlen in (2, 8, 16, 32, 128, 512):
-                w = Workload("", hq, hkv, 64, (ctx + qlen,))
-                attn, _, _, _, caches, meta = make_case(w, dtype, block_size, 1)
-                meta.num_decodes, meta.query_lens_cpu = 0, [qlen]
-                q = torch.randn(qlen, hq, 64, generator=torch.Generator().manual_seed(qlen)).to(dtype)
-                out = torch.empty_like(q)
-                t_nat = None  # stays None where the length rule keeps the chunk on SDPA
-                if attn._prefill_native(0, q, caches[0], meta, out, kernel):
-                    t_nat = time_call(lambda: attn._prefill_native(0, q, caches[0], meta, out, kernel),
-                                      max(1, iters // qlen), repeats)
-                t_ref = time_call(lambda: attn._prefill(0, q, None, None, caches[0], meta), max(1, iters // qlen),
-                                  repeats)
-                native = f"{t_nat * 1e3:10.3f} {t_ref / t_nat:8.1f}x" if t_nat else f"{'(SDPA)':>10s}"
-                print(f"{hq}/{hkv} heads ctx {ctx:5d} qlen {qlen:4d}      {t_ref * 1e3:9.3f} {native}")
+    rule_native = attention_mod.prefill_on_native_kernel
+    attention_mod.prefill_on_native_kernel = lambda *_args: True
+    try:
+        for hq, hkv in ((14, 2), (9, 3)):
+            for ctx in (100, 1000):
+                for qlen in (2, 4, 8, 16, 32, 128, 512):
+                    w = Workload("", hq, hkv, 64, (ctx + qlen,))
+                    attn, _, _, _, caches, meta = make_case(w, dtype, block_size, 1)
+                    meta.num_decodes, meta.query_lens_cpu = 0, [qlen]
+                    q = torch.randn(qlen, hq, 64, generator=torch.Generator().manual_seed(qlen)).to(dtype)
+                    out = torch.empty_like(q)
+                    n = max(1, iters // qlen)
+                    t_nat = time_call(lambda: attn._prefill_native(0, q, caches[0], meta, out, kernel), n, repeats)
+                    t_ref = time_call(lambda: attn._prefill(0, q, None, None, caches[0], meta), n, repeats)
+                    rule = "native" if rule_native(dtype, qlen, ctx + qlen) else "SDPA"
+                    print(f"{hq}/{hkv} heads ctx {ctx:5d} qlen {qlen:4d}      {t_ref * 1e3:9.3f} "
+                          f"{t_nat * 1e3:10.3f} {t_ref / t_nat:8.1f}x  {rule}")
+    finally:
+        attention_mod.prefill_on_native_kernel = rule_native
 
 
 def main() -> None:

@@ -202,8 +202,14 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority"
     max_waiting_requests: int = 4096  # beyond this, new requests are refused (HTTP 503)
+    # Steps of up to this many tokens are memory-bound (a step reads every weight whatever its
+    # rows), so further new prompts join one nearly free; past it a step is compute-bound and each
+    # further new prompt waits for the next step. 0: new prompts join up to the token budget.
+    memory_bound_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.memory_bound_tokens < 0:
+            raise ValueError("memory_bound_tokens must be at least 0")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if self.max_num_seqs < 1:

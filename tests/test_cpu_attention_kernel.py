@@ -136,7 +136,7 @@ def test_prefill_chunk_with_context_equals_reference(kernel, dtype, monkeypatch)
     gather + SDPA (``_prefill``), with and without a sliding window."""
     import lmserve.model.layers.attention as attention_mod
 
-    monkeypatch.setattr(attention_mod, "NATIVE_PREFILL_MAX_QLEN_FP32", 64)
+    monkeypatch.setattr(attention_mod, "prefill_on_native_kernel", lambda *a: True)  # every length native
     rng = random.Random(9)
     for trial in range(10):
         bs = (1, 4, 16, 32)[trial % 4]
@@ -154,6 +154,28 @@ def test_prefill_chunk_with_context_equals_reference(kernel, dtype, monkeypatch)
         torch.testing.assert_close(out, ref, **tol)
     meta.seq_lens_cpu = [qlen]  # no cached context: SDPA's
     assert not attn._prefill_native(0, q, cache, meta, out, kernel)
+
+
+def test_prefill_length_rule(kernel, monkeypatch):
+    """Chunks go to SDPA past the measured crossover: fp32 past 16 tokens; bf16 past 12,288
+    query-key pairs where torch's flash attention runs on AMX, never elsewhere."""
+    import lmserve.model.layers.attention as attention_mod
+
+    on_native = attention_mod.prefill_on_native_kernel
+    for amx in (True, False):
+        attention_mod._torch_sdpa_on_amx.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert on_native(torch.float32, 16, 5000) and not on_native(torch.float32, 17, 20)
+        assert on_native(torch.bfloat16, 8, 1536) and on_native(torch.bfloat16, 512, 4096) is not amx
+        assert on_native(torch.bfloat16, 8, 1537) is not amx
+    attention_mod._torch_sdpa_on_amx.cache_clear()
+    monkeypatch.setattr(attention_mod, "prefill_on_native_kernel", lambda dtype, qlen, seq_len: qlen <= 4)
+    attn = PagedAttention(4, 2, 64, scale=0.125)
+    for qlen, native in ((4, True), (5, False)):
+        _, cache, meta = make_decode_case([30 + qlen], 4, 2, 64, 16, torch.float32, seed=qlen)
+        meta.num_decodes, meta.query_lens_cpu = 0, [qlen]
+        q = torch.randn(qlen, 4, 64)
+        assert attn._prefill_native(0, q, cache, meta, torch.empty_like(q), kernel) is native
 
 
 def test_thread_counts_and_strided_q(kernel):

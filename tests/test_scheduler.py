@@ -17,10 +17,11 @@ from lmserve.sampling_params import SamplingParams
 
 
 def make_scheduler(num_blocks=24, block_size=4, budget=16, max_seqs=4, chunked=True,
-                   caching=True, policy="fcfs"):
+                   caching=True, policy="fcfs", memory_bound_tokens=0):
     kv = KVCacheManager(num_blocks, block_size, caching)
     cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=64,
-                          enable_chunked_prefill=chunked, policy=policy)
+                          enable_chunked_prefill=chunked, policy=policy,
+                          memory_bound_tokens=memory_bound_tokens)
     return Scheduler(cfg, kv)
 
 
@@ -55,11 +56,12 @@ def new_request(i: int, prompt_len: int, max_tokens: int, shared: bool, priority
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), chunked=st.booleans(), caching=st.booleans(),
-       policy=st.sampled_from(["fcfs", "priority"]), num_blocks=st.integers(12, 40))
-def test_random_workload_invariants(seed, chunked, caching, policy, num_blocks):
+       policy=st.sampled_from(["fcfs", "priority"]), num_blocks=st.integers(12, 40),
+       knee=st.sampled_from([0, 6]))
+def test_random_workload_invariants(seed, chunked, caching, policy, num_blocks, knee):
     rng = random.Random(seed)
     sched = make_scheduler(num_blocks=num_blocks, chunked=chunked, caching=caching, policy=policy,
-                           budget=16 if chunked else 64)
+                           budget=16 if chunked else 64, memory_bound_tokens=knee)
     next_id = 0
     for _ in range(120):
         if rng.random() < 0.3:
@@ -89,6 +91,61 @@ def test_chunked_prefill_splits_long_prompt():
     sched.update_after_step(out.scheduled)
     out = sched.schedule()
     assert [s.num_new_tokens for s in out.scheduled] == [4] and out.scheduled[0].samples
+
+
+def test_prompt_that_fits_a_step_is_not_split_beside_others():
+    sched = make_scheduler(budget=16)
+    rng = random.Random(0)
+    sched.add_request(new_request(0, 12, 4, False))
+    sched.add_request(new_request(1, 8, 4, False))
+    sched.add_request(new_request(2, 40, 4, False))
+    out = sched.schedule()
+    # r1 (8 tokens) would get only 4 of the 16: it waits, whole, and so does r2 behind it (FCFS).
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("r0", 12)]
+    sched.update_after_step(out.scheduled)
+    out.scheduled[0].request.append_output_token(7)
+    out = sched.schedule()
+    # r2 is longer than any step: it is split even beside others, taking what r0 and r1 leave.
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [
+        ("r0", 1), ("r1", 8), ("r2", 7)]
+    while sched.has_unfinished():
+        fake_step(sched, rng)
+
+
+def test_alone_a_prompt_is_split_to_fill_the_step():
+    sched = make_scheduler(budget=16)
+    sched.add_request(new_request(0, 20, 4, False))
+    out = sched.schedule()
+    assert [s.num_new_tokens for s in out.scheduled] == [16]
+
+
+def test_memory_bound_tokens_spreads_new_prompts_over_steps():
+    rng = random.Random(0)
+    sched = make_scheduler(budget=64, max_seqs=8, num_blocks=64, memory_bound_tokens=10)
+    for i in range(4):
+        sched.add_request(new_request(i, 5, 8, False))
+    out = sched.schedule()
+    # Two 5-token prompts reach the knee (10); a third would pass it, so it waits.
+    assert [s.num_new_tokens for s in out.scheduled] == [5, 5]
+    for s in out.scheduled:
+        s.request.append_output_token(1)
+    sched.update_after_step(out.scheduled)
+    out = sched.schedule()
+    # Two decodes + one prompt = 7; the fourth prompt would make 12 > 10.
+    assert sorted(s.num_new_tokens for s in out.scheduled) == [1, 1, 5]
+    while sched.has_unfinished():
+        fake_step(sched, rng)
+
+
+def test_memory_bound_tokens_never_blocks_the_first_prompt_of_a_step():
+    big = make_scheduler(budget=64, num_blocks=64, memory_bound_tokens=10)
+    big.add_request(new_request(0, 30, 2, False))
+    big.add_request(new_request(1, 2, 2, False))
+    assert [s.num_new_tokens for s in big.schedule().scheduled] == [30]
+    off = make_scheduler(budget=64, max_seqs=8, num_blocks=64, memory_bound_tokens=0)
+    for i in range(4):
+        off.add_request(new_request(i, 5, 8, False))
+    assert [s.num_new_tokens for s in off.schedule().scheduled] == [5, 5, 5, 5]
 
 
 def test_no_chunking_waits_for_budget():

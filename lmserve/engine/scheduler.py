@@ -6,6 +6,15 @@ Invariants:
 - a request is in exactly one of ``waiting`` or ``running`` until it finishes;
 - the sum of granted tokens never exceeds ``max_num_batched_tokens`` and at most
   ``max_num_seqs`` requests run;
+- a waiting prompt is split (chunked prefill) only when it is longer than a whole step's budget
+  or nothing else runs this step: splitting one that fits a step of its own would not bring its
+  first token sooner (its last piece still runs next step) but would make this step, and so
+  everything else in it, slower; FCFS order is kept (it waits at the head of the queue);
+- past ``memory_bound_tokens`` tokens in a step, no further new prompt joins it (the first new
+  prompt of a step is limited by the budget alone): in a compute-bound step, two prompts together
+  both get their first token when the pair is done, one after the other the first gets it a step
+  sooner, for the same work; and prompts that arrive together then finish apart, so later
+  arrivals spread over steps instead of piling into one;
 - when KV blocks run out, the lowest-priority running request (fcfs: the latest) is
   preempted: its blocks are freed and it returns to the front of ``waiting`` to be
   recomputed (its generated tokens are kept and become part of the recomputed prefix).
@@ -188,6 +197,8 @@ class Scheduler:
 
         # 2. Waiting requests, unless this step had to preempt.
         if not out.preempted_ids:
+            admitted = 0
+            knee = self.config.memory_bound_tokens
             while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting.peek()
                 hits, num_hit_tokens = ([], 0)
@@ -195,8 +206,10 @@ class Scheduler:
                     hits, num_hit_tokens = self.kv.get_computed_blocks(req)
                 need = req.num_tokens - req.num_computed_tokens - num_hit_tokens
                 n = min(need, budget)
-                if not self._may_chunk(req) and n < need:
-                    break
+                if n < need and (not self._may_chunk(req) or (grants and need <= self.config.max_num_batched_tokens)):
+                    break  # see the module docstring: a prompt that fits a step of its own is not split
+                if admitted and knee and self.config.max_num_batched_tokens - budget + n > knee:
+                    break  # a compute-bound step: the next prompt goes first in the next step
                 if not self.kv.allocate_slots(req, n, hits):
                     break
                 self.waiting.pop()
@@ -209,6 +222,7 @@ class Scheduler:
                 self.running.append(req)
                 grants[req.request_id] = n
                 budget -= n
+                admitted += 1
 
         for req in self.running:
             n = grants.get(req.request_id)

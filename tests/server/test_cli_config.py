@@ -131,3 +131,14 @@ def test_top_level_help_and_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and "lmserve" in capsys.readouterr().out
+
+
+def test_memory_bound_tokens_flag_config_and_default(tmp_path, tiny_models):
+    assert parse([]).memory_bound_tokens is None
+    assert parse(["--memory-bound-tokens", "32"]).memory_bound_tokens == 32
+    assert parse(["--config", write(tmp_path, "memory-bound-tokens: 0\n")]).memory_bound_tokens == 0
+    model = tiny_models["qwen2"]
+    default = EngineArgs(model, device="cpu").create_engine_config().scheduler_config
+    assert default.memory_bound_tokens == 64
+    off = EngineArgs.from_cli_args(parse([model, "--memory-bound-tokens", "0", "--device", "cpu"]))
+    assert off.create_engine_config().scheduler_config.memory_bound_tokens == 0

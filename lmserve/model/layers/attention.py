@@ -8,6 +8,7 @@ The KV cache of one layer is one tensor ``[2, num_blocks, block_size, num_kv_hea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,27 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     value_cache[slots[valid]] = v[valid].to(value_cache.dtype)
 
 
-# Chunks continuing a cached context go to the CPU decode kernel in bf16 at any length, in fp32
-# up to this many tokens (past it, gather + SDPA is as fast; see PagedAttention._prefill_native).
+# Chunks continuing a cached context go to the CPU decode kernel (as qlen one-token queries) where
+# that measured faster than gather + SDPA (benchmarks/attention_microbench.py --prefill):
+# - fp32: up to 16 tokens (Zen 4, Sapphire Rapids);
+# - bf16 on CPUs without AMX: any length (Zen 4: torch's bf16 flash attention has no fast kernel);
+# - bf16 with AMX, where torch's runs on AMX tiles: up to 12,288 query-key pairs (qlen x seq_len).
+#   Sapphire Rapids, 14/2 heads: ctx 100 qlen 32 native 0.27 vs SDPA 0.32 ms, qlen 128 1.34 vs 0.97;
+#   ctx 1000 qlen 8 0.53 vs 0.61, qlen 16 0.96 vs 0.74.
 NATIVE_PREFILL_MAX_QLEN_FP32 = 16
+NATIVE_PREFILL_MAX_PAIRS_BF16_AMX = 12288
+
+
+@functools.cache
+def _torch_sdpa_on_amx() -> bool:
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+def prefill_on_native_kernel(dtype: torch.dtype, qlen: int, seq_len: int) -> bool:
+    """Whether a chunk of ``qlen`` tokens ending a ``seq_len``-token context runs on the decode kernel."""
+    if dtype != torch.bfloat16:
+        return qlen <= NATIVE_PREFILL_MAX_QLEN_FP32
+    return not _torch_sdpa_on_amx() or qlen * seq_len <= NATIVE_PREFILL_MAX_PAIRS_BF16_AMX
 
 
 class PagedAttention(nn.Module):
@@ -175,11 +194,10 @@ class PagedAttention(nn.Module):
         """A chunk q [qlen, Hq, D] that continues a cached context, on the decode kernel as qlen
         one-token queries (row r sees the first ctx_len + r + 1 tokens of the sequence's blocks),
         into out [qlen, Hq, D]. Only where that measured faster than gather + SDPA
-        (benchmarks/attention_microbench.py --prefill): bf16, or fp32 chunks of up to
-        ``NATIVE_PREFILL_MAX_QLEN_FP32`` tokens. False (nothing written) otherwise."""
+        (``prefill_on_native_kernel``). False (nothing written) otherwise."""
         qlen = q.shape[0]
         seq_len = meta.seq_lens_cpu[i]
-        if seq_len == qlen or (q.dtype != torch.bfloat16 and qlen > NATIVE_PREFILL_MAX_QLEN_FP32):
+        if seq_len == qlen or not prefill_on_native_kernel(q.dtype, qlen, seq_len):
             return False
         seq_lens = torch.arange(seq_len - qlen + 1, seq_len + 1, dtype=torch.int32)  # [qlen]
         tables = meta.block_tables[i:i + 1].expand(qlen, -1)  # [qlen, W], one row repeated (stride 0)
