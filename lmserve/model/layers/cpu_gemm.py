@@ -20,7 +20,11 @@ Measured on the Qwen2-365M shapes, weights read from DRAM (``benchmarks/cpu_gemm
   (``--dtype bfloat16 --repeats 5``): M=16 167-284 / 115-135 / 194-350; M=32 286-502 / 114-143 /
   307-527; M=64 560-760 / 118-144 / 447-910; M=256 562-1461 / 130-148 / 502-1399 (noisy VM);
   offline W2-like run (32 x 32 in / 128 out): 285-307 output tok/s with sbgemm_amx, 214-229 with
-  oneDNN, 111 with sbgemm (``LMSERVE_CPU_GEMM=... benchmarks/offline_throughput.py``).
+  oneDNN, 111 with sbgemm (``LMSERVE_CPU_GEMM=... benchmarks/offline_throughput.py``). The AMX
+  tile layout (sbgemm_amx.h) against the earlier AMX kernel on 64-column AVX-512 panels, runs
+  interleaved (``offline_throughput.py --model random-qwen2-365m --num-prompts 64 --input-len 32
+  --output-len 256 --engine-args '{"max_num_seqs": 32}'``): 268.9 / 283.7 against 246.9 / 247.8
+  output tok/s.
 
 Invariants:
 - only CPU weights in float32, or bfloat16 on a CPU with native bf16 (elsewhere oneDNN emulates
@@ -107,7 +111,7 @@ class PanelWeight(PrepackedWeight):
         return self.kernel.matmul(x, self.panels, self.shape[0], bias)
 
     def to_dense(self) -> torch.Tensor:
-        return CpuPanelGemm.unpack(self.panels, self.shape[0])
+        return self.kernel.unpack(self.panels, self.shape[0])
 
 
 def prepack_supported(weight: torch.Tensor) -> bool:

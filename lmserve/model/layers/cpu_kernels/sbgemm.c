@@ -124,16 +124,14 @@ LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads, int mr) {
 }
 
 #if LMS_SBGEMM_AMX
-static void amx_rows_times_panel(int *configured, int mr, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K,
-                                 uint16_t *c, int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch,
-                                 int64_t pf_lines);
+static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, int *configured);
 #endif
 
-/* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (AVX-512, 32 rows: 6,6,5,5,5,5;
- * AMX: at most 16), the same for every item count, so the split never changes a result. amx: NULL for
- * the AVX-512 micro-kernel, else the calling thread's configured AMX tile height (0: none yet). */
+/* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (32 rows: 6,6,5,5,5,5), the
+ * same for every item count, so the split never changes a result. */
 static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                         int64_t ldo, int64_t M, int64_t N, int64_t K, SbWork w, int64_t i0, int64_t i1, int *amx) {
+                         int64_t ldo, int64_t M, int64_t N, int64_t K, SbWork w, int64_t i0, int64_t i1) {
   const int64_t K2 = K / 2;
   for (int64_t it = i0; it < i1; it++) {
     const int64_t p = it / w.groups, g = it % w.groups;
@@ -144,22 +142,12 @@ static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed,
     for (int64_t t = 0; t < t0; t++) m += (M - m + (w.ntiles - t) - 1) / (w.ntiles - t);
     for (int64_t t = t0; t < t1; t++) {
       const int mr = (int)((M - m + (w.ntiles - t) - 1) / (w.ntiles - t));
-      /* every tile pulls its share of the next panel toward L2 (lines [t per, t per + per)): the AVX-512
-       * tiles its first half (one line per K-pair step, measured best on Zen 4), the AMX tiles all of it */
-      const int64_t lines = amx ? 4 * K2 : 2 * K2;
+      /* every tile pulls its share of the first half of the next panel toward L2 (lines [t per, t per +
+       * per), one per K-pair step: measured best on Zen 4) */
+      const int64_t lines = 2 * K2;
       const int64_t per = (lines + w.ntiles - 1) / w.ntiles, first = t * per;
       const int64_t n_pf = (w.groups == 1 && p + 1 < w.np && first < lines) ? (lines - first < per ? lines - first : per) : 0;
       const char *pf = (const char *)(bp + K * SB_NR) + 64 * first;
-#if LMS_SBGEMM_AMX
-      if (amx) {
-        amx_rows_times_panel(amx, mr, x + m * lda, lda, bp, K, out + m * ldo + p * SB_NR, ldo, ncols,
-                             bias ? bias + p * SB_NR : 0, pf, n_pf);
-        m += mr;
-        continue;
-      }
-#else
-      (void)amx;
-#endif
       sb_rows_times_panel(mr, x + m * lda, lda, bp, K2, out + m * ldo + p * SB_NR, ldo, ncols,
                           bias ? bias + p * SB_NR : 0, pf, n_pf);
       m += mr;
@@ -171,17 +159,24 @@ LMS_INLINE int sbgemm_bad_args(int64_t lda, int64_t ldo, int64_t M, int64_t N, i
   return M < 0 || N < 1 || K < 2 || K % 2 || lda < K || ldo < N;
 }
 
-/* Thread tid's share (of nth) of out = x W^T + bias: the items of the call's work (sb_work) split
- * in nth near-equal ranges. amx: the panels are lms_sbgemm_amx's, so the AMX micro-kernel runs
- * where K allows it (K % AMX_KSTEP == 0); *amx_cfg is the thread's tile state (sbgemm_items). One
- * place decides the kernel and the split, for lms_sbgemm(_amx) and for the native decode step. */
+/* Thread tid's share (of nth) of out = x W^T + bias. amx: the weight is lms_sbgemm_amx_pack's, so
+ * where K % AMX_KSTEP == 0 it is in the tile layout and the AMX kernel runs (amx_share; *amx_cfg is
+ * the thread's tile state, 0: none yet); else the items of the AVX-512 work (sb_work) split in nth
+ * near-equal ranges. One place decides the kernel and the split, for lms_sbgemm(_amx) and for the
+ * native decode step. */
 static void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                          int64_t ldo, int64_t M, int64_t N, int64_t K, int amx, int tid, int nth, int *amx_cfg) {
-  amx = LMS_SBGEMM_AMX && amx && K % AMX_KSTEP == 0;
-  const SbWork w = sb_work(M, N, nth, amx ? AMX_MR : SB_MR);
+#if LMS_SBGEMM_AMX
+  if (amx && K % AMX_KSTEP == 0) {
+    amx_share(x, lda, packed, bias, out, ldo, M, N, K, tid, nth, amx_cfg);
+    return;
+  }
+#else
+  (void)amx, (void)amx_cfg;
+#endif
+  const SbWork w = sb_work(M, N, nth, SB_MR);
   const int64_t items = w.np * w.groups;
-  sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, items * tid / nth, items * (tid + 1) / nth,
-               amx ? amx_cfg : 0);
+  sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, items * tid / nth, items * (tid + 1) / nth);
 }
 
 /* lms_sbgemm and lms_sbgemm_amx: one parallel region, each thread its sbgemm_share. */

@@ -1,28 +1,58 @@
-/* The AMX micro-kernel of sbgemm.c (included at its end): the same call, on the same packed weight,
- * with tile instructions (TDPBF16PS) instead of VDPBF16PS, on CPUs with AMX-BF16 (Sapphire Rapids and
- * later).
+/* The AMX kernel of sbgemm.c (included at its end): lms_sbgemm's contract on tile instructions
+ * (TDPBF16PS) instead of VDPBF16PS, on CPUs with AMX-BF16 (Sapphire Rapids and later), for K % 32 == 0;
+ * other K keep the AVX-512 micro-kernel and its layout.
  *
  * Why: on an AMX CPU oneDNN's bf16 matmul runs on AMX and the AVX-512 micro-kernel is 2-4x slower
- * than it from 8 rows up; a decode step's skinny matmuls are then bound by reading the weight
- * from DRAM, not by the dot products (one TDPBF16PS does 16 x 16 x 32 products), so what counts is
- * streaming each panel once at the memory's speed while the tiles work on the previous one.
+ * than it from 8 rows up; a decode step's skinny matmuls are then bound by reading the weight from
+ * DRAM while the tiles compute, so what counts is streaming each weight byte once, in address order,
+ * with the next bytes already on their way.
  *
- * Tiles (one configuration per thread and tile height mr <= 16, every row 64 bytes):
- * tmm0-3 = the mr x 64 fp32 output block (16 columns each), tmm4 = mr rows x 32 K-elements of x,
- * tmm5-7 = the weight: 16 K-pairs x 16 columns, read straight from the packed panel, whose pair rows
- * are 64 columns x 2 elements = 256 bytes apart (so the packing is sbgemm.c's, unchanged).
- * Invariants: K % 32 == 0 (lms_sbgemm_amx hands other K to the AVX-512 micro-kernel); each output
- * element is the tiles' fixed-order fp32 sum over K, plus the bias, rounded once to bf16, whatever
- * mr, M or the thread count (batch invariant, as the AVX-512 path; the two paths' sums differ in
- * order, so they can differ in the last bf16 bit).
+ * Layout (its own, lms_sbgemm_amx_pack): 32-column blocks; block b holds, per K-step s of 32, two
+ * 1 KB weight tiles (columns 16 t .. 16 t + 15, t = 0, 1), each 16 K-pairs x 16 columns x 2:
+ *   packed[(((b S + s) 2 + t) 16 + kp) 32 + 2 j + e] = W[32 b + 16 t + j, 32 s + 2 kp + e]  (S = K / 32,
+ * zero past N). A tile load then reads 16 consecutive cache lines and a block is read front to back
+ * (measured on a 2-core Sapphire Rapids VM, the 96 matmuls of a 365M-parameter decode step: 32 rows
+ * 22 % faster, 1-16 rows 35-40 % faster than the previous layout of 64-column panels in the AVX-512
+ * pair order, whose tile loads read every fourth line).
+ *
+ * Tiles (per group of up to 32 rows: r0 = up to 16 rows, r1 = the rest): tmm0-1 / tmm2-3 the r0 / r1
+ * rows x 32 fp32 outputs, tmm4 / tmm5 their 32 K-elements of x, tmm6-7 the two weight tiles, each
+ * loaded once per K-step and used for both row tiles (2 x 2 blocking: one tile load per TDPBF16PS).
+ * Invariants: each output element is the tiles' fixed-order fp32 sum over K, plus the bias, rounded
+ * once to bf16, whatever the group's rows, M or the thread count (batch invariant, as the AVX-512
+ * path; the two paths' sums differ in order, so they can differ in the last bf16 bit).
  * Linux grants a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM);
  * lms_sbgemm_amx_info() makes that request and returns 1 only when it is granted. */
+
+#define AMX_NB 32    /* output columns per block: two 16-column tiles */
+#define AMX_GROUP 32 /* rows per group: two tiles of up to 16 */
+
+/* w [N, K] bf16 -> the tile layout above where K % 32 == 0, else lms_sbgemm_pack's */
+void lms_sbgemm_amx_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_threads) {
+  if (K % AMX_KSTEP) {
+    lms_sbgemm_pack(w, packed, N, K, num_threads);
+    return;
+  }
+  const int64_t nb = (N + AMX_NB - 1) / AMX_NB, S = K / AMX_KSTEP;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t b = 0; b < nb; b++)
+    for (int64_t s = 0; s < S; s++)
+      for (int t = 0; t < 2; t++)
+        for (int kp = 0; kp < AMX_KSTEP / 2; kp++) {
+          uint16_t *dst = packed + (((b * S + s) * 2 + t) * (AMX_KSTEP / 2) + kp) * AMX_NB;
+          for (int j = 0; j < 16; j++) {
+            const int64_t n = b * AMX_NB + 16 * t + j, k = s * AMX_KSTEP + 2 * kp;
+            dst[2 * j] = n < N ? w[n * K + k] : 0;
+            dst[2 * j + 1] = n < N ? w[n * K + k + 1] : 0;
+          }
+        }
+}
 
 #if LMS_SBGEMM_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX_PAIR_STRIDE 256 /* bytes between consecutive K-pairs of a packed panel */
+#define AMX_PF_AHEAD 4096  /* a one-group block prefetches this many bytes ahead of its reads */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -32,13 +62,14 @@ typedef struct {
   uint8_t rows[16];
 } AmxTileConfig;
 
-static void amx_configure(int mr) {
+static void amx_configure(int r0, int r1) {
   AmxTileConfig cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
+  const int rows[8] = {r0, r0, r1, r1, r0, r1, AMX_MR, AMX_MR};
   for (int t = 0; t < 8; t++) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = t < 5 ? (uint8_t)mr : AMX_MR; /* output and x tiles: mr rows; weight tiles: 16 pairs */
+    cfg.rows[t] = (uint8_t)rows[t];
+    cfg.colsb[t] = rows[t] ? 64 : 0; /* every row 64 bytes; r1 == 0 leaves tmm2, 3, 5 unconfigured */
   }
   _tile_loadconfig(&cfg);
 }
@@ -47,50 +78,86 @@ int lms_sbgemm_amx_info(void) {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
 }
 
-/* mr rows of x times one packed panel; *configured is the thread's current tile height (0: none).
- * pf_lines cache lines from prefetch (this block's share of the next panel) are pulled toward L2,
- * spread over the K steps. */
-static void amx_rows_times_panel(int *configured, int mr, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K,
-                                 uint16_t *c, int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch,
-                                 int64_t pf_lines) {
-  if (*configured != mr) {
-    amx_configure(mr);
-    *configured = mr;
+/* r0 + r1 rows of x (r1 rows from x + 16 lda) times block bp; ncols of its 32 columns stored to c.
+ * *configured is the thread's tile shape (r0 * 64 + r1; 0: none). pf_lines cache lines from pf are
+ * pulled toward L2, spread over the K-steps. */
+static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
+                      uint16_t *c, int64_t ldc, int ncols, const uint16_t *bias, const char *pf, int64_t pf_lines) {
+  if (*configured != r0 * 64 + r1) {
+    amx_configure(r0, r1);
+    *configured = r0 * 64 + r1;
   }
-  float acc[AMX_MR * SB_NR] __attribute__((aligned(64)));
+  float acc[AMX_GROUP * AMX_NB] __attribute__((aligned(64)));
   const int64_t steps = K / AMX_KSTEP, pf_per_step = (pf_lines + steps - 1) / steps;
   const int64_t a_stride = lda * 2;
+  const uint16_t *x1 = x + AMX_MR * lda;
   _tile_zero(0);
   _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  int64_t pf = 0;
-  for (int64_t s = 0; s < steps; s++) {
-    const uint16_t *b = bp + s * AMX_KSTEP * SB_NR; /* 16 pairs x 64 columns x 2 */
-    _tile_loadd(4, a + s * AMX_KSTEP, a_stride);
-    _tile_loadd(5, b, AMX_PAIR_STRIDE);
-    _tile_loadd(6, b + 32, AMX_PAIR_STRIDE);
-    _tile_loadd(7, b + 64, AMX_PAIR_STRIDE);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_dpbf16ps(2, 4, 7);
-    _tile_loadd(5, b + 96, AMX_PAIR_STRIDE);
-    _tile_dpbf16ps(3, 4, 5);
-    for (int64_t e = pf + pf_per_step; pf < e && pf < pf_lines; pf++) _mm_prefetch(prefetch + 64 * pf, _MM_HINT_T1);
+  if (r1) {
+    _tile_zero(2);
+    _tile_zero(3);
   }
-  _tile_stored(0, acc, SB_NR * 4);
-  _tile_stored(1, acc + 16, SB_NR * 4);
-  _tile_stored(2, acc + 32, SB_NR * 4);
-  _tile_stored(3, acc + 48, SB_NR * 4);
-  __m512 bv[4];
-  for (int v = 0; v < 4; v++) bv[v] = bias ? ld16(bias + 16 * v, mask16(ncols - 16 * v), DT_BF16) : _mm512_setzero_ps();
-  for (int r = 0; r < mr; r++)
-    for (int v = 0; v < 4; v++) {
+  int64_t q = 0;
+  for (int64_t s = 0; s < steps; s++) {
+    const uint16_t *b = bp + s * AMX_KSTEP * AMX_NB; /* two 1 KB tiles */
+    for (const int64_t e = q + pf_per_step; q < e && q < pf_lines; q++) _mm_prefetch(pf + 64 * q, _MM_HINT_T1);
+    _tile_loadd(4, x + s * AMX_KSTEP, a_stride);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + 16 * AMX_NB, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (r1) {
+      _tile_loadd(5, x1 + s * AMX_KSTEP, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, AMX_NB * 4);
+  _tile_stored(1, acc + 16, AMX_NB * 4);
+  if (r1) {
+    _tile_stored(2, acc + AMX_MR * AMX_NB, AMX_NB * 4);
+    _tile_stored(3, acc + AMX_MR * AMX_NB + 16, AMX_NB * 4);
+  }
+  __m512 bv[2];
+  for (int v = 0; v < 2; v++) bv[v] = bias ? ld16(bias + 16 * v, mask16(ncols - 16 * v), DT_BF16) : _mm512_setzero_ps();
+  for (int r = 0; r < r0 + r1; r++)
+    for (int v = 0; v < 2; v++) {
       const __mmask16 m = mask16(ncols - 16 * v);
       if (m)
         _mm256_mask_storeu_epi16(c + r * ldc + 16 * v, m,
-                                 f32x16_to_bf16(_mm512_add_ps(_mm512_load_ps(acc + r * SB_NR + 16 * v), bv[v])));
+                                 f32x16_to_bf16(_mm512_add_ps(_mm512_load_ps(acc + r * AMX_NB + 16 * v), bv[v])));
     }
+}
+
+/* Thread tid's share (of nth) of the call on the tile layout: items are (block, row-group range);
+ * with at least 2 blocks per thread an item is a whole block (all row groups), and a thread's
+ * blocks are consecutive, so it reads one stream. Each group prefetches its share of the bytes
+ * ahead: AMX_PF_AHEAD past its own with one group per block, the next block with several (the
+ * block is then re-read from L2 per group). Nothing is prefetched past the thread's last block. */
+static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, int *configured) {
+  const int64_t nb = (N + AMX_NB - 1) / AMX_NB, G = (M + AMX_GROUP - 1) / AMX_GROUP;
+  const int64_t split = nb >= 2 * nth ? 1 : ((2 * nth + nb - 1) / nb < G ? (2 * nth + nb - 1) / nb : G);
+  const int64_t items = nb * split, i0 = items * tid / nth, i1 = items * (tid + 1) / nth;
+  if (i0 >= i1) return;
+  const int64_t block_elems = K * AMX_NB, block_lines = block_elems * 2 / 64;
+  const char *stream_end = (const char *)(packed + ((i1 - 1) / split + 1) * block_elems);
+  const int64_t ahead = G == 1 ? AMX_PF_AHEAD : block_elems * 2;
+  for (int64_t it = i0; it < i1; it++) {
+    const int64_t b = it / split, part = it % split, g0 = part * G / split, g1 = (part + 1) * G / split;
+    const uint16_t *bp = packed + b * block_elems;
+    const int ncols = (int)(N - b * AMX_NB < AMX_NB ? N - b * AMX_NB : AMX_NB);
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t m = g * AMX_GROUP, rows = M - m < AMX_GROUP ? M - m : AMX_GROUP;
+      const int r0 = (int)(rows < AMX_MR ? rows : AMX_MR), r1 = (int)(rows - r0);
+      const char *pf = (const char *)bp + ahead + 64 * (g * block_lines / G);
+      int64_t n_pf = (g + 1) * block_lines / G - g * block_lines / G;
+      if (split > 1 || pf >= stream_end) n_pf = 0;
+      else if (pf + 64 * n_pf > stream_end) n_pf = (stream_end - pf) / 64;
+      amx_block(configured, r0, r1, x + m * lda, lda, bp, K, out + m * ldo + b * AMX_NB, ldo, ncols,
+                bias ? bias + b * AMX_NB : 0, pf, n_pf);
+    }
+  }
 }
 
 /* lms_sbgemm's contract, on AMX tiles where K % 32 == 0 (else the AVX-512 micro-kernel). Call only
@@ -107,8 +174,3 @@ int lms_sbgemm_amx(const uint16_t *x, int64_t lda, const uint16_t *packed, const
   return -1;
 }
 #endif
-
-/* the same packing as lms_sbgemm's (the binding looks the pack function up by the kernel's prefix) */
-void lms_sbgemm_amx_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_threads) {
-  lms_sbgemm_pack(w, packed, N, K, num_threads);
-}

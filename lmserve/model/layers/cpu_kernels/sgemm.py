@@ -29,11 +29,14 @@ class CpuPanelGemm:
     """A loaded panel kernel: ``pack`` a weight once, then ``matmul`` any number of rows by it.
     Panels are [ceil(N / panel), K / pair, panel, pair] in ``dtype``: ``panel`` output columns, each
     as consecutive groups of ``pair`` K-elements (fp32: 16 columns, pairs of 1; bf16: 64, pairs of 2,
-    VDPBF16PS's operand layout), zero-padded past N."""
+    VDPBF16PS's operand layout), zero-padded past N. Where ``tile_k`` divides K (the AMX kernel:
+    32), the weight is in AMX tiles instead (sbgemm_amx.h): [ceil(N / 32), K / 32, 2, 16, 16, 2] =
+    (32-column block, K-step, 16-column tile, K-pair, column, pair element)."""
 
-    def __init__(self, lib: ctypes.CDLL, name: str, prefix: str, dtype: torch.dtype, panel: int, pair: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, name: str, prefix: str, dtype: torch.dtype, panel: int, pair: int,
+                 tile_k: int = 0) -> None:
         self._lib, self.name = lib, name
-        self.dtype, self.panel, self.pair = dtype, panel, pair
+        self.dtype, self.panel, self.pair, self.tile_k = dtype, panel, pair, tile_k
         self._pack = getattr(lib, f"{prefix}_pack")
         self._pack.argtypes = [_p, _p, _i64, _i64, _i32]
         self._pack.restype = None
@@ -49,14 +52,22 @@ class CpuPanelGemm:
         """weight [N, K] -> panels (see the class docstring)."""
         w = weight.detach().to(self.dtype).contiguous()
         n, k = w.shape
-        panels = torch.empty(-(-n // self.panel), k // self.pair, self.panel, self.pair, dtype=self.dtype)
+        if self._tiled(k):
+            shape = (-(-n // 32), k // 32, 2, 16, 16, 2)
+        else:
+            shape = (-(-n // self.panel), k // self.pair, self.panel, self.pair)
+        panels = torch.empty(shape, dtype=self.dtype)
         self._pack(w.data_ptr(), panels.data_ptr(), n, k, torch.get_num_threads())
         return panels
 
-    @staticmethod
-    def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:
+    def unpack(self, panels: torch.Tensor, n: int) -> torch.Tensor:
         """The inverse of ``pack``: [N, K]."""
+        if panels.dim() == 6:  # AMX tiles: W[32 b + 16 t + j, 32 s + 2 kp + e] = panels[b, s, t, kp, j, e]
+            return panels.permute(0, 2, 4, 1, 3, 5).reshape(panels.shape[0] * 32, -1)[:n].contiguous()
         return panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * panels.shape[2], -1)[:n].contiguous()
+
+    def _tiled(self, k: int) -> bool:
+        return bool(self.tile_k) and k % self.tile_k == 0
 
     def matmul(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
         """x [M, K] in the kernel's dtype (rows dense, any row stride) @ W^T + bias -> [M, n]."""
@@ -74,10 +85,11 @@ class CpuPanelGemm:
         return out
 
 
-# name -> (C source, C prefix, dtype, panel columns, pair, why info() != 1 keeps oneDNN)
-_KERNELS = {"sgemm": ("sgemm.c", "lms_sgemm", torch.float32, 16, 1, {0: "no AVX2 + FMA", 2: "AVX-512"}),
-            "sbgemm": ("sbgemm.c", "lms_sbgemm", torch.bfloat16, 64, 2, {0: "no AVX512-BF16"}),
-            "sbgemm_amx": ("sbgemm.c", "lms_sbgemm_amx", torch.bfloat16, 64, 2,
+# name -> (C source, C prefix, dtype, panel columns, pair, K that take the AMX tile layout (0: none),
+#          why info() != 1 keeps oneDNN)
+_KERNELS = {"sgemm": ("sgemm.c", "lms_sgemm", torch.float32, 16, 1, 0, {0: "no AVX2 + FMA", 2: "AVX-512"}),
+            "sbgemm": ("sbgemm.c", "lms_sbgemm", torch.bfloat16, 64, 2, 0, {0: "no AVX512-BF16"}),
+            "sbgemm_amx": ("sbgemm.c", "lms_sbgemm_amx", torch.bfloat16, 64, 2, 32,
                            {0: "no AMX-BF16, or the OS did not grant the tile state"})}
 PANEL_KERNELS = tuple(_KERNELS)
 
@@ -85,7 +97,7 @@ PANEL_KERNELS = tuple(_KERNELS)
 @functools.lru_cache(maxsize=None)
 def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuPanelGemm | None:
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
-    source, prefix, dtype, panel, pair, reasons = _KERNELS[name]
+    source, prefix, dtype, panel, pair, tile_k, reasons = _KERNELS[name]
     try:
         lib = load_library(Path(__file__).with_name(source))
         info = getattr(lib, f"{prefix}_info")()
@@ -99,7 +111,7 @@ def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuPanelGem
         logger.info("CPU %s kernel not used on this CPU (%s); %s linears use oneDNN", name,
                     reasons.get(info, info), dtype)
         return None
-    return CpuPanelGemm(lib, name, prefix, dtype, panel, pair)
+    return CpuPanelGemm(lib, name, prefix, dtype, panel, pair, tile_k)
 
 
 def get_kernel(name: str) -> CpuPanelGemm | None:
