@@ -56,7 +56,7 @@ def test_packed_linear_matches_f_linear(backend, dtype, rows, bias, k):
 
 @pytest.mark.skipif(not PANEL_KERNELS, reason="no panel kernel applies to this CPU")
 @pytest.mark.parametrize("backend,dtype", PANEL_KERNELS)
-@pytest.mark.parametrize("n", [130, 40])  # 40: fewer column blocks than 2 per thread, so threads split rows too
+@pytest.mark.parametrize("n", [130, 40, 600])  # 40: fewer column blocks than 2 per thread, so threads split rows too
 def test_panel_kernel_rows_are_batch_invariant(backend, dtype, n):
     """A row's output is bit-identical whatever the batch around it and the thread count (one
     fixed-order sum per element)."""
@@ -68,8 +68,10 @@ def test_panel_kernel_rows_are_batch_invariant(backend, dtype, n):
         assert torch.equal(packed.linear(x[rows], None), full[rows])
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert torch.equal(packed.linear(x, None), full)
+        for n_threads in (1, 3, 8):  # more threads than cores: descheduled ones get their blocks taken (stealing)
+            torch.set_num_threads(n_threads)
+            for _ in range(5):
+                assert torch.equal(packed.linear(x, None), full)
     finally:
         torch.set_num_threads(threads)
 

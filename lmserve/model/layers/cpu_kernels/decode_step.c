@@ -76,15 +76,15 @@ typedef struct { /* the shared state of one step's parallel region */
 } Step;
 
 /* out [rows, W->n] = x [rows, W->k] W^T, all threads: quantized (x quantized once, by one of them),
- * or bf16 panels (sbgemm_share: the kernel and split of lms_sbgemm(_amx)). *amx_cfg is the
- * thread's AMX tile state (sbgemm_items). */
-static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid, int* amx_cfg) {
+ * or bf16 panels (sbgemm_share: the kernel and split of lms_sbgemm(_amx)). *sb is the thread's
+ * sbgemm state in this step. */
+static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out, int tid, SbThread* sb) {
   if (W->panels) {
 #if LMS_SBGEMM
     sbgemm_share((const uint16_t*)x, W->k, W->panels, (const uint16_t*)W->bias, (uint16_t*)out, W->n, st->rows, W->n,
-                 W->k, W->amx, tid, st->nth, amx_cfg);
+                 W->k, W->amx, tid, st->nth, sb);
 #else
-    (void)amx_cfg;
+    (void)sb;
 #endif
   } else {
 #pragma omp single
@@ -157,6 +157,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
     free(xq), free(dx), free(xsum);
     return LMS_ERR_NOMEM;
   }
+  SbRange* ranges = quantized ? NULL : sb_ranges(nthreads); /* NULL: the GEMMs split statically */
   const int G = Hq / Hkv, items = rows * Hkv;
   const ScratchSizes sizes = scratch_sizes(max_len, G, D);
   item_fn attn_item = dt == DT_F32 ? item_f32 : item_bf16;
@@ -167,7 +168,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     Step st = {xq, dx, xsum, rows, nth, dt};
-    int amx_cfg = 0; /* this thread's AMX tile height (sbgemm_items); 0: tiles unused */
+    SbThread sb = {0, 0, ranges}; /* this thread's sbgemm state (tiles, calls) */
     Scratch S;
     char* buf = scratch_alloc(&sizes, &S);
     if (!buf) {
@@ -187,7 +188,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
             lms_rms_norm(M->h, H, M->res, H, ly->input_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
           }
         }
-        linear(&st, &ly->qkv, M->normed, M->qkv, tid, &amx_cfg);
+        linear(&st, &ly->qkv, M->normed, M->qkv, tid, &sb);
 #pragma omp single
         {
           if (ly->q_norm) { /* normed heads into q, k; then rotated in place (rope reads a head before writing it) */
@@ -210,27 +211,27 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
                            seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window};
 #pragma omp for schedule(dynamic, 1)
         for (int w = 0; w < items; w++) attn_item(&P, w / Hkv, w % Hkv, &S);
-        linear(&st, &ly->o, M->attn, M->h, tid, &amx_cfg);
+        linear(&st, &ly->o, M->attn, M->h, tid, &sb);
 #pragma omp single
         lms_rms_norm(M->h, H, M->res, H, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
-        linear(&st, &ly->gate_up, M->normed, M->gu, tid, &amx_cfg);
+        linear(&st, &ly->gate_up, M->normed, M->gu, tid, &sb);
         {
           const int64_t per = (I + 16 * nth - 1) / (16 * nth) * 16;
           const int64_t i0 = tid * per < I ? tid * per : I, i1 = i0 + per < I ? i0 + per : I;
           silu_mul_span(M->gu, 2 * I, M->act, I, rows, I, i0, i1, dt);
         }
 #pragma omp barrier
-        linear(&st, &ly->down, M->act, M->h, tid, &amx_cfg);
+        linear(&st, &ly->down, M->act, M->h, tid, &sb);
       }
 #pragma omp single
       lms_rms_norm(M->h, H, M->res, H, M->final_norm, M->out, M->res, rows, H, M->eps, dt, 1);
     }
 #if LMS_SBGEMM_AMX
-    if (amx_cfg) _tile_release();
+    if (sb.amx_tiles) _tile_release();
 #endif
     free(buf);
   }
-  free(xq), free(dx), free(xsum);
+  free(xq), free(dx), free(xsum), free(ranges);
   return nomem ? LMS_ERR_NOMEM : LMS_OK;
 }
 #else

@@ -123,9 +123,23 @@ LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads, int mr) {
   return w;
 }
 
+/* A thread's range of blocks in one call of the AMX kernel, shared by a parallel region's threads
+ * (sbgemm_amx.h's amx_claim): the call's number, the next block from the front and the end, packed. */
+#define SB_RANGE_BITS 20
+typedef struct {
+  _Alignas(64) uint64_t word; /* one cache line each */
+} SbRange;
+
+/* A thread's state across the sbgemm_share calls of one parallel region. */
+typedef struct {
+  int amx_tiles;  /* the AMX tile shape configured on this thread (0: none) */
+  uint64_t calls; /* sbgemm_share calls so far (every thread of the region makes the same calls) */
+  SbRange *ranges; /* [threads], shared, zeroed before the region; NULL: blocks split statically */
+} SbThread;
+
 #if LMS_SBGEMM_AMX
 static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, int *configured);
+                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st);
 #endif
 
 /* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (32 rows: 6,6,5,5,5,5), the
@@ -159,24 +173,32 @@ LMS_INLINE int sbgemm_bad_args(int64_t lda, int64_t ldo, int64_t M, int64_t N, i
   return M < 0 || N < 1 || K < 2 || K % 2 || lda < K || ldo < N;
 }
 
-/* Thread tid's share (of nth) of out = x W^T + bias. amx: the weight is lms_sbgemm_amx_pack's, so
- * where K % AMX_KSTEP == 0 it is in the tile layout and the AMX kernel runs (amx_share; *amx_cfg is
- * the thread's tile state, 0: none yet); else the items of the AVX-512 work (sb_work) split in nth
- * near-equal ranges. One place decides the kernel and the split, for lms_sbgemm(_amx) and for the
- * native decode step. */
+/* Thread tid's share (of nth) of out = x W^T + bias; every thread of the region calls it with the
+ * same arguments. amx: the weight is lms_sbgemm_amx_pack's, so where K % AMX_KSTEP == 0 it is in
+ * the tile layout and the AMX kernel runs (amx_share); else the items of the AVX-512 work (sb_work)
+ * split in nth near-equal ranges. One place decides the kernel and the split, for lms_sbgemm(_amx)
+ * and for the native decode step. */
 static void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                         int64_t ldo, int64_t M, int64_t N, int64_t K, int amx, int tid, int nth, int *amx_cfg) {
+                         int64_t ldo, int64_t M, int64_t N, int64_t K, int amx, int tid, int nth, SbThread *st) {
 #if LMS_SBGEMM_AMX
   if (amx && K % AMX_KSTEP == 0) {
-    amx_share(x, lda, packed, bias, out, ldo, M, N, K, tid, nth, amx_cfg);
+    amx_share(x, lda, packed, bias, out, ldo, M, N, K, tid, nth, st);
     return;
   }
 #else
-  (void)amx, (void)amx_cfg;
+  (void)amx, (void)st;
 #endif
   const SbWork w = sb_work(M, N, nth, SB_MR);
   const int64_t items = w.np * w.groups;
   sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, items * tid / nth, items * (tid + 1) / nth);
+}
+
+/* Ranges for a parallel region of up to `threads` threads, zeroed (sbgemm_share steals without
+ * them, so NULL on failure is fine); free() them. */
+static SbRange *sb_ranges(int threads) {
+  SbRange *r = threads > 0 ? (SbRange *)aligned_alloc(64, sizeof(SbRange) * (size_t)threads) : NULL;
+  if (r) memset(r, 0, sizeof(SbRange) * (size_t)threads);
+  return r;
 }
 
 /* lms_sbgemm and lms_sbgemm_amx: one parallel region, each thread its sbgemm_share. */
@@ -184,15 +206,16 @@ static int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, co
                       int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads, int amx) {
   if (sbgemm_bad_args(lda, ldo, M, N, K)) return -1;
   if (M == 0) return 0;
+  SbRange *ranges = amx ? sb_ranges(num_threads) : NULL;
 #pragma omp parallel num_threads(num_threads)
   {
-    int configured = 0; /* the thread's AMX tile height, 0: tiles not configured */
-    sbgemm_share(x, lda, packed, bias, out, ldo, M, N, K, amx, omp_get_thread_num(), omp_get_num_threads(),
-                 &configured);
+    SbThread st = {0, 0, ranges};
+    sbgemm_share(x, lda, packed, bias, out, ldo, M, N, K, amx, omp_get_thread_num(), omp_get_num_threads(), &st);
 #if LMS_SBGEMM_AMX
-    if (configured) _tile_release();
+    if (st.amx_tiles) _tile_release();
 #endif
   }
+  free(ranges);
   return 0;
 }
 

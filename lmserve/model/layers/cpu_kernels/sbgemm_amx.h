@@ -129,34 +129,81 @@ static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_
     }
 }
 
-/* Thread tid's share (of nth) of the call on the tile layout: items are (block, row-group range);
- * with at least 2 blocks per thread an item is a whole block (all row groups), and a thread's
- * blocks are consecutive, so it reads one stream. Each group prefetches its share of the bytes
- * ahead: AMX_PF_AHEAD past its own with one group per block, the next block with several (the
- * block is then re-read from L2 per group). Nothing is prefetched past the thread's last block. */
+/* Claims one block of a thread's range for call `gen`: the front one (its owner) or the back one (a
+ * thief); -1 when none is left. The range's word packs (gen, front, back); a word of an older call
+ * stands for the whole range [lo, hi), so whoever comes first in a call starts it afresh. */
+static int64_t amx_claim(SbRange *r, uint64_t gen, int64_t lo, int64_t hi, int from_back) {
+  const uint64_t mask = (1ull << SB_RANGE_BITS) - 1;
+  uint64_t old = __atomic_load_n(&r->word, __ATOMIC_RELAXED);
+  for (;;) {
+    const int fresh = (old >> (2 * SB_RANGE_BITS)) != gen;
+    const uint64_t f = fresh ? (uint64_t)lo : (old >> SB_RANGE_BITS) & mask, b = fresh ? (uint64_t)hi : old & mask;
+    if (f >= b) return -1;
+    const uint64_t nf = from_back ? f : f + 1, nb = from_back ? b - 1 : b;
+    const uint64_t word = (gen << (2 * SB_RANGE_BITS)) | (nf << SB_RANGE_BITS) | nb;
+    if (__atomic_compare_exchange_n(&r->word, &old, word, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+      return from_back ? (int64_t)b - 1 : (int64_t)f;
+  }
+}
+
+/* All row groups of block b ([g0, g1) of them), each group prefetching its share of the pf_bytes
+ * from pf (clipped at pf_end). */
+static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias,
+                           uint16_t *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int64_t b, int64_t g0, int64_t g1,
+                           const char *pf, const char *pf_end) {
+  const int64_t G = (M + AMX_GROUP - 1) / AMX_GROUP, block_elems = K * AMX_NB, block_lines = block_elems * 2 / 64;
+  const uint16_t *bp = packed + b * block_elems;
+  const int ncols = (int)(N - b * AMX_NB < AMX_NB ? N - b * AMX_NB : AMX_NB);
+  for (int64_t g = g0; g < g1; g++) {
+    const int64_t m = g * AMX_GROUP, rows = M - m < AMX_GROUP ? M - m : AMX_GROUP;
+    const int r0 = (int)(rows < AMX_MR ? rows : AMX_MR), r1 = (int)(rows - r0);
+    const char *p = pf ? pf + 64 * (g * block_lines / G) : 0;
+    int64_t n_pf = (g + 1) * block_lines / G - g * block_lines / G;
+    if (!p || p >= pf_end) n_pf = 0;
+    else if (p + 64 * n_pf > pf_end) n_pf = (pf_end - p) / 64;
+    amx_block(configured, r0, r1, x + m * lda, lda, bp, K, out + m * ldo + b * AMX_NB, ldo, ncols,
+              bias ? bias + b * AMX_NB : 0, p, n_pf);
+  }
+}
+
+/* Thread tid's share (of nth) of the call on the tile layout. With at least 2 blocks per thread,
+ * thread t owns the blocks [nb t / nth, nb (t + 1) / nth) and takes them front to back, all row
+ * groups of a block at once, so it reads one stream; a block prefetches the bytes ahead of it
+ * (AMX_PF_AHEAD past its start with one row group, the next block with several, which then re-read
+ * the block from L2), never past the range. A thread done with its range takes blocks from the back
+ * of the others' (st->ranges, when given): a core slowed by a noisy neighbour or the hypervisor
+ * would otherwise hold the other at the barrier after the call (measured on a 2-core VM: 2-20 % of
+ * the matmul time waiting with the static split, 1-5 % with stealing). With fewer blocks, (block,
+ * row-group range) items are split statically. Which thread computes a block never changes it. */
 static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, int *configured) {
+                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st) {
   const int64_t nb = (N + AMX_NB - 1) / AMX_NB, G = (M + AMX_GROUP - 1) / AMX_GROUP;
-  const int64_t split = nb >= 2 * nth ? 1 : ((2 * nth + nb - 1) / nb < G ? (2 * nth + nb - 1) / nb : G);
-  const int64_t items = nb * split, i0 = items * tid / nth, i1 = items * (tid + 1) / nth;
-  if (i0 >= i1) return;
-  const int64_t block_elems = K * AMX_NB, block_lines = block_elems * 2 / 64;
-  const char *stream_end = (const char *)(packed + ((i1 - 1) / split + 1) * block_elems);
-  const int64_t ahead = G == 1 ? AMX_PF_AHEAD : block_elems * 2;
-  for (int64_t it = i0; it < i1; it++) {
-    const int64_t b = it / split, part = it % split, g0 = part * G / split, g1 = (part + 1) * G / split;
-    const uint16_t *bp = packed + b * block_elems;
-    const int ncols = (int)(N - b * AMX_NB < AMX_NB ? N - b * AMX_NB : AMX_NB);
-    for (int64_t g = g0; g < g1; g++) {
-      const int64_t m = g * AMX_GROUP, rows = M - m < AMX_GROUP ? M - m : AMX_GROUP;
-      const int r0 = (int)(rows < AMX_MR ? rows : AMX_MR), r1 = (int)(rows - r0);
-      const char *pf = (const char *)bp + ahead + 64 * (g * block_lines / G);
-      int64_t n_pf = (g + 1) * block_lines / G - g * block_lines / G;
-      if (split > 1 || pf >= stream_end) n_pf = 0;
-      else if (pf + 64 * n_pf > stream_end) n_pf = (stream_end - pf) / 64;
-      amx_block(configured, r0, r1, x + m * lda, lda, bp, K, out + m * ldo + b * AMX_NB, ldo, ncols,
-                bias ? bias + b * AMX_NB : 0, pf, n_pf);
+  const int64_t block_bytes = K * AMX_NB * 2, ahead = G == 1 ? AMX_PF_AHEAD : block_bytes;
+  const uint64_t gen = ++st->calls & ((1ull << (64 - 2 * SB_RANGE_BITS)) - 1);
+  if (nb < 2 * nth) {
+    const int64_t split = (2 * nth + nb - 1) / nb < G ? (2 * nth + nb - 1) / nb : G;
+    const int64_t items = nb * split;
+    for (int64_t it = items * tid / nth; it < items * (tid + 1) / nth; it++) {
+      const int64_t part = it % split;
+      amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, it / split, part * G / split,
+                     (part + 1) * G / split, 0, 0);
     }
+    return;
+  }
+  const int steal = st->ranges && nb < (1ll << SB_RANGE_BITS);
+  const int64_t lo = nb * tid / nth, hi = nb * (tid + 1) / nth;
+  const char *base = (const char *)packed, *end = base + hi * block_bytes;
+  for (int64_t b = lo;; b++) {
+    if (steal) b = amx_claim(&st->ranges[tid], gen, lo, hi, 0);
+    if (b < 0 || b >= hi) break;
+    amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, b, 0, G, base + b * block_bytes + ahead, end);
+  }
+  for (int d = 1; steal && d < nth; d++) {
+    const int v = (tid + d) % nth;
+    const int64_t vlo = nb * v / nth, vhi = nb * (v + 1) / nth;
+    for (int64_t b; (b = amx_claim(&st->ranges[v], gen, vlo, vhi, 1)) >= 0;) /* prefetch the block it takes next */
+      amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, b, 0, G,
+                     b > vlo ? base + (b - 1) * block_bytes : 0, base + b * block_bytes);
   }
 }
 
