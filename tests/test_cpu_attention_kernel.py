@@ -115,6 +115,22 @@ def test_fp32_equals_reference(kernel, case):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_sequences_split_by_sequence_or_by_head_alike(kernel, dtype):
+    """With 4+ sequences per thread a work item is a whole sequence (all its KV heads), else one
+    (sequence, head): the two splits give the same bits, and many sequences equal the reference."""
+    attn = PagedAttention(14, 2, 64, scale=0.125)
+    q, cache, meta = make_decode_case([1, 17, 40, 64, 90], hq=14, hkv=2, d=64, block_size=16, dtype=dtype, seed=5)
+    # 5 sequences: one thread takes them per sequence, two threads per (sequence, head)
+    assert torch.equal(_run_native(kernel, attn, q, cache, meta, threads=1), _run_native(kernel, attn, q, cache, meta))
+    rng = random.Random(6)
+    lens = [rng.randint(1, 300) for _ in range(20)]
+    q, cache, meta = make_decode_case(lens, hq=14, hkv=2, d=64, block_size=16, dtype=dtype, seed=6)
+    ref = attn._decode(q.float(), cache.float(), meta)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(_run_native(kernel, attn, q, cache, meta).float(), ref, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_within_rounding(kernel, dtype):
     """16-bit: as exact as fp32 math on the same 16-bit inputs up to the output's rounding,

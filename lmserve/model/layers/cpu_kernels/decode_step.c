@@ -158,7 +158,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
     return LMS_ERR_NOMEM;
   }
   SbRange* ranges = quantized ? NULL : sb_ranges(nthreads); /* NULL: the GEMMs split statically */
-  const int G = Hq / Hkv, items = rows * Hkv;
+  const int G = Hq / Hkv, hpi = heads_per_item(rows, Hkv, nthreads), items = rows * Hkv / hpi;
   const ScratchSizes sizes = scratch_sizes(max_len, G, D);
   item_fn attn_item = dt == DT_F32 ? item_f32 : item_bf16;
   const int esz = dtype_size(dt);
@@ -210,7 +210,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
                            ly->num_blocks * M->block_size * kvsz * esz, M->block_size, block_tables, bt_width,
                            seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window};
 #pragma omp for schedule(dynamic, 1)
-        for (int w = 0; w < items; w++) attn_item(&P, w / Hkv, w % Hkv, &S);
+        for (int w = 0; w < items; w++) run_item(attn_item, &P, w, hpi, &S);
         linear(&st, &ly->o, M->attn, M->h, tid, &sb);
 #pragma omp single
         lms_rms_norm(M->h, H, M->res, H, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
