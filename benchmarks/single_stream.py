@@ -85,6 +85,19 @@ def measure(server: str, gguf: str, texts: list[str], banned: list[int], out: st
     return {"server": server, "startup_s": startup, "median": med, "runs": runs}
 
 
+def llama_cpp_build(out: str) -> str:
+    """Which llama.cpp ran: its environment (``LLAMA_CPP_VENV``, read by the anchor script) and the
+    CPU features its build uses, as its server log prints them."""
+    venv = os.environ.get("LLAMA_CPP_VENV", "the anchor script's default environment")
+    features = ""
+    with open(os.path.join(out, "logs", "single-stream-llama-cpp.log"), errors="replace") as f:
+        for line in f:
+            if line.startswith("CPU : "):
+                features = ", CPU features " + line[len("CPU : "):].strip().rstrip(" |")
+                break
+    return f" (environment {venv}{features})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", datetime.now().strftime("%Y-%m-%d")))
@@ -110,7 +123,7 @@ def main() -> None:
             f"{datetime.now():%Y-%m-%d %H:%M}\n\n{args.requests} requests one at a time, {INPUT_LEN}-token text "
             f"prompts, {OUTPUT_LEN} output tokens (end-of-text forbidden by logit_bias), greedy; medians. "
             f"lmserve in {sv.bench_dtype()} with the GGUF's weights kept quantized; llama.cpp with "
-            f"{os.cpu_count()} threads. Client: `benchmarks/single_stream.py`.\n\n")
+            f"{os.cpu_count()} threads{llama_cpp_build(args.out)}. Client: `benchmarks/single_stream.py`.\n\n")
     with open(os.path.join(args.out, "single_stream.md"), "w") as f:
         f.write(head + "\n".join(rows) + "\n")
     with open(os.path.join(args.out, "single_stream.json"), "w") as f:
