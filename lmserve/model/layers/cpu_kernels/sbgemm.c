@@ -111,10 +111,10 @@ typedef struct {
   int64_t np, ntiles, groups;
 } SbWork;
 
-LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads, int mr) {
+LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads) {
   SbWork w;
   w.np = (N + SB_NR - 1) / SB_NR;
-  w.ntiles = (M + mr - 1) / mr;
+  w.ntiles = (M + SB_MR - 1) / SB_MR;
   w.groups = 1;
   if (w.np < 2 * nthreads) {
     w.groups = (2 * nthreads + w.np - 1) / w.np;
@@ -188,7 +188,7 @@ static void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed,
 #else
   (void)amx, (void)st;
 #endif
-  const SbWork w = sb_work(M, N, nth, SB_MR);
+  const SbWork w = sb_work(M, N, nth);
   const int64_t items = w.np * w.groups;
   sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, items * tid / nth, items * (tid + 1) / nth);
 }

@@ -60,7 +60,8 @@ class CpuPanelGemm:
         self._pack(w.data_ptr(), panels.data_ptr(), n, k, torch.get_num_threads())
         return panels
 
-    def unpack(self, panels: torch.Tensor, n: int) -> torch.Tensor:
+    @staticmethod
+    def unpack(panels: torch.Tensor, n: int) -> torch.Tensor:
         """The inverse of ``pack``: [N, K]."""
         if panels.dim() == 6:  # AMX tiles: W[32 b + 16 t + j, 32 s + 2 kp + e] = panels[b, s, t, kp, j, e]
             return panels.permute(0, 2, 4, 1, 3, 5).reshape(panels.shape[0] * 32, -1)[:n].contiguous()
