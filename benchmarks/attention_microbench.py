@@ -14,7 +14,9 @@ read is not already in the CPU's caches (default 1: hot).
 ``--prefill`` times instead one chunk of ``qlen`` tokens that continues a cached context of
 ``ctx`` tokens: gather + SDPA (``PagedAttention._prefill``) vs the decode kernel run as qlen
 one-token queries (``_prefill_native``) at every length, and which one the length rule
-(``attention.prefill_on_native_kernel``) picks. Usage:
+(``attention.prefill_on_native_kernel``) picks; ctx 0 is a fresh prompt (SDPA, causal). In bf16
+on a CPU with AMX also the AMX path (``CpuPagedAttention.chunks``), which then takes every chunk.
+Usage:
 
     python benchmarks/attention_microbench.py [--dtype bfloat16|float32] [--layers 24] [--threads 1]
     python benchmarks/attention_microbench.py --prefill [--dtype float32]
@@ -106,13 +108,15 @@ def time_call(fn, iters: int, repeats: int) -> float:
 
 def prefill_table(dtype: torch.dtype, block_size: int, iters: int, repeats: int) -> None:
     """Both ways at every length (the length rule lifted); the last column is what the rule picks."""
-    print(f"{'chunk continuing a context':34s} {'SDPA ms':>9s} {'native ms':>10s} {'speed-up':>9s}  rule")
     kernel = get_paged_attention_kernel()
+    amx = kernel is not None and kernel.amx and dtype == torch.bfloat16
+    print(f"{'chunk continuing a context':34s} {'SDPA ms':>9s} {'native ms':>10s} {'speed-up':>9s}  rule"
+          f"{'   AMX ms  speed-up' if amx else ''}")
     rule_native = attention_mod.prefill_on_native_kernel
     attention_mod.prefill_on_native_kernel = lambda *_args: True
     try:
         for hq, hkv in ((14, 2), (9, 3)):
-            for ctx in (100, 1000):
+            for ctx in (0, 100, 1000):
                 for qlen in (2, 4, 8, 16, 32, 128, 512):
                     w = Workload("", hq, hkv, 64, (ctx + qlen,))
                     attn, _, _, _, caches, meta = make_case(w, dtype, block_size, 1)
@@ -120,11 +124,22 @@ def prefill_table(dtype: torch.dtype, block_size: int, iters: int, repeats: int)
                     q = torch.randn(qlen, hq, 64, generator=torch.Generator().manual_seed(qlen)).to(dtype)
                     out = torch.empty_like(q)
                     n = max(1, iters // qlen)
-                    t_nat = time_call(lambda: attn._prefill_native(0, q, caches[0], meta, out, kernel), n, repeats)
-                    t_ref = time_call(lambda: attn._prefill(0, q, None, None, caches[0], meta), n, repeats)
-                    rule = "native" if rule_native(dtype, qlen, ctx + qlen) else "SDPA"
-                    print(f"{hq}/{hkv} heads ctx {ctx:5d} qlen {qlen:4d}      {t_ref * 1e3:9.3f} "
-                          f"{t_nat * 1e3:10.3f} {t_ref / t_nat:8.1f}x  {rule}")
+                    kv = caches[0][:, meta.block_tables[0].long()].flatten(1, 2)[:, ctx:ctx + qlen]  # the chunk's own
+                    t_ref = time_call(lambda: attn._prefill(0, q, kv[0], kv[1], caches[0], meta), n, repeats)
+                    if ctx:
+                        t_nat = time_call(lambda: attn._prefill_native(0, q, caches[0], meta, out, kernel), n,
+                                          repeats)
+                        rule = "native" if rule_native(dtype, qlen, ctx + qlen) else "SDPA"
+                    else:
+                        rule = "SDPA"
+                    nat = f"{t_nat * 1e3:10.3f} {t_ref / t_nat:8.1f}x" if ctx else f"{'-':>10s} {'-':>9s}"
+                    line = f"{hq}/{hkv} heads ctx {ctx:5d} qlen {qlen:4d}      {t_ref * 1e3:9.3f} {nat}  {rule:6s}"
+                    if amx:
+                        qsl = torch.tensor([0, qlen], dtype=torch.int32)
+                        t_amx = time_call(lambda: kernel.chunks(q, caches[0], meta.block_tables, qsl, meta.seq_lens,
+                                                                out, attn.scale, torch.get_num_threads()), n, repeats)
+                        line += f" {t_amx * 1e3:8.3f} {t_ref / t_amx:8.1f}x"
+                    print(line)
     finally:
         attention_mod.prefill_on_native_kernel = rule_native
 

@@ -220,15 +220,12 @@ def test_bad_metadata_raises(kernel):
 
 # ---- through PagedAttention.forward -------------------------------------------------------------
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_forward_mixed_batch_on_off(monkeypatch, window):
-    """Decodes, chunked prefills (some continuing a cached context: native) and padding rows in
-    one batch: forward's output with the kernels equals the reference's; padding rows are zero."""
-    hq, hkv, d = 6, 2, 64
-    attn = PagedAttention(hq, hkv, d, scale=d ** -0.5, sliding_window=window)
-    spec = KVCacheSpec(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=torch.float32)
-    caches = {on: PagedTestCache(spec, num_blocks=48, block_size=4, seed=1) for on in (True, False)}
-    plan = [{"a": 6, "b": 9}, {"a": 1, "b": 4, "c": 13}, {"a": 1, "b": 1, "c": 1}, {"c": 1, "a": 3, "b": 1}]
+def forward_on_off(monkeypatch, attn: PagedAttention, dtype: torch.dtype, block_size: int,
+                   plan: list[dict[str, int]], tol: float) -> None:
+    """Steps of ``plan`` (sequence -> new tokens) through forward with the kernels on and off
+    (the same inputs both ways, two padding rows): outputs within ``tol``, padding rows zero."""
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, dtype=dtype)
+    caches = {on: PagedTestCache(spec, num_blocks=64, block_size=block_size, seed=1) for on in (True, False)}
     for step, grants in enumerate(plan):
         chunks = [(sid, [0] * n) for sid, n in grants.items()]
         outs = {}
@@ -236,14 +233,24 @@ def test_forward_mixed_batch_on_off(monkeypatch, window):
             batch = cache.step(chunks, pad_tokens=2)
             T = len(batch.input_ids)
             g = torch.Generator().manual_seed(step)  # the same inputs both ways
-            qkv = [torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv)]
+            qkv = [torch.randn(T, h, attn.head_dim, generator=g).to(dtype)
+                   for h in (attn.num_heads, attn.num_kv_heads, attn.num_kv_heads)]
             if on:
                 monkeypatch.delenv(DISABLE_ENV, raising=False)
             else:
                 monkeypatch.setenv(DISABLE_ENV, "1")
             outs[on] = attn(*qkv, cache.kv_caches[0], batch.meta)
         assert torch.all(outs[True][-2:] == 0)
-        torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[True].float(), outs[False].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_forward_mixed_batch_on_off(monkeypatch, window):
+    """Decodes, chunked prefills (some continuing a cached context: native) and padding rows in
+    one batch: forward's output with the kernels equals the reference's; padding rows are zero."""
+    attn = PagedAttention(6, 2, 64, scale=64 ** -0.5, sliding_window=window)
+    plan = [{"a": 6, "b": 9}, {"a": 1, "b": 4, "c": 13}, {"a": 1, "b": 1, "c": 1}, {"c": 1, "a": 3, "b": 1}]
+    forward_on_off(monkeypatch, attn, torch.float32, 4, plan, 1e-5)
 
 
 def test_write_kv_equals_reference(kernel):

@@ -97,9 +97,9 @@ class PagedAttention(nn.Module):
     when a window is set). Decodes (the first ``meta.num_decodes`` sequences) run as one
     batched computation; prefill chunks one sequence at a time with SDPA.
 
-    On CPU the KV write, the decodes and chunks that continue a cached context run on native
-    kernels (``cpu_kernels``: the decode kernel reads K/V in place through the block table, no
-    gather copy). ``LMSERVE_DISABLE_CPU_KERNELS=1``, a build failure or inputs they do not take
+    On CPU the KV write, the decodes and chunks that continue a cached context (in bf16 on a
+    CPU with AMX: every prefill chunk, in one call) run on native kernels (``cpu_kernels``: they
+    read K/V in place through the block table, no gather copy). ``LMSERVE_DISABLE_CPU_KERNELS=1``, a build failure or inputs they do not take
     fall back to the pure-torch ``write_kv_cache`` / ``_decode`` / ``_prefill``, which they must
     agree with.
     """
@@ -135,6 +135,11 @@ class PagedAttention(nn.Module):
                                                            torch.get_num_threads())):
             out[:nd] = self._decode(q[:nd], kv_cache, meta)
         start = nd  # decodes have one token each
+        if nd < meta.num_seqs and kernel is not None and kernel.takes_chunks(q, kv_cache, self.sliding_window):
+            qsl = meta.query_start_loc[nd:].cpu()
+            if kernel.chunks(q[nd:num_tokens], kv_cache, meta.block_tables[nd:], qsl - qsl[0], meta.seq_lens[nd:],
+                             out[nd:num_tokens], self.scale, torch.get_num_threads()):
+                return out
         for i in range(nd, meta.num_seqs):
             qlen = meta.query_lens_cpu[i]
             if qlen == 0:

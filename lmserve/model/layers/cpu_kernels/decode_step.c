@@ -160,7 +160,6 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
   SbRange* ranges = quantized ? NULL : sb_ranges(nthreads); /* NULL: the GEMMs split statically */
   const int G = Hq / Hkv, hpi = heads_per_item(rows, Hkv, nthreads), items = rows * Hkv / hpi;
   const ScratchSizes sizes = scratch_sizes(max_len, G, D);
-  item_fn attn_item = dt == DT_F32 ? item_f32 : item_bf16;
   const int esz = dtype_size(dt);
   int nomem = 0;
 
@@ -169,6 +168,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     Step st = {xq, dx, xsum, rows, nth, dt};
     SbThread sb = {0, 0, ranges}; /* this thread's sbgemm state (tiles, calls) */
+    int tiles_used = 0;           /* the AMX attention ran on this thread */
     Scratch S;
     char* buf = scratch_alloc(&sizes, &S);
     if (!buf) {
@@ -208,9 +208,11 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         }
         const Problem P = {(const char*)M->q, qsz, (const char*)ly->kv_cache,
                            ly->num_blocks * M->block_size * kvsz * esz, M->block_size, block_tables, bt_width,
-                           seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window};
+                           seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window, NULL};
+        const item_fn attn_item = pick_item(dt, D, M->block_size, ly->sliding_window);
 #pragma omp for schedule(dynamic, 1)
         for (int w = 0; w < items; w++) run_item(attn_item, &P, w, hpi, &S);
+        if (uses_tiles(attn_item)) sb.amx_tiles = 0, tiles_used = 1; /* the sbgemm's tile shape is gone */
         linear(&st, &ly->o, M->attn, M->h, tid, &sb);
 #pragma omp single
         lms_rms_norm(M->h, H, M->res, H, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
@@ -228,6 +230,9 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
     }
 #if LMS_SBGEMM_AMX
     if (sb.amx_tiles) _tile_release();
+#endif
+#if LMS_ATTN_AMX
+    if (tiles_used) _tile_release();
 #endif
     free(buf);
   }

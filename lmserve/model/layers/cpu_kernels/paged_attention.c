@@ -71,6 +71,7 @@ typedef struct {
   int Hkv, D, G, dt;
   float scale;
   int window;
+  const int32_t* qsl; /* [num_seqs + 1] query start offsets (AMX path); NULL: one query per sequence */
 } Problem;
 
 /* ns = context length rounded up to 16 (+16 spare); Dp = head_dim rounded up to 32. */
@@ -84,6 +85,12 @@ typedef struct {
   float* acc;      /* [G][D] portable path accumulators */
   float* l;        /* [G] 1 / softmax denominators */
   float* zeros;    /* [max(Dp, ns)] zeros: padding rows and padding probabilities */
+  /* the AMX path (paged_attention_amx.h), n32 = ns rounded up to 32 */
+  float* st;       /* [n32][16] transposed scores of a row tile */
+  uint16_t* vt;    /* [n32 / 32][D / 16] 1 KB value tiles */
+  uint16_t* qt;    /* [D / 32] 1 KB tiles of the row tile's queries */
+  uint16_t* pt;    /* [n32 / 32] 1 KB probability tiles */
+  float* ot;       /* [4][16][16] output tiles */
 } Scratch;
 
 /* Fills S->kp/vp[0 .. n) with the key/value rows of context tokens t0 .. L-1 of sequence i,
@@ -422,7 +429,11 @@ LMS_INLINE void item_avx512(const Problem* P, int i, int h, const Scratch* S, co
     }
   }
 }
+#include "paged_attention_amx.h"
 #endif /* LMS_AVX512 */
+#ifndef LMS_ATTN_AMX
+#define LMS_ATTN_AMX 0
+#endif
 
 /* ---- dispatch ------------------------------------------------------------------------------ */
 
@@ -454,8 +465,47 @@ static void item_f32(const Problem* P, int i, int h, const Scratch* S) { item_po
 static void item_bf16(const Problem* P, int i, int h, const Scratch* S) { item_portable(P, i, h, S, DT_BF16); }
 #endif
 
+/* The item function of a call: the AMX path where it takes the call, else AVX-512 / portable C. */
+static item_fn pick_item(int dt, int head_dim, int block_size, int window) {
+#if LMS_ATTN_AMX
+  if (attn_amx_takes(dt, head_dim, block_size, window)) return item_amx;
+#else
+  (void)head_dim, (void)block_size, (void)window;
+#endif
+  return dt == DT_F32 ? item_f32 : dt == DT_BF16 ? item_bf16 : item_portable_f16;
+}
+
+/* A thread done with fn's items gives the AMX tile state back, if fn is the AMX path's. */
+LMS_INLINE void release_tiles(item_fn fn) {
+#if LMS_ATTN_AMX
+  if (fn == item_amx) _tile_release();
+#else
+  (void)fn;
+#endif
+}
+
+/* Whether fn is the AMX path's (which sets its own tile shape). */
+LMS_INLINE int uses_tiles(item_fn fn) {
+#if LMS_ATTN_AMX
+  return fn == item_amx;
+#else
+  (void)fn;
+  return 0;
+#endif
+}
+
 /* Which path this build runs: 0 = portable C, 1 = AVX-512, 2 = AVX-512 with AVX512_BF16. */
 int lms_kernel_info(void) { return LMS_AVX512 + LMS_DPBF16; }
+
+/* 1 if bf16 calls with head dim % 64 == 0, block size % 16 == 0 and no window run on AMX tiles
+ * here (built with AMX-BF16 and the tile state granted), else 0. */
+int lms_attention_amx_info(void) {
+#if LMS_ATTN_AMX
+  return attn_amx_takes(DT_BF16, 64, 16, 0);
+#else
+  return 0;
+#endif
+}
 
 /* 1 if dtype code `dt` is supported by this build. */
 int lms_supports_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16 || (dt == DT_F16 && LMS_HAS_F16); }
@@ -464,7 +514,7 @@ static size_t round64(size_t x) { return (x + 63) / 64 * 64; }
 
 /* Byte sizes of one thread's Scratch for contexts up to max_len tokens (each 64-aligned). */
 typedef struct {
-  size_t kp, s, pb, qf, tile, acc, l, zeros, total;
+  size_t kp, s, pb, qf, tile, acc, l, zeros, st, vt, qt, pt, ot, total;
 } ScratchSizes;
 
 static ScratchSizes scratch_sizes(int max_len, int G, int head_dim) {
@@ -472,8 +522,13 @@ static ScratchSizes scratch_sizes(int max_len, int G, int head_dim) {
   ScratchSizes z = {round64(sizeof(char*) * (ns + 16)), round64(sizeof(float) * G * ns),
                     round64(sizeof(uint16_t) * G * ns), round64(sizeof(float) * G * Dp),
                     round64(sizeof(float) * 16 * Dp), round64(sizeof(float) * G * head_dim),
-                    round64(sizeof(float) * G), round64(sizeof(float) * (Dp > ns ? Dp : ns)), 0};
-  z.total = 2 * z.kp + z.s + z.pb + z.qf + z.tile + z.acc + z.l + z.zeros;
+                    round64(sizeof(float) * G), round64(sizeof(float) * (Dp > ns ? Dp : ns)), 0, 0, 0, 0, 0, 0};
+  if (LMS_ATTN_AMX) {
+    const size_t n32 = (ns + 31) / 32 * 32, d64 = (size_t)(head_dim + 63) / 64 * 64;
+    z.st = n32 * 64, z.vt = n32 / 32 * (d64 / 16) * 1024, z.qt = d64 / 32 * 1024, z.pt = n32 / 32 * 1024;
+    z.ot = 4096;
+  }
+  z.total = 2 * z.kp + z.s + z.pb + z.qf + z.tile + z.acc + z.l + z.zeros + z.st + z.vt + z.qt + z.pt + z.ot;
   return z;
 }
 
@@ -490,9 +545,23 @@ static char* scratch_alloc(const ScratchSizes* z, Scratch* S) {
   S->tile = (float*)p, p += z->tile;
   S->acc = (float*)p, p += z->acc;
   S->l = (float*)p, p += z->l;
-  S->zeros = (float*)p;
+  S->zeros = (float*)p, p += z->zeros;
+  S->st = (float*)p, p += z->st;
+  S->vt = (uint16_t*)p, p += z->vt;
+  S->qt = (uint16_t*)p, p += z->qt;
+  S->pt = (uint16_t*)p, p += z->pt;
+  S->ot = (float*)p;
   memset(S->zeros, 0, z->zeros);
   return buf;
+}
+
+/* Threads for a call of `work` multiply-adds in `items` work items: another thread pays for
+ * itself past ~160k multiply-adds (waking it costs a few us). */
+static int64_t threads_for(int64_t work, int num_threads, int64_t items) {
+  int64_t nt = 1 + work / 160000;
+  if (nt > num_threads) nt = num_threads;
+  if (nt > items) nt = items;
+  return nt < 1 ? 1 : nt;
 }
 
 /* Decode attention of num_seqs single-token queries; see the header comment for layouts.
@@ -505,7 +574,7 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
   if (!lms_supports_dtype(q_dtype) || kv_dtype != q_dtype || num_seqs < 0 || num_heads <= 0 ||
       num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 || block_size <= 0)
     return LMS_ERR_ARGS;
-  item_fn fn = q_dtype == DT_F32 ? item_f32 : q_dtype == DT_BF16 ? item_bf16 : item_portable_f16;
+  item_fn fn = pick_item(q_dtype, head_dim, block_size, sliding_window);
   int max_len = 0;
   int64_t work = 0; /* multiply-adds of the scores pass */
   for (int i = 0; i < num_seqs; i++) {
@@ -525,13 +594,9 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
   Problem P = {(const char*)q, q_row_stride, (const char*)kv_cache,
                num_blocks * block_size * num_kv_heads * (int64_t)head_dim * esz, block_size, block_tables,
                bt_row_stride, seq_lens, (char*)out, out_row_stride, num_kv_heads, head_dim, G, q_dtype,
-               scale, sliding_window};
+               scale, sliding_window, NULL};
   const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim);
-  /* another thread pays for itself past ~160k multiply-adds (waking it costs a few us) */
-  int64_t nt = 1 + work / 160000;
-  if (nt > num_threads) nt = num_threads;
-  if (nt > (int64_t)num_seqs * num_kv_heads) nt = (int64_t)num_seqs * num_kv_heads;
-  if (nt < 1) nt = 1;
+  const int64_t nt = threads_for(work, num_threads, (int64_t)num_seqs * num_kv_heads);
   const int hpi = heads_per_item(num_seqs, num_kv_heads, (int)nt), items = num_seqs * num_kv_heads / hpi;
   int err = 0;
 
@@ -546,9 +611,86 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
 #pragma omp for schedule(dynamic, 1)
     for (int w = 0; w < items; w++)
       if (buf) run_item(fn, &P, w, hpi, &S);
+    release_tiles(fn);
     free(buf);
   }
   return err ? LMS_ERR_NOMEM : LMS_OK;
+}
+
+#if LMS_ATTN_AMX
+#define ATTN_TILES_PER_ITEM 4 /* row tiles per work item of a chunk: its value tiles are built once */
+#endif
+
+/* Attention of num_seqs query chunks, on the AMX path only: sequence i's queries are rows
+ * query_start_loc[i] .. query_start_loc[i + 1] of q / out, the last of its seq_lens[i] tokens
+ * (query r of a chunk of qlen sees the first seq_lens[i] - qlen + r + 1; a decode is a chunk of
+ * one); their keys / values already in the cache. Layouts as lms_paged_decode's; bf16 only, no
+ * sliding window. Returns 0; LMS_ERR_ARGS when the AMX path does not take the call (nothing
+ * written: lms_attention_amx_info, head dim % 64, block size % 16); other LMS_ERR_* as decode's. */
+int lms_paged_attention(const void* q, int64_t q_row_stride, const void* kv_cache, int64_t num_blocks,
+                        int block_size, const int32_t* block_tables, int64_t bt_row_stride, int64_t bt_width,
+                        const int32_t* query_start_loc, const int32_t* seq_lens, void* out, int64_t out_row_stride,
+                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, float scale, int num_threads) {
+#if LMS_ATTN_AMX
+  if (num_seqs < 0 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 ||
+      block_size <= 0 || !attn_amx_takes(DT_BF16, head_dim, block_size, 0))
+    return LMS_ERR_ARGS;
+  const int G = num_heads / num_kv_heads;
+  int max_len = 0;
+  int64_t work = 0, items = 0;
+  for (int i = 0; i < num_seqs; i++) {
+    const int L = seq_lens[i], qlen = query_start_loc[i + 1] - query_start_loc[i];
+    if (qlen < 0 || L < qlen || L < 1 || (int64_t)L > bt_width * block_size) return LMS_ERR_SEQ_LEN;
+    const int32_t* bt = block_tables + (int64_t)i * bt_row_stride;
+    for (int b = 0; b <= (L - 1) / block_size; b++)
+      if (bt[b] < 0 || bt[b] >= num_blocks) return LMS_ERR_BLOCK_ID;
+    if (L > max_len) max_len = L;
+    const int tiles = (qlen * G + ATTN_AMX_ROWS - 1) / ATTN_AMX_ROWS;
+    items += (int64_t)num_kv_heads * ((tiles + ATTN_TILES_PER_ITEM - 1) / ATTN_TILES_PER_ITEM);
+    work += (int64_t)L * qlen * num_heads * head_dim;
+  }
+  if (items == 0) return LMS_OK;
+  int32_t* list = (int32_t*)malloc(sizeof(int32_t) * 4 * (size_t)items); /* (i, h, t0, t1) */
+  if (!list) return LMS_ERR_NOMEM;
+  int64_t n = 0;
+  for (int i = 0; i < num_seqs; i++) {
+    const int qlen = query_start_loc[i + 1] - query_start_loc[i];
+    const int tiles = (qlen * G + ATTN_AMX_ROWS - 1) / ATTN_AMX_ROWS;
+    for (int t0 = 0; t0 < tiles; t0 += ATTN_TILES_PER_ITEM)
+      for (int h = 0; h < num_kv_heads; h++, n++) {
+        list[4 * n] = i, list[4 * n + 1] = h, list[4 * n + 2] = t0;
+        list[4 * n + 3] = t0 + ATTN_TILES_PER_ITEM < tiles ? t0 + ATTN_TILES_PER_ITEM : tiles;
+      }
+  }
+  Problem P = {(const char*)q, q_row_stride, (const char*)kv_cache,
+               num_blocks * block_size * num_kv_heads * (int64_t)head_dim * 2, block_size, block_tables,
+               bt_row_stride, seq_lens, (char*)out, out_row_stride, num_kv_heads, head_dim, G, DT_BF16,
+               scale, 0, query_start_loc};
+  const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim);
+  const int64_t nt = threads_for(work, num_threads, items);
+  int err = 0;
+#pragma omp parallel num_threads((int)nt)
+  {
+    Scratch S;
+    char* buf = scratch_alloc(&sizes, &S);
+    if (!buf) {
+#pragma omp atomic write
+      err = 1;
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < items; w++)
+      if (buf) attn_amx_item(&P, list[4 * w], list[4 * w + 1], list[4 * w + 2], list[4 * w + 3], &S);
+    _tile_release();
+    free(buf);
+  }
+  free(list);
+  return err ? LMS_ERR_NOMEM : LMS_OK;
+#else
+  (void)q, (void)q_row_stride, (void)kv_cache, (void)num_blocks, (void)block_size, (void)block_tables;
+  (void)bt_row_stride, (void)bt_width, (void)query_start_loc, (void)seq_lens, (void)out, (void)out_row_stride;
+  (void)num_seqs, (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)scale, (void)num_threads;
+  return LMS_ERR_ARGS;
+#endif
 }
 
 /* Stores the new keys/values: token t's rows k[t], v[t] ([Hkv, D] each, dense; k_row_stride /

@@ -33,6 +33,7 @@ _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _DECODE_ARGS = [_p, _i64, _i32, _p, _i32, _i64, _i32, _p, _i64, _i64, _p, _p, _i64,
                 _i32, _i32, _i32, _i32, _f32, _i32, _i32]
 _WRITE_ARGS = [_p, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i32]
+_CHUNKS_ARGS = [_p, _i64, _p, _i64, _i32, _p, _i64, _i64, _p, _p, _p, _i64, _i32, _i32, _i32, _i32, _f32, _i32]
 
 
 class CpuPagedAttention:
@@ -48,7 +49,13 @@ class CpuPagedAttention:
         self._write = lib.lms_write_kv
         self._write.argtypes = _WRITE_ARGS
         self._write.restype = ctypes.c_int
+        self._chunks = lib.lms_paged_attention
+        self._chunks.argtypes = _CHUNKS_ARGS
+        self._chunks.restype = ctypes.c_int
         self.path = ("portable C", "AVX-512", "AVX-512 + AVX512_BF16")[lib.lms_kernel_info()]
+        # bf16, head dim % 64 == 0, block size % 16 == 0, no sliding window: AMX tiles
+        # (paged_attention_amx.h), for decodes and for ``chunks``
+        self.amx = bool(lib.lms_attention_amx_info())
         self.dtypes = frozenset(dt for dt, code in _DTYPE_CODES.items() if lib.lms_supports_dtype(code))
 
     def unsupported(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> str | None:
@@ -100,6 +107,34 @@ class CpuPagedAttention:
                           out.data_ptr(), out.stride(0), nd, hq, hkv, d, scale, sliding_window or 0, num_threads)
         if rc != 0:
             raise ValueError(f"paged decode kernel: {_ERRORS.get(rc, f'error {rc}')}")
+        return True
+
+
+    def takes_chunks(self, q: torch.Tensor, kv_cache: torch.Tensor, sliding_window: int | None) -> bool:
+        """Whether ``chunks`` runs this layer's prefill chunks (the AMX path takes them)."""
+        return self.amx and q.dtype == torch.bfloat16 and sliding_window is None and q.shape[-1] % 64 == 0 \
+            and kv_cache.shape[2] % 16 == 0
+
+    def chunks(self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+               query_start_loc: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor, scale: float,
+               num_threads: int) -> bool:
+        """Query chunks q [T, Hq, D] into out [T, Hq, D] (where ``takes_chunks``): sequence i's
+        queries are rows query_start_loc[i] .. query_start_loc[i + 1] (int32, starting at 0), the
+        last of its seq_lens[i] tokens, already in the cache; query r of a chunk of qlen attends to
+        the first seq_lens[i] - qlen + r + 1 tokens of block_tables[i] (int32 [n, W]) -- causal
+        prefill over a cached context, as ``PagedAttention._prefill``. False if q/out do not fit."""
+        t, hq, d = q.shape
+        if not _dense_rows(q, hq, d) or not _dense_rows(out, hq, d):
+            log_fallback_once("q / out rows are not dense [Hq, D] (prefill chunks)")
+            return False
+        _, num_blocks, block_size, hkv, _ = kv_cache.shape
+        tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+        qsl, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
+        rc = self._chunks(q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size, tables.data_ptr(),
+                          tables.stride(0), tables.shape[1], qsl.data_ptr(), seq_lens.data_ptr(), out.data_ptr(),
+                          out.stride(0), seq_lens.shape[0], hq, hkv, d, scale, num_threads)
+        if rc != 0:
+            raise ValueError(f"paged attention kernel: {_ERRORS.get(rc, f'error {rc}')}")
         return True
 
 
