@@ -110,7 +110,8 @@ def test_batch_and_thread_invariant(kernel):
 
 
 def test_decode_is_a_chunk_of_one(kernel):
-    """kernel.decode takes the same AMX path: a decode batch gives the bits of one-token chunks."""
+    """kernel.decode takes the same AMX path (7 query heads per KV head): a decode batch gives the
+    bits of one-token chunks."""
     lens = [1, 16, 17, 250, 1100]
     q, cache, meta = make_decode_case(lens, 14, 2, 64, 16, torch.bfloat16, seed=5)
     out = torch.empty_like(q)

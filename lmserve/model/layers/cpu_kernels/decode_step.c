@@ -209,7 +209,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         const Problem P = {(const char*)M->q, qsz, (const char*)ly->kv_cache,
                            ly->num_blocks * M->block_size * kvsz * esz, M->block_size, block_tables, bt_width,
                            seq_lens, (char*)M->attn, qsz, Hkv, D, G, dt, M->scale, ly->sliding_window, NULL};
-        const item_fn attn_item = pick_item(dt, D, M->block_size, ly->sliding_window);
+        const item_fn attn_item = pick_item(dt, D, M->block_size, ly->sliding_window, G);
 #pragma omp for schedule(dynamic, 1)
         for (int w = 0; w < items; w++) run_item(attn_item, &P, w, hpi, &S);
         if (uses_tiles(attn_item)) sb.amx_tiles = 0, tiles_used = 1; /* the sbgemm's tile shape is gone */
