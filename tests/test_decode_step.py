@@ -40,7 +40,7 @@ _FOUR = [[0, 1, 2, 3], [1, 2, 3], [2], [0, 3]]
 _TWENTY = [list(range(20)), list(range(3, 20)), [0, 4, 9, 19, 2], [7]]
 
 
-def _run(model, use_step: bool, steps: int = 6, schedule=_FOUR) -> list[torch.Tensor]:
+def _run(model, use_step: bool, steps: int = 6, schedule=_FOUR, block_size: int = 4) -> list[torch.Tensor]:
     """Prefill prompts of different lengths, then decode steps of the live sequences in
     ``schedule`` (cycled; default 4, 3, 1 and 2 sequences); the hidden states of every decode step."""
     saved = model.decode_step
@@ -48,7 +48,7 @@ def _run(model, use_step: bool, steps: int = 6, schedule=_FOUR) -> list[torch.Te
         model.decode_step = None
     try:
         n = 1 + max(max(live) for live in schedule)
-        cache = PagedTestCache(model.kv_cache_spec(), num_blocks=48 * n, block_size=4, seed=1)
+        cache = PagedTestCache(model.kv_cache_spec(), num_blocks=48 * n, block_size=block_size, seed=1)
         prompts = {s: [(7 * s + 3 * j) % 96 for j in range(5 + 9 * (s % 5))] for s in range(n)}
         batch = cache.step(list(prompts.items()))
         model(batch.input_ids, batch.positions, cache.kv_caches, batch.meta)
@@ -92,6 +92,28 @@ def test_bf16_panel_decode_step_equals_eager(tmp_path, monkeypatch, backend, arc
     fast, eager = _run(model, True, schedule=_TWENTY), _run(model, False, schedule=_TWENTY)
     for f, e in zip(fast, eager, strict=True):
         assert f.dtype == torch.bfloat16 and f.shape == e.shape
+        assert torch.equal(f, e)
+
+
+@pytest.mark.skipif("sbgemm_amx" not in _PANELS, reason="no AMX on this CPU")
+def test_bf16_decode_step_with_amx_attention_equals_eager(tmp_path, monkeypatch):
+    """7 query heads per KV head, head dim 64, blocks of 16: the step's attention runs on AMX tiles
+    between the AMX GEMMs (both set their own tile shape); the same bits as the eager path."""
+    from lmserve.model.layers.cpu_kernels import get_paged_attention_kernel
+
+    attn_kernel = get_paged_attention_kernel()
+    if attn_kernel is None or not attn_kernel.amx:
+        pytest.skip("no AMX attention path")
+    monkeypatch.setenv(BACKEND_ENV, "sbgemm_amx")
+    shape = dict(_SHAPE, hidden_size=896, intermediate_size=192, num_attention_heads=14, num_key_value_heads=2,
+                 num_hidden_layers=2)
+    make_hf_model(Qwen2Config(**shape, tie_word_embeddings=True), seed=4).save_pretrained(str(tmp_path))
+    model = get_model(_model_config(str(tmp_path), None, dtype=torch.bfloat16), "cpu")
+    assert isinstance(model.decode_step, LlamaDecodeStep)
+    fast = _run(model, True, schedule=_TWENTY, block_size=16)
+    eager = _run(model, False, schedule=_TWENTY, block_size=16)
+    for f, e in zip(fast, eager, strict=True):
+        assert torch.isfinite(f.float()).all()
         assert torch.equal(f, e)
 
 
