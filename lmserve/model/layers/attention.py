@@ -99,9 +99,9 @@ class PagedAttention(nn.Module):
 
     On CPU the KV write, the decodes and chunks that continue a cached context (in bf16 on a
     CPU with AMX: every prefill chunk, in one call) run on native kernels (``cpu_kernels``: they
-    read K/V in place through the block table, no gather copy). ``LMSERVE_DISABLE_CPU_KERNELS=1``, a build failure or inputs they do not take
-    fall back to the pure-torch ``write_kv_cache`` / ``_decode`` / ``_prefill``, which they must
-    agree with.
+    read K/V in place through the block table, no gather copy). ``LMSERVE_DISABLE_CPU_KERNELS=1``,
+    a build failure or inputs they do not take fall back to the pure-torch ``write_kv_cache`` /
+    ``_decode`` / ``_prefill``, which they must agree with.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,

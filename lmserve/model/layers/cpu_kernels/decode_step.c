@@ -159,7 +159,8 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
   }
   SbRange* ranges = quantized ? NULL : sb_ranges(nthreads); /* NULL: the GEMMs split statically */
   const int G = Hq / Hkv, hpi = heads_per_item(rows, Hkv, nthreads), items = rows * Hkv / hpi;
-  const ScratchSizes sizes = scratch_sizes(max_len, G, D);
+  /* the AMX buffers where some layer (sliding windows aside, all pick alike) runs AMX items */
+  const ScratchSizes sizes = scratch_sizes(max_len, G, D, uses_tiles(pick_item(dt, D, M->block_size, 0, G)));
   const int esz = dtype_size(dt);
   int nomem = 0;
 

@@ -517,18 +517,19 @@ int lms_supports_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16 || (dt == 
 
 static size_t round64(size_t x) { return (x + 63) / 64 * 64; }
 
-/* Byte sizes of one thread's Scratch for contexts up to max_len tokens (each 64-aligned). */
+/* Byte sizes of one thread's Scratch for contexts up to max_len tokens (each 64-aligned); the AMX
+ * path's buffers only with `amx` (calls that run no AMX items do not allocate them). */
 typedef struct {
   size_t kp, s, pb, qf, tile, acc, l, zeros, st, vt, qt, pt, ot, total;
 } ScratchSizes;
 
-static ScratchSizes scratch_sizes(int max_len, int G, int head_dim) {
+static ScratchSizes scratch_sizes(int max_len, int G, int head_dim, int amx) {
   const size_t ns = (size_t)(max_len + 15) / 16 * 16 + 16, Dp = (size_t)(head_dim + 31) / 32 * 32;
   ScratchSizes z = {round64(sizeof(char*) * (ns + 16)), round64(sizeof(float) * G * ns),
                     round64(sizeof(uint16_t) * G * ns), round64(sizeof(float) * G * Dp),
                     round64(sizeof(float) * 16 * Dp), round64(sizeof(float) * G * head_dim),
                     round64(sizeof(float) * G), round64(sizeof(float) * (Dp > ns ? Dp : ns)), 0, 0, 0, 0, 0, 0};
-  if (LMS_ATTN_AMX) {
+  if (LMS_ATTN_AMX && amx) {
     const size_t n32 = (ns + 31) / 32 * 32, d64 = (size_t)(head_dim + 63) / 64 * 64;
     z.st = n32 * 64, z.vt = n32 / 32 * (d64 / 16) * 1024, z.qt = d64 / 32 * 1024, z.pt = n32 / 32 * 1024;
     z.ot = 4096;
@@ -600,7 +601,7 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
                num_blocks * block_size * num_kv_heads * (int64_t)head_dim * esz, block_size, block_tables,
                bt_row_stride, seq_lens, (char*)out, out_row_stride, num_kv_heads, head_dim, G, q_dtype,
                scale, sliding_window, NULL};
-  const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim);
+  const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim, uses_tiles(fn));
   const int64_t nt = threads_for(work, num_threads, (int64_t)num_seqs * num_kv_heads);
   const int hpi = heads_per_item(num_seqs, num_kv_heads, (int)nt), items = num_seqs * num_kv_heads / hpi;
   int err = 0;
@@ -671,7 +672,7 @@ int lms_paged_attention(const void* q, int64_t q_row_stride, const void* kv_cach
                num_blocks * block_size * num_kv_heads * (int64_t)head_dim * 2, block_size, block_tables,
                bt_row_stride, seq_lens, (char*)out, out_row_stride, num_kv_heads, head_dim, G, DT_BF16,
                scale, 0, query_start_loc};
-  const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim);
+  const ScratchSizes sizes = scratch_sizes(max_len, G, head_dim, 1);
   const int64_t nt = threads_for(work, num_threads, items);
   int err = 0;
 #pragma omp parallel num_threads((int)nt)

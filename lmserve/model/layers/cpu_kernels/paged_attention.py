@@ -95,11 +95,10 @@ class CpuPagedAttention:
         them, when set), as ``PagedAttention._decode``. block_tables [>= nd, W] int32 may repeat
         a row (stride 0); seq_lens [>= nd] int32. False if q/out do not fit."""
         nd, hq, d = q.shape
-        if not _dense_rows(q, hq, d) or not _dense_rows(out, hq, d):
-            log_fallback_once("q / out rows are not dense [Hq, D] (decode)")
+        if not _dense_q_out(q, out, "decode"):
             return False
         _, num_blocks, block_size, hkv, _ = kv_cache.shape
-        tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+        tables = _unit_stride(block_tables)
         seq_lens = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
         code = _DTYPE_CODES[q.dtype]
         rc = self._decode(q.data_ptr(), q.stride(0), code, kv_cache.data_ptr(), code, num_blocks, block_size,
@@ -108,7 +107,6 @@ class CpuPagedAttention:
         if rc != 0:
             raise ValueError(f"paged decode kernel: {_ERRORS.get(rc, f'error {rc}')}")
         return True
-
 
     def takes_chunks(self, q: torch.Tensor, kv_cache: torch.Tensor, sliding_window: int | None) -> bool:
         """Whether ``chunks`` runs this layer's prefill chunks (the AMX path takes them)."""
@@ -123,12 +121,11 @@ class CpuPagedAttention:
         last of its seq_lens[i] tokens, already in the cache; query r of a chunk of qlen attends to
         the first seq_lens[i] - qlen + r + 1 tokens of block_tables[i] (int32 [n, W]) -- causal
         prefill over a cached context, as ``PagedAttention._prefill``. False if q/out do not fit."""
-        t, hq, d = q.shape
-        if not _dense_rows(q, hq, d) or not _dense_rows(out, hq, d):
-            log_fallback_once("q / out rows are not dense [Hq, D] (prefill chunks)")
+        _, hq, d = q.shape
+        if not _dense_q_out(q, out, "prefill chunks"):
             return False
         _, num_blocks, block_size, hkv, _ = kv_cache.shape
-        tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+        tables = _unit_stride(block_tables)
         qsl, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
         rc = self._chunks(q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size, tables.data_ptr(),
                           tables.stride(0), tables.shape[1], qsl.data_ptr(), seq_lens.data_ptr(), out.data_ptr(),
@@ -136,6 +133,19 @@ class CpuPagedAttention:
         if rc != 0:
             raise ValueError(f"paged attention kernel: {_ERRORS.get(rc, f'error {rc}')}")
         return True
+
+
+def _dense_q_out(q: torch.Tensor, out: torch.Tensor, what: str) -> bool:
+    """q and out are [N, Hq, D] with dense rows (any row stride); else False, logged once."""
+    if _dense_rows(q, q.shape[1], q.shape[2]) and _dense_rows(out, q.shape[1], q.shape[2]):
+        return True
+    log_fallback_once(f"q / out rows are not dense [Hq, D] ({what})")
+    return False
+
+
+def _unit_stride(tables: torch.Tensor) -> torch.Tensor:
+    """Block tables whose rows the kernels can read (unit stride within a row; a row may repeat)."""
+    return tables if tables.stride(-1) == 1 else tables.contiguous()
 
 
 def _dense_rows(t: torch.Tensor, heads: int, d: int) -> bool:

@@ -231,6 +231,4 @@ static void item_amx(const Problem* P, int i, int h, const Scratch* S) {
   const int qlen = P->qsl ? P->qsl[i + 1] - P->qsl[i] : 1;
   attn_amx_item(P, i, h, 0, (qlen * P->G + ATTN_AMX_ROWS - 1) / ATTN_AMX_ROWS, S);
 }
-#else
-#define LMS_ATTN_AMX 0
-#endif
+#endif /* else paged_attention.c defines LMS_ATTN_AMX 0 */
