@@ -15,7 +15,8 @@ from typing import Any
 from lmserve.config import EngineConfig
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.request import Request, RequestStatus
-from lmserve.engine.scheduler import Scheduler, SchedulerStats
+from lmserve.engine.sched_output import SchedulerStats
+from lmserve.engine.scheduler import Scheduler
 from lmserve.worker.model_runner import LogprobsRow, ModelRunner
 
 

@@ -26,44 +26,11 @@ import heapq
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from lmserve.config import SchedulerConfig
 from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.request import Request, RequestStatus
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    block_ids: list[int]
-    num_computed_before: int  # request.num_computed_tokens when the step was planned
-    # True when this step reaches the end of the request's known tokens, so the
-    # logits of its last token produce the next token (a partial prefill does not sample);
-    # for a pooling request, always True: its whole prompt runs in this step and is pooled.
-    samples: bool
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-    num_scheduled_tokens: int = 0
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions_total: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
+from lmserve.engine.sched_output import ScheduledRequest, SchedulerOutput, SchedulerStats
 
 
 class _WaitingQueue:

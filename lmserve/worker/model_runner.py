@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmserve.config import EngineConfig
-from lmserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from lmserve.engine.sched_output import ScheduledRequest, SchedulerOutput
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.worker.kv_cache_sizing import determine_num_blocks
 
