@@ -11,7 +11,8 @@ prompts), then every workload on that model with every harness, each with its ow
 caching would otherwise serve a repeated prompt from cache; the same seed is used for both
 servers, so both see the same prompts), then stop the server. Then ``benchmarks/roofline.py``
 (bandwidth, matmul FLOP/s) and the report: ``results.json``, ``table.md``, ``plot.png``
-(``report.py``); raw result JSON and logs under ``raw/`` and ``logs/``.
+(``report.py``); raw result JSON and logs under ``raw/`` and ``logs/``, which git ignores: only the
+report is committed (``results.json`` keeps each run's summary figures and the name of its log).
 
 Other processes' CPU time is measured over each client run (``servers.OtherCpu``); a run where
 they used more than 10 % of a core is marked ⚠ (``contended``) and a loud warning is printed:

@@ -14,7 +14,8 @@ timed ones one at a time. TTFT: request sent to first text chunk; TPOT: (last ch
 chunk) / 255; tok/s: 256 / (last chunk - request sent); the median of each over the requests.
 (Chunks are not counted as tokens: a server may hold back a token that ends inside a UTF-8
 character and send it with the next.)
-Writes ``single_stream.md`` and ``single_stream.json`` under ``--out``.
+Writes ``single_stream.md`` and ``single_stream.json`` under ``--out``; the servers' logs go to its
+``logs/``, which git ignores.
 """
 
 from __future__ import annotations
