@@ -52,7 +52,7 @@ class SchedulerOutput:
 
 @dataclass
 class SchedulerStats:
-    """A snapshot for metrics (``/metrics``, the periodic stats log); counters are totals."""
+    """A snapshot for ``LLMEngine.get_stats`` (read by ``/metrics`` at scrape time); counters are totals."""
 
     num_running: int
     num_waiting: int
