@@ -25,12 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_ops.h"
+#include "lms_abi.h"
 #include "lms_dtypes.h"
 
 #define LMS_PAR_MIN 32768 /* elements below which an op stays on one thread (fork/join costs more) */
-#define LMS_MAX_ROW 16384 /* longest row the fused ops take (their fp32 row buffers, 192 KiB at most, are on the stack) */
-
-LMS_INLINE int ok_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16; }
 
 /* x rounded to dt's precision (the value torch would hold in a tensor of that dtype) */
 LMS_INLINE float round_to(float x, const int dt) { return dt == DT_BF16 ? bf16_to_f32(f32_to_bf16(x)) : x; }
@@ -63,9 +62,13 @@ LMS_INLINE const char* row_at(const void* base, int64_t row, int64_t stride, int
  * torch's fp32 sum may differ from it in the last bit);
  * out = round(w * round(h * (1 / sqrt(var + eps)))). res may be NULL (then res_out is unused).
  * x, res: [T, H] with row strides; w [H]; out, res_out [T, H] contiguous. */
-int lms_rms_norm(const void* x, int64_t x_stride, const void* res, int64_t res_stride, const void* w,
-                 void* out, void* res_out, int64_t T, int64_t H, float eps, int dt, int nthreads) {
-  if (!ok_dtype(dt) || T < 0 || H < 1 || H > LMS_MAX_ROW) return -1;
+int32_t lms_rms_norm(const LmsRmsNormArgs* a) {
+  const void *x = a->x, *res = a->res, *w = a->weight;
+  void *out = a->out, *res_out = a->res_out;
+  const int64_t x_stride = a->x_stride, res_stride = a->res_stride, T = a->rows, H = a->hidden;
+  const float eps = a->eps;
+  const int dt = a->dtype, nthreads = a->num_threads;
+  if (!ok_dtype(dt) || T < 0 || H < 1 || H > LMS_MAX_ROW) return LMS_ERR_ARGS;
   const int es = dtype_size(dt);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * H >= LMS_PAR_MIN)
   for (int64_t t = 0; t < T; t++) {
@@ -113,10 +116,13 @@ static void rope_rows(const void* x, int64_t x_stride, int64_t heads, const void
   }
 }
 
-int lms_rope_neox(const void* q, int64_t q_stride, int64_t hq, const void* k, int64_t k_stride, int64_t hk,
-                  const void* cs, int64_t cs_stride, void* q_out, void* k_out, int64_t T, int64_t D, int dt,
-                  int nthreads) {
-  if (!ok_dtype(dt) || T < 0 || D < 2 || D % 2 || D > LMS_MAX_ROW || hq < 0 || hk < 0) return -1;
+int32_t lms_rope_neox(const LmsRopeArgs* a) {
+  const void *q = a->q, *k = a->k, *cs = a->cos_sin;
+  void *q_out = a->q_out, *k_out = a->k_out;
+  const int64_t q_stride = a->q_stride, k_stride = a->k_stride, cs_stride = a->cs_stride, hq = a->num_q_heads,
+                hk = a->num_kv_heads, T = a->rows, D = a->head_dim;
+  const int dt = a->dtype, nthreads = a->num_threads;
+  if (!ok_dtype(dt) || T < 0 || D < 2 || D % 2 || D > LMS_MAX_ROW || hq < 0 || hk < 0) return LMS_ERR_ARGS;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * (hq + hk) * D >= LMS_PAR_MIN)
   for (int64_t t = 0; t < T; t++) {
     rope_rows(q, q_stride, hq, cs, cs_stride, q_out, t, D, dt);
@@ -132,8 +138,12 @@ int lms_rope_neox(const void* q, int64_t q_stride, int64_t hq, const void* k, in
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "lms_simd.h"
 #define LMS_SILU 1
-int lms_silu_mul(const void* x, int64_t x_stride, void* out, int64_t T, int64_t I, int dt, int nthreads) {
-  if (!ok_dtype(dt) || T < 0 || I < 1) return -1;
+int32_t lms_silu_mul(const LmsSiluMulArgs* a) {
+  const void* x = a->x;
+  void* out = a->out;
+  const int64_t x_stride = a->x_stride, T = a->rows, I = a->inter;
+  const int dt = a->dtype, nthreads = a->num_threads;
+  if (!ok_dtype(dt) || T < 0 || I < 1) return LMS_ERR_ARGS;
   const int64_t chunk = 1024, per_row = (I + chunk - 1) / chunk, items = T * per_row;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (T * I >= LMS_PAR_MIN)
   for (int64_t w = 0; w < items; w++) {
@@ -145,12 +155,12 @@ int lms_silu_mul(const void* x, int64_t x_stride, void* out, int64_t T, int64_t 
 }
 #else
 #define LMS_SILU 0
-int lms_silu_mul(const void* x, int64_t x_stride, void* out, int64_t T, int64_t I, int dt, int nthreads) {
-  (void)x, (void)x_stride, (void)out, (void)T, (void)I, (void)dt, (void)nthreads;
-  return -1;
+int32_t lms_silu_mul(const LmsSiluMulArgs* a) {
+  (void)a;
+  return LMS_ERR_ARGS;
 }
 #endif
-int lms_silu_available(void) { return LMS_SILU; }
+int32_t lms_silu_available(void) { return LMS_SILU; }
 
 /* ---- GEMV on llama.cpp block-quantized weights, integer dot products (AVX-512 VNNI) ----------
  * out[r][n] = sum_k w[n][k] * xq[r][k] (+ bias[n]) for M <= 8 rows, where xq is x quantized per
@@ -170,19 +180,16 @@ int lms_silu_available(void) { return LMS_SILU; }
  * K must be a multiple of 64 and at most 16384. x [M, K] (row stride x_stride, dtype xdt); bias [N]
  * in xdt or NULL (added after the product is rounded to xdt); out [M, N] (row stride out_stride) in
  * xdt. Parallel over N. */
-#define LMS_QGEMV_MAX_ROWS 8
-#define LMS_QGEMV_MAX_K 16384
 #define LMS_QSCALE 16256.f /* 127 * 128: |q| <= 16256 keeps a = (q + 64) >> 7 within -127..127 */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#if LMS_QGEMV
 #include <immintrin.h>
-#define LMS_QGEMV 1
 
-/* The activations of one row: per group g of 4 blocks (128 values), 256 bytes: a of values 0..15 of
- * the 4 blocks, a of values 16..31, then b likewise (a group of 2 blocks leaves its upper halves 0). */
-#define XQ_GROUP_BYTES 256
+/* The activations of one row (XQ_GROUP_BYTES, cpu_ops.h): per group g of 4 blocks (128 values), 256
+ * bytes: a of values 0..15 of the 4 blocks, a of values 16..31, then b likewise (a group of 2 blocks
+ * leaves its upper halves 0). */
 
 /* x rows -> the byte layout above, per-block scales dx and sums dx * sum(q) */
-static void quantize_rows(const void* x, int64_t x_stride, int64_t M, int xdt, int64_t K, int8_t* xq, float* dx,
+void quantize_rows(const void* x, int64_t x_stride, int64_t M, int xdt, int64_t K, int8_t* xq, float* dx,
                           float* xsum) {
   const int64_t nb = K / 32, row_bytes = (nb + 3) / 4 * XQ_GROUP_BYTES;
   float row[K];
@@ -282,18 +289,11 @@ LMS_INLINE void qgemv_rows(const int8_t* xq, const float* dx, const float* xsum,
   }
 }
 
-/* thread tid's share [*n0, *n1) of n items split in nth contiguous parts (OpenMP's static schedule) */
-LMS_INLINE void thread_share(int64_t n, int tid, int nth, int64_t* n0, int64_t* n1) {
-  const int64_t per = (n + nth - 1) / nth;
-  *n0 = tid * per < n ? tid * per : n;
-  *n1 = *n0 + per < n ? *n0 + per : n;
-}
-
 /* output columns n0 <= n < n1 of all rows (row stride out_stride, dtype xdt) from the quantized
  * rows; a bias is added to the product rounded to xdt, as the eager path's qgemv(x) + bias does */
-static void qgemv_range(const int8_t* xq, const float* dx, const float* xsum, const uint8_t* qw, const uint16_t* d,
-                        const uint16_t* m, const int nibbles, const int64_t K, const int rows, const void* bias,
-                        void* out, const int64_t out_stride, const int xdt, const int64_t n0, const int64_t n1) {
+void qgemv_range(const int8_t* xq, const float* dx, const float* xsum, const uint8_t* qw, const uint16_t* d,
+                 const uint16_t* m, const int nibbles, const int64_t K, const int rows, const void* bias, void* out,
+                 const int64_t out_stride, const int xdt, const int64_t n0, const int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     float res[LMS_QGEMV_MAX_ROWS];
     switch (rows) { /* constant row counts keep the accumulators in registers */
@@ -308,11 +308,15 @@ static void qgemv_range(const int8_t* xq, const float* dx, const float* xsum, co
   }
 }
 
-int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t* qw, const uint16_t* d,
-              const uint16_t* m, int nibbles, int64_t N, int64_t K, const void* bias, void* out, int64_t out_stride,
-              int nthreads) {
+int32_t lms_qgemv(const LmsQgemvArgs* a) {
+  const void *x = a->x, *bias = a->bias;
+  const uint8_t* qw = a->qw;
+  const uint16_t *d = a->d, *m = a->m;
+  void* out = a->out;
+  const int64_t x_stride = a->x_stride, M = a->rows, N = a->n, K = a->k, out_stride = a->out_stride;
+  const int xdt = a->dtype, nibbles = a->nibbles, nthreads = a->num_threads;
   if (!ok_dtype(xdt) || M < 1 || M > LMS_QGEMV_MAX_ROWS || N < 1 || K < 64 || K % 64 || K > LMS_QGEMV_MAX_K)
-    return -1;
+    return LMS_ERR_ARGS;
   const int64_t nb = K / 32;
   /* the quantized rows: 2 M K <= 256 KiB, on the stack (no allocation per call) */
   int8_t xq[M * ((nb + 3) / 4) * XQ_GROUP_BYTES] __attribute__((aligned(64)));
@@ -327,15 +331,11 @@ int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t
   return 0;
 }
 #else
-#define LMS_QGEMV 0
-int lms_qgemv(const void* x, int64_t x_stride, int64_t M, int xdt, const uint8_t* qw, const uint16_t* d,
-              const uint16_t* m, int nibbles, int64_t N, int64_t K, const void* bias, void* out, int64_t out_stride,
-              int nthreads) {
-  (void)x, (void)x_stride, (void)M, (void)xdt, (void)qw, (void)d, (void)m, (void)nibbles, (void)N, (void)K;
-  (void)bias, (void)out, (void)out_stride, (void)nthreads;
-  return -1;
+int32_t lms_qgemv(const LmsQgemvArgs* a) {
+  (void)a;
+  return LMS_ERR_ARGS;
 }
 #endif
 
 /* 1 where lms_qgemv has its AVX-512 VNNI path; 0 where it is absent (the binding does not offer it) */
-int lms_qgemv_available(void) { return LMS_QGEMV; }
+int32_t lms_qgemv_available(void) { return LMS_QGEMV; }

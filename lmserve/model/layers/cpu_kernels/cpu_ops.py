@@ -8,6 +8,11 @@ switched off with ``LMSERVE_DISABLE_CPU_KERNELS=1``. Each method returns its res
 the inputs are not ones the kernels take (another device or dtype, a strided last dimension): the
 caller then runs its pure-torch reference, which is also the definition of what the kernels compute
 (``cpu_ops.c`` states how close). ctypes releases the GIL for the duration of each call.
+
+Each call fills one of ``abi.py``'s argument structs (``lms_abi.h``); the library is refused at load
+when its ABI differs (``abi.check_abi``). The only state is the loaded library, held by the
+``CpuOps`` and cached by the lru_cache'd loader; a call builds its own struct, so calls from several
+threads are safe.
 """
 
 from __future__ import annotations
@@ -20,18 +25,17 @@ from pathlib import Path
 
 import torch
 
-from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
+from lmserve.model.layers.cpu_kernels.abi import QgemvArgs, RmsNormArgs, RopeArgs, SiluMulArgs, bind, load_kernels
+from lmserve.model.layers.cpu_kernels.build import UNIT_FLAGS, KernelBuildError, kernels_disabled
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.c")
-FLAGS = ("-ffp-contract=off",)  # no FMA the torch reference does not do (see cpu_ops.c)
+FLAGS = UNIT_FLAGS[SOURCE.name]  # -ffp-contract=off: no FMA the torch reference does not do (see cpu_ops.c)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_ROW = 16384  # LMS_MAX_ROW: the longest row (hidden size, head dim) the fused ops take
 QGEMV_MAX_ROWS = 8  # LMS_QGEMV_MAX_ROWS
 QGEMV_MAX_K = 16384  # LMS_QGEMV_MAX_K
-
-_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
 def _rows_ok(x: torch.Tensor) -> bool:
@@ -47,19 +51,14 @@ class CpuOps:
     """The loaded kernels (see the module docstring for the None convention)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        """``lib``: the checked library of cpu_ops.c (``abi.load_kernels``)."""
         self._lib = lib
-        self._rms = lib.lms_rms_norm
-        self._rms.argtypes = [_p, _i64, _p, _i64, _p, _p, _p, _i64, _i64, _f32, _i32, _i32]
-        self._rope = lib.lms_rope_neox
-        self._rope.argtypes = [_p, _i64, _i64, _p, _i64, _i64, _p, _i64, _p, _p, _i64, _i64, _i32, _i32]
-        self._qgemv = lib.lms_qgemv
-        self._qgemv.argtypes = [_p, _i64, _i64, _i32, _p, _p, _p, _i32, _i64, _i64, _p, _p, _i64, _i32]
-        self._silu = lib.lms_silu_mul
-        self._silu.argtypes = [_p, _i64, _p, _i64, _i64, _i32, _i32]
-        for fn in (self._rms, self._rope, self._qgemv, self._silu):
-            fn.restype = ctypes.c_int
-        self.has_qgemv = bool(lib.lms_qgemv_available())
-        self.has_silu = bool(lib.lms_silu_available())
+        self._rms = bind(lib, "lms_rms_norm")
+        self._rope = bind(lib, "lms_rope_neox")
+        self._qgemv = bind(lib, "lms_qgemv")
+        self._silu = bind(lib, "lms_silu_mul")
+        self.has_qgemv = bool(bind(lib, "lms_qgemv_available")())
+        self.has_silu = bool(bind(lib, "lms_silu_available")())
 
     @staticmethod
     def _check(rc: int, what: str) -> None:
@@ -76,9 +75,11 @@ class CpuOps:
         t, h = x.shape
         out = torch.empty(t, h, dtype=x.dtype)
         res_out = None if residual is None else torch.empty(t, h, dtype=x.dtype)
-        self._check(self._rms(x.data_ptr(), x.stride(0), _ptr(residual), 0 if residual is None else residual.stride(0),
-                              weight.data_ptr(), out.data_ptr(), _ptr(res_out), t, h, eps, DTYPE_CODES[x.dtype],
-                              torch.get_num_threads()), "rms_norm")
+        self._check(self._rms(RmsNormArgs(
+            x=x.data_ptr(), x_stride=x.stride(0), res=_ptr(residual),
+            res_stride=0 if residual is None else residual.stride(0), weight=weight.data_ptr(), out=out.data_ptr(),
+            res_out=_ptr(res_out), rows=t, hidden=h, eps=eps, dtype=DTYPE_CODES[x.dtype],
+            num_threads=torch.get_num_threads())), "rms_norm")
         return out, res_out
 
     def rope_neox(self, q: torch.Tensor, k: torch.Tensor,
@@ -93,9 +94,11 @@ class CpuOps:
                 cos_sin.shape != (t, d) or not _rows_ok(cos_sin):
             return None
         q_out, k_out = torch.empty(t, hq, d, dtype=q.dtype), torch.empty(t, k.shape[1], d, dtype=q.dtype)
-        self._check(self._rope(q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), k.shape[1],
-                               cos_sin.data_ptr(), cos_sin.stride(0), q_out.data_ptr(), k_out.data_ptr(), t, d,
-                               DTYPE_CODES[q.dtype], torch.get_num_threads()), "rope_neox")
+        self._check(self._rope(RopeArgs(
+            q=q.data_ptr(), q_stride=q.stride(0), k=k.data_ptr(), k_stride=k.stride(0), cos_sin=cos_sin.data_ptr(),
+            cs_stride=cos_sin.stride(0), q_out=q_out.data_ptr(), k_out=k_out.data_ptr(), rows=t, num_q_heads=hq,
+            num_kv_heads=k.shape[1], head_dim=d, dtype=DTYPE_CODES[q.dtype],
+            num_threads=torch.get_num_threads())), "rope_neox")
         return q_out, k_out
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -105,8 +108,9 @@ class CpuOps:
             return None
         t, i = x.shape[0], x.shape[1] // 2
         out = torch.empty(t, i, dtype=x.dtype)
-        self._check(self._silu(x.data_ptr(), x.stride(0), out.data_ptr(), t, i, DTYPE_CODES[x.dtype],
-                               torch.get_num_threads()), "silu_mul")
+        self._check(self._silu(SiluMulArgs(
+            x=x.data_ptr(), x_stride=x.stride(0), out=out.data_ptr(), rows=t, inter=i, dtype=DTYPE_CODES[x.dtype],
+            num_threads=torch.get_num_threads())), "silu_mul")
         return out
 
     def qgemv(self, x: torch.Tensor, qw: torch.Tensor, d: torch.Tensor, m: torch.Tensor, nibbles: bool,
@@ -122,16 +126,17 @@ class CpuOps:
         rows, k = x.shape
         n = d.shape[0]
         out = torch.empty(rows, n, dtype=x.dtype)
-        self._check(self._qgemv(x.data_ptr(), x.stride(0), rows, DTYPE_CODES[x.dtype], qw.data_ptr(), d.data_ptr(),
-                                m.data_ptr(), int(nibbles), n, k, _ptr(bias), out.data_ptr(), n,
-                                torch.get_num_threads()), "qgemv")
+        self._check(self._qgemv(QgemvArgs(
+            x=x.data_ptr(), x_stride=x.stride(0), qw=qw.data_ptr(), d=d.data_ptr(), m=m.data_ptr(), bias=_ptr(bias),
+            out=out.data_ptr(), out_stride=n, rows=rows, n=n, k=k, dtype=DTYPE_CODES[x.dtype], nibbles=int(nibbles),
+            num_threads=torch.get_num_threads())), "qgemv")
         return out
 
 @functools.lru_cache(maxsize=None)
 def _load(compiler: str | None, cache_dir: str | None) -> CpuOps | None:
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
     try:
-        return CpuOps(load_library(SOURCE, FLAGS))
+        return CpuOps(load_kernels(SOURCE))
     except (KernelBuildError, AttributeError) as e:
         logger.warning("fused CPU ops unavailable, using the torch reference ops: %s", e)
         return None

@@ -8,64 +8,39 @@
  * region: the threads stay up for all layers and meet at barriers between the ops (what CUDA
  * graphs give a GPU, or llama.cpp's graph executor a CPU).
  *
- * The ops are the very kernels of the eager path, compiled from the same sources (this file
- * includes cpu_ops.c, paged_attention.c and sbgemm.c): the fused RMSNorm (+ residual add), neox
- * rotary, the KV-cache write, the paged decode attention, lms_qgemv's GEMV and lms_sbgemm(_amx)'s
- * panel GEMM (the same work items, split over the region's threads), so the fast path and the
- * eager path compute the same numbers (SiLU-and-mul too: lms_simd.h's silu_mul_span, which the
- * eager path runs as lms_silu_mul).
+ * The ops are the very kernels of the eager path, the same objects linked into this library
+ * (build.py compiles each source once with its own flags; cpu_ops.h, paged_attention.h and sbgemm.h
+ * declare what they share with this file): the fused RMSNorm (+ residual add), neox rotary, the
+ * KV-cache write, the paged decode attention, lms_qgemv's GEMV and lms_sbgemm(_amx)'s panel GEMM
+ * (the same work items, split over the region's threads), so the fast path and the eager path
+ * compute the same numbers (SiLU-and-mul too: lms_simd.h's silu_mul_span, which the eager path runs
+ * as lms_silu_mul; this file, like cpu_ops.c, is compiled with -ffp-contract=off).
  *
  * Per layer, for R rows (one decode token of each of R sequences; row r is sequence r):
  *   normed, res = rmsnorm(h + res)      (the first layer: res = h, normed = rmsnorm(h))
  *   qkv = normed W_qkv^T (+ bias);  (Qwen3: q, k = rmsnorm per head);  q, k = rope(q, k);  cache[slot[r]] = k, v
  *   attn = paged_decode(q, cache, block_tables, seq_lens);  h = attn W_o^T (+ bias)
  *   normed, res = rmsnorm(h + res);  gu = normed W_gu^T;  h = (silu(gu[:I]) * gu[I:]) W_down^T
- * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel), contiguous.
+ * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel, lms_abi.h), contiguous.
  */
-#include "cpu_ops.c"
-/* paged_attention.c is built alone without -ffp-contract=off: the same here, so its code is the same */
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=fast")
-#include "paged_attention.c"
-#pragma GCC pop_options
-#include "sbgemm.c"
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_ops.h"
+#include "lms_abi.h"
+#include "lms_dtypes.h"
+#include "paged_attention.h"
+#include "sbgemm.h"
 
 #if LMS_QGEMV && LMS_AVX512
+#include <immintrin.h>
+
+#include "lms_simd.h"
 #define LMS_DECODE_STEP 1
 
-typedef struct { /* a linear layer: quantized (qw, d, m) or bf16 panels (panels; qw NULL) */
-  const uint8_t* qw;
-  const uint16_t* d;
-  const uint16_t* m;
-  const void* bias; /* [n] in the model dtype, or NULL */
-  int64_t n, k;
-  int32_t nibbles;
-  const uint16_t* panels; /* lms_sbgemm_pack's layout, or NULL */
-  int32_t amx;            /* the panels are lms_sbgemm_amx's (AMX tiles where k % 32 == 0) */
-} LmsQLinear;
-
-typedef struct {
-  const void* input_norm; /* [hidden] */
-  const void* post_norm;  /* [hidden] */
-  const void* q_norm;     /* [head_dim] (Qwen3: per-head RMSNorm of q and k before RoPE), or NULL */
-  const void* k_norm;     /* [head_dim], or NULL */
-  LmsQLinear qkv, o, gate_up, down;
-  void* kv_cache; /* [2, num_blocks, block_size, Hkv, D] */
-  int64_t num_blocks;
-  int32_t sliding_window; /* 0: none */
-} LmsLayer;
-
-typedef struct {
-  int32_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, dtype, block_size, max_rows;
-  float eps, scale;
-  const LmsLayer* layers;
-  const void* final_norm;
-  /* buffers, [max_rows, width] each: h (in: the embeddings; the layers' output), res, normed, qkv,
-   * q and k (rotated), attn, gu (gate | up), act, out (the final norm's output) */
-  void *h, *res, *normed, *qkv, *q, *k, *attn, *gu, *act, *out;
-} LmsDecodeModel;
-
-int lms_decode_step_available(void) { return 1; }
+int32_t lms_decode_step_available(void) { return 1; }
 
 /* ---- the step ---------------------------------------------------------------------------------- */
 
@@ -134,12 +109,25 @@ static int check_step(const LmsDecodeModel* M, int rows, const int32_t* bt, int6
   return LMS_OK;
 }
 
-/* One decode step: M->h holds the rows' embeddings on entry; M->out their final hidden states on
- * return. cos_sin [rows, head_dim] (cat(cos, sin) at each row's position); block_tables [rows,
- * bt_width] int32 (dense); seq_lens [rows] int32 (the context after this token); slots [rows] int64
- * (where this token's K/V go). Returns 0, or a negative LMS_ERR_* code before anything is written. */
-int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, const int32_t* block_tables,
-                    int64_t bt_width, const int32_t* seq_lens, const int64_t* slots, int nthreads) {
+/* RMSNorm of `rows` rows of `width` (x and res rows `stride` apart; out, res_out contiguous) on the
+ * calling thread: lms_rms_norm's contract (res NULL: no residual add). */
+static void rms_norm1(const void* x, int64_t stride, const void* res, const void* w, void* out, void* res_out,
+                      int64_t rows, int64_t width, float eps, int dt) {
+  const LmsRmsNormArgs a = {.x = x, .x_stride = stride, .res = res, .res_stride = stride, .weight = w, .out = out,
+                            .res_out = res_out, .rows = rows, .hidden = width, .eps = eps, .dtype = dt,
+                            .num_threads = 1};
+  lms_rms_norm(&a);
+}
+
+/* One decode step (lms_abi.h's LmsDecodeStepArgs). Returns 0, or a negative LMS_ERR_* code before
+ * anything is written. */
+int32_t lms_decode_step(const LmsDecodeStepArgs* a) {
+  const LmsDecodeModel* M = a->model;
+  const int rows = a->rows, nthreads = a->num_threads;
+  const void* cos_sin = a->cos_sin;
+  const int32_t *block_tables = a->block_tables, *seq_lens = a->seq_lens;
+  const int64_t bt_width = a->bt_width;
+  const int64_t* slots = a->slots;
   int max_len = 0;
   const int err = check_step(M, rows, block_tables, bt_width, seq_lens, slots, &max_len);
   if (err) return err;
@@ -184,9 +172,9 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         {
           if (l == 0) {
             memcpy(M->res, M->h, (size_t)rows * H * esz);
-            lms_rms_norm(M->h, H, NULL, 0, ly->input_norm, M->normed, NULL, rows, H, M->eps, dt, 1);
+            rms_norm1(M->h, H, NULL, ly->input_norm, M->normed, NULL, rows, H, M->eps, dt);
           } else {
-            lms_rms_norm(M->h, H, M->res, H, ly->input_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
+            rms_norm1(M->h, H, M->res, ly->input_norm, M->normed, M->res, rows, H, M->eps, dt);
           }
         }
         linear(&st, &ly->qkv, M->normed, M->qkv, tid, &sb);
@@ -195,17 +183,25 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
           if (ly->q_norm) { /* normed heads into q, k; then rotated in place (rope reads a head before writing it) */
             for (int r = 0; r < rows; r++) {
               const char* row = (const char*)M->qkv + (int64_t)r * qkv_w * esz;
-              lms_rms_norm(row, D, NULL, 0, ly->q_norm, (char*)M->q + r * qsz * esz, NULL, Hq, D, M->eps, dt, 1);
-              lms_rms_norm(row + qsz * esz, D, NULL, 0, ly->k_norm, (char*)M->k + r * kvsz * esz, NULL, Hkv, D, M->eps,
-                           dt, 1);
+              rms_norm1(row, D, NULL, ly->q_norm, (char*)M->q + r * qsz * esz, NULL, Hq, D, M->eps, dt);
+              rms_norm1(row + qsz * esz, D, NULL, ly->k_norm, (char*)M->k + r * kvsz * esz, NULL, Hkv, D, M->eps, dt);
             }
-            lms_rope_neox(M->q, qsz, Hq, M->k, kvsz, Hkv, cos_sin, D, M->q, M->k, rows, D, dt, 1);
+            const LmsRopeArgs rope = {.q = M->q, .q_stride = qsz, .k = M->k, .k_stride = kvsz, .cos_sin = cos_sin,
+                                      .cs_stride = D, .q_out = M->q, .k_out = M->k, .rows = rows, .num_q_heads = Hq,
+                                      .num_kv_heads = Hkv, .head_dim = D, .dtype = dt, .num_threads = 1};
+            lms_rope_neox(&rope);
           } else {
-            lms_rope_neox(M->qkv, qkv_w, Hq, (const char*)M->qkv + qsz * esz, qkv_w, Hkv, cos_sin, D, M->q, M->k, rows,
-                          D, dt, 1);
+            const LmsRopeArgs rope = {.q = M->qkv, .q_stride = qkv_w, .k = (const char*)M->qkv + qsz * esz,
+                                      .k_stride = qkv_w, .cos_sin = cos_sin, .cs_stride = D, .q_out = M->q,
+                                      .k_out = M->k, .rows = rows, .num_q_heads = Hq, .num_kv_heads = Hkv,
+                                      .head_dim = D, .dtype = dt, .num_threads = 1};
+            lms_rope_neox(&rope);
           }
-          lms_write_kv(M->k, kvsz, (const char*)M->qkv + (qsz + kvsz) * esz, qkv_w, ly->kv_cache,
-                       ly->num_blocks * M->block_size, slots, rows, kvsz, dt);
+          const LmsWriteKvArgs kv = {.k = M->k, .k_row_stride = kvsz, .v = (const char*)M->qkv + (qsz + kvsz) * esz,
+                                     .v_row_stride = qkv_w, .kv_cache = ly->kv_cache,
+                                     .num_slots = ly->num_blocks * M->block_size, .slots = slots,
+                                     .num_tokens = rows, .row_elems = kvsz, .dtype = dt};
+          lms_write_kv(&kv);
         }
         const Problem P = {(const char*)M->q, qsz, (const char*)ly->kv_cache,
                            ly->num_blocks * M->block_size * kvsz * esz, M->block_size, block_tables, bt_width,
@@ -216,7 +212,7 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         if (uses_tiles(attn_item)) sb.amx_tiles = 0, tiles_used = 1; /* the sbgemm's tile shape is gone */
         linear(&st, &ly->o, M->attn, M->h, tid, &sb);
 #pragma omp single
-        lms_rms_norm(M->h, H, M->res, H, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt, 1);
+        rms_norm1(M->h, H, M->res, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt);
         linear(&st, &ly->gate_up, M->normed, M->gu, tid, &sb);
         {
           const int64_t per = (I + 16 * nth - 1) / (16 * nth) * 16;
@@ -227,13 +223,15 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
         linear(&st, &ly->down, M->act, M->h, tid, &sb);
       }
 #pragma omp single
-      lms_rms_norm(M->h, H, M->res, H, M->final_norm, M->out, M->res, rows, H, M->eps, dt, 1);
+      rms_norm1(M->h, H, M->res, M->final_norm, M->out, M->res, rows, H, M->eps, dt);
     }
 #if LMS_SBGEMM_AMX
     if (sb.amx_tiles) _tile_release();
 #endif
 #if LMS_ATTN_AMX
     if (tiles_used) _tile_release();
+#else
+    (void)tiles_used;
 #endif
     free(buf);
   }
@@ -242,10 +240,9 @@ int lms_decode_step(const LmsDecodeModel* M, int rows, const void* cos_sin, cons
 }
 #else
 #define LMS_DECODE_STEP 0
-int lms_decode_step_available(void) { return 0; }
-int lms_decode_step(const void* M, int rows, const void* cos_sin, const int32_t* block_tables, int64_t bt_width,
-                    const int32_t* seq_lens, const int64_t* slots, int nthreads) {
-  (void)M, (void)rows, (void)cos_sin, (void)block_tables, (void)bt_width, (void)seq_lens, (void)slots, (void)nthreads;
-  return -1;
+int32_t lms_decode_step_available(void) { return 0; }
+int32_t lms_decode_step(const LmsDecodeStepArgs* a) {
+  (void)a;
+  return LMS_ERR_ARGS;
 }
 #endif

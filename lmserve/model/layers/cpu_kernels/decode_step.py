@@ -12,6 +12,10 @@ tests hold the two equal bit for bit.
 The step keeps raw pointers to the model's weights and, once bound at the first call, to the KV
 caches: both must outlive it and not move (the model owns it; the runner allocates its caches
 once). Its buffers make it single-threaded: one step at a time, as the engine runs.
+
+The C structs it fills (``LmsDecodeModel``, ``LmsLayer``, ``LmsQLinear``, ``LmsDecodeStepArgs``) are
+``abi.py``'s (``_Model``, ``_Layer``, ``_QLinear`` here), checked against the library's layout table
+when it is loaded (``abi.check_abi``).
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.cpu_gemm import PanelWeight
-from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
-from lmserve.model.layers.cpu_kernels.cpu_ops import DTYPE_CODES, FLAGS, QGEMV_MAX_K, get_cpu_ops
+from lmserve.model.layers.cpu_kernels.abi import DECODE_BUFFERS as _BUFFERS
+from lmserve.model.layers.cpu_kernels.abi import DecodeModel as _Model
+from lmserve.model.layers.cpu_kernels.abi import DecodeStepArgs, bind, load_kernels
+from lmserve.model.layers.cpu_kernels.abi import Layer as _Layer
+from lmserve.model.layers.cpu_kernels.abi import QLinear as _QLinear
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled
+from lmserve.model.layers.cpu_kernels.cpu_ops import DTYPE_CODES, QGEMV_MAX_K, get_cpu_ops
 from lmserve.model.layers.quantized_linear import MAX_ROWS as INT_KERNEL_MAX_ROWS
 from lmserve.model.layers.quantized_linear import VnniWeight
 
@@ -41,30 +50,6 @@ MAX_ROWS = INT_KERNEL_MAX_ROWS["vnni"]
 # sequences per step on bf16 panels (the eager path takes any; this bounds the step's buffers)
 PANEL_MAX_ROWS = 256
 
-_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-
-
-class _QLinear(ctypes.Structure):
-    _fields_ = [("qw", _p), ("d", _p), ("m", _p), ("bias", _p), ("n", _i64), ("k", _i64), ("nibbles", _i32),
-                ("panels", _p), ("amx", _i32)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", _p), ("post_norm", _p), ("q_norm", _p), ("k_norm", _p), ("qkv", _QLinear),
-                ("o", _QLinear), ("gate_up", _QLinear), ("down", _QLinear), ("kv_cache", _p), ("num_blocks", _i64),
-                ("sliding_window", _i32)]
-
-
-_BUFFERS = ("h", "res", "normed", "qkv", "q", "k", "attn", "gu", "act", "out")
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [(name, _i32) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
-                                          "intermediate", "dtype", "block_size", "max_rows")] + \
-               [("eps", _f32), ("scale", _f32), ("layers", ctypes.POINTER(_Layer)), ("final_norm", _p)] + \
-               [(name, _p) for name in _BUFFERS]
-
-
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -74,13 +59,14 @@ def _qlinear(module: Any) -> _QLinear | None:
     it has neither."""
     w = getattr(module, "qweight", None)
     if isinstance(w, VnniWeight):
-        return _QLinear(w.qw.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), _ptr(module.bias), w.out_features,
-                        w.in_features, int(w.nibbles), None, 0)
+        return _QLinear(qw=w.qw.data_ptr(), d=w.d.data_ptr(), m=w.m.data_ptr(), bias=_ptr(module.bias),
+                        n=w.out_features, k=w.in_features, nibbles=int(w.nibbles), panels=None, amx=0)
     p = getattr(module, "packed_weight", None)
     if w is None and isinstance(p, PanelWeight) and p.dtype == torch.bfloat16 and \
             (module.bias is None or module.bias.dtype == torch.bfloat16):
         n, k = p.shape
-        return _QLinear(None, None, None, _ptr(module.bias), n, k, 0, p.panels.data_ptr(), int(p.backend == "sbgemm_amx"))
+        return _QLinear(qw=None, d=None, m=None, bias=_ptr(module.bias), n=n, k=k, nibbles=0,
+                        panels=p.panels.data_ptr(), amx=int(p.backend == "sbgemm_amx"))
     return None
 
 
@@ -95,9 +81,7 @@ class LlamaDecodeStep:
         inner = model.model
         attn0 = inner.layers[0].self_attn
         cfg = model.config
-        self._fn = lib.lms_decode_step
-        self._fn.argtypes = [_p, ctypes.c_int, _p, _p, _i64, _p, _p, ctypes.c_int]
-        self._fn.restype = ctypes.c_int
+        self._fn = bind(lib, "lms_decode_step")
         self.max_rows = max_rows
         self._embed = inner.embed_tokens.weight
         self._cos_sin_cache = inner.rotary_emb.cos_sin_cache
@@ -109,9 +93,12 @@ class LlamaDecodeStep:
         self._bufs = {name: torch.empty(max_rows, w, dtype=dtype) for name, w in widths.items()}
         self._cos_sin = torch.empty(max_rows, d, dtype=dtype)
         self._layers = (_Layer * len(layers))(*layers)
-        self._model = _Model(len(layers), hidden, attn0.num_heads, attn0.num_kv_heads, d, cfg.intermediate_size,
-                             DTYPE_CODES[dtype], 0, max_rows, inner.norm.variance_epsilon, attn0.attn.scale,
-                             self._layers, inner.norm.weight.data_ptr(), *(self._bufs[n].data_ptr() for n in _BUFFERS))
+        self._model = _Model(num_layers=len(layers), hidden=hidden, num_heads=attn0.num_heads,
+                             num_kv_heads=attn0.num_kv_heads, head_dim=d, intermediate=cfg.intermediate_size,
+                             dtype=DTYPE_CODES[dtype], block_size=0, max_rows=max_rows,
+                             eps=inner.norm.variance_epsilon, scale=attn0.attn.scale, layers=self._layers,
+                             final_norm=inner.norm.weight.data_ptr(),
+                             **{n: self._bufs[n].data_ptr() for n in _BUFFERS})
         self._bound: list[torch.Tensor] | None = None  # the KV caches the layers point at
 
     @classmethod
@@ -140,8 +127,10 @@ class LlamaDecodeStep:
                 return None
             kinds.update(bool(q.panels) for q in linears)
             qk = [n.weight.data_ptr() for n in head_norms] or [None, None]
-            layers.append(_Layer(norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *qk, *linears, None, 0,
-                                 attn.attn.sliding_window or 0))
+            qkv, o, gate_up, down = linears
+            layers.append(_Layer(input_norm=norms[0].weight.data_ptr(), post_norm=norms[1].weight.data_ptr(),
+                                 q_norm=qk[0], k_norm=qk[1], qkv=qkv, o=o, gate_up=gate_up, down=down, kv_cache=None,
+                                 num_blocks=0, sliding_window=attn.attn.sliding_window or 0))
         if not layers or len(kinds) != 1:
             return None
         if kinds == {True}:
@@ -183,8 +172,10 @@ class LlamaDecodeStep:
         h, cs = self._bufs["h"][:rows], self._cos_sin[:rows]
         torch.index_select(self._embed, 0, input_ids, out=h)
         torch.index_select(self._cos_sin_cache, 0, positions, out=cs)
-        rc = self._fn(ctypes.byref(self._model), rows, cs.data_ptr(), tables.data_ptr(), tables.shape[1],
-                      seq_lens.data_ptr(), slots.data_ptr(), torch.get_num_threads())
+        rc = self._fn(DecodeStepArgs(model=ctypes.pointer(self._model), cos_sin=cs.data_ptr(),
+                                     block_tables=tables.data_ptr(), bt_width=tables.shape[1],
+                                     seq_lens=seq_lens.data_ptr(), slots=slots.data_ptr(), rows=rows,
+                                     num_threads=torch.get_num_threads()))
         if rc != 0:
             return None
         return self._bufs["out"][:rows].clone()
@@ -194,11 +185,12 @@ class LlamaDecodeStep:
 def _load(compiler: str | None, cache_dir: str | None) -> ctypes.CDLL | None:
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
     try:
-        lib = load_library(SOURCE, FLAGS)
-    except KernelBuildError as e:
+        lib = load_kernels(SOURCE)
+        available = bind(lib, "lms_decode_step_available")()
+    except (KernelBuildError, AttributeError) as e:
         logger.warning("the native decode step is unavailable, decoding on the eager path: %s", e)
         return None
-    return lib if lib.lms_decode_step_available() else None
+    return lib if available else None
 
 
 def _load_library() -> ctypes.CDLL | None:

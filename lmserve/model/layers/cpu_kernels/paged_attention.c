@@ -33,65 +33,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define LMS_AVX512 1
-#else
-#define LMS_AVX512 0
-#endif
-#if LMS_AVX512 && defined(__AVX512BF16__)
-#define LMS_DPBF16 1
-#else
-#define LMS_DPBF16 0
-#endif
-
+#include "lms_abi.h"
 #include "lms_dtypes.h"
-
-enum {
-  LMS_OK = 0,
-  LMS_ERR_ARGS = -1,     /* unsupported dtype, non-positive sizes */
-  LMS_ERR_SEQ_LEN = -2,  /* seq_len < 1 or past the block table's capacity */
-  LMS_ERR_BLOCK_ID = -3, /* a block id used as context is outside [0, num_blocks) */
-  LMS_ERR_NOMEM = -4,
-};
-
-/* ---- the problem and per-thread scratch ------------------------------------------------------ */
-
-typedef struct {
-  const char* q;
-  int64_t q_row_stride;
-  const char* kv;
-  int64_t plane_bytes; /* bytes of kv_cache[0] */
-  int block_size;
-  const int32_t* block_tables;
-  int64_t bt_row_stride;
-  const int32_t* seq_lens;
-  char* out;
-  int64_t out_row_stride;
-  int Hkv, D, G, dt;
-  float scale;
-  int window;
-  const int32_t* qsl; /* [num_seqs + 1] query start offsets (AMX path); NULL: one query per sequence */
-} Problem;
-
-/* ns = context length rounded up to 16 (+16 spare); Dp = head_dim rounded up to 32. */
-typedef struct {
-  const char** kp; /* [ns] key row pointers; past the context: `zeros` */
-  const char** vp; /* [ns] value row pointers; past the context: `zeros` */
-  float* s;        /* [G][ns] scores, then probabilities (0 past the context) */
-  uint16_t* pb;    /* [G][ns] probabilities in bf16 (the DPBF16 value pass) */
-  float* qf;       /* [G][Dp] the queries (fp32, or bf16 for DPBF16), zero-padded */
-  float* tile;     /* [16][Dp] a converted key tile; the portable path's one row */
-  float* acc;      /* [G][D] portable path accumulators */
-  float* l;        /* [G] 1 / softmax denominators */
-  float* zeros;    /* [max(Dp, ns)] zeros: padding rows and padding probabilities */
-  /* the AMX path (paged_attention_amx.h), n32 = ns rounded up to 32 */
-  float* st;       /* [n32][16] transposed scores of a row tile */
-  uint16_t* vt;    /* [n32 / 32][D / 16] 1 KB value tiles */
-  uint16_t* qt;    /* [D / 32] 1 KB tiles of the row tile's queries */
-  uint16_t* pt;    /* [n32 / 32] 1 KB probability tiles */
-  float* ot;       /* [4][16][16] output tiles */
-} Scratch;
+#include "paged_attention.h"
+#if LMS_AVX512
+#include <immintrin.h>
+#endif
 
 /* Fills S->kp/vp[0 .. n) with the key/value rows of context tokens t0 .. L-1 of sequence i,
  * kv head h (walking the block table once) and S->kp/vp[n .. count) with the zero row. */
@@ -429,32 +376,9 @@ LMS_INLINE void item_avx512(const Problem* P, int i, int h, const Scratch* S, co
     }
   }
 }
-#include "paged_attention_amx.h"
 #endif /* LMS_AVX512 */
-#ifndef LMS_ATTN_AMX
-#define LMS_ATTN_AMX 0
-#endif
 
 /* ---- dispatch ------------------------------------------------------------------------------ */
-
-typedef void (*item_fn)(const Problem*, int, int, const Scratch*);
-
-/* KV heads per work item of a decode call: all of a sequence's once there are at least 4 sequences
- * per thread, so that one item reads whole cache slots (a token's Hkv heads are one contiguous row
- * of the cache), whose other half a per-head item leaves to an item that may run on another core
- * (measured on a 2-core Sapphire Rapids VM, the kernel alone, 32 sequences, 14 / 2 heads, head dim
- * 64, contexts 40-290, 24 layer caches: 0.495 / 0.500 -> 0.440 / 0.454 ms per layer); else 1, so
- * that a few sequences still spread over the threads. An item's heads are computed one after
- * another, as separate items would be: the split never changes a result. */
-LMS_INLINE int heads_per_item(int num_seqs, int num_kv_heads, int nthreads) {
-  return num_seqs >= 4 * nthreads ? num_kv_heads : 1;
-}
-
-/* Item w of a call with hpi heads per item: heads [h0, h0 + hpi) of one sequence. */
-LMS_INLINE void run_item(item_fn fn, const Problem* P, int w, int hpi, const Scratch* S) {
-  const int f = w * hpi, i = f / P->Hkv, h0 = f % P->Hkv;
-  for (int h = h0; h < h0 + hpi; h++) fn(P, i, h, S);
-}
 
 static void item_portable_f16(const Problem* P, int i, int h, const Scratch* S) { item_portable(P, i, h, S, DT_F16); }
 #if LMS_AVX512
@@ -471,7 +395,7 @@ static void item_bf16(const Problem* P, int i, int h, const Scratch* S) { item_p
  * 32 sequences, contexts 40-290: 0.431 -> 0.417 ms; 8 x ~1,100: 0.688 -> 0.634; G = 3, one
  * sequence, context 320: 0.035 -> 0.044 (slower: 13 of 16 rows wasted). */
 #define ATTN_AMX_MIN_DECODE_HEADS 6
-static item_fn pick_item(int dt, int head_dim, int block_size, int window, int G) {
+item_fn pick_item(int dt, int head_dim, int block_size, int window, int G) {
 #if LMS_ATTN_AMX
   if (G >= ATTN_AMX_MIN_DECODE_HEADS && attn_amx_takes(dt, head_dim, block_size, window)) return item_amx;
 #else
@@ -490,7 +414,7 @@ LMS_INLINE void release_tiles(item_fn fn) {
 }
 
 /* Whether fn is the AMX path's (which sets its own tile shape). */
-LMS_INLINE int uses_tiles(item_fn fn) {
+int uses_tiles(item_fn fn) {
 #if LMS_ATTN_AMX
   return fn == item_amx;
 #else
@@ -500,11 +424,11 @@ LMS_INLINE int uses_tiles(item_fn fn) {
 }
 
 /* Which path this build runs: 0 = portable C, 1 = AVX-512, 2 = AVX-512 with AVX512_BF16. */
-int lms_kernel_info(void) { return LMS_AVX512 + LMS_DPBF16; }
+int32_t lms_kernel_info(void) { return LMS_AVX512 + LMS_DPBF16; }
 
 /* 1 if bf16 calls with head dim % 64 == 0, block size % 16 == 0 and no window run on AMX tiles
  * here (built with AMX-BF16 and the tile state granted), else 0. */
-int lms_attention_amx_info(void) {
+int32_t lms_attention_amx_info(void) {
 #if LMS_ATTN_AMX
   return attn_amx_takes(DT_BF16, 64, 16, 0);
 #else
@@ -513,17 +437,12 @@ int lms_attention_amx_info(void) {
 }
 
 /* 1 if dtype code `dt` is supported by this build. */
-int lms_supports_dtype(int dt) { return dt == DT_F32 || dt == DT_BF16 || (dt == DT_F16 && LMS_HAS_F16); }
+int32_t lms_supports_dtype(int32_t dt) { return dt == DT_F32 || dt == DT_BF16 || (dt == DT_F16 && LMS_HAS_F16); }
 
 static size_t round64(size_t x) { return (x + 63) / 64 * 64; }
 
-/* Byte sizes of one thread's Scratch for contexts up to max_len tokens (each 64-aligned); the AMX
- * path's buffers only with `amx` (calls that run no AMX items do not allocate them). */
-typedef struct {
-  size_t kp, s, pb, qf, tile, acc, l, zeros, st, vt, qt, pt, ot, total;
-} ScratchSizes;
-
-static ScratchSizes scratch_sizes(int max_len, int G, int head_dim, int amx) {
+/* Byte sizes of one thread's Scratch (paged_attention.h). */
+ScratchSizes scratch_sizes(int max_len, int G, int head_dim, int amx) {
   const size_t ns = (size_t)(max_len + 15) / 16 * 16 + 16, Dp = (size_t)(head_dim + 31) / 32 * 32;
   ScratchSizes z = {round64(sizeof(char*) * (ns + 16)), round64(sizeof(float) * G * ns),
                     round64(sizeof(uint16_t) * G * ns), round64(sizeof(float) * G * Dp),
@@ -539,7 +458,7 @@ static ScratchSizes scratch_sizes(int max_len, int G, int head_dim, int amx) {
 }
 
 /* One thread's scratch: the buffer to free (NULL when out of memory), S pointing into it. */
-static char* scratch_alloc(const ScratchSizes* z, Scratch* S) {
+char* scratch_alloc(const ScratchSizes* z, Scratch* S) {
   char* buf = (char*)aligned_alloc(64, z->total);
   if (!buf) return NULL;
   char* p = buf;
@@ -572,11 +491,16 @@ static int64_t threads_for(int64_t work, int num_threads, int64_t items) {
 
 /* Decode attention of num_seqs single-token queries; see the header comment for layouts.
  * Returns 0, or a negative LMS_ERR_* code (argument errors leave `out` untouched). */
-int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const void* kv_cache, int kv_dtype,
-                     int64_t num_blocks, int block_size, const int32_t* block_tables, int64_t bt_row_stride,
-                     int64_t bt_width, const int32_t* seq_lens, void* out, int64_t out_row_stride,
-                     int num_seqs, int num_heads, int num_kv_heads, int head_dim, float scale,
-                     int sliding_window, int num_threads) {
+int32_t lms_paged_decode(const LmsPagedDecodeArgs* a) {
+  const void *q = a->q, *kv_cache = a->kv_cache;
+  const int32_t *block_tables = a->block_tables, *seq_lens = a->seq_lens;
+  void* out = a->out;
+  const int64_t q_row_stride = a->q_row_stride, num_blocks = a->num_blocks, bt_row_stride = a->bt_row_stride,
+                bt_width = a->bt_width, out_row_stride = a->out_row_stride;
+  const int q_dtype = a->dtype, kv_dtype = a->kv_dtype, block_size = a->block_size, num_seqs = a->num_seqs,
+            num_heads = a->num_heads, num_kv_heads = a->num_kv_heads, head_dim = a->head_dim,
+            sliding_window = a->sliding_window, num_threads = a->num_threads;
+  const float scale = a->scale;
   if (!lms_supports_dtype(q_dtype) || kv_dtype != q_dtype || num_seqs < 0 || num_heads <= 0 ||
       num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 || block_size <= 0)
     return LMS_ERR_ARGS;
@@ -633,11 +557,16 @@ int lms_paged_decode(const void* q, int64_t q_row_stride, int q_dtype, const voi
  * one); their keys / values already in the cache. Layouts as lms_paged_decode's; bf16 only, no
  * sliding window. Returns 0; LMS_ERR_ARGS when the AMX path does not take the call (nothing
  * written: lms_attention_amx_info, head dim % 64, block size % 16); other LMS_ERR_* as decode's. */
-int lms_paged_attention(const void* q, int64_t q_row_stride, const void* kv_cache, int64_t num_blocks,
-                        int block_size, const int32_t* block_tables, int64_t bt_row_stride, int64_t bt_width,
-                        const int32_t* query_start_loc, const int32_t* seq_lens, void* out, int64_t out_row_stride,
-                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, float scale, int num_threads) {
+int32_t lms_paged_attention(const LmsPagedChunksArgs* a) {
 #if LMS_ATTN_AMX
+  const void *q = a->q, *kv_cache = a->kv_cache;
+  const int32_t *block_tables = a->block_tables, *query_start_loc = a->query_start_loc, *seq_lens = a->seq_lens;
+  void* out = a->out;
+  const int64_t q_row_stride = a->q_row_stride, num_blocks = a->num_blocks, bt_row_stride = a->bt_row_stride,
+                bt_width = a->bt_width, out_row_stride = a->out_row_stride;
+  const int block_size = a->block_size, num_seqs = a->num_seqs, num_heads = a->num_heads,
+            num_kv_heads = a->num_kv_heads, head_dim = a->head_dim, num_threads = a->num_threads;
+  const float scale = a->scale;
   if (num_seqs < 0 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 ||
       block_size <= 0 || !attn_amx_takes(DT_BF16, head_dim, block_size, 0))
     return LMS_ERR_ARGS;
@@ -692,9 +621,7 @@ int lms_paged_attention(const void* q, int64_t q_row_stride, const void* kv_cach
   free(list);
   return err ? LMS_ERR_NOMEM : LMS_OK;
 #else
-  (void)q, (void)q_row_stride, (void)kv_cache, (void)num_blocks, (void)block_size, (void)block_tables;
-  (void)bt_row_stride, (void)bt_width, (void)query_start_loc, (void)seq_lens, (void)out, (void)out_row_stride;
-  (void)num_seqs, (void)num_heads, (void)num_kv_heads, (void)head_dim, (void)scale, (void)num_threads;
+  (void)a;
   return LMS_ERR_ARGS;
 #endif
 }
@@ -703,8 +630,13 @@ int lms_paged_attention(const void* q, int64_t q_row_stride, const void* kv_cach
  * v_row_stride elements between tokens) go to slot slots[t] of kv_cache ([2, num_slots, Hkv, D]
  * viewed flat); slots < 0 are skipped. Returns 0, or LMS_ERR_ARGS (nothing written) when a slot
  * is >= num_slots. */
-int lms_write_kv(const void* k, int64_t k_row_stride, const void* v, int64_t v_row_stride, void* kv_cache,
-                 int64_t num_slots, const int64_t* slots, int64_t num_tokens, int64_t row_elems, int dtype) {
+int32_t lms_write_kv(const LmsWriteKvArgs* a) {
+  const void *k = a->k, *v = a->v;
+  void* kv_cache = a->kv_cache;
+  const int64_t* slots = a->slots;
+  const int64_t k_row_stride = a->k_row_stride, v_row_stride = a->v_row_stride, num_slots = a->num_slots,
+                num_tokens = a->num_tokens, row_elems = a->row_elems;
+  const int dtype = a->dtype;
   if (!lms_supports_dtype(dtype)) return LMS_ERR_ARGS;
   for (int64_t t = 0; t < num_tokens; t++)
     if (slots[t] >= num_slots) return LMS_ERR_ARGS;

@@ -4,7 +4,8 @@
 returns a ``CpuPagedAttention``, or None where it cannot be had (no compiler, compile or load
 failure: logged once) or is switched off with ``LMSERVE_DISABLE_CPU_KERNELS=1``. The only state
 is the loaded library, held by that object and cached by the lru_cache'd loader. ctypes releases
-the GIL for the duration of each call.
+the GIL for the duration of each call. Each call fills one of ``abi.py``'s argument structs
+(``lms_abi.h``); the library is refused at load when its ABI differs (``abi.check_abi``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV  # noqa: F401  (re-exported for tests and benchmarks)
-from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
+from lmserve.model.layers.cpu_kernels.abi import PagedChunksArgs, PagedDecodeArgs, WriteKvArgs, bind, load_kernels
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,6 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERRORS = {-1: "unsupported arguments", -2: "a seq_len is < 1 or past its block table",
            -3: "a block id is out of range", -4: "out of memory"}
 
-_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# the C signatures
-_DECODE_ARGS = [_p, _i64, _i32, _p, _i32, _i64, _i32, _p, _i64, _i64, _p, _p, _i64,
-                _i32, _i32, _i32, _i32, _f32, _i32, _i32]
-_WRITE_ARGS = [_p, _i64, _p, _i64, _p, _i64, _p, _i64, _i64, _i32]
-_CHUNKS_ARGS = [_p, _i64, _p, _i64, _i32, _p, _i64, _i64, _p, _p, _p, _i64, _i32, _i32, _i32, _i32, _f32, _i32]
-
 
 class CpuPagedAttention:
     """The loaded kernels. ``unsupported`` says why a layer call cannot use them (or None);
@@ -42,21 +37,17 @@ class CpuPagedAttention:
     whose layout they do not take, after logging why once."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        """``lib``: the checked library of paged_attention.c (``abi.load_kernels``)."""
         self._lib = lib
-        self._decode = lib.lms_paged_decode
-        self._decode.argtypes = _DECODE_ARGS
-        self._decode.restype = ctypes.c_int
-        self._write = lib.lms_write_kv
-        self._write.argtypes = _WRITE_ARGS
-        self._write.restype = ctypes.c_int
-        self._chunks = lib.lms_paged_attention
-        self._chunks.argtypes = _CHUNKS_ARGS
-        self._chunks.restype = ctypes.c_int
-        self.path = ("portable C", "AVX-512", "AVX-512 + AVX512_BF16")[lib.lms_kernel_info()]
+        self._decode = bind(lib, "lms_paged_decode")
+        self._write = bind(lib, "lms_write_kv")
+        self._chunks = bind(lib, "lms_paged_attention")
+        self.path = ("portable C", "AVX-512", "AVX-512 + AVX512_BF16")[bind(lib, "lms_kernel_info")()]
         # bf16, head dim % 64 == 0, block size % 16 == 0, no sliding window: AMX tiles
-        # (paged_attention_amx.h), for decodes and for ``chunks``
-        self.amx = bool(lib.lms_attention_amx_info())
-        self.dtypes = frozenset(dt for dt, code in _DTYPE_CODES.items() if lib.lms_supports_dtype(code))
+        # (paged_attention_amx.c), for decodes and for ``chunks``
+        self.amx = bool(bind(lib, "lms_attention_amx_info")())
+        supports = bind(lib, "lms_supports_dtype")
+        self.dtypes = frozenset(dt for dt, code in _DTYPE_CODES.items() if supports(code))
 
     def unsupported(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> str | None:
         """Why this layer call (q [T, Hq, D], kv_cache [2, num_blocks, block_size, Hkv, D]) cannot
@@ -82,8 +73,9 @@ class CpuPagedAttention:
             log_fallback_once("k / v are not dense [T, Hkv, D] rows of the cache's dtype (KV write)")
             return False
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        rc = self._write(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), kv_cache.data_ptr(), num_slots,
-                         slot_mapping.data_ptr(), k.shape[0], hkv * d, _DTYPE_CODES[k.dtype])
+        rc = self._write(WriteKvArgs(k=k.data_ptr(), k_row_stride=k.stride(0), v=v.data_ptr(), v_row_stride=v.stride(0),
+                                     kv_cache=kv_cache.data_ptr(), num_slots=num_slots, slots=slot_mapping.data_ptr(),
+                                     num_tokens=k.shape[0], row_elems=hkv * d, dtype=_DTYPE_CODES[k.dtype]))
         if rc != 0:
             raise IndexError(f"slot_mapping has a slot >= {num_slots}")
         return True
@@ -101,9 +93,12 @@ class CpuPagedAttention:
         tables = _unit_stride(block_tables)
         seq_lens = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
         code = _DTYPE_CODES[q.dtype]
-        rc = self._decode(q.data_ptr(), q.stride(0), code, kv_cache.data_ptr(), code, num_blocks, block_size,
-                          tables.data_ptr(), tables.stride(0), tables.shape[1], seq_lens.data_ptr(),
-                          out.data_ptr(), out.stride(0), nd, hq, hkv, d, scale, sliding_window or 0, num_threads)
+        rc = self._decode(PagedDecodeArgs(
+            q=q.data_ptr(), q_row_stride=q.stride(0), kv_cache=kv_cache.data_ptr(), num_blocks=num_blocks,
+            block_tables=tables.data_ptr(), bt_row_stride=tables.stride(0), bt_width=tables.shape[1],
+            seq_lens=seq_lens.data_ptr(), out=out.data_ptr(), out_row_stride=out.stride(0), scale=scale, dtype=code,
+            kv_dtype=code, block_size=block_size, num_seqs=nd, num_heads=hq, num_kv_heads=hkv, head_dim=d,
+            sliding_window=sliding_window or 0, num_threads=num_threads))
         if rc != 0:
             raise ValueError(f"paged decode kernel: {_ERRORS.get(rc, f'error {rc}')}")
         return True
@@ -127,9 +122,12 @@ class CpuPagedAttention:
         _, num_blocks, block_size, hkv, _ = kv_cache.shape
         tables = _unit_stride(block_tables)
         qsl, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
-        rc = self._chunks(q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_blocks, block_size, tables.data_ptr(),
-                          tables.stride(0), tables.shape[1], qsl.data_ptr(), seq_lens.data_ptr(), out.data_ptr(),
-                          out.stride(0), seq_lens.shape[0], hq, hkv, d, scale, num_threads)
+        rc = self._chunks(PagedChunksArgs(
+            q=q.data_ptr(), q_row_stride=q.stride(0), kv_cache=kv_cache.data_ptr(), num_blocks=num_blocks,
+            block_tables=tables.data_ptr(), bt_row_stride=tables.stride(0), bt_width=tables.shape[1],
+            query_start_loc=qsl.data_ptr(), seq_lens=seq_lens.data_ptr(), out=out.data_ptr(),
+            out_row_stride=out.stride(0), scale=scale, block_size=block_size, num_seqs=seq_lens.shape[0],
+            num_heads=hq, num_kv_heads=hkv, head_dim=d, num_threads=num_threads))
         if rc != 0:
             raise ValueError(f"paged attention kernel: {_ERRORS.get(rc, f'error {rc}')}")
         return True
@@ -159,7 +157,7 @@ def _load(compiler: str | None, cache_dir: str | None, extra_flags: tuple[str, .
     key so that changing them takes effect (build.py reads them again)."""
     del compiler, cache_dir
     try:
-        kernel = CpuPagedAttention(load_library(SOURCE, extra_flags))
+        kernel = CpuPagedAttention(load_kernels(SOURCE, extra_flags))
     except (KernelBuildError, AttributeError) as e:
         logger.warning("CPU paged-attention kernel unavailable, using the pure-torch path: %s", e)
         return None

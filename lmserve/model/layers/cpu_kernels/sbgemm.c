@@ -20,23 +20,17 @@
  */
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define SB_NR 64 /* output columns per panel: 4 vectors of 16 fp32 accumulators */
-#define SB_MR 6  /* rows per tile: 6 x 4 = 24 accumulators of the 32 zmm registers */
-#define AMX_MR 16    /* rows per tile of the AMX micro-kernel (sbgemm_amx.h) */
-#define AMX_KSTEP 32 /* its K-elements per tile step (64 bytes of bf16); other K run the AVX-512 kernel */
+#include "lms_abi.h"
+#include "lms_dtypes.h"
+#include "sbgemm.h"
 
-int lms_sbgemm_info(void) {
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-  return 1;
-#else
-  return 0;
-#endif
-}
+int32_t lms_sbgemm_info(void) { return LMS_SBGEMM; }
 
 /* w [N, K] bf16 (K even) -> packed, ceil(N / 64) * K * 64 bf16 (layout above) */
-void lms_sbgemm_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_threads) {
+void sb_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_threads) {
   const int64_t np = (N + SB_NR - 1) / SB_NR, K2 = K / 2;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t p = 0; p < np; p++) {
@@ -49,15 +43,22 @@ void lms_sbgemm_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, 
   }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include "lms_simd.h"
+void lms_sbgemm_pack(const LmsPackArgs *a) {
+  sb_pack((const uint16_t *)a->weight, (uint16_t *)a->packed, a->n, a->k, a->num_threads);
+}
 
-#define LMS_SBGEMM 1
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define LMS_SBGEMM_AMX 1 /* the AMX micro-kernel (sbgemm_amx.h) is built too */
-#else
-#define LMS_SBGEMM_AMX 0
-#endif
+/* Ranges for a parallel region of up to `threads` threads, zeroed (sbgemm_share steals without
+ * them, so NULL on failure is fine); free() them. */
+SbRange *sb_ranges(int threads) {
+  SbRange *r = threads > 0 ? (SbRange *)aligned_alloc(64, sizeof(SbRange) * (size_t)threads) : NULL;
+  if (r) memset(r, 0, sizeof(SbRange) * (size_t)threads);
+  return r;
+}
+
+#if LMS_SBGEMM
+#include <immintrin.h>
+
+#include "lms_simd.h"
 
 /* R rows (1..6, a compile-time constant after inlining) of x times one panel; ncols of its 64
  * columns are stored. pf_lines cache lines from prefetch (a share of the next panel) are pulled
@@ -123,25 +124,6 @@ LMS_INLINE SbWork sb_work(int64_t M, int64_t N, int nthreads) {
   return w;
 }
 
-/* A thread's range of blocks in one call of the AMX kernel, shared by a parallel region's threads
- * (sbgemm_amx.h's amx_claim): the call's number, the next block from the front and the end, packed. */
-#define SB_RANGE_BITS 20
-typedef struct {
-  _Alignas(64) uint64_t word; /* one cache line each */
-} SbRange;
-
-/* A thread's state across the sbgemm_share calls of one parallel region. */
-typedef struct {
-  int amx_tiles;  /* the AMX tile shape configured on this thread (0: none) */
-  uint64_t calls; /* sbgemm_share calls so far (every thread of the region makes the same calls) */
-  SbRange *ranges; /* [threads], shared, zeroed before the region; NULL: blocks split statically */
-} SbThread;
-
-#if LMS_SBGEMM_AMX
-static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st);
-#endif
-
 /* Items [i0, i1) of the call's work (sb_work): tiles of near-equal height (32 rows: 6,6,5,5,5,5), the
  * same for every item count, so the split never changes a result. */
 static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
@@ -178,7 +160,7 @@ LMS_INLINE int sbgemm_bad_args(int64_t lda, int64_t ldo, int64_t M, int64_t N, i
  * the tile layout and the AMX kernel runs (amx_share); else the items of the AVX-512 work (sb_work)
  * split in nth near-equal ranges. One place decides the kernel and the split, for lms_sbgemm(_amx)
  * and for the native decode step. */
-static void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                          int64_t ldo, int64_t M, int64_t N, int64_t K, int amx, int tid, int nth, SbThread *st) {
 #if LMS_SBGEMM_AMX
   if (amx && K % AMX_KSTEP == 0) {
@@ -193,16 +175,8 @@ static void sbgemm_share(const uint16_t *x, int64_t lda, const uint16_t *packed,
   sbgemm_items(x, lda, packed, bias, out, ldo, M, N, K, w, items * tid / nth, items * (tid + 1) / nth);
 }
 
-/* Ranges for a parallel region of up to `threads` threads, zeroed (sbgemm_share steals without
- * them, so NULL on failure is fine); free() them. */
-static SbRange *sb_ranges(int threads) {
-  SbRange *r = threads > 0 ? (SbRange *)aligned_alloc(64, sizeof(SbRange) * (size_t)threads) : NULL;
-  if (r) memset(r, 0, sizeof(SbRange) * (size_t)threads);
-  return r;
-}
-
 /* lms_sbgemm and lms_sbgemm_amx: one parallel region, each thread its sbgemm_share. */
-static int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                       int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads, int amx) {
   if (sbgemm_bad_args(lda, ldo, M, N, K)) return -1;
   if (M == 0) return 0;
@@ -221,19 +195,14 @@ static int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, co
 
 /* x [M, K] bf16 (row stride lda), packed from lms_sbgemm_pack, bias [N] bf16 or NULL, out [M, N] bf16
  * (row stride ldo). Returns 0, or -1 on bad sizes (nothing written). */
-int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-               int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
-  return sbgemm_run(x, lda, packed, bias, out, ldo, M, N, K, num_threads, 0);
+int32_t lms_sbgemm(const LmsGemmArgs *a) {
+  return sbgemm_run((const uint16_t *)a->x, a->lda, (const uint16_t *)a->packed, (const uint16_t *)a->bias,
+                    (uint16_t *)a->out, a->ldo, a->m, a->n, a->k, a->num_threads, 0);
 }
 
 #else
-#define LMS_SBGEMM 0
-#define LMS_SBGEMM_AMX 0
-int lms_sbgemm(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-               int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
-  (void)x, (void)lda, (void)packed, (void)bias, (void)out, (void)ldo, (void)M, (void)N, (void)K, (void)num_threads;
-  return -1;
+int32_t lms_sbgemm(const LmsGemmArgs *a) {
+  (void)a;
+  return LMS_ERR_ARGS;
 }
 #endif
-
-#include "sbgemm_amx.h"

@@ -17,10 +17,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "lms_abi.h"
+
 #define NR 16
 #define MR 6
 
-int lms_sgemm_info(void) {
+int32_t lms_sgemm_info(void) {
 #if defined(__AVX2__) && defined(__FMA__)
 #if defined(__AVX512F__)
   return 2; /* built, but an AVX-512 CPU: the caller prefers oneDNN's AVX-512 kernels */
@@ -32,7 +34,11 @@ int lms_sgemm_info(void) {
 #endif
 }
 
-void lms_sgemm_pack(const float *w, float *packed, int64_t N, int64_t K, int num_threads) {
+void lms_sgemm_pack(const LmsPackArgs *a) {
+  const float *w = (const float *)a->weight;
+  float *packed = (float *)a->packed;
+  const int64_t N = a->n, K = a->k;
+  const int num_threads = a->num_threads;
   int64_t np = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t p = 0; p < np; p++) {
@@ -95,8 +101,11 @@ static void rows_times_panel(int mr, const float *a, int64_t lda, const float *b
 
 /* x [M, K] (row stride lda), packed from lms_sgemm_pack, bias [N] or NULL, out [M, N] (row stride ldo).
  * Returns 0, or -1 on bad sizes. */
-int lms_sgemm(const float *x, int64_t lda, const float *packed, const float *bias, float *out, int64_t ldo,
-              int64_t M, int64_t N, int64_t K, int num_threads) {
+int32_t lms_sgemm(const LmsGemmArgs *a) {
+  const float *x = (const float *)a->x, *packed = (const float *)a->packed, *bias = (const float *)a->bias;
+  float *out = (float *)a->out;
+  const int64_t lda = a->lda, ldo = a->ldo, M = a->m, N = a->n, K = a->k;
+  const int num_threads = a->num_threads;
   if (M < 0 || N < 1 || K < 1 || lda < K || ldo < N) return -1;
   int64_t np = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -117,9 +126,8 @@ int lms_sgemm(const float *x, int64_t lda, const float *packed, const float *bia
   return 0;
 }
 #else
-int lms_sgemm(const float *x, int64_t lda, const float *packed, const float *bias, float *out, int64_t ldo,
-              int64_t M, int64_t N, int64_t K, int num_threads) {
-  (void)x; (void)lda; (void)packed; (void)bias; (void)out; (void)ldo; (void)M; (void)N; (void)K; (void)num_threads;
-  return -1;
+int32_t lms_sgemm(const LmsGemmArgs *a) {
+  (void)a;
+  return LMS_ERR_ARGS;
 }
 #endif

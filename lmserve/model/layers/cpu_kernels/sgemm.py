@@ -6,6 +6,9 @@
 (``LMSERVE_DISABLE_CPU_KERNELS=1``), no compiler or a failed build (logged once), a CPU without the
 instructions; for the fp32 kernel also a CPU with AVX-512 (oneDNN's AVX-512 kernels are used there;
 that kernel was tuned and measured on AVX2 only). ctypes releases the GIL for each call.
+
+Each call fills one of ``abi.py``'s argument structs (``lms_abi.h``); the library is refused at load
+when its ABI differs (``abi.check_abi``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled, load_library
+from lmserve.model.layers.cpu_kernels.abi import GemmArgs, PackArgs, bind, load_kernels
+from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled
 
 logger = logging.getLogger(__name__)
-
-_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 class CpuPanelGemm:
@@ -30,19 +32,15 @@ class CpuPanelGemm:
     Panels are [ceil(N / panel), K / pair, panel, pair] in ``dtype``: ``panel`` output columns, each
     as consecutive groups of ``pair`` K-elements (fp32: 16 columns, pairs of 1; bf16: 64, pairs of 2,
     VDPBF16PS's operand layout), zero-padded past N. Where ``tile_k`` divides K (the AMX kernel:
-    32), the weight is in AMX tiles instead (sbgemm_amx.h): [ceil(N / 32), K / 32, 2, 16, 16, 2] =
+    32), the weight is in AMX tiles instead (sbgemm_amx.c): [ceil(N / 32), K / 32, 2, 16, 16, 2] =
     (32-column block, K-step, 16-column tile, K-pair, column, pair element)."""
 
     def __init__(self, lib: ctypes.CDLL, name: str, prefix: str, dtype: torch.dtype, panel: int, pair: int,
                  tile_k: int = 0) -> None:
         self._lib, self.name = lib, name
         self.dtype, self.panel, self.pair, self.tile_k = dtype, panel, pair, tile_k
-        self._pack = getattr(lib, f"{prefix}_pack")
-        self._pack.argtypes = [_p, _p, _i64, _i64, _i32]
-        self._pack.restype = None
-        self._gemm = getattr(lib, prefix)
-        self._gemm.argtypes = [_p, _i64, _p, _p, _p, _i64, _i64, _i64, _i64, _i32]
-        self._gemm.restype = ctypes.c_int
+        self._pack = bind(lib, f"{prefix}_pack")
+        self._gemm = bind(lib, prefix)
 
     def takes(self, weight: torch.Tensor) -> bool:
         """Whether ``pack`` takes this weight: 2-D, K a multiple of the pair size."""
@@ -57,7 +55,8 @@ class CpuPanelGemm:
         else:
             shape = (-(-n // self.panel), k // self.pair, self.panel, self.pair)
         panels = torch.empty(shape, dtype=self.dtype)
-        self._pack(w.data_ptr(), panels.data_ptr(), n, k, torch.get_num_threads())
+        self._pack(PackArgs(weight=w.data_ptr(), packed=panels.data_ptr(), n=n, k=k,
+                            num_threads=torch.get_num_threads()))
         return panels
 
     @staticmethod
@@ -78,9 +77,10 @@ class CpuPanelGemm:
         out = torch.empty(m, n, dtype=self.dtype)
         if m == 0:
             return out
-        b = 0 if bias is None else bias.contiguous().data_ptr()
-        rc = self._gemm(x.data_ptr(), x.stride(0), panels.data_ptr(), b, out.data_ptr(), n, m, n, k,
-                        torch.get_num_threads())
+        bias = None if bias is None else bias.contiguous()  # held until the call returns
+        rc = self._gemm(GemmArgs(x=x.data_ptr(), lda=x.stride(0), packed=panels.data_ptr(),
+                                 bias=None if bias is None else bias.data_ptr(), out=out.data_ptr(), ldo=n, m=m, n=n,
+                                 k=k, num_threads=torch.get_num_threads()))
         if rc != 0:
             raise ValueError(f"{self.name} kernel rejected shapes x {tuple(x.shape)}, weight [{n}, {k}]")
         return out
@@ -100,8 +100,8 @@ def _load(name: str, compiler: str | None, cache_dir: str | None) -> CpuPanelGem
     del compiler, cache_dir  # part of the cache key only (build.py reads them)
     source, prefix, dtype, panel, pair, tile_k, reasons = _KERNELS[name]
     try:
-        lib = load_library(Path(__file__).with_name(source))
-        info = getattr(lib, f"{prefix}_info")()
+        lib = load_kernels(Path(__file__).with_name(source))
+        info = bind(lib, f"{prefix}_info")()
     except (KernelBuildError, AttributeError) as e:
         logger.warning("CPU %s kernel unavailable, using oneDNN for %s linears: %s", name, dtype, e)
         return None

@@ -1,4 +1,5 @@
-/* The AMX path of paged_attention.c (included by it): bf16 attention on tile instructions
+/* The AMX path of paged_attention.c (linked with it; paged_attention.h declares what they share):
+ * bf16 attention on tile instructions
  * (TDPBF16PS) for CPUs with AMX-BF16 (Sapphire Rapids and later), head dim a multiple of 64,
  * block size a multiple of 16, no sliding window. It takes decodes (one query per sequence) and
  * prefill chunks (qlen queries ending a seq_len-token context: query r sees the first
@@ -22,12 +23,20 @@
  * or the thread count (batch invariant). Tiles: tmm0 A, tmm1 B, tmm2 scores, tmm4-7 outputs.
  * The tile state is requested from Linux (arch_prctl) once per process (attn_amx_ok). */
 
-#if LMS_DPBF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define LMS_ATTN_AMX 1
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "lms_dtypes.h"
+#include "paged_attention.h"
+
+#if LMS_ATTN_AMX
+#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define ATTN_AMX_ROWS 16
+#include "lms_simd.h"
+
 #define ATTN_ARCH_REQ_XCOMP_PERM 0x1023
 #define ATTN_XFEATURE_XTILEDATA 18
 
@@ -39,7 +48,7 @@ static int attn_amx_ok(void) {
 }
 
 /* Whether a call with these parameters runs on this path. */
-static int attn_amx_takes(int dt, int head_dim, int block_size, int window) {
+int attn_amx_takes(int dt, int head_dim, int block_size, int window) {
   return dt == DT_BF16 && head_dim % 64 == 0 && block_size % 16 == 0 && window <= 0 && attn_amx_ok();
 }
 
@@ -215,7 +224,7 @@ static void attn_amx_tile(const Problem* P, int i, int h, int t, const int32_t* 
 }
 
 /* Tiles [t0, t1) of sequence i's rows on kv head h: the value tiles once, then each row tile. */
-static void attn_amx_item(const Problem* P, int i, int h, int t0, int t1, const Scratch* S) {
+void attn_amx_item(const Problem* P, int i, int h, int t0, int t1, const Scratch* S) {
   const int G = P->G, L = P->seq_lens[i];
   const int qlen = P->qsl ? P->qsl[i + 1] - P->qsl[i] : 1;
   const int mlast = (t1 * ATTN_AMX_ROWS < qlen * G ? t1 * ATTN_AMX_ROWS : qlen * G) - 1;
@@ -227,8 +236,8 @@ static void attn_amx_item(const Problem* P, int i, int h, int t0, int t1, const 
 }
 
 /* A decode item (item_fn): all row tiles of sequence i on kv head h. */
-static void item_amx(const Problem* P, int i, int h, const Scratch* S) {
+void item_amx(const Problem* P, int i, int h, const Scratch* S) {
   const int qlen = P->qsl ? P->qsl[i + 1] - P->qsl[i] : 1;
   attn_amx_item(P, i, h, 0, (qlen * P->G + ATTN_AMX_ROWS - 1) / ATTN_AMX_ROWS, S);
 }
-#endif /* else paged_attention.c defines LMS_ATTN_AMX 0 */
+#endif /* LMS_ATTN_AMX */

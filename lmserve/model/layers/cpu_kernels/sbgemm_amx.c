@@ -1,4 +1,5 @@
-/* The AMX kernel of sbgemm.c (included at its end): lms_sbgemm's contract on tile instructions
+/* The AMX kernel of sbgemm.c (linked with it; sbgemm.h declares what they share): lms_sbgemm's
+ * contract on tile instructions
  * (TDPBF16PS) instead of VDPBF16PS, on CPUs with AMX-BF16 (Sapphire Rapids and later), for K % 32 == 0;
  * other K keep the AVX-512 micro-kernel and its layout.
  *
@@ -24,13 +25,24 @@
  * Linux grants a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM);
  * lms_sbgemm_amx_info() makes that request and returns 1 only when it is granted. */
 
+#include <stdint.h>
+#include <string.h>
+
+#include "lms_abi.h"
+#include "lms_dtypes.h"
+#include "sbgemm.h"
+
 #define AMX_NB 32    /* output columns per block: two 16-column tiles */
 #define AMX_GROUP 32 /* rows per group: two tiles of up to 16 */
 
 /* w [N, K] bf16 -> the tile layout above where K % 32 == 0, else lms_sbgemm_pack's */
-void lms_sbgemm_amx_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_threads) {
+void lms_sbgemm_amx_pack(const LmsPackArgs *a) {
+  const uint16_t *w = (const uint16_t *)a->weight;
+  uint16_t *packed = (uint16_t *)a->packed;
+  const int64_t N = a->n, K = a->k;
+  const int num_threads = a->num_threads;
   if (K % AMX_KSTEP) {
-    lms_sbgemm_pack(w, packed, N, K, num_threads);
+    sb_pack(w, packed, N, K, num_threads);
     return;
   }
   const int64_t nb = (N + AMX_NB - 1) / AMX_NB, S = K / AMX_KSTEP;
@@ -49,8 +61,11 @@ void lms_sbgemm_amx_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t
 }
 
 #if LMS_SBGEMM_AMX
+#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "lms_simd.h"
 
 #define AMX_PF_AHEAD 4096  /* a one-group block prefetches this many bytes ahead of its reads */
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -74,7 +89,7 @@ static void amx_configure(int r0, int r1) {
   _tile_loadconfig(&cfg);
 }
 
-int lms_sbgemm_amx_info(void) {
+int32_t lms_sbgemm_amx_info(void) {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
 }
 
@@ -175,8 +190,8 @@ static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, cons
  * would otherwise hold the other at the barrier after the call (measured on a 2-core VM: 2-20 % of
  * the matmul time waiting with the static split, 1-5 % with stealing). With fewer blocks, (block,
  * row-group range) items are split statically. Which thread computes a block never changes it. */
-static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                      int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st) {
+void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+               int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st) {
   const int64_t nb = (N + AMX_NB - 1) / AMX_NB, G = (M + AMX_GROUP - 1) / AMX_GROUP;
   const int64_t block_bytes = K * AMX_NB * 2, ahead = G == 1 ? AMX_PF_AHEAD : block_bytes;
   const uint64_t gen = ++st->calls & ((1ull << (64 - 2 * SB_RANGE_BITS)) - 1);
@@ -209,15 +224,14 @@ static void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, co
 
 /* lms_sbgemm's contract, on AMX tiles where K % 32 == 0 (else the AVX-512 micro-kernel). Call only
  * after lms_sbgemm_amx_info() returned 1 in this process. */
-int lms_sbgemm_amx(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                   int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
-  return sbgemm_run(x, lda, packed, bias, out, ldo, M, N, K, num_threads, 1);
+int32_t lms_sbgemm_amx(const LmsGemmArgs *a) {
+  return sbgemm_run((const uint16_t *)a->x, a->lda, (const uint16_t *)a->packed, (const uint16_t *)a->bias,
+                    (uint16_t *)a->out, a->ldo, a->m, a->n, a->k, a->num_threads, 1);
 }
 #else
-int lms_sbgemm_amx_info(void) { return 0; }
-int lms_sbgemm_amx(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-                   int64_t ldo, int64_t M, int64_t N, int64_t K, int num_threads) {
-  (void)x, (void)lda, (void)packed, (void)bias, (void)out, (void)ldo, (void)M, (void)N, (void)K, (void)num_threads;
-  return -1;
+int32_t lms_sbgemm_amx_info(void) { return 0; }
+int32_t lms_sbgemm_amx(const LmsGemmArgs *a) {
+  (void)a;
+  return LMS_ERR_ARGS;
 }
 #endif
