@@ -9,14 +9,24 @@ Invariants:
 - Every user-facing problem (no template, image content, both ``add_generation_prompt`` and
   ``continue_final_message``, a template that raises) is a ``ValueError`` (a 400 in the server).
 - Compiled templates and detected formats are memoised per template text (pure functions).
+- Bounded: a template longer than ``TemplateLimits.max_template_chars`` is refused before it is
+  parsed; nothing is evaluated at compile time (jinja's constant folding is off, so
+  ``[0] * 10**9`` is not built while compiling); ``*``, ``**`` and ``+`` refuse results larger
+  than ``max_output_chars`` items (or integers wider than ``_MAX_INT_BITS``); ``range`` is capped
+  by the sandbox; rendering stops once the output passes ``max_output_chars``. Render time and
+  memory are bounded only by the caller: the server renders request templates in a separate,
+  killable process (``lmserve.entrypoints.chat_template_sandbox``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
+import re
 from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterator, Literal
@@ -24,7 +34,7 @@ from typing import Any, Iterator, Literal
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 ContentFormat = Literal["string", "openai"]
 _CONTENT_FORMATS = ("auto", "string", "openai")
@@ -34,6 +44,28 @@ _MEDIA_PART_TYPES = {"image_url", "image", "input_image", "image_embeds", "image
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # Keys of chat_template_kwargs that would change what is rendered rather than feed the template.
 _RESERVED_KWARGS = {"messages", "conversation", "chat_template", "tokenize"}
+_MAX_INT_BITS = 4096  # integers a template may build with * and ** (pow of big ints is slow)
+
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    """Bounds on one chat-template render. Exceeding one is a ``TemplateLimitError`` (a 400).
+
+    ``max_template_chars`` and ``max_output_chars`` are enforced here, in any process;
+    ``render_timeout_s`` (compile + render) and ``memory_bytes`` (the address space of the
+    rendering process) only by the sandbox process pool."""
+
+    max_template_chars: int = 128 * 1024
+    max_output_chars: int = 4 * 1024 * 1024
+    render_timeout_s: float = 5.0
+    memory_bytes: int = 1 << 30
+
+
+DEFAULT_LIMITS = TemplateLimits()
+
+
+class TemplateLimitError(ValueError):
+    """A chat template went past one of its ``TemplateLimits``."""
 
 
 # ----------------------------------------------------------------------------- loading / picking
@@ -111,17 +143,110 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=32)
-def _compile(chat_template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox with ``*``, ``**`` and ``+`` checked before they run (see the module contract)."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, max_items: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_items = max_items
+        for name, fn in list(self.filters.items()):  # e.g. center(10**9), format("%0999999999d")
+            self.filters[name] = _sized_args(fn, max_items)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_binop(operator, left, right, self.max_items)
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_sizes(args, kwargs, __self.max_items)  # e.g. "x".ljust(10**9)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+_FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\d+)?(?:\.(\d+))?")
+
+
+def _check_sizes(args: tuple, kwargs: dict[str, Any], max_items: int) -> None:
+    """Refuses an integer argument (a width, a count) or a %-format width above ``max_items``."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > max_items:
+            raise SecurityError(f"the template passes {a} as an argument (the limit is {max_items})")
+        if isinstance(a, str) and "%" in a:
+            _check_format(a, max_items)
+
+
+def _check_format(fmt: str, max_items: int) -> None:
+    for m in _FORMAT_WIDTH.finditer(fmt):
+        for width in m.groups():
+            if width is not None and int(width) > max_items:
+                raise SecurityError(f"the template formats with a width of {width} (the limit is {max_items})")
+
+
+def _sized_args(fn: Any, max_items: int) -> Any:
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes(args, kwargs, max_items)
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def _check_binop(operator: str, left: Any, right: Any, max_items: int) -> None:
+    sized = (str, list, tuple)
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, sized) and is_int(n) and len(seq) * max(n, 0) > max_items:
+                raise SecurityError(f"the template builds a sequence of {len(seq) * n} items "
+                                    f"(the limit is {max_items})")
+        if is_int(left) and is_int(right) and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+            raise SecurityError("the template multiplies integers that are too large")
+    elif operator == "**":
+        if is_int(left) and is_int(right) and right > 0 and max(left.bit_length(), 1) * right > _MAX_INT_BITS:
+            raise SecurityError("the template raises an integer to too large a power")
+    elif operator == "%" and isinstance(left, str):
+        _check_format(left, max_items)
+    elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+        if len(left) + len(right) > max_items:
+            raise SecurityError(f"the template builds a sequence of {len(left) + len(right)} items "
+                                f"(the limit is {max_items})")
+
+
+@lru_cache(maxsize=4)
+def _environment(max_items: int = DEFAULT_LIMITS.max_output_chars) -> _BoundedEnvironment:
+    # optimized=False: no constant folding, so nothing a template says runs at compile time.
+    env = _BoundedEnvironment(max_items, trim_blocks=True, lstrip_blocks=True, optimized=False,
+                              extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def check_template_size(chat_template: str, limits: TemplateLimits = DEFAULT_LIMITS) -> None:
+    if len(chat_template) > limits.max_template_chars:
+        raise TemplateLimitError(f"The chat template is {len(chat_template)} characters long; the limit is "
+                                 f"{limits.max_template_chars}.")
+
+
+@lru_cache(maxsize=32)
+def _compile(chat_template: str, max_items: int = DEFAULT_LIMITS.max_output_chars) -> jinja2.Template:
     try:
-        return env.from_string(chat_template)
+        return _environment(max_items).from_string(chat_template)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"The chat template is not valid Jinja: {e}") from e
+
+
+def _render_bounded(template: jinja2.Template, max_chars: int, variables: dict[str, Any]) -> str:
+    """Renders chunk by chunk, stopping as soon as the output passes ``max_chars``."""
+    parts: list[str] = []
+    size = 0
+    for chunk in template.generate(**variables):
+        size += len(chunk)
+        if size > max_chars:
+            raise TemplateLimitError(f"The chat template's output passed the limit of {max_chars} characters.")
+        parts.append(chunk)
+    return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- content format
@@ -183,7 +308,7 @@ def detect_content_format(chat_template: str) -> ContentFormat:
     """"openai" when the template loops over a message's ``content`` (or indexes its parts'
     ``type``), i.e. expects a list of parts; else "string" (as vLLM's ``_detect_content_format``)."""
     try:
-        root = _compile(chat_template).environment.parse(chat_template)
+        root = _environment().parse(chat_template)  # parsed only: nothing is evaluated
     except Exception:  # an unparsable template fails later, with a clear error, when rendered
         return "string"
     message_vars = list(_loop_vars(root, _aliases(root, "messages"), None))
@@ -277,7 +402,7 @@ def parse_chat_messages(messages: list[Any], content_format: ContentFormat) -> l
 
 
 # ----------------------------------------------------------------------------- rendering
-def _special_tokens(tokenizer: Any) -> dict[str, str]:
+def special_tokens_of(tokenizer: Any) -> dict[str, str]:
     """bos_token, eos_token, ... as strings (transformers passes these to every template)."""
     stm = getattr(tokenizer, "special_tokens_map", None) if tokenizer is not None else None
     return {k: str(v) for k, v in (stm or {}).items() if isinstance(v, str) or hasattr(v, "content")}
@@ -324,6 +449,7 @@ def apply_chat_template(
     documents: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     content_format: str = "auto",
+    limits: TemplateLimits = DEFAULT_LIMITS,
 ) -> str:
     """Renders a conversation to the prompt text (not tokenized; the template adds any BOS).
 
@@ -331,6 +457,7 @@ def apply_chat_template(
     tokenizer's. ``chat_template_kwargs`` are extra template variables and, as in vLLM, may also
     set add_generation_prompt / continue_final_message / tools / documents.
     ``content_format``: "auto" (detected from the template), "string" or "openai".
+    ``limits``: the template's size and output bounds (``TemplateLimitError``, a ValueError).
     Raises ``ValueError`` for a missing template, non-text content, both add_generation_prompt
     and continue_final_message, or a template error.
     """
@@ -351,14 +478,19 @@ def apply_chat_template(
         raise ValueError("documents must be a list of objects (with 'title' and 'text' keys)")
 
     template = resolve_chat_template(tokenizer, chat_template, tools)
+    check_template_size(template, limits)
     fmt = resolve_content_format(template, content_format)
     chat = parse_chat_messages(messages, fmt)
     original = _mark_final_message(chat) if continue_final_message else None
-    variables = {**_special_tokens(tokenizer), **copy.deepcopy(kwargs)}
+    variables = {**special_tokens_of(tokenizer), **copy.deepcopy(kwargs)}
     try:
-        rendered = _compile(template).render(messages=chat, tools=copy.deepcopy(tools),
-                                             documents=copy.deepcopy(documents),
-                                             add_generation_prompt=add_generation_prompt, **variables)
+        variables.update(messages=chat, tools=copy.deepcopy(tools), documents=copy.deepcopy(documents),
+                         add_generation_prompt=add_generation_prompt)
+        rendered = _render_bounded(_compile(template, limits.max_output_chars), limits.max_output_chars, variables)
+    except TemplateLimitError:
+        raise
+    except MemoryError as e:
+        raise TemplateLimitError("The chat template needs more memory than it may use.") from e
     except Exception as e:  # raise_exception(), undefined names, type errors in the template...
         raise ValueError(f"Chat template error: {type(e).__name__}: {e}") from e
     return _cut_at_final_message(rendered, original) if original is not None else rendered

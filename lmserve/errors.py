@@ -50,3 +50,10 @@ class NotReadyError(LMServeError):
 
     status_code = 503
     err_type = "ServiceUnavailableError"
+
+
+class EngineShutdownError(LMServeError):
+    """The server is shutting down and ended the request (``--shutdown-timeout``)."""
+
+    status_code = 503
+    err_type = "ServiceUnavailableError"

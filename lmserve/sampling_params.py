@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +191,11 @@ class SamplingParams:
             for tok, b in self.logit_bias.items():
                 if not -100.0 <= b <= 100.0:
                     bad(f"logit_bias values must be in [-100, 100], got {b} for token {tok}.")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "length_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{name} must be a finite number, got {value}.")
         if self.use_beam_search:
             if self.temperature > _SAMPLING_EPS:
                 bad("beam search needs temperature 0.")

@@ -10,12 +10,20 @@ Invariants:
 - only the engine thread touches the scheduler, KV cache and output processor;
 - a consumer that stops iterating (client disconnect, cancellation) aborts its request,
   which frees its KV blocks within one step;
-- if the engine thread dies, every pending and future request gets ``EngineDeadError``.
+- if the engine thread dies, every pending and future request gets ``EngineDeadError``;
+- request ids: the caller's id is the caller's (outputs carry it back unchanged); the engine
+  runs each request under its own unique id (``{caller id}-{sequence number}``), so two
+  requests with the same caller id never collide, and an abort reaches only the request
+  whose iterator was closed (``abort(id)`` reaches every live request with that caller id);
+- ``abort_all(error)`` ends every live request: each iterator raises ``error``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
+import itertools
 import logging
 import threading
 import uuid
@@ -36,9 +44,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Pending:
-    prepared: PreparedRequest
+    prepared: PreparedRequest  # its request_id is the engine's (unique) id
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    caller_id: str
 
 
 class AsyncLLM:
@@ -53,7 +62,10 @@ class AsyncLLM:
         self._aborts: deque[str] = deque()
         self._streams: dict[str, _Pending] = {}  # engine-thread view of live requests
         self._num_live = 0  # requests accepted and not yet finished (guarded by _cond)
+        self._by_caller: dict[str, set[str]] = {}  # caller id -> engine ids of live requests (event loop)
+        self._seq = itertools.count()
         self._stopped = False
+        self._abort_all_error: BaseException | None = None
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
@@ -80,9 +92,9 @@ class AsyncLLM:
         finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError."""
         self._raise_if_dead()
         request_id = request_id or uuid.uuid4().hex
-        prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority, cache_salt,
-                                               add_special_tokens=add_special_tokens)
-        async for out in self._submit(prepared):
+        prepared = self.engine.prepare_request(self._engine_id(request_id), prompt, sampling_params, priority,
+                                               cache_salt, add_special_tokens=add_special_tokens)
+        async for out in self._submit(prepared, request_id):
             yield out
 
     async def encode(self, prompt: PromptType, pooling_params: PoolingParams,
@@ -92,17 +104,20 @@ class AsyncLLM:
         (``pooling_params.task`` says which task). Raises like ``generate``."""
         self._raise_if_dead()
         request_id = request_id or uuid.uuid4().hex
-        prepared = self.engine.prepare_pooling_request(request_id, prompt, pooling_params, priority,
-                                                       add_special_tokens=add_special_tokens)
-        async for out in self._submit(prepared):
+        prepared = self.engine.prepare_pooling_request(self._engine_id(request_id), prompt, pooling_params,
+                                                       priority, add_special_tokens=add_special_tokens)
+        async for out in self._submit(prepared, request_id):
             yield out
 
-    async def _submit(self, prepared: PreparedRequest) -> AsyncIterator[Any]:
-        """Queues a prepared request for the engine thread and yields its outputs until it
-        finishes; closing the iterator early aborts it."""
+    def _engine_id(self, caller_id: str) -> str:
+        return f"{caller_id}-{next(self._seq)}"
+
+    async def _submit(self, prepared: PreparedRequest, caller_id: str) -> AsyncIterator[Any]:
+        """Queues a prepared request for the engine thread and yields its outputs (under the
+        caller's id) until it finishes; closing the iterator early aborts it."""
         request_id = prepared.request_id
         queue: asyncio.Queue = asyncio.Queue()
-        pending = _Pending(prepared, queue, asyncio.get_running_loop())
+        pending = _Pending(prepared, queue, asyncio.get_running_loop(), caller_id)
         limit = self.engine_config.scheduler_config.max_waiting_requests
         with self._cond:
             if self._num_live - self.engine_config.scheduler_config.max_num_seqs >= limit:
@@ -111,24 +126,47 @@ class AsyncLLM:
             self._num_live += 1
             self._adds.append(pending)
             self._cond.notify()
+        self._by_caller.setdefault(caller_id, set()).add(request_id)
         finished = False
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine thread has already dropped it
                     raise item
+                if item.request_id != caller_id:
+                    item = dataclasses.replace(item, request_id=caller_id)
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
+            ids = self._by_caller.get(caller_id)
+            if ids is not None:
+                ids.discard(request_id)
+                if not ids:
+                    del self._by_caller[caller_id]
             if not finished:
-                await self.abort(request_id)
+                self._abort_engine_ids([request_id])
 
     async def abort(self, request_id: str) -> None:
+        """Aborts every live request submitted under the caller id ``request_id``."""
+        self._abort_engine_ids(list(self._by_caller.get(request_id, ())))
+
+    def _abort_engine_ids(self, engine_ids: list[str]) -> None:
+        if not engine_ids:
+            return
         with self._cond:
-            self._aborts.append(request_id)
+            self._aborts.extend(engine_ids)
             self._cond.notify()
+
+    def abort_all(self, error: BaseException) -> int:
+        """Ends every live request: each caller's iterator raises ``error``. Returns how many
+        requests were live. Safe from any thread."""
+        with self._cond:
+            self._abort_all_error = error
+            self._cond.notify()
+            return self._num_live
 
     def get_stats(self) -> dict[str, Any]:
         stats = self.engine.get_stats()
@@ -170,22 +208,28 @@ class AsyncLLM:
             self._adds.clear()
             aborts = list(self._aborts)
             self._aborts.clear()
+            abort_all, self._abort_all_error = self._abort_all_error, None
         for p in adds:
             rid = p.prepared.request_id
             try:
+                if rid in self._streams:
+                    raise ValueError(f"request id {rid!r} is already in use")
                 self.engine.add_prepared(p.prepared)
                 self._streams[rid] = p
-            except Exception as e:  # duplicate id, too long for the KV pool, ...
+            except Exception as e:  # too long for the KV pool, ...
                 self._finish_stream(rid, p, ValueError(str(e)))
+        if abort_all is not None:
+            aborts.extend(self._streams)
         for rid in aborts:
             p = self._streams.get(rid)
             if p is None:
                 continue
             self.engine.abort_request(rid)
-            self._finish_stream(rid, p, None)
+            self._finish_stream(rid, p, copy.copy(abort_all) if abort_all is not None else None)
 
     def _finish_stream(self, rid: str, p: _Pending, item: Any) -> None:
-        self._streams.pop(rid, None)
+        if self._streams.get(rid) is p:
+            del self._streams[rid]
         if item is not None:
             self._deliver(p, item)
         with self._cond:
@@ -196,7 +240,7 @@ class AsyncLLM:
             while True:
                 with self._cond:
                     while not self._stopped and not self._adds and not self._aborts \
-                            and not self.engine.has_unfinished_requests():
+                            and self._abort_all_error is None and not self.engine.has_unfinished_requests():
                         self._cond.wait()
                     if self._stopped:
                         break

@@ -8,6 +8,7 @@ a final EOS not counted).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,11 +30,22 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence]
 
 
+_MAX_EXP = 700.0  # math.exp overflows past ~709.78
+
+
 def beam_score(seq: BeamSearchSequence, eos_token_id: int | None, length_penalty: float) -> float:
+    """``cum_logprob / n ** length_penalty``, computed as ``cum_logprob * exp(-length_penalty * ln n)``
+    with the exponent clamped to +-700, so that any finite ``length_penalty`` (1e308, -1e308)
+    gives a finite score or +-inf, never ZeroDivisionError or OverflowError. A NaN penalty
+    counts as 0 (no length normalisation)."""
     n = len(seq.tokens)
     if eos_token_id is not None and seq.tokens and seq.tokens[-1] == eos_token_id:
         n -= 1
-    return seq.cum_logprob / (max(n, 1) ** length_penalty)
+    n = max(n, 1)
+    if seq.cum_logprob == 0.0 or n == 1 or length_penalty != length_penalty:
+        return seq.cum_logprob
+    exponent = min(max(-length_penalty * math.log(n), -_MAX_EXP), _MAX_EXP)
+    return seq.cum_logprob * math.exp(exponent)
 
 
 # step_fn: list of token-id prompts -> for each, the {token: Logprob} of the next position

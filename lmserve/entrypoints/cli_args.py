@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 
 from lmserve.engine.arg_utils import EngineArgs
+from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE, DEFAULT_MAX_BODY_BYTES,
+                                               DEFAULT_MAX_HEADER_COUNT)
+from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
 
 
 def _json_list(value: str) -> list[str]:
@@ -147,8 +150,29 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--enable-request-id-headers", action="store_true")
     g.add_argument("--enable-server-load-tracking", action="store_true",
                    help="Accepted for compatibility: GET /load always reports the server load.")
-    g.add_argument("--disable-log-requests", action="store_true")
-    g.add_argument("--max-log-len", type=int, default=None)
+    g.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
+                   help="Log each request (its params at INFO, its prompt at DEBUG), as vLLM. Default: off.")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="Deprecated in vLLM (requests are not logged unless --enable-log-requests); wins over it.")
+    g.add_argument("--max-log-len", type=int, default=DEFAULT_MAX_LOG_LEN,
+                   help="The most characters of a prompt, its token ids or its params that a log line shows. "
+                        "Default: %(default)s.")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="Accept a request's chat_template (otherwise a 400, as vLLM). Trusted request "
+                        "templates still render in separate processes with time and memory limits.")
+    g.add_argument("--shutdown-timeout", type=float, default=0,
+                   help="On SIGTERM/SIGINT, wait at most this many seconds for running requests to finish, "
+                        "then end the rest with an error event. 0 (default, as vLLM): end them at once. "
+                        "A second signal exits at once.")
+    g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="Requests with a larger body get a 413. Default: %(default)s (16 MiB).")
+    g.add_argument("--max-stop-strings", type=int, default=DEFAULT_MAX_STOP_STRINGS,
+                   help="The most entries a request's stop (or bad_words) list may hold. Default: %(default)s.")
+    g.add_argument("--h11-max-incomplete-event-size", type=int, default=DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE,
+                   help="The most bytes of a request line plus headers (uvicorn's h11 parser). "
+                        "Default: %(default)s.")
+    g.add_argument("--h11-max-header-count", type=int, default=DEFAULT_MAX_HEADER_COUNT,
+                   help="Requests with more headers get a 431. Default: %(default)s.")
     g.add_argument("--disable-fastapi-docs", action="store_true")
     g.add_argument("--enable-prompt-tokens-details", action="store_true")
     g.add_argument("--served-model-name", nargs="+", default=None)
@@ -227,6 +251,14 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
     flags that cannot apply (``parser.error`` exits with status 2)."""
     if args.model_tag is not None:
         args.model = args.model_tag
+    if args.disable_log_requests:
+        args.enable_log_requests = False
+    for flag in ("max_request_body_bytes", "max_stop_strings", "h11_max_incomplete_event_size",
+                 "h11_max_header_count"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.shutdown_timeout < 0:
+        parser.error("--shutdown-timeout must be 0 or more")
     if args.api_key is None:
         args.api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("LMSERVE_API_KEY") or None
     if isinstance(args.served_model_name, str):

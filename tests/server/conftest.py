@@ -76,13 +76,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The tiny model behind auth, with request-id headers, prompt token details and a custom
-    logits processor (seed 000's ``target_token`` example) on."""
+    """The tiny model behind auth, with request-id headers, prompt token details, request chat
+    templates (trusted, so they render in the sandbox processes) and a custom logits processor
+    (seed 000's ``target_token`` example) on."""
     log = str(tmp_path_factory.mktemp("logs") / "tiny-server.log")
     server = ServerProcess([tiny_model_dir, "--served-model-name", *TINY_NAMES, "--api-key", API_KEY,
                             "--enable-request-id-headers", "--enable-prompt-tokens-details",
                             "--kv-cache-memory", "32MiB", "--max-num-seqs", "64", "--dtype", "float32",
-                            "--disable-log-requests", "--logits-processors", LOGITS_PROCESSOR], log)
+                            "--trust-request-chat-template", "--logits-processors", LOGITS_PROCESSOR], log)
     try:
         server.wait_ready()
         yield server

@@ -1,11 +1,19 @@
 """Runs the HTTP server: uvicorn listens at once (answering 503 while the model loads),
-the engine loads in a background thread, and it is shut down when the server stops."""
+the engine loads in a background thread, and it is shut down when the server stops.
+
+Shutdown (vLLM's ``--shutdown-timeout``): the first SIGTERM or SIGINT stops accepting
+connections and lets running requests finish for at most ``--shutdown-timeout`` seconds; then
+every request still running is ended with ``EngineShutdownError`` (a stream gets an error
+event and ``[DONE]``, a plain request a 503) and the process exits. A second signal ends
+everything at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import threading
 from typing import Any
 
@@ -13,8 +21,60 @@ import uvicorn
 
 from lmserve.engine.arg_utils import EngineArgs
 from lmserve.entrypoints.openai.app import build_app
+from lmserve.errors import EngineShutdownError
 
 logger = logging.getLogger("lmserve.server")
+_ABORT_GRACE_S = 5.0  # after the drain: time for ended requests to send their last bytes
+_FORCE_EXIT_S = 2.0  # after a second signal: time for ended requests to send their error events
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with the shutdown contract of this module."""
+
+    def __init__(self, config: uvicorn.Config, shutdown_timeout: float, state: Any) -> None:
+        super().__init__(config)
+        self.shutdown_timeout = shutdown_timeout
+        self.state = state
+        self._drain: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # A signal handler: it only sets flags and hands the work to the event loop.
+        loop = self._loop
+        if self.should_exit:  # the second signal
+            self.force_exit = True
+            if loop is not None:
+                loop.call_soon_threadsafe(self._exit_now)
+            return
+        super().handle_exit(sig, frame)
+        if loop is not None:
+            loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        logger.info("Shutting down: running requests have %g s to finish (--shutdown-timeout)",
+                    self.shutdown_timeout)
+        assert self._loop is not None
+        self._drain = self._loop.call_later(
+            self.shutdown_timeout, self._abort_running,
+            f"The server is shutting down: the request did not finish within --shutdown-timeout "
+            f"({self.shutdown_timeout:g} s).")
+
+    def _exit_now(self) -> None:
+        logger.warning("Second signal: exiting at once")
+        self._abort_running("The server is shutting down now (second signal).")
+        assert self._loop is not None
+        self._loop.call_later(_FORCE_EXIT_S, os._exit, 1)  # if closing the connections still hangs
+
+    def _abort_running(self, message: str) -> None:
+        engine = self.state.engine
+        if engine is not None and hasattr(engine, "abort_all"):
+            n = engine.abort_all(EngineShutdownError(message))
+            if n:
+                logger.warning("Ended %d running request(s): %s", n, message)
 
 
 def _load_in_thread(engine_args: EngineArgs, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
@@ -39,11 +99,14 @@ async def serve(args: argparse.Namespace) -> int:
     engine_args = EngineArgs.from_cli_args(args)
     app = build_app(args, None)
     state = app.state.server
+    shutdown_timeout = float(getattr(args, "shutdown_timeout", 0) or 0)
     config = uvicorn.Config(app, host=args.host or "0.0.0.0", port=args.port, log_level=args.uvicorn_log_level,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                             ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
-                            root_path=args.root_path or "", timeout_keep_alive=5, lifespan="off")
-    server = uvicorn.Server(config)
+                            root_path=args.root_path or "", timeout_keep_alive=5, lifespan="off", http="h11",
+                            h11_max_incomplete_event_size=getattr(args, "h11_max_incomplete_event_size", None),
+                            timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S)
+    server = _Server(config, shutdown_timeout, state)
     serve_task = asyncio.ensure_future(server.serve())
     load = _load_in_thread(engine_args, asyncio.get_running_loop())
     done, _ = await asyncio.wait({serve_task, load}, return_when=asyncio.FIRST_COMPLETED)
@@ -64,6 +127,7 @@ async def serve(args: argparse.Namespace) -> int:
         await serve_task
     finally:
         engine.shutdown()
+        state.close()
     return 0
 
 

@@ -14,6 +14,7 @@ import inspect
 import logging
 import secrets
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
+from lmserve.entrypoints.openai.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_COUNT,
+                                               RequestLimitsMiddleware)
 from lmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                 TokenizeChatRequest, TokenizeCompletionRequest)
+                                                 TokenizeChatRequest, TokenizeCompletionRequest, check_request_id)
 from lmserve.entrypoints.openai.protocol_pooling import (ClassificationChatRequest,
                                                          ClassificationCompletionRequest, EmbeddingChatRequest,
                                                          EmbeddingCompletionRequest, PoolingChatRequest,
@@ -34,7 +38,8 @@ from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_classification import OpenAIServingClassification
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from lmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
-from lmserve.entrypoints.openai.serving_engine import ServerOptions, error_body
+from lmserve.entrypoints.openai.serving_engine import (DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS, ServerOptions,
+                                                       clip, error_body)
 from lmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from lmserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from lmserve.entrypoints.openai.serving_score import ServingScores
@@ -92,6 +97,8 @@ class ServerState:
         self.in_flight = 0  # generation requests being answered (GET /load)
         names = list(getattr(args, "served_model_name", None) or [])
         self.metrics = EngineMetrics(names[0] if names else (getattr(args, "model", None) or DEFAULT_MODEL_NAME))
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-prep")  # see ServerOptions
+        self.template_sandbox = TemplateSandbox()
         self.chat_template: str | None = None  # --chat-template, read once (a bad path fails at start)
         if getattr(args, "chat_template", None) is not None:
             from lmserve.chat_template import load_chat_template
@@ -110,8 +117,11 @@ class ServerState:
             chat_template_content_format=getattr(args, "chat_template_content_format", "auto"),
             return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
-            log_requests=not getattr(args, "disable_log_requests", False),
-            max_log_len=getattr(args, "max_log_len", None))
+            log_requests=bool(getattr(args, "enable_log_requests", False)),
+            max_log_len=getattr(args, "max_log_len", DEFAULT_MAX_LOG_LEN),
+            trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
+            max_stop_strings=int(getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS)),
+            executor=self.executor, template_sandbox=self.template_sandbox)
         handlers = _Handlers(models=OpenAIServingModels(options, mc.max_model_len),
                              tokenization=OpenAIServingTokenization(engine, options, self.metrics))
         if getattr(mc, "runner_type", "generate") == "pooling":
@@ -131,6 +141,10 @@ class ServerState:
             handlers.chat = OpenAIServingChat(engine, options, self.metrics)
         self.handlers = handlers
         self.engine = engine
+
+    def close(self) -> None:
+        self.template_sandbox.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> _Handlers:
         if self.handlers is None:
@@ -295,8 +309,14 @@ def _load_middleware(app: FastAPI, path: str) -> None:
 
 # ---------------------------------------------------------------------- app
 def _base_request_id(raw: Request, body_id: str, body_set: bool) -> str:
-    """The client's X-Request-Id wins, then a request_id set in the body, then a random id."""
-    rid = raw.headers.get("x-request-id") or (body_id if body_set else uuid.uuid4().hex)
+    """The client's X-Request-Id wins, then a request_id set in the body, then a random id.
+    A client's id is kept as given (it is the response's id too) but must pass
+    ``check_request_id``; it need not be unique: the engine runs each request under its own id."""
+    header = raw.headers.get("x-request-id")
+    if header:
+        rid = check_request_id(header, "X-Request-Id")
+    else:
+        rid = body_id if body_set and body_id else uuid.uuid4().hex
     raw.state.request_id = rid
     return rid
 
@@ -327,6 +347,9 @@ def build_app(args: argparse.Namespace, engine: Any = None) -> FastAPI:
         app.add_middleware(AuthMiddleware, api_keys=[api_key] if isinstance(api_key, str) else list(api_key))
     app.add_middleware(RequestTrackingMiddleware, state=state,
                        echo_request_id=bool(getattr(args, "enable_request_id_headers", False)))
+    app.add_middleware(RequestLimitsMiddleware,
+                       max_body_bytes=int(getattr(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+                       max_header_count=int(getattr(args, "h11_max_header_count", DEFAULT_MAX_HEADER_COUNT)))
     app.add_middleware(CORSMiddleware, allow_origins=list(getattr(args, "allowed_origins", ["*"])),
                        allow_credentials=bool(getattr(args, "allow_credentials", False)),
                        allow_methods=list(getattr(args, "allowed_methods", ["*"])),
@@ -386,7 +409,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize")
     async def tokenize(body: dict[str, Any]) -> Any:
         request = _parse(body, TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest)
-        return JSONResponse(state.ready().tokenization.tokenize_request(request).model_dump())
+        return JSONResponse((await state.ready().tokenization.tokenize_request(request)).model_dump())
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> Any:
@@ -449,4 +472,5 @@ def _add_pooling_routes(app: FastAPI, state: ServerState) -> None:
 def _log_ignored(request: Any) -> None:
     ignored = request.ignored_fields()
     if ignored:
-        logger.warning("The following fields were present in the request but ignored: %s", ignored)
+        logger.warning("The following fields were present in the request but ignored: %s",
+                       clip(repr(ignored), DEFAULT_MAX_LOG_LEN))

@@ -6,6 +6,10 @@ Invariants:
   cross-field rules and "not supported yet" are ``InvalidRequestError`` raised by
   ``validate_request()``, also 400 with ``param``;
 - unknown fields are accepted and ignored (as vLLM) and listed by ``ignored_fields()``;
+- no string anywhere in a request holds a lone surrogate (JSON allows ``"\\ud800"``, Unicode
+  does not: tokenizers, logs and responses cannot take it), and no number is NaN or infinite:
+  both are 400s naming the field;
+- a ``request_id`` has no control or format characters (it reaches logs and response ids);
 - ``to_sampling_params`` never mutates the request and always sets ``output_kind=DELTA``:
   every response, streaming or not, is built from deltas.
 Response models live in ``protocol_responses``.
@@ -13,10 +17,11 @@ Response models live in ``protocol_responses``.
 
 import re
 import time
+import unicodedata
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmserve.errors import InvalidRequestError
 from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams)
@@ -33,10 +38,52 @@ def random_uuid() -> str:
     return uuid.uuid4().hex
 
 
-class OpenAIBaseModel(BaseModel):
-    """Accepts unknown fields (ignored, as vLLM does)."""
+def find_lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string in ``value`` (JSON data) that holds a lone
+    surrogate, or None. Dict keys are checked too."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                sub = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str) and not k.isascii() and find_lone_surrogate(k, sub):
+                    return sub
+                stack.append((item, sub))
+        elif isinstance(v, list):
+            stack.extend((item, f"{where}.{i}") for i, item in enumerate(v) if isinstance(item, (str, dict, list)))
+    return None
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+def check_request_id(value: str, param: str = "request_id") -> str:
+    """``value`` if it can be a request id: at most 256 characters, none of them control or
+    format characters (Unicode category C*: newlines, escapes, bidi overrides)."""
+    if len(value) > 256:
+        raise InvalidRequestError(f"{param} is longer than 256 characters.", param)
+    if not value.isprintable() or any(unicodedata.category(c)[0] == "C" for c in value):
+        raise InvalidRequestError(f"{param} must not contain control or format characters.", param)
+    return value
+
+
+class OpenAIBaseModel(BaseModel):
+    """Accepts unknown fields (ignored, as vLLM does); refuses lone surrogates and NaN/inf."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = find_lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where} contains a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+                             "Unicode text")
+        return data
 
     def ignored_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
@@ -107,6 +154,11 @@ class SamplingRequest(OpenAIBaseModel):
     repetition_detection: RepetitionDetection | None = None
     thinking_token_budget: int | None = None
 
+    @field_validator("request_id")
+    @classmethod
+    def _printable_id(cls, v: str) -> str:
+        return check_request_id(v)
+
     @field_validator("stop")
     @classmethod
     def _stop_nonempty(cls, v: Any) -> Any:
@@ -141,6 +193,16 @@ class SamplingRequest(OpenAIBaseModel):
         if self.thinking_token_budget not in (None, -1):
             raise InvalidRequestError("thinking_token_budget is not supported: no reasoning parser is "
                                       "available in lmserve yet.", "thinking_token_budget")
+
+    def check_list_limits(self, max_stop_strings: int) -> None:
+        """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries each (every
+        one is checked against the output at every step)."""
+        for name in ("stop", "bad_words"):
+            value = getattr(self, name)
+            n = 0 if value is None else 1 if isinstance(value, str) else len(value)
+            if n > max_stop_strings:
+                raise InvalidRequestError(f"{name} has {n} entries; at most {max_stop_strings} are allowed "
+                                          "(--max-stop-strings).", name)
 
     def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int) -> None:
         if value is None or max_logprobs == -1:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmserve.entrypoints.openai.protocol import (INT64_MAX, INT64_MIN, ChatMessageParam, OpenAIBaseModel,
-                                                 now, random_uuid)
+                                                 check_request_id, now, random_uuid)
 from lmserve.entrypoints.openai.protocol_responses import ResponseModel, UsageInfo
 from lmserve.errors import InvalidRequestError
 from lmserve.pooling_params import POOLING_TASKS, PoolingParams
@@ -66,6 +66,11 @@ class PoolingBaseRequest(OpenAIBaseModel):
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     request_id: str = Field(default_factory=random_uuid, max_length=256)
     additional_data: Any = None
+
+    @field_validator("request_id")
+    @classmethod
+    def _printable_id(cls, v: str) -> str:
+        return check_request_id(v)
 
     def validate_request(self) -> None:
         if self.truncate_prompt_tokens == 0:

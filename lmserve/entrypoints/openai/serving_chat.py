@@ -9,6 +9,7 @@ choices; then ``[DONE]``. The non-streaming body is that same sequence accumulat
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from lmserve.chat_template import apply_chat_template
+from lmserve.chat_template import TemplateLimitError, apply_chat_template, special_tokens_of
+from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
 from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageParam
 from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                           ChatCompletionLogProbsContent, ChatCompletionResponse,
@@ -24,11 +26,19 @@ from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionLogProb
                                                           ChatCompletionResponseStreamChoice,
                                                           ChatCompletionStreamResponse, ChatMessage,
                                                           DeltaMessage)
-from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, Prompt, error_body, sse,
+from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, Prompt, sse, stream_error,
                                                        until_disconnected)
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.errors import InvalidRequestError, LMServeError
 from lmserve.outputs import CompletionOutput, Logprob
+
+def _named_template(tokenizer: Any, name: str) -> bool:
+    """Whether ``name`` names one of the tokenizer's own (trusted) templates."""
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, list):
+        return any(isinstance(t, dict) and t.get("name") == name for t in own)
+    return isinstance(own, dict) and name in own
+
 
 def _content_text(content: Any) -> str:
     if content is None:
@@ -49,30 +59,54 @@ class _ChatChoice:
 
 class OpenAIServingChat(OpenAIServing):
     # ------------------------------------------------------------------ rendering
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False, tools: list[dict] | None = None,
-               documents: list[dict] | None = None, chat_template: str | None = None,
-               chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    async def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                     continue_final_message: bool = False, tools: list[dict] | None = None,
+                     documents: list[dict] | None = None, chat_template: str | None = None,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt text the chat template makes of ``messages``; any problem is a 400.
-        A request's ``chat_template`` is template text (never a path on the server)."""
+
+        A request's ``chat_template`` (template text, never a path on the server; or one in
+        ``chat_template_kwargs``) is refused unless the server runs with
+        --trust-request-chat-template, as vLLM; when trusted it renders in the sandbox
+        processes (time and memory limits). The server's own templates render on the worker
+        thread. Either way the event loop never runs a template."""
         tok = self.require_tokenizer()
+        if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:
+            if not self.options.trust_request_chat_template:
+                raise InvalidRequestError("Chat template is passed with request, but --trust-request-chat-template "
+                                          "is not set. Refused request with untrusted chat template.",
+                                          "chat_template")
+        kwargs: dict[str, Any] = dict(add_generation_prompt=add_generation_prompt,
+                                      continue_final_message=continue_final_message, tools=tools,
+                                      documents=documents, chat_template_kwargs=chat_template_kwargs,
+                                      content_format=self.options.chat_template_content_format)
         try:
-            return apply_chat_template(tok, messages, chat_template=chat_template or self.options.chat_template,
-                                       add_generation_prompt=add_generation_prompt,
-                                       continue_final_message=continue_final_message, tools=tools,
-                                       documents=documents, chat_template_kwargs=chat_template_kwargs,
-                                       content_format=self.options.chat_template_content_format)
+            if chat_template is not None and not _named_template(tok, chat_template):
+                return await self._sandbox().render(chat_template, messages, special_tokens_of(tok), **kwargs)
+            return await self.off_loop(functools.partial(
+                apply_chat_template, tok, messages, chat_template=chat_template or self.options.chat_template,
+                **kwargs))
         except LMServeError:
             raise
+        except TemplateLimitError as e:
+            raise InvalidRequestError(str(e), "chat_template") from e
         except Exception as e:  # noqa: BLE001 - ValueError from the template module, jinja errors
             raise InvalidRequestError(str(e), "messages") from e
 
-    def prepare_prompt(self, request: ChatCompletionRequest) -> Prompt:
-        text = self.render(request.template_messages(), add_generation_prompt=request.add_generation_prompt,
-                           continue_final_message=request.continue_final_message, tools=request.tools,
-                           documents=request.documents, chat_template=request.chat_template,
-                           chat_template_kwargs=request.chat_template_kwargs)
-        ids = self.tokenize(text, request.add_special_tokens, param="messages")
+    def _sandbox(self) -> TemplateSandbox:
+        sandbox = self.options.template_sandbox
+        if sandbox is None:
+            if self._own_sandbox is None:
+                self._own_sandbox = TemplateSandbox()
+            sandbox = self._own_sandbox
+        return sandbox
+
+    async def prepare_prompt(self, request: ChatCompletionRequest) -> Prompt:
+        text = await self.render(request.template_messages(), add_generation_prompt=request.add_generation_prompt,
+                                 continue_final_message=request.continue_final_message, tools=request.tools,
+                                 documents=request.documents, chat_template=request.chat_template,
+                                 chat_template_kwargs=request.chat_template_kwargs)
+        ids = await self.off_loop(self.tokenize, text, request.add_special_tokens, "messages")
         return Prompt(self.truncate(ids, request), text)
 
     def response_role(self, request: ChatCompletionRequest) -> str:
@@ -92,7 +126,7 @@ class OpenAIServingChat(OpenAIServing):
         client went away first."""
         self.check_model(request.model)
         request.validate_request()
-        prompt = self.prepare_prompt(request)
+        prompt = await self.prepare_prompt(request)
         params = self.sampling_params(request, len(prompt.token_ids))
         created = int(time.time())
         merger = OutputMerger([self.generate(prompt, params, request_id, request)])
@@ -167,10 +201,8 @@ class OpenAIServingChat(OpenAIServing):
                 yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
                                                        choices=[], usage=self.usage(prompt_len, sum(generated),
                                                                                     cached)))
-        except LMServeError as e:
-            yield sse(error_body(e))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
-            yield sse(error_body(LMServeError(f"Internal error: {e!r}")))
+            yield stream_error(e)
         yield SSE_DONE
 
     # ------------------------------------------------------------------ non-streaming

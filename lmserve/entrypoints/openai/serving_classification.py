@@ -31,7 +31,7 @@ class OpenAIServingClassification(OpenAIServingPoolingBase):
         self.check_model(request.model)
         request.validate_request()
         params = self.verify_params(request.to_pooling_params("classify"), request)
-        prompts = self.prompts_for(request, "classification")
+        prompts = await self.prompts_for(request, "classification")
         created = int(time.time())
         outs = await self.encode_all(prompts, params, request_id, request, raw_request)
         if outs is None:

@@ -18,10 +18,10 @@ from lmserve.entrypoints.openai.protocol_responses import (CompletionLogProbs, C
                                                           CompletionResponseChoice,
                                                           CompletionResponseStreamChoice,
                                                           CompletionStreamResponse)
-from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, Prompt, error_body, sse,
+from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, Prompt, sse, stream_error,
                                                        until_disconnected)
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
-from lmserve.errors import InvalidRequestError, LMServeError
+from lmserve.errors import InvalidRequestError
 from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -59,7 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
         client went away first."""
         self.check_model(request.model)
         request.validate_request()
-        prompts = self.prepare_prompts(request)
+        prompts = await self.off_loop(self.prepare_prompts, request)
         params = [self.sampling_params(request, len(p.token_ids)) for p in prompts]
         created = int(time.time())
         merger = OutputMerger([self.generate(p, sp, f"{request_id}-{i}", request)
@@ -157,10 +157,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                    sum(cached))
                 yield sse(CompletionStreamResponse(id=request_id, created=created, model=self.model_name,
                                                    choices=[], usage=usage))
-        except LMServeError as e:
-            yield sse(error_body(e))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
-            yield sse(error_body(LMServeError(f"Internal error: {e!r}")))
+            yield stream_error(e)
         yield SSE_DONE
 
     # ------------------------------------------------------------------ non-streaming

@@ -26,7 +26,7 @@ class OpenAIServingEmbedding(OpenAIServingPoolingBase):
         self.check_model(request.model)
         request.validate_request()
         params = self.verify_params(request.to_pooling_params("embed"), request)
-        prompts = self.prompts_for(request, "embedding generation")
+        prompts = await self.prompts_for(request, "embedding generation")
         created = int(time.time())
         outs = await self.encode_all(prompts, params, request_id, request, raw_request)
         if outs is None:

@@ -37,9 +37,17 @@ T = TypeVar("T")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
 
+DEFAULT_MAX_LOG_LEN = 2048
+DEFAULT_MAX_STOP_STRINGS = 128
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """Server-side settings taken from the serve flags (none of them reach the engine)."""
+    """Server-side settings taken from the serve flags (none of them reach the engine), and
+    the helpers the handlers share: ``executor`` (one thread: tokenizing and rendering trusted
+    templates off the event loop, one at a time, as HF tokenizers are not re-entrant) and
+    ``template_sandbox`` (render processes for request templates). None: made on first use
+    by each handler."""
 
     served_model_names: tuple[str, ...]
     model_root: str | None = None
@@ -48,8 +56,12 @@ class ServerOptions:
     chat_template_content_format: str = "auto"
     return_tokens_as_token_ids: bool = False
     enable_prompt_tokens_details: bool = False
-    log_requests: bool = True
-    max_log_len: int | None = None
+    log_requests: bool = False
+    max_log_len: int | None = DEFAULT_MAX_LOG_LEN
+    trust_request_chat_template: bool = False
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
+    executor: Any = field(default=None, compare=False, repr=False)
+    template_sandbox: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -83,6 +95,23 @@ def sse(data: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def stream_error(exc: BaseException) -> str:
+    """The SSE error event for a failure after the stream started: an ``LMServeError`` as
+    itself; anything else is logged here and reported without its text (which may hold
+    internals)."""
+    if not isinstance(exc, LMServeError):
+        logger.error("Internal error in a stream", exc_info=exc)
+        exc = LMServeError(f"Internal server error: {type(exc).__name__}")
+    return sse(error_body(exc))
+
+
+def clip(text: str, n: int | None) -> str:
+    """``text`` cut to ``n`` characters (None: whole), saying how much was cut."""
+    if n is None or len(text) <= n:
+        return text
+    return f"{text[:n]}...[{len(text) - n} more characters]"
+
+
 def _safe(lp: float) -> float:
     return max(lp, _MIN_LOGPROB) if lp == lp else _MIN_LOGPROB  # NaN -> floor as well
 
@@ -98,6 +127,19 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.default_sampling_params: dict[str, Any] = dict(engine.default_sampling_params() or {})
         self._max_token_bytes = self._longest_token_bytes()
+        self._own_executor: Any = None
+        self._own_sandbox: Any = None
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the handlers' worker thread (tokenizing, trusted templates), so the
+        event loop keeps serving meanwhile."""
+        executor = self.options.executor
+        if executor is None:
+            if self._own_executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._own_executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-prep")
+            executor = self._own_executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     # ------------------------------------------------------------------ model names
     @property
@@ -132,12 +174,23 @@ class OpenAIServing:
         """Tokenizes ``text``; a text that certainly holds more tokens than the context is
         refused before tokenizing (a 10 MB prompt costs nothing)."""
         tok = self.require_tokenizer()
-        if self._max_token_bytes and len(text) > self.max_model_len * self._max_token_bytes:
+        self.check_text(text, param)
+        return list(tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def check_text(self, text: str, param: str, check_length: bool = True) -> None:
+        """Refuses text no tokenizer can take (lone surrogates) and, with ``check_length``,
+        text that certainly holds more tokens than the context, before any tokenizing."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(f"{param} contains a lone UTF-16 surrogate, which is not valid Unicode "
+                                          "text.", param) from None
+        if check_length and self._max_token_bytes and len(text) > self.max_model_len * self._max_token_bytes:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                 f"{param} is {len(text)} characters long, which is more than that many tokens can hold. "
                 "Please reduce the length of the input.", param)
-        return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
     def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
         vocab = self.model_config.vocab_size
@@ -178,6 +231,7 @@ class OpenAIServing:
         return n - prompt_len
 
     def sampling_params(self, request: Any, prompt_len: int) -> SamplingParams:
+        request.check_list_limits(self.options.max_stop_strings)
         room = self.check_context(prompt_len, request.requested_max_tokens())
         params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs)
         if request.priority != 0 and self.engine.engine_config.scheduler_config.policy != "priority":
@@ -252,14 +306,20 @@ class OpenAIServing:
                                                       generation_tokens=num_generated, queue_s=queue_s,
                                                       decode_s=decode_s)
 
-    def log_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+    def log_request(self, request_id: str, prompt: Prompt, params: Any) -> None:
+        """With --enable-log-requests, as vLLM: the params at INFO, the prompt at DEBUG. Every
+        user-controlled part is a repr (no raw newlines) cut to --max-log-len characters."""
         if not self.options.log_requests:
             return
         n = self.options.max_log_len
-        text = prompt.text if n is None or prompt.text is None else prompt.text[:n]
-        ids = prompt.token_ids if n is None else prompt.token_ids[:n]
-        logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id, text,
-                    params, ids)
+        rid = clip(repr(request_id), n)
+        logger.info("Received request %s: params: %s, num_prompt_tokens: %d", rid, clip(repr(params), n),
+                    len(prompt.token_ids))
+        if logger.isEnabledFor(logging.DEBUG):
+            ids = prompt.token_ids if n is None else prompt.token_ids[:n]
+            text = None if prompt.text is None else prompt.text if n is None else prompt.text[:n + 1]
+            logger.debug("Request %s details: prompt: %s, prompt_token_ids: %s", rid, clip(repr(text), n),
+                         clip(str(ids), n))
 
     # ------------------------------------------------------------------ formatting
     def token_text(self, token_id: int, logprob: Logprob | None, as_ids: bool) -> str:

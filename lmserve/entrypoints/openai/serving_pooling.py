@@ -24,7 +24,7 @@ class OpenAIServingPooling(OpenAIServingPoolingBase):
         self.check_model(request.model)
         request.validate_request()
         params = self.verify_params(request.to_pooling_params(request.task), request)
-        prompts = self.prompts_for(request, "pooling")
+        prompts = await self.prompts_for(request, "pooling")
         created = int(time.time())
         outs = await self.encode_all(prompts, params, request_id, request, raw_request)
         if outs is None:

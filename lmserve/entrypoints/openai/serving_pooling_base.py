@@ -108,6 +108,7 @@ class OpenAIServingPoolingBase(OpenAIServingChat):
         if max_length is None:
             return self.tokenize(text, add_special_tokens, param=param)
         tok = self.require_tokenizer()
+        self.check_text(text, param, check_length=False)
         return list(tok(text, add_special_tokens=add_special_tokens, truncation=True,
                         max_length=max_length)["input_ids"])
 
@@ -120,28 +121,34 @@ class OpenAIServingPoolingBase(OpenAIServingChat):
                 f"{n} tokens in the input for {operation}. Please reduce the length of the input, or set "
                 "truncate_prompt_tokens.", param)
 
-    def prompts_for(self, request: InputRequest | ChatInputRequest, operation: str) -> list[PoolingPrompt]:
-        """The prompts of an ``input`` (one per item) or ``messages`` (one) request."""
+    async def prompts_for(self, request: InputRequest | ChatInputRequest, operation: str) -> list[PoolingPrompt]:
+        """The prompts of an ``input`` (one per item) or ``messages`` (one) request; templates
+        and tokenizing run off the event loop."""
+        if isinstance(request, ChatInputRequest):
+            text = await self.render([m.to_template_dict() for m in request.messages],
+                                     add_generation_prompt=request.add_generation_prompt,
+                                     continue_final_message=request.continue_final_message,
+                                     chat_template=request.chat_template,
+                                     chat_template_kwargs=request.chat_template_kwargs)
+            return await self.off_loop(self._chat_prompts, request, text, operation)
+        return await self.off_loop(self._input_prompts, request, operation)
+
+    def _chat_prompts(self, request: ChatInputRequest, text: str, operation: str) -> list[PoolingPrompt]:
+        ids = self.tokenize_text(text, request.add_special_tokens, self.max_length(request), "messages")
+        self.check_length(len(ids), operation, "messages")
+        return [PoolingPrompt(ids, text)]
+
+    def _input_prompts(self, request: InputRequest, operation: str) -> list[PoolingPrompt]:
         max_length = self.max_length(request)
         prompts: list[PoolingPrompt] = []
-        if isinstance(request, ChatInputRequest):
-            param = "messages"
-            text = self.render([m.to_template_dict() for m in request.messages],
-                               add_generation_prompt=request.add_generation_prompt,
-                               continue_final_message=request.continue_final_message,
-                               chat_template=request.chat_template,
-                               chat_template_kwargs=request.chat_template_kwargs)
-            prompts.append(PoolingPrompt(self.tokenize_text(text, request.add_special_tokens, max_length, param),
-                                         text))
-        else:
-            param = "input"
-            for item in request.items():
-                if isinstance(item, str):
-                    ids = self.tokenize_text(item, request.add_special_tokens, max_length, param)
-                    prompts.append(PoolingPrompt(ids, item))
-                else:
-                    self.check_token_ids(item, param)
-                    prompts.append(PoolingPrompt(list(item) if max_length is None else list(item)[-max_length:]))
+        param = "input"
+        for item in request.items():
+            if isinstance(item, str):
+                ids = self.tokenize_text(item, request.add_special_tokens, max_length, param)
+                prompts.append(PoolingPrompt(ids, item))
+            else:
+                self.check_token_ids(item, param)
+                prompts.append(PoolingPrompt(list(item) if max_length is None else list(item)[-max_length:]))
         for p in prompts:
             self.check_length(len(p.token_ids), operation, param)
         return prompts

@@ -93,31 +93,45 @@ class ServingScores(OpenAIServingPoolingBase):
                      params_names: tuple[str, str]) -> list[PoolingRequestOutput] | None:
         """One output per pair, in order, whose data is the pair's score."""
         max_length = self.max_length(request)
-        param_1, param_2 = params_names
-        tok = self.require_tokenizer()
+        param_2 = params_names[1]
         if self.mode == "cross_encoder":
             params = self.verify_params(request.to_pooling_params("score"), request)
-            prompts = []
-            for a, b in zip(texts_1, texts_2):
-                if max_length is None:
-                    self._check_chars(len(a) + len(b), param_2)
-                p = cross_encoder_prompt(tok, a, b, max_length)
-                prompt = PoolingPrompt(p["prompt_token_ids"], p["prompt"], p.get("token_type_ids"))
-                self.check_length(len(prompt.token_ids), "score", param_2)
-                prompts.append(prompt)
+            prompts = await self.off_loop(self._pair_prompts, texts_1, texts_2, max_length, param_2)
             return await self.encode_all(prompts, params, request_id, request, raw_request)
         # An embedding model: activation flags do not apply to the embeddings being compared.
         params = self.verify_params(PoolingParams(task="embed"), request)
         unique, pos_1, pos_2 = dedup_inputs(texts_1, texts_2)
         last_1 = max(pos_1)  # side-1 texts come first among the unique ones
-        prompts = []
-        for j, text in enumerate(unique):
-            param = param_1 if j <= last_1 else param_2
-            prompt = PoolingPrompt(self.tokenize_text(text, True, max_length, param), text)
-            self.check_length(len(prompt.token_ids), "score", param)
-            prompts.append(prompt)
+        prompts = await self.off_loop(self._text_prompts, unique, last_1, max_length, params_names)
         embeds = await self.encode_all(prompts, params, request_id, request, raw_request)
         if embeds is None:
             return None
         return embedding_pair_scores([embeds[i] for i in pos_1], [embeds[j] for j in pos_2],
-                                     getattr(tok, "pad_token_id", None))
+                                     getattr(self.require_tokenizer(), "pad_token_id", None))
+
+    def _pair_prompts(self, texts_1: list[str], texts_2: list[str], max_length: int | None,
+                      param: str) -> list[PoolingPrompt]:
+        """Cross-encoder prompts of the pairs (runs on the worker thread)."""
+        tok = self.require_tokenizer()
+        prompts = []
+        for a, b in zip(texts_1, texts_2):
+            self.check_text(a, param, check_length=False)
+            self.check_text(b, param, check_length=False)
+            if max_length is None:
+                self._check_chars(len(a) + len(b), param)
+            p = cross_encoder_prompt(tok, a, b, max_length)
+            prompt = PoolingPrompt(p["prompt_token_ids"], p["prompt"], p.get("token_type_ids"))
+            self.check_length(len(prompt.token_ids), "score", param)
+            prompts.append(prompt)
+        return prompts
+
+    def _text_prompts(self, unique: list[str], last_1: int, max_length: int | None,
+                      params_names: tuple[str, str]) -> list[PoolingPrompt]:
+        """One prompt per distinct text (runs on the worker thread)."""
+        prompts = []
+        for j, text in enumerate(unique):
+            param = params_names[0] if j <= last_1 else params_names[1]
+            prompt = PoolingPrompt(self.tokenize_text(text, True, max_length, param), text)
+            self.check_length(len(prompt.token_ids), "score", param)
+            prompts.append(prompt)
+        return prompts

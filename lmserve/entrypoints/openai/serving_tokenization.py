@@ -17,13 +17,13 @@ from lmserve.errors import InvalidRequestError
 class OpenAIServingTokenization(OpenAIServingChat):
     """Shares rendering and tokenization with the chat handler (one code path)."""
 
-    def tokenize_request(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    async def tokenize_request(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         self.check_model(request.model)
         if isinstance(request, TokenizeChatRequest):
             if request.continue_final_message and request.add_generation_prompt:
                 raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` "
                                           "to True.", "continue_final_message")
-            text = self.render([m.to_template_dict() for m in request.messages],
+            text = await self.render([m.to_template_dict() for m in request.messages],
                                add_generation_prompt=request.add_generation_prompt,
                                continue_final_message=request.continue_final_message, tools=request.tools,
                                documents=request.documents, chat_template=request.chat_template,
@@ -31,7 +31,7 @@ class OpenAIServingTokenization(OpenAIServingChat):
             param = "messages"
         else:
             text, param = request.prompt, "prompt"
-        ids = self.tokenize(text, request.add_special_tokens, param=param)
+        ids = await self.off_loop(self.tokenize, text, request.add_special_tokens, param)
         strs = None
         if request.return_token_strs:
             strs = list(self.require_tokenizer().convert_ids_to_tokens(ids))

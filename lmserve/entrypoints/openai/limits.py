@@ -1,0 +1,61 @@
+"""Request size limits, enforced before a route reads anything (pure ASGI middleware).
+
+- more than ``max_header_count`` headers: 431 at once (vLLM's ``--h11-max-header-count``; the
+  header bytes themselves are bounded by uvicorn's h11 parser, ``--h11-max-incomplete-event-size``);
+- a body over ``max_body_bytes``: 413, at once when ``Content-Length`` says so, else as soon
+  as the streamed (chunked) body passes the limit, without reading the rest.
+
+Both answers are OpenAI error bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException
+from starlette.responses import JSONResponse
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_HEADER_COUNT = 256
+DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE = 64 * 1024
+
+
+def _error(status: int, err_type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": err_type, "param": None, "code": status}},
+                        status_code=status, headers={"Connection": "close"})
+
+
+class RequestLimitsMiddleware:
+    def __init__(self, app: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_header_count: int = DEFAULT_MAX_HEADER_COUNT) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.max_headers = max_header_count
+
+    def _too_large(self) -> str:
+        return (f"The request body is larger than the limit of {self.max_body} bytes "
+                "(--max-request-body-bytes).")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers", ())
+        if len(headers) > self.max_headers:
+            return await _error(431, "RequestHeaderFieldsTooLargeError",
+                                f"The request has {len(headers)} headers; the limit is {self.max_headers}.")(
+                scope, receive, send)
+        for name, value in headers:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                return await _error(413, "RequestTooLargeError", self._too_large())(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, limited_receive, send)
