@@ -12,7 +12,7 @@ rotates over N separate layer caches, as a model does, so that the KV cache of t
 read is not already in the CPU's caches (default 1: hot).
 
 ``--prefill`` times instead one chunk of ``qlen`` tokens that continues a cached context of
-``ctx`` tokens: gather + SDPA (``PagedAttention._prefill``) vs the decode kernel run as qlen
+``ctx`` tokens: gather + SDPA (``TorchPagedAttention.prefill``) vs the decode kernel run as qlen
 one-token queries (``_prefill_native``) at every length, and which one the length rule
 (``attention.prefill_on_native_kernel``) picks; ctx 0 is a fresh prompt (SDPA, causal). In bf16
 on a CPU with AMX also the AMX path (``CpuPagedAttention.chunks``), which then takes every chunk.
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-import lmserve.model.layers.attention as attention_mod
+import lmserve.model.backends.attention as attention_mod
+from lmserve.model.backends.attention import NativePagedAttention, TorchPagedAttention
 from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.cpu_kernels import get_paged_attention_kernel
-from lmserve.model.layers.cpu_kernels.paged_attention import DISABLE_ENV
+from lmserve.model.layers.cpu_kernels.paged_attention import get_paged_attention_kernel
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,10 @@ def prefill_table(dtype: torch.dtype, block_size: int, iters: int, repeats: int)
     amx = kernel is not None and kernel.amx and dtype == torch.bfloat16
     print(f"{'chunk continuing a context':34s} {'SDPA ms':>9s} {'native ms':>10s} {'speed-up':>9s}  rule"
           f"{'   AMX ms  speed-up' if amx else ''}")
-    rule_native = attention_mod.prefill_on_native_kernel
-    attention_mod.prefill_on_native_kernel = lambda *_args: True
+    rule_native = attention_mod.prefill_on_decode_kernel
+    attention_mod.prefill_on_decode_kernel = lambda *_args: True
+    native = NativePagedAttention(kernel, False, False)
+    sdpa_amx = bool(torch.cpu._is_amx_tile_supported())
     try:
         for hq, hkv in ((14, 2), (9, 3)):
             for ctx in (0, 100, 1000):
@@ -125,11 +127,11 @@ def prefill_table(dtype: torch.dtype, block_size: int, iters: int, repeats: int)
                     out = torch.empty_like(q)
                     n = max(1, iters // qlen)
                     kv = caches[0][:, meta.block_tables[0].long()].flatten(1, 2)[:, ctx:ctx + qlen]  # the chunk's own
-                    t_ref = time_call(lambda: attn._prefill(0, q, kv[0], kv[1], caches[0], meta), n, repeats)
+                    t_ref = time_call(lambda: TorchPagedAttention.prefill(attn, 0, q, kv[0], kv[1], caches[0], meta), n, repeats)
                     if ctx:
-                        t_nat = time_call(lambda: attn._prefill_native(0, q, caches[0], meta, out, kernel), n,
+                        t_nat = time_call(lambda: native.chunk_on_decode_kernel(attn, 0, q, caches[0], meta, out), n,
                                           repeats)
-                        rule = "native" if rule_native(dtype, qlen, ctx + qlen) else "SDPA"
+                        rule = "native" if rule_native(dtype, qlen, ctx + qlen, sdpa_amx) else "SDPA"
                     else:
                         rule = "SDPA"
                     nat = f"{t_nat * 1e3:10.3f} {t_ref / t_nat:8.1f}x" if ctx else f"{'-':>10s} {'-':>9s}"
@@ -141,7 +143,7 @@ def prefill_table(dtype: torch.dtype, block_size: int, iters: int, repeats: int)
                         line += f" {t_amx * 1e3:8.3f} {t_ref / t_amx:8.1f}x"
                     print(line)
     finally:
-        attention_mod.prefill_on_native_kernel = rule_native
+        attention_mod.prefill_on_decode_kernel = rule_native
 
 
 def main() -> None:
@@ -172,13 +174,14 @@ def main() -> None:
         for w in workloads():
             case = make_case(w, dtype, args.block_size, args.layers)
             attn, q, k, v, caches, meta = case
-            ref_out = attn(q, k, v, caches[0], meta)
-            os.environ[DISABLE_ENV] = "1"
-            try:
-                torch.testing.assert_close(attn(q, k, v, caches[0], meta), ref_out, atol=2e-2, rtol=2e-2)
-                t_ref = time_forward(*case, args.iters, args.repeats)
-            finally:
-                del os.environ[DISABLE_ENV]
+            native = NativePagedAttention(kernel, kernel.amx and dtype == torch.bfloat16,
+                                          bool(torch.cpu._is_amx_tile_supported()))
+            attn.backend = native
+            nat_out = attn(q, k, v, caches[0], meta)
+            attn.backend = TorchPagedAttention()
+            torch.testing.assert_close(attn(q, k, v, caches[0], meta), nat_out, atol=2e-2, rtol=2e-2)
+            t_ref = time_forward(*case, args.iters, args.repeats)
+            attn.backend = native
             t_nat = time_forward(*case, args.iters, args.repeats)
             kv_mb = 2 * sum(w.seq_lens) * w.num_kv_heads * w.head_dim * dtype.itemsize / 1e6
             print(f"{w.name:30s} {kv_mb:7.2f} {t_ref * 1e3:13.3f} {t_nat * 1e3:10.3f} {t_ref / t_nat:8.1f}x")

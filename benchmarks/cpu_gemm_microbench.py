@@ -1,4 +1,4 @@
-"""Dense CPU linears: ``F.linear`` against the prepacked backends of ``lmserve.model.layers.cpu_gemm``
+"""Dense CPU linears: ``F.linear`` against the prepacked backends of ``lmserve.model.backends.linear``
 (oneDNN, and lmserve's panel kernel for the dtype where it applies: AVX2 sgemm for fp32, AVX512-BF16
 sbgemm for bf16), per row count, on the weight shapes of issue 4's
 random Qwen2-365M model (QKV, O, gate|up, down, the tied 8192-row head).
@@ -18,7 +18,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from lmserve.model.layers.cpu_gemm import BATCH_HINT, pack_weight
+from lmserve.model.backends.linear import ONEDNN_BATCH_HINT as BATCH_HINT
+from lmserve.model.backends.linear import pack_dense
 from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS, get_kernel
 from quantized_linear_microbench import time_us  # the sibling script's timer
 
@@ -46,7 +47,7 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         copies = max(2, args.pool_mb * 2**20 // (n * k * dtype.itemsize))
         weights = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(copies)]
-        packed = {b: [pack_weight(w, b) for w in weights] for b in backends}
+        packed = {b: [pack_dense(w, b, get_kernel(b) if b != "onednn" else None) for w in weights] for b in backends}
         for m in ROWS:
             x = torch.randn(m, k, generator=gen).to(dtype)
             calls = max(copies, 8)

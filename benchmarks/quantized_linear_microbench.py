@@ -1,4 +1,4 @@
-"""The int4 CPU kernel against a dense matmul, per row count: where ``quantized_linear.MAX_ROWS``
+"""The int4 CPU kernel against a dense matmul, per row count: where ``backends.quantized.MAX_ROWS``
 comes from.
 
 For each of SmolLM2-135M's weight shapes (QKV, O, gate|up, down, the 49152-row tied head) and
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops
-from lmserve.model.layers.quantized_linear import BLOCK_BYTES, GROUP, BlockQuantizedWeight, PackedWeight, VnniWeight
+from lmserve.model.backends.block_formats import BLOCK_BYTES, GROUP, BlockQuantizedWeight
+from lmserve.model.backends.quantized import PackedWeight, VnniWeight
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = (1, 2, 4, 8, 16, 32)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmserve.model.layers.attention import PagedAttention
-from lmserve.model.layers.cpu_kernels import get_paged_attention_kernel
+from lmserve.model.layers.cpu_kernels.paged_attention import get_paged_attention_kernel
 
 from tests.test_cpu_attention_kernel import forward_on_off, make_decode_case
 

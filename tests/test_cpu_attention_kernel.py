@@ -1,5 +1,5 @@
 """The native CPU paged-decode kernel (lmserve/model/layers/cpu_kernels) against the pure-torch
-reference ``PagedAttention._decode``: random shapes, every build variant this CPU can run
+reference ``TorchPagedAttention.decode``: random shapes, every build variant this CPU can run
 (AVX-512 with and without AVX512_BF16, portable C), the whole model path, and the fallbacks."""
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import shutil
 import pytest
 import torch
 
-from lmserve.model.layers.attention import KVCacheSpec, PagedAttention, write_kv_cache
+from lmserve.model.backends import attention as attention_backends
+from lmserve.model.backends.attention import NativePagedAttention, TorchPagedAttention, write_kv_cache
+from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.cpu_kernels import build, get_paged_attention_kernel, log_fallback_once
-from lmserve.model.layers.cpu_kernels.paged_attention import DISABLE_ENV, SOURCE
+from lmserve.model.layers.cpu_kernels import build
+from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV
+from lmserve.model.layers.cpu_kernels.paged_attention import SOURCE, get_paged_attention_kernel
+from tests.backend_utils import cpu_plan
 
 from tests.model_utils import PagedTestCache
 
@@ -111,7 +115,7 @@ def test_fp32_equals_reference(kernel, case):
     case = dict(case)
     attn = PagedAttention(case["hq"], case["hkv"], case["d"], scale=case["d"] ** -0.5, sliding_window=case.pop("window"))
     q, cache, meta = make_decode_case(**case, dtype=torch.float32)
-    torch.testing.assert_close(_run_native(kernel, attn, q, cache, meta), attn._decode(q, cache, meta),
+    torch.testing.assert_close(_run_native(kernel, attn, q, cache, meta), TorchPagedAttention.decode(attn, q, cache, meta),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -126,7 +130,7 @@ def test_many_sequences_split_by_sequence_or_by_head_alike(kernel, dtype):
     rng = random.Random(6)
     lens = [rng.randint(1, 300) for _ in range(20)]
     q, cache, meta = make_decode_case(lens, hq=14, hkv=2, d=64, block_size=16, dtype=dtype, seed=6)
-    ref = attn._decode(q.float(), cache.float(), meta)
+    ref = TorchPagedAttention.decode(attn, q.float(), cache.float(), meta)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(_run_native(kernel, attn, q, cache, meta).float(), ref, atol=tol, rtol=tol)
 
@@ -141,18 +145,16 @@ def test_16bit_within_rounding(kernel, dtype):
         q, cache, meta = make_decode_case(**case, dtype=dtype)
         out = _run_native(kernel, attn, q, cache, meta)
         assert out.dtype == dtype
-        exact = attn._decode(q.float(), cache.float(), meta)
+        exact = TorchPagedAttention.decode(attn, q.float(), cache.float(), meta)
         torch.testing.assert_close(out.float(), exact, atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(out, attn._decode(q, cache, meta), atol=4e-2, rtol=4e-2)
+        torch.testing.assert_close(out, TorchPagedAttention.decode(attn, q, cache, meta), atol=4e-2, rtol=4e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_chunk_with_context_equals_reference(kernel, dtype, monkeypatch):
     """A chunk continuing a cached context, as one-token queries on the decode kernel: equal to
-    gather + SDPA (``_prefill``), with and without a sliding window."""
-    import lmserve.model.layers.attention as attention_mod
-
-    monkeypatch.setattr(attention_mod, "prefill_on_native_kernel", lambda *a: True)  # every length native
+    gather + SDPA (``TorchPagedAttention.prefill``), with and without a sliding window."""
+    monkeypatch.setattr(attention_backends, "prefill_on_decode_kernel", lambda *a: True)  # every length native
     rng = random.Random(9)
     for trial in range(10):
         bs = (1, 4, 16, 32)[trial % 4]
@@ -164,34 +166,30 @@ def test_prefill_chunk_with_context_equals_reference(kernel, dtype, monkeypatch)
         meta.num_decodes, meta.query_lens_cpu = 0, [qlen]
         q = torch.randn(qlen, hkv * g, d, generator=torch.Generator().manual_seed(trial)).to(dtype)
         out = torch.full_like(q, float("nan"))
-        assert attn._prefill_native(0, q, cache, meta, out, kernel)
-        ref = attn._prefill(0, q, None, None, cache, meta)
+        assert NativePagedAttention(kernel, False, False).chunk_on_decode_kernel(attn, 0, q, cache, meta, out)
+        ref = TorchPagedAttention.prefill(attn, 0, q, None, None, cache, meta)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-2, rtol=4e-2)
         torch.testing.assert_close(out, ref, **tol)
     meta.seq_lens_cpu = [qlen]  # no cached context: SDPA's
-    assert not attn._prefill_native(0, q, cache, meta, out, kernel)
+    assert not NativePagedAttention(kernel, False, False).chunk_on_decode_kernel(attn, 0, q, cache, meta, out)
 
 
 def test_prefill_length_rule(kernel, monkeypatch):
     """Chunks go to SDPA past the measured crossover: fp32 past 16 tokens; bf16 past 12,288
     query-key pairs where torch's flash attention runs on AMX, never elsewhere."""
-    import lmserve.model.layers.attention as attention_mod
-
-    on_native = attention_mod.prefill_on_native_kernel
+    on_native = attention_backends.prefill_on_decode_kernel
     for amx in (True, False):
-        attention_mod._torch_sdpa_on_amx.cache_clear()
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert on_native(torch.float32, 16, 5000) and not on_native(torch.float32, 17, 20)
-        assert on_native(torch.bfloat16, 8, 1536) and on_native(torch.bfloat16, 512, 4096) is not amx
-        assert on_native(torch.bfloat16, 8, 1537) is not amx
-    attention_mod._torch_sdpa_on_amx.cache_clear()
-    monkeypatch.setattr(attention_mod, "prefill_on_native_kernel", lambda dtype, qlen, seq_len: qlen <= 4)
+        assert on_native(torch.float32, 16, 5000, amx) and not on_native(torch.float32, 17, 20, amx)
+        assert on_native(torch.bfloat16, 8, 1536, amx) and on_native(torch.bfloat16, 512, 4096, amx) is not amx
+        assert on_native(torch.bfloat16, 8, 1537, amx) is not amx
+    monkeypatch.setattr(attention_backends, "prefill_on_decode_kernel", lambda dtype, qlen, seq_len, amx: qlen <= 4)
     attn = PagedAttention(4, 2, 64, scale=0.125)
+    backend = NativePagedAttention(kernel, False, False)
     for qlen, native in ((4, True), (5, False)):
         _, cache, meta = make_decode_case([30 + qlen], 4, 2, 64, 16, torch.float32, seed=qlen)
         meta.num_decodes, meta.query_lens_cpu = 0, [qlen]
         q = torch.randn(qlen, 4, 64)
-        assert attn._prefill_native(0, q, cache, meta, torch.empty_like(q), kernel) is native
+        assert backend.chunk_on_decode_kernel(attn, 0, q, cache, meta, torch.empty_like(q)) is native
 
 
 def test_thread_counts_and_strided_q(kernel):
@@ -200,7 +198,7 @@ def test_thread_counts_and_strided_q(kernel):
     wide = torch.randn(q.shape[0], 20, 64)
     wide[:, :14] = q
     attn = PagedAttention(14, 2, 64, scale=0.125)
-    ref = attn._decode(q, cache, meta)
+    ref = TorchPagedAttention.decode(attn, q, cache, meta)
     for threads in (1, 2, 3, 64):
         torch.testing.assert_close(_run_native(kernel, attn, wide[:, :14], cache, meta, threads), ref,
                                    atol=1e-5, rtol=1e-5)
@@ -235,10 +233,7 @@ def forward_on_off(monkeypatch, attn: PagedAttention, dtype: torch.dtype, block_
             g = torch.Generator().manual_seed(step)  # the same inputs both ways
             qkv = [torch.randn(T, h, attn.head_dim, generator=g).to(dtype)
                    for h in (attn.num_heads, attn.num_kv_heads, attn.num_kv_heads)]
-            if on:
-                monkeypatch.delenv(DISABLE_ENV, raising=False)
-            else:
-                monkeypatch.setenv(DISABLE_ENV, "1")
+            attn.backend = native_backend(attn, dtype) if on else TorchPagedAttention()
             outs[on] = attn(*qkv, cache.kv_caches[0], batch.meta)
         assert torch.all(outs[True][-2:] == 0)
         torch.testing.assert_close(outs[True].float(), outs[False].float(), atol=tol, rtol=tol)
@@ -269,23 +264,30 @@ def test_write_kv_equals_reference(kernel):
             kernel.write_kv(k, v, caches[1], torch.tensor([0, 1, 2, 3, 24]))
 
 
-def test_switch_and_mixed_dtypes_fall_back(monkeypatch, caplog):
-    """LMSERVE_DISABLE_CPU_KERNELS=1 turns the kernels off; mixed dtypes (q fp32, cache bf16)
-    are not for them: forward falls back to the reference, logging why."""
+def native_backend(attn: PagedAttention, dtype: torch.dtype) -> NativePagedAttention:
+    """The native backend this machine's plan gives ``attn`` in ``dtype`` (it must give one)."""
+    plan = cpu_plan(dtype)
+    choice = plan.attention(dtype, attn.head_dim, attn.sliding_window)
+    assert choice.backend.startswith("native"), choice
+    return NativePagedAttention(plan.native.attention, "AMX" in choice.backend, plan.sdpa_on_amx)
+
+
+def test_switch_and_mixed_dtypes_are_not_silent(monkeypatch):
+    """LMSERVE_DISABLE_CPU_KERNELS=1: the plan gives the reference; a native backend handed what
+    it does not take (q fp32, cache bf16) raises instead of switching to the reference."""
     q, cache, meta = make_decode_case([3, 8], 4, 2, 64, 4, torch.float32, seed=5)
-    assert PagedAttention._cpu_kernel(q, cache, meta) is not None
+    assert cpu_plan(torch.float32).attention(torch.float32, 64, None).backend == "native"
     monkeypatch.setenv(DISABLE_ENV, "1")
-    assert PagedAttention._cpu_kernel(q, cache, meta) is None
+    assert cpu_plan(torch.float32).attention(torch.float32, 64, None).backend == "torch"
     monkeypatch.delenv(DISABLE_ENV)
     cache16 = cache.to(torch.bfloat16)
     attn = PagedAttention(4, 2, 64, scale=0.125)
-    with caplog.at_level(logging.INFO, logger="lmserve.model.layers.cpu_kernels.paged_attention"):
-        log_fallback_once.cache_clear()
-        assert attn._cpu_kernel(q, cache16, meta) is None
-    assert any("not used" in r.message and "dtypes" in r.message for r in caplog.records)
     kv = torch.zeros(0, 2, 64)
     meta.slot_mapping = torch.full((2,), -1, dtype=torch.int64)  # write nothing
-    torch.testing.assert_close(attn(q, kv, kv, cache16, meta), attn._decode(q, cache16, meta))
+    torch.testing.assert_close(attn(q, kv, kv, cache16, meta), TorchPagedAttention.decode(attn, q, cache16, meta))
+    attn.backend = native_backend(attn, torch.float32)
+    with pytest.raises(ValueError, match="dtypes"):
+        attn(q, kv, kv, cache16, meta)
 
 
 # ---- build, cache and fallbacks -------------------------------------------------------------------
@@ -296,12 +298,9 @@ def test_no_compiler_falls_back(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert get_paged_attention_kernel() is None
     assert any("unavailable" in r.message and "no C compiler" in r.message for r in caplog.records)
-    q, cache, meta = make_decode_case([3, 8], 4, 2, 64, 4, torch.float32, seed=7)
-    attn = PagedAttention(4, 2, 64, scale=0.125)
-    assert attn._cpu_kernel(q, cache, meta) is None
-    kv = torch.zeros(0, 2, 64)
-    meta.slot_mapping = torch.full((2,), -1, dtype=torch.int64)
-    torch.testing.assert_close(attn(q, kv, kv, cache, meta), attn._decode(q, cache, meta))
+    plan = cpu_plan(torch.float32)  # no kernel builds: the plan gives every layer its reference
+    assert "paged_attention" not in plan.kernels
+    assert plan.attention(torch.float32, 64, None).backend == "torch"
 
 
 def test_failing_compiler_falls_back(monkeypatch, tmp_path, caplog):
@@ -335,14 +334,14 @@ def test_llm_greedy_same_tokens_on_off(tiny_models, monkeypatch, kind):
 
     prompts = [[5, 17, 42, 99, 3, 250, 7], [11, 12], list(range(20, 57)), [300 + i for i in range(13)]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
-    reference_decode = PagedAttention._decode
+    reference_decode = TorchPagedAttention.decode
     calls = []
 
-    def counting_decode(self, *args):
+    def counting_decode(*args):
         calls.append(1)
-        return reference_decode(self, *args)
+        return reference_decode(*args)
 
-    monkeypatch.setattr(PagedAttention, "_decode", counting_decode)
+    monkeypatch.setattr(TorchPagedAttention, "decode", staticmethod(counting_decode))
     results = {}
     for on in (True, False):
         calls.clear()

@@ -8,17 +8,19 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config
 
-from lmserve.model.layers import cpu_gemm
-from lmserve.model.layers.cpu_gemm import prepack_supported, pack_weight, prepack_model
 from lmserve.config import cpu_has_fast_bf16
-from lmserve.model.layers.cpu_kernels import get_sbgemm_kernel
-from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS as KERNEL_NAMES, get_kernel
+from lmserve.model.backends.cpu_features import CpuFeatures
+from lmserve.model.backends.linear import PrepackedLinear, TorchLinear
+from lmserve.model.backends.plan import BackendPlan
+from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV
+from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS as KERNEL_NAMES, get_kernel, get_sbgemm_kernel
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.loader import get_model
+from tests.backend_utils import bind, cpu_plan, pack_weight
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
 from tests.test_model_llama import _assert_batched_runs_agree, _model_config, _run, _tokens
 
-pytestmark = pytest.mark.skipif(not prepack_supported(torch.empty(2, 2)),
+pytestmark = pytest.mark.skipif(torch.float32 not in cpu_plan().onednn_dtypes,
                                 reason="torch without oneDNN (or LMSERVE_DISABLE_CPU_KERNELS=1)")
 
 
@@ -77,7 +79,7 @@ def test_panel_kernel_rows_are_batch_invariant(backend, dtype, n):
 
 
 @pytest.mark.skipif(get_sbgemm_kernel() is None, reason="no AVX512-BF16")
-def test_sbgemm_declines_odd_k_and_falls_back_to_onednn():
+def test_sbgemm_does_not_take_odd_k_which_goes_to_onednn():
     w = torch.randn(8, 33).bfloat16()
     assert pack_weight(w, "sbgemm") is None and pack_weight(w, "sbgemm_amx") is None
     assert pack_weight(w).backend == "onednn"
@@ -99,9 +101,9 @@ def test_get_model_prepacks_and_frees_dense_weights(tmp_path):
     hf = _tied_qwen2(tmp_path)
     ours = get_model(_model_config(str(tmp_path)), "cpu")
     linears = [m for m in ours.modules() if isinstance(m, Linear)]
-    assert linears and all(m.packed_weight is not None and m.weight.numel() == 0 for m in linears)
+    assert linears and all(isinstance(m.backend, PrepackedLinear) and m.weight.numel() == 0 for m in linears)
     head = ours.lm_head
-    assert isinstance(head, VocabEmbedding) and head.packed_weight is not None
+    assert isinstance(head, VocabEmbedding) and isinstance(head.head_backend, PrepackedLinear)
     assert head.weight.shape == (128, 64)  # the table stays for lookups
     state = hf.state_dict()
     assert torch.equal(ours.model.layers[0].self_attn.o_proj.dense_weight(),
@@ -118,21 +120,27 @@ def test_packed_and_reference_paths_agree(tmp_path, monkeypatch):
     batched chunked run (the fast path and the eager path are equal)."""
     _tied_qwen2(tmp_path)
     packed = get_model(_model_config(str(tmp_path)), "cpu")
-    monkeypatch.setenv(cpu_gemm.DISABLE_ENV, "1")
+    monkeypatch.setenv(DISABLE_ENV, "1")
     plain = get_model(_model_config(str(tmp_path)), "cpu")
-    assert all(m.packed_weight is None for m in plain.modules() if isinstance(m, (Linear, VocabEmbedding)))
+    assert all(isinstance(m.backend, TorchLinear) for m in plain.modules() if isinstance(m, Linear))
+    assert isinstance(plain.lm_head.head_backend, TorchLinear)
     _assert_batched_runs_agree(packed, plain)
 
 
-def test_not_packed_where_it_does_not_apply(monkeypatch):
-    """bf16 only on a CPU with native bf16; fp16 never; a packed module is not packed twice."""
-    monkeypatch.setattr(cpu_gemm, "cpu_has_fast_bf16", lambda: False)
-    assert not prepack_supported(torch.empty(4, 4, dtype=torch.bfloat16))
-    assert not prepack_supported(torch.empty(4, 4, dtype=torch.float16))
-    monkeypatch.setattr(cpu_gemm, "cpu_has_fast_bf16", lambda: True)
-    assert prepack_supported(torch.empty(4, 4, dtype=torch.bfloat16))
+def test_not_packed_where_it_does_not_apply():
+    """bf16 only on a CPU with native bf16; fp16 never; a model's layers are bound once."""
+    avx2 = BackendPlan.simulated(CpuFeatures(avx2_fma=True), torch.bfloat16)
+    assert avx2.linear(torch.bfloat16, 64).backend == "torch"
+    assert avx2.linear(torch.float16, 64).backend == "torch"
+    assert avx2.linear(torch.float32, 64).backend == "sgemm"
+    zen4 = BackendPlan.simulated(CpuFeatures(avx2_fma=True, avx512=True, avx512_bf16=True), torch.bfloat16)
+    assert zen4.linear(torch.bfloat16, 64).backend == "sbgemm"
+    assert zen4.linear(torch.float16, 64).backend == "torch"
 
     lin = Linear(8, 4, dtype=torch.float32)
     torch.nn.init.normal_(lin.weight)
     wrapper = torch.nn.Sequential(lin)
-    assert prepack_model(wrapper) == 1 and prepack_model(wrapper) == 0
+    table = bind(wrapper)
+    assert table.backends("linear") == {lin.backend.name} and isinstance(lin.backend, PrepackedLinear)
+    with pytest.raises(ValueError, match="already"):
+        bind(wrapper)

@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from lmserve.model.backends.elementwise import NativeRMSNorm, NativeRope, NativeSiluAndMul, TorchRope
 from lmserve.model.layers.cpu_kernels import build
 from lmserve.model.layers.activation import SiluAndMul
-from lmserve.model.layers.cpu_kernels.cpu_ops import attach_cpu_ops, get_cpu_ops
+from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
 from lmserve.model.loader import get_model
+from tests.backend_utils import cpu_plan
 from tests.model_utils import PagedTestCache, hf_logits, make_hf_model
 from tests.test_model_llama import _assert_batched_runs_agree, _model_config, _run, _tokens
 
@@ -62,8 +64,8 @@ def test_rope_is_bit_identical_to_reference(dtype, rows):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     rot = RotaryEmbedding(d, 2048, inv_freq, 1.0, dtype)
     positions = torch.randint(0, 2048, (rows,), generator=gen)
-    ref = RotaryInputs(rot.cos_sin_cache.index_select(0, positions)).rotate(q, k)
-    got = RotaryInputs(rot.cos_sin_cache.index_select(0, positions), OPS).rotate(q, k)
+    ref = RotaryInputs(rot.cos_sin_cache.index_select(0, positions), TorchRope()).rotate(q, k)
+    got = RotaryInputs(rot.cos_sin_cache.index_select(0, positions), NativeRope(OPS)).rotate(q, k)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     assert got[0].is_contiguous() and got[1].is_contiguous()
 
@@ -79,7 +81,7 @@ def test_silu_and_mul_matches_torch(dtype, rows, width):
     if rows:
         x[0, :4] = torch.tensor([0.0, -90.0, 90.0, 1e-30]).to(dtype)
     fused = SiluAndMul()
-    fused.cpu_ops = OPS
+    fused.backend = NativeSiluAndMul(OPS)
     got, ref = fused(x), SiluAndMul()(x)
     assert got.shape == ref.shape == (rows, width) and got.dtype == dtype
     if dtype == torch.bfloat16:
@@ -89,7 +91,8 @@ def test_silu_and_mul_matches_torch(dtype, rows, width):
 
 
 def test_kernels_decline_what_they_do_not_take():
-    """float16, a strided last dim, mismatched shapes: None, and the modules fall back to torch."""
+    """float16, a strided last dim, mismatched shapes: the kernels return None; the plan never
+    chooses them for such layers, and a native backend given one anyway raises."""
     h = torch.randn(3, 16, dtype=torch.float16)
     assert OPS.rms_norm(h, torch.ones(16, dtype=torch.float16), 1e-6) is None
     assert OPS.rms_norm(torch.randn(16, 6).t(), torch.ones(16), 1e-6) is None  # last dim strided
@@ -97,13 +100,22 @@ def test_kernels_decline_what_they_do_not_take():
     assert OPS.rms_norm(wide, torch.ones(16385), 1e-6) is None
     q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 8)
     assert OPS.rope_neox(q, k, torch.randn(3, 8)) is None  # wrong row count
+    plan = cpu_plan(torch.float16)
+    assert plan.rms_norm(torch.float16, 16).backend == "torch"
+    assert plan.rms_norm(torch.float32, 16385).backend == "torch"
+    assert plan.rope(torch.float16, 64).backend == "torch"
     norm = RMSNorm(16, dtype=torch.float16)
-    norm.cpu_ops = OPS
-    assert torch.equal(norm(h), RMSNorm(16, dtype=torch.float16)(h))
-    x3 = torch.randn(2, 3, 16)  # 3-D (per-head q/k norms): the torch ops
+    norm.backend = NativeRMSNorm(OPS)
+    with pytest.raises(ValueError, match="declined"):
+        norm(h)
+    x3 = torch.randn(2, 3, 16)  # 3-D rows (per-head q/k norms) are flattened, not sent elsewhere
     norm32 = RMSNorm(16)
-    norm32.cpu_ops = OPS
-    assert torch.equal(norm32(x3), RMSNorm(16)(x3))
+    norm32.weight.data = torch.randn(16)
+    ref = norm32(x3)
+    norm32.backend = NativeRMSNorm(OPS)
+    _assert_last_bit(norm32(x3), ref)
+    strided = torch.randn(16, 6).t()  # [6, 16] with a strided last dim: made dense by the backend
+    _assert_last_bit(norm32(strided), RMSNorm(16)(strided) * norm32.weight)
 
 
 def _llama(tmp_path):
@@ -121,7 +133,9 @@ def test_get_model_attaches_kernels_and_matches_hf(tmp_path, monkeypatch):
     fused = get_model(_model_config(str(tmp_path)), "cpu")
     kinds = (RMSNorm, RotaryEmbedding, SiluAndMul)
     mods = [m for m in fused.modules() if isinstance(m, kinds)]
-    assert len(mods) == 2 * 2 + 1 + 1 + 2 and all(m.cpu_ops is OPS for m in mods)
+    assert len(mods) == 2 * 2 + 1 + 1 + 2
+    native = (NativeRMSNorm, NativeRope, NativeSiluAndMul if OPS.has_silu else type(SiluAndMul().backend))
+    assert all(isinstance(m.backend, native) for m in mods)
     toks = _tokens(23, 3)
     out = _run(fused, PagedTestCache(fused.kv_cache_spec()), [("a", toks)])["a"]
     ref = hf_logits(hf, toks)
@@ -129,6 +143,5 @@ def test_get_model_attaches_kernels_and_matches_hf(tmp_path, monkeypatch):
 
     monkeypatch.setenv(build.DISABLE_ENV, "1")
     plain = get_model(_model_config(str(tmp_path)), "cpu")
-    assert all(m.cpu_ops is None for m in plain.modules() if isinstance(m, kinds))
-    assert attach_cpu_ops(plain) == 0  # switched off: nothing attached
+    assert all(m.backend.name == "torch" for m in plain.modules() if isinstance(m, kinds))
     _assert_batched_runs_agree(fused, plain)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-from lmserve.model.layers.cpu_gemm import BACKEND_ENV
+from lmserve.model.backends.decode_step import PANEL_MAX_ROWS, VNNI_MAX_ROWS as MAX_ROWS
+from lmserve.model.backends.plan import DECODE_STEP_ENV as ENV
+from lmserve.model.backends.plan import GEMM_ENV as BACKEND_ENV
 from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops
-from lmserve.model.layers.cpu_kernels.decode_step import ENV, MAX_ROWS, PANEL_MAX_ROWS, LlamaDecodeStep
+from lmserve.model.layers.cpu_kernels.decode_step import LlamaDecodeStep
 from lmserve.model.layers.cpu_kernels.sgemm import get_kernel
 from lmserve.model.loader import get_model
 from tests.model_utils import PagedTestCache, make_hf_model, write_tiny_gguf
@@ -87,7 +89,7 @@ def test_bf16_panel_decode_step_equals_eager(tmp_path, monkeypatch, backend, arc
     shape = dict(_SHAPE, hidden_size=hidden, intermediate_size=intermediate)
     make_hf_model(cls(**shape, tie_word_embeddings=arch == "qwen2"), seed=4).save_pretrained(str(tmp_path))
     model = get_model(_model_config(str(tmp_path), None, dtype=torch.bfloat16), "cpu")
-    assert model.model.layers[0].mlp.down_proj.packed_weight.backend == backend
+    assert model.model.layers[0].mlp.down_proj.backend.name == backend
     assert isinstance(model.decode_step, LlamaDecodeStep) and model.decode_step.max_rows == PANEL_MAX_ROWS
     fast, eager = _run(model, True, schedule=_TWENTY), _run(model, False, schedule=_TWENTY)
     for f, e in zip(fast, eager, strict=True):
@@ -99,7 +101,7 @@ def test_bf16_panel_decode_step_equals_eager(tmp_path, monkeypatch, backend, arc
 def test_bf16_decode_step_with_amx_attention_equals_eager(tmp_path, monkeypatch):
     """7 query heads per KV head, head dim 64, blocks of 16: the step's attention runs on AMX tiles
     between the AMX GEMMs (both set their own tile shape); the same bits as the eager path."""
-    from lmserve.model.layers.cpu_kernels import get_paged_attention_kernel
+    from lmserve.model.layers.cpu_kernels.paged_attention import get_paged_attention_kernel
 
     attn_kernel = get_paged_attention_kernel()
     if attn_kernel is None or not attn_kernel.amx:
@@ -118,7 +120,8 @@ def test_bf16_decode_step_with_amx_attention_equals_eager(tmp_path, monkeypatch)
 
 
 def test_decode_step_declines_and_is_optional(tmp_path, monkeypatch):
-    """More than MAX_ROWS sequences, or a step with a prompt token, go to the eager path; a dense
+    """More than MAX_ROWS sequences, or a step with a prompt token, go to the eager path (the step
+    does not take them, and refuses them if called); caches of another model are refused; a dense
     model, or LMSERVE_DECODE_STEP=0, gets no step at all."""
     model = _model(tmp_path, "llama", "Q4_1", torch.bfloat16)
     step = model.decode_step
@@ -126,10 +129,17 @@ def test_decode_step_declines_and_is_optional(tmp_path, monkeypatch):
     seqs = list(range(MAX_ROWS + 1))
     cache.step([(s, [1, 2, 3]) for s in seqs])
     batch = cache.step([(s, [4]) for s in seqs], decode_only=True)
-    assert step(batch.input_ids, batch.positions, cache.kv_caches, batch.meta) is None
+    assert not step.takes(batch.meta)
+    with pytest.raises(ValueError, match="does not take"):
+        step(batch.input_ids, batch.positions, cache.kv_caches, batch.meta)
     batch = cache.step([(0, [5])], decode_only=False)  # a 1-token prompt chunk, not a generated token
-    assert step(batch.input_ids, batch.positions, cache.kv_caches, batch.meta) is None
-    assert step(batch.input_ids, batch.positions, cache.kv_caches[:1], batch.meta) is None  # caches of another model
+    assert not step.takes(batch.meta)
+    with pytest.raises(ValueError, match="does not take"):
+        step(batch.input_ids, batch.positions, cache.kv_caches, batch.meta)
+    batch = cache.step([(0, [6])], decode_only=True)
+    assert step.takes(batch.meta)
+    with pytest.raises(ValueError, match="KV caches"):  # caches of another model
+        step(batch.input_ids, batch.positions, cache.kv_caches[:1], batch.meta)
     dense = get_model(_model_config(str(tmp_path), "tiny.gguf", dtype=torch.float32, quantization="none"), "cpu")
     assert dense.decode_step is None  # fp32 dense weights: no panel kernel in the step
     dense = get_model(_model_config(str(tmp_path), "tiny.gguf", dtype=torch.bfloat16, quantization="none"), "cpu")

@@ -24,11 +24,7 @@ PACKAGE = "lmserve"
 # Cycles that exist today and are being removed; nothing may be added here. The model-layer
 # redesign (issue 25) removes them: a compute backend must not import the layers that call it.
 # Remove an entry when its cycle is gone (the test fails until you do).
-KNOWN_CYCLES_TO_REMOVE: set[frozenset[str]] = {
-    # linear.py imports dense_linear / PrepackedWeight from cpu_gemm.py; cpu_gemm.py imports
-    # Linear / VocabEmbedding inside a function to walk a model's layers
-    frozenset({"lmserve.model.layers.cpu_gemm", "lmserve.model.layers.linear"}),
-}
+KNOWN_CYCLES_TO_REMOVE: set[frozenset[str]] = set()
 
 
 # ----------------------------------------------------------------------------- the walker

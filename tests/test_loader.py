@@ -176,6 +176,7 @@ def test_gguf_kept_quantized(tmp_path, quant, arch, tied):
     """A bf16 model on CPU keeps a GGUF's Q4_0/Q4_1/Q8_0 matrices quantized (the default):
     quantized modules whose dense weights equal the dequantized load's (so the Q/K
     un-permutation of blocks is right), and logits close to the dequantized model's."""
+    from lmserve.model.backends.quantized import BlockQuantLinear
     from lmserve.model.layers.quantized_linear import QuantizedEmbedding, QuantizedLinear, QuantizedMergedLinear
     from lmserve.model.loader import keeps_gguf_quantized
 
@@ -191,14 +192,14 @@ def test_gguf_kept_quantized(tmp_path, quant, arch, tied):
     assert not keeps_gguf_quantized(_model_config(str(tmp_path), "tiny.gguf", dtype=torch.float16), "cpu")
     quant_model, dense_model = get_model(mc_q, "cpu"), get_model(mc_d, "cpu")
     layer = quant_model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, QuantizedMergedLinear) and layer.self_attn.qkv_proj.qweight is not None
-    assert isinstance(layer.mlp.gate_up_proj, QuantizedMergedLinear) and layer.mlp.gate_up_proj.qweight is not None
+    assert isinstance(layer.self_attn.qkv_proj, QuantizedMergedLinear) and isinstance(layer.self_attn.qkv_proj.backend, BlockQuantLinear)
+    assert isinstance(layer.mlp.gate_up_proj, QuantizedMergedLinear) and isinstance(layer.mlp.gate_up_proj.backend, BlockQuantLinear)
     assert isinstance(layer.self_attn.o_proj, QuantizedLinear) and isinstance(layer.mlp.down_proj, QuantizedLinear)
     assert isinstance(quant_model.model.embed_tokens, QuantizedEmbedding)
     if tied:
         assert quant_model.lm_head is quant_model.model.embed_tokens
     else:
-        assert isinstance(quant_model.lm_head, QuantizedLinear) and quant_model.lm_head.qweight is not None
+        assert isinstance(quant_model.lm_head, QuantizedLinear) and isinstance(quant_model.lm_head.backend, BlockQuantLinear)
     dense_params = dict(dense_model.named_parameters())
     for name, param in quant_model.named_parameters():
         assert torch.equal(param, dense_params[name]), name
@@ -212,7 +213,7 @@ def test_gguf_kept_quantized(tmp_path, quant, arch, tied):
     assert err_quant <= 1.5 * err_dense + 0.01 * ref.abs().max(), (err_quant, err_dense)
     # fp32 kept quantized: only the int path's rows are rounded to bf16, so it is closer still
     fp32_quant = get_model(_model_config(str(tmp_path), "tiny.gguf", quantization="gguf"), "cpu")
-    assert fp32_quant.model.layers[0].self_attn.qkv_proj.qweight is not None
+    assert isinstance(fp32_quant.model.layers[0].self_attn.qkv_proj.backend, BlockQuantLinear)
     err_fp32 = (_decode_logits(fp32_quant, toks[:4], toks[4:]) - ref).abs().max()
     assert err_fp32 <= 1.5 * err_dense + 0.01 * ref.abs().max(), (err_fp32, err_dense)
 

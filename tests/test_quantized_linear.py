@@ -12,17 +12,31 @@ import torch.nn.functional as F
 
 gguf = pytest.importorskip("gguf")
 
+from lmserve.model.backends.block_formats import BLOCK_BYTES, BlockQuantizedWeight  # noqa: E402
+from lmserve.model.backends.quantized import MAX_ROWS, BlockQuantLinear, PackedWeight, VnniWeight  # noqa: E402
 from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV  # noqa: E402
 from lmserve.model.layers.cpu_kernels.cpu_ops import get_cpu_ops  # noqa: E402
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding  # noqa: E402
 from lmserve.model.layers.quantized_linear import (  # noqa: E402
-    BLOCK_BYTES, MAX_ROWS, BlockQuantizedWeight, VnniWeight, PackedWeight, QuantizedEmbedding, QuantizedLinear,
-    QuantizedMergedLinear, quantized_module_for)
+    QuantizedEmbedding, QuantizedLinear, QuantizedMergedLinear, quantized_module_for)
+from tests.backend_utils import bind  # noqa: E402
 
 QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
 _OPS = get_cpu_ops()
 needs_vnni = pytest.mark.skipif(_OPS is None or not _OPS.has_qgemv,
                                    reason="the VNNI GEMV needs AVX-512 VNNI and a C compiler")
+
+
+def bound(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its backends bound as a model's would be, but the dense path on ``F.linear``
+    (these tests hold the dense path to the dequantized model's exact matmul)."""
+    if isinstance(module, VocabEmbedding):  # a table binds as a tied lm_head
+        holder = torch.nn.Module()
+        holder.lm_head = module
+        bind(holder, module.weight.dtype, gemm="torch")
+    else:
+        bind(module, gemm="torch")
+    return module
 
 
 @pytest.fixture
@@ -113,11 +127,12 @@ def test_quantized_linear_bf16_with_bias(qtype, rows):
     lin = QuantizedLinear.from_linear(Linear(128, 96, bias=True, dtype=torch.bfloat16))
     lin.bias.data.copy_(torch.linspace(-1, 1, 96))
     lin.load_quantized(blocks)
+    bound(lin)
     assert torch.equal(lin.weight, ref_w.bfloat16())  # the dense copy is the dequantized weight
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(5)).bfloat16()
     y = lin(x, decode_only=True)
     _assert_close_to_ref(y, _ref_matmul(x, ref_w, lin.bias), torch.bfloat16)
-    if rows > lin.qweight.max_rows:  # the dense path: exactly the dequantized model's matmul
+    if rows > lin.backend.qweight.max_rows:  # the dense path: exactly the dequantized model's matmul
         assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
 
 
@@ -126,7 +141,8 @@ def test_output_rows_padded_to_kernel_multiple(torch_int4_path):
     blocks, ref_w = make_blocks("Q4_1", 40, 64, seed=6)
     lin = QuantizedLinear.from_linear(Linear(64, 40, dtype=torch.bfloat16))
     lin.load_quantized(blocks)
-    assert lin.qweight.packed.shape[0] == 48
+    bound(lin)
+    assert lin.backend.qweight.packed.shape[0] == 48
     x = torch.randn(2, 64).bfloat16()
     y = lin(x, decode_only=True)
     assert y.shape == (2, 40)
@@ -144,8 +160,9 @@ def test_dispatch_crossover(monkeypatch, torch_int4_path):
         blocks, ref_w = make_blocks(qtype, 32, 64)
         lin = QuantizedLinear.from_linear(Linear(64, 32, dtype=torch.bfloat16))
         lin.load_quantized(blocks)
+        bound(lin)
         limit = MAX_ROWS["q8x2" if qtype == "Q8_0" else "int4"]
-        assert lin.qweight.max_rows == limit
+        assert lin.backend.qweight.max_rows == limit
         calls.clear()
         lin(torch.randn(limit, 64).bfloat16(), decode_only=True)
         assert calls == [limit]
@@ -155,7 +172,8 @@ def test_dispatch_crossover(monkeypatch, torch_int4_path):
         assert torch.equal(lin(x), F.linear(x, lin.weight)) and calls == [limit]
         f32 = QuantizedLinear.from_linear(Linear(64, 32, dtype=torch.float32))
         f32.load_quantized(blocks)
-        assert f32.qweight.scales_zeros.dtype == torch.bfloat16
+        bound(f32)
+        assert f32.backend.qweight.scales_zeros.dtype == torch.bfloat16
         x = torch.randn(1, 64)
         assert torch.equal(f32(x), F.linear(x, f32.weight)) and calls == [limit]
         y = f32(x, decode_only=True)
@@ -176,7 +194,8 @@ def test_merged_q4_shards_pack_together(rows):
     for shard, (blocks, _) in zip("qkv", parts):
         merged.load_shard("bias", shard, torch.full((blocks.shape[0],), 0.5))
         merged.load_shard("weight", shard, blocks)
-    assert merged.qweight is not None and merged.qweight.out_features == 128
+    bound(merged)
+    assert isinstance(merged.backend, BlockQuantLinear) and merged.backend.qweight.out_features == 128
     ref_w = torch.cat([r for _, r in parts])
     assert torch.equal(merged.weight, ref_w.bfloat16())
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(10)).bfloat16()
@@ -192,7 +211,7 @@ def test_merged_q8_0_shards(torch_int4_path):
     merged = QuantizedMergedLinear(64, [48, 48], ["gate", "up"], dtype=torch.bfloat16)
     for shard, (blocks, _) in zip(["gate", "up"], parts):
         merged.load_shard("weight", shard, blocks)
-    assert merged.qweight.layout == "q8x2"
+    assert bound(merged).backend.qweight.layout == "q8x2"
     x = torch.randn(2, 64).bfloat16()
     _assert_close_to_ref(merged(x, decode_only=True), _ref_matmul(x, torch.cat([r for _, r in parts])),
                          torch.bfloat16)
@@ -210,7 +229,7 @@ def test_merged_mixed_formats_stay_dense():
         else:
             b, ref_b = make_blocks(second, 32, 64)
             merged.load_shard("weight", "up", b)
-        assert merged.qweight is None
+        assert not isinstance(bound(merged).backend, BlockQuantLinear)
         assert torch.equal(merged.weight, torch.cat([ref_a, ref_b]).bfloat16())
 
 
@@ -219,6 +238,7 @@ def test_quantized_embedding_lookup_and_tied_head():
     emb = quantized_module_for(VocabEmbedding(80, 64, dtype=torch.bfloat16))
     assert isinstance(emb, QuantizedEmbedding)
     emb.load_quantized(blocks)
+    bound(emb)
     ids = torch.tensor([0, 5, 79, 5])
     assert torch.equal(emb(ids), ref_w.bfloat16()[ids])  # lookups read the exact dequantized table
     h = torch.randn(2, 64).bfloat16()
@@ -297,18 +317,20 @@ def test_int8dot_packing_and_dispatch():
     blocks, ref_w = make_blocks("Q4_1", 48, 128)
     lin = QuantizedLinear.from_linear(Linear(128, 48, dtype=torch.bfloat16))
     lin.load_quantized(blocks)
-    assert isinstance(lin.qweight, VnniWeight) and lin.qweight.max_rows == MAX_ROWS["vnni"]
+    bound(lin)
+    assert isinstance(lin.backend.qweight, VnniWeight) and lin.backend.qweight.max_rows == MAX_ROWS["vnni"]
     x = torch.randn(MAX_ROWS["vnni"] + 1, 128).bfloat16()
     assert torch.equal(lin(x, decode_only=True), F.linear(x, lin.weight))
     odd, _ = make_blocks("Q4_1", 48, 96)
     lin96 = QuantizedLinear.from_linear(Linear(96, 48, dtype=torch.bfloat16))
     lin96.load_quantized(odd)
-    assert isinstance(lin96.qweight, PackedWeight)
+    bound(lin96)
+    assert isinstance(lin96.backend.qweight, PackedWeight)
     parts = [make_blocks("Q4_1", 64, 128, seed=7), make_blocks("Q4_0", 32, 128, seed=8)]
     merged = QuantizedMergedLinear(128, [64, 32], ["q", "k"], dtype=torch.bfloat16)
     for shard, (b, _) in zip("qk", parts):
         merged.load_shard("weight", shard, b)
-    assert isinstance(merged.qweight, VnniWeight) and merged.qweight.nibbles
+    assert isinstance(bound(merged).backend.qweight, VnniWeight) and merged.backend.qweight.nibbles
     x = torch.randn(2, 128).bfloat16()
     _assert_close_to_ref(merged(x, decode_only=True), _ref_matmul(x, torch.cat([r for _, r in parts])),
                          torch.bfloat16)
@@ -316,8 +338,8 @@ def test_int8dot_packing_and_dispatch():
     merged8 = QuantizedMergedLinear(128, [48, 48], ["gate", "up"], dtype=torch.bfloat16)
     for shard, (b, _) in zip(["gate", "up"], q8):
         merged8.load_shard("weight", shard, b)
-    assert isinstance(merged8.qweight, VnniWeight) and not merged8.qweight.nibbles
+    assert isinstance(bound(merged8).backend.qweight, VnniWeight) and not merged8.backend.qweight.nibbles
     _assert_close_to_ref(merged8(x, decode_only=True), _ref_matmul(x, torch.cat([r for _, r in q8])),
                          torch.bfloat16)
-    w, bias = merged8.qweight, torch.randn(96).bfloat16()  # a bias goes on after the product's rounding
+    w, bias = merged8.backend.qweight, torch.randn(96).bfloat16()  # a bias goes on after the product's rounding
     assert torch.equal(_OPS.qgemv(x, w.qw, w.d, w.m, w.nibbles, bias), w(x) + bias)

@@ -114,7 +114,7 @@ def test_quantized_agrees_with_dequantized(smollm2_path):
 
     ops = get_cpu_ops()
     head_layout = "vnni" if ops is not None and ops.has_qgemv else "q8x2"  # the VNNI GEMV: AVX-512 VNNI
-    assert isinstance(quant.lm_head, QuantizedEmbedding) and quant.lm_head.qweight.layout == head_layout
+    assert isinstance(quant.lm_head, QuantizedEmbedding) and quant.lm_head.head_backend.qweight.layout == head_layout
     tokenizer = get_tokenizer(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path))
     agree = total = 0
     deltas = []

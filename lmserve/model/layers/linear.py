@@ -2,6 +2,11 @@
 
 ``MergedLinear`` stacks several projections that read the same input (Q|K|V, gate|up) into
 one matmul; checkpoints still hold them separately, so it loads them shard by shard.
+
+Every layer computes through its ``backend`` (``model/backends/linear.py``): ``TorchLinear`` when
+built, the plan's choice once the model is loaded (``loader/binding.py``). The layer is the seam
+for LoRA (a delta added to ``forward``'s result) and tensor parallelism (a layer holding a shard
+of the weight, with a collective after ``forward``); the backend only computes the matmul.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmserve.model.layers.cpu_gemm import PrepackedWeight, dense_linear
+from lmserve.model.backends.linear import LinearBackend, TorchLinear
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -26,10 +31,10 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 class Linear(nn.Module):
     """y = x @ weight.T + bias; weight [out_features, in_features] (torch/HF layout). Parameters are
     allocated uninitialized: they are meant to be loaded (or dummy-initialized) right after.
-    ``packed_weight``: set by ``cpu_gemm.prepack_model`` after loading (the dense weight then lives
-    only there, in oneDNN's layout); None means ``F.linear`` on ``weight``."""
+    ``backend`` computes it (see the module docstring); a backend that packs the weight leaves
+    ``weight`` an empty Parameter (``dense_weight()`` still gives it)."""
 
-    packed_weight: PrepackedWeight | None = None
+    backend: LinearBackend
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:
@@ -38,19 +43,21 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.backend = TorchLinear()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"backend={self.backend.name}"
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]. ``decode_only``: the step has no prompt
-        token (``AttentionMetadata.decode_only``); quantized subclasses may then use their
-        few-row kernels, a dense layer ignores it."""
-        return dense_linear(x, self.weight, self.bias, self.packed_weight)
+        token (``AttentionMetadata.decode_only``); a block-quantized backend may then use its
+        few-row kernel, the others ignore it."""
+        return self.backend.apply(self, x, decode_only)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight [out_features, in_features] as a plain tensor, prepacked or not (a copy when packed)."""
-        return self.weight if self.packed_weight is None else self.packed_weight.to_dense()
+        """The weight [out_features, in_features] as a plain tensor (a copy when packed)."""
+        return self.backend.dense_weight(self)
 
 
 class MergedLinear(Linear):
@@ -88,23 +95,25 @@ class MergedLinear(Linear):
 
 
 class VocabEmbedding(nn.Module):
-    """Token embedding table [vocab_size, hidden_size], allocated uninitialized. ``packed_weight``:
-    a oneDNN copy of the table for ``project`` when it is a tied lm_head (``cpu_gemm``)."""
+    """Token embedding table [vocab_size, hidden_size], allocated uninitialized. ``head_backend``
+    computes ``project`` when the table is a tied lm_head (a packing backend packs a copy: the
+    table stays for lookups)."""
 
-    packed_weight: PrepackedWeight | None = None
+    head_backend: LinearBackend
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype), requires_grad=False)
+        self.head_backend = TorchLinear()
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, head_backend={self.head_backend.name}"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., embedding_dim] -> [..., num_embeddings]: the table used as a tied lm_head."""
-        return dense_linear(hidden, self.weight, None, self.packed_weight)
+        return self.head_backend.apply(self, hidden, True)

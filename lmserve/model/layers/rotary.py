@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from lmserve.model.layers.cpu_kernels.cpu_ops import CpuOps
+from lmserve.model.backends.elementwise import NativeRope, TorchRope, rotate_neox
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -82,33 +81,26 @@ def compute_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float, i
 class RotaryInputs:
     """One forward's RoPE rows, gathered once and applied in every layer.
 
-    ``cos_sin`` [T, D]: ``cat(cos, sin)`` at each token's position; ``cpu_ops``: the fused CPU
-    kernel, or None for the torch ops (the kernel computes the same ops with the same roundings,
-    so the two are bit-identical; it declines inputs it does not take, which then take the ops)."""
+    ``cos_sin`` [T, D]: ``cat(cos, sin)`` at each token's position; ``backend``: the embedding's
+    backend (the torch ops, or the fused kernel computing the same ops with the same roundings)."""
 
     cos_sin: torch.Tensor
-    cpu_ops: CpuOps | None = None
+    backend: TorchRope | NativeRope
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D] -> rotated (q, k), as ``RotaryEmbedding.apply``."""
-        if self.cpu_ops is not None:
-            fused = self.cpu_ops.rope_neox(q, k, self.cos_sin)
-            if fused is not None:
-                return fused
-        cos, sin = self.cos_sin.chunk(2, dim=-1)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        return self.backend.apply(q, k, self.cos_sin)
 
 
 class RotaryEmbedding(nn.Module):
     """Neox-style ("rotate half") RoPE with a precomputed cos/sin cache.
 
     Invariant: ``cos_sin_cache[p] == cat(cos(p * inv_freq), sin(p * inv_freq)) * attention_scaling``
-    computed in fp32, stored in ``dtype``; positions must be < ``max_position``. ``cpu_ops`` (set
-    by ``attach_cpu_ops`` after loading) goes into every ``RotaryInputs`` this module makes.
+    computed in fp32, stored in ``dtype``; positions must be < ``max_position``. ``backend`` (the
+    torch ops when built, the plan's choice once loaded) goes into every ``RotaryInputs`` it makes.
     """
 
-    cpu_ops: CpuOps | None
+    backend: TorchRope | NativeRope
 
     def __init__(self, head_dim: int, max_position: int, inv_freq: torch.Tensor, attention_scaling: float,
                  dtype: torch.dtype) -> None:
@@ -117,7 +109,7 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self.attention_scaling = attention_scaling
         self._inv_freq = inv_freq.float().cpu()  # host copy, to rebuild the cache (e.g. GGUF rope_freqs)
-        self.cpu_ops = None
+        self.backend = TorchRope()
         self.register_buffer("cos_sin_cache", self._build_cache(self._inv_freq, dtype), persistent=False)
 
     @classmethod
@@ -144,16 +136,12 @@ class RotaryEmbedding(nn.Module):
 
     def inputs_for(self, positions: torch.Tensor) -> RotaryInputs:
         """positions [T] -> their ``RotaryInputs`` (one gather per forward)."""
-        return RotaryInputs(self.cos_sin_cache.index_select(0, positions), self.cpu_ops)
+        return RotaryInputs(self.cos_sin_cache.index_select(0, positions), self.backend)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] rotated by cos/sin [T, 1, D/2]; same elementwise ops as HF's
-        ``x * cos + rotate_half(x) * sin``, so bit-identical in 16-bit dtypes too."""
-        x1, x2 = x.chunk(2, dim=-1)  # [T, H, D/2] each
-        cos = cos.to(x.dtype)
-        sin = sin.to(x.dtype)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """x [T, H, D] rotated by cos/sin [T, 1, D/2] (``elementwise.rotate_neox``)."""
+        return rotate_neox(x, cos, sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D] at ``positions`` [T] -> rotated (q, k)."""

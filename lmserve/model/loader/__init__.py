@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -12,11 +13,12 @@ from lmserve.model.loader.gguf_loader import iter_gguf_weights
 from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
 from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
-from lmserve.model.layers.cpu_gemm import prepack_model
-from lmserve.model.layers.cpu_kernels.cpu_ops import attach_cpu_ops
-from lmserve.model.layers.cpu_kernels.decode_step import attach_decode_step
+from lmserve.model.backends.plan import BackendPlan
 from lmserve.model.layers.pooler import Pooler
+from lmserve.model.loader.binding import bind_backends
 from lmserve.model.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["get_model", "resolve_model", "default_model", "load_hf_config", "checkpoint_dtype",
            "initialize_dummy_weights", "keeps_gguf_quantized"]
@@ -57,10 +59,9 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
 
     The class follows ``model_config.runner_type`` / ``convert_type`` (``resolve_model_class``);
     a pooling model gets ``model.pooler``, a ``Pooler`` over ``model_config.pooler_config`` with
-    the model's ``classifier_head`` (if any). On CPU the dense matmul weights are then prepacked
-    (``cpu_gemm.prepack_model``), the norms and rotary get their fused kernels
-    (``cpu_ops.attach_cpu_ops``), and a generative model whose linears all run on the VNNI GEMV
-    its one-call decode step (``decode_step.attach_decode_step``)."""
+    the model's ``classifier_head`` (if any). Then every layer gets its compute backend, chosen
+    once by a ``BackendPlan`` for this device, dtype and CPU (``binding.bind_backends``; the
+    choices are logged as one table)."""
     device = torch.device(device)
     cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
     with torch.device(device):
@@ -86,8 +87,6 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    prepack_model(model)
-    attach_cpu_ops(model)
-    if not model_config.is_pooling:
-        attach_decode_step(model)
+    table = bind_backends(model, BackendPlan.for_device(device, model_config.dtype))
+    logger.info("%s", table.format())
     return model

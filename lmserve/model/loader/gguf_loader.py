@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmserve.model.layers.quantized_linear import BLOCK_BYTES, GROUP, BlockQuantizedWeight
+from lmserve.model.backends.block_formats import BLOCK_BYTES, GROUP, BlockQuantizedWeight
 from lmserve.model.models.llama import ROPE_FREQ_FACTORS
 
 _PROGRESS_DELAY_S = 2.0

@@ -21,7 +21,8 @@ from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, copy_checked
 from lmserve.model.layers.norm import RMSNorm
-from lmserve.model.layers.quantized_linear import BlockQuantizedWeight, quantized_module_for
+from lmserve.model.backends.block_formats import BlockQuantizedWeight
+from lmserve.model.layers.quantized_linear import quantized_module_for
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
     needs_kv_cache = True
     uses_token_type_ids = False
 
-    # the native one-call decode step (``cpu_kernels.decode_step``), set after loading where it applies
+    # the native one-call decode step (``backends/decode_step.py``), set when the backends are bound
     decode_step: LlamaDecodeStep | None = None
 
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
@@ -185,11 +186,9 @@ class LlamaForCausalLM(nn.Module):
                 attn_metadata: AttentionMetadata, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] (flat batch, laid out as ``attn_metadata`` says); one KV cache
         per layer -> hidden states [T, hidden] after the final norm. ``token_type_ids`` is ignored.
-        A decode-only step goes through ``decode_step`` when there is one and it takes the step."""
-        if self.decode_step is not None and attn_metadata.decode_only:
-            hidden = self.decode_step(input_ids, positions, kv_caches, attn_metadata)
-            if hidden is not None:
-                return hidden
+        A step the native ``decode_step`` takes (decode-only, few enough sequences) runs there."""
+        if self.decode_step is not None and self.decode_step.takes(attn_metadata):
+            return self.decode_step(input_ids, positions, kv_caches, attn_metadata)
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     @torch.no_grad()

@@ -142,27 +142,6 @@ def _load(compiler: str | None, cache_dir: str | None) -> CpuOps | None:
         return None
 
 
-def attach_cpu_ops(model: torch.nn.Module) -> int:
-    """Give every ``RMSNorm``, ``RotaryEmbedding`` and ``SiluAndMul`` of a CPU model the fused
-    kernels (each keeps its torch ops for inputs the kernels decline). Call once after loading,
-    with the model on its device; a model on another device, or no kernels, is left as it is.
-    Returns the number of modules given them."""
-    from lmserve.model.layers.activation import SiluAndMul
-    from lmserve.model.layers.norm import RMSNorm
-    from lmserve.model.layers.rotary import RotaryEmbedding
-
-    param = next(model.parameters(), None)
-    ops = get_cpu_ops() if param is None or param.device.type == "cpu" else None
-    if ops is None:
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (RMSNorm, RotaryEmbedding, SiluAndMul)):
-            module.cpu_ops = ops
-            count += 1
-    return count
-
-
 def get_cpu_ops() -> CpuOps | None:
     """The kernels, or None (see the module docstring)."""
     if kernels_disabled():

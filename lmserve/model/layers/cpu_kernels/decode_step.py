@@ -1,13 +1,9 @@
 """ctypes binding of ``decode_step.c``: a Llama-family model's whole decode step (every layer, the
-final norm) as one native call, for CPU models whose linear layers all run on the VNNI GEMV (GGUF
-Q4_0/Q4_1/Q8_0 weights kept quantized, on a CPU with AVX-512 VNNI), or all on the bf16 panel GEMM
-(bf16 weights packed by ``cpu_gemm`` for ``sbgemm`` / ``sbgemm_amx``).
-
-``attach_decode_step(model)`` gives such a model a ``LlamaDecodeStep`` as ``model.decode_step``
-(``LlamaForCausalLM.forward`` then runs decode-only steps of up to ``max_rows`` sequences through
-it); any other model, or ``LMSERVE_DECODE_STEP=0``, or no kernels, leaves ``decode_step`` None
-and the eager path runs. The step computes what the eager path computes, with the same kernels;
-tests hold the two equal bit for bit.
+final norm) as one native call, over linear layers that all run on the VNNI GEMV (GGUF
+Q4_0/Q4_1/Q8_0 weights kept quantized) or all on the bf16 panel GEMM (``sbgemm`` /
+``sbgemm_amx``). ``model/backends/decode_step.py`` decides where it applies and fills the structs;
+this module only holds the binding. The step computes what the eager path computes, with the same
+kernels; tests hold the two equal bit for bit.
 
 The step keeps raw pointers to the model's weights and, once bound at the first call, to the KV
 caches: both must outlive it and not move (the model owns it; the runner allocates its caches
@@ -25,56 +21,30 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.cpu_gemm import PanelWeight
 from lmserve.model.layers.cpu_kernels.abi import DECODE_BUFFERS as _BUFFERS
 from lmserve.model.layers.cpu_kernels.abi import DecodeModel as _Model
 from lmserve.model.layers.cpu_kernels.abi import DecodeStepArgs, bind, load_kernels
 from lmserve.model.layers.cpu_kernels.abi import Layer as _Layer
-from lmserve.model.layers.cpu_kernels.abi import QLinear as _QLinear
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled
-from lmserve.model.layers.cpu_kernels.cpu_ops import DTYPE_CODES, QGEMV_MAX_K, get_cpu_ops
-from lmserve.model.layers.quantized_linear import MAX_ROWS as INT_KERNEL_MAX_ROWS
-from lmserve.model.layers.quantized_linear import VnniWeight
+from lmserve.model.layers.cpu_kernels.cpu_ops import DTYPE_CODES, get_cpu_ops
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-ENV = "LMSERVE_DECODE_STEP"  # "0" switches the one-call decode step off (the eager path runs)
-# sequences per step: where the eager path runs the VNNI GEMV (more rows take the dense weight there)
-MAX_ROWS = INT_KERNEL_MAX_ROWS["vnni"]
-# sequences per step on bf16 panels (the eager path takes any; this bounds the step's buffers)
-PANEL_MAX_ROWS = 256
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _qlinear(module: Any) -> _QLinear | None:
-    """The VNNI weight, or the bf16 panels, of a (merged) linear layer as the C struct, or None if
-    it has neither."""
-    w = getattr(module, "qweight", None)
-    if isinstance(w, VnniWeight):
-        return _QLinear(qw=w.qw.data_ptr(), d=w.d.data_ptr(), m=w.m.data_ptr(), bias=_ptr(module.bias),
-                        n=w.out_features, k=w.in_features, nibbles=int(w.nibbles), panels=None, amx=0)
-    p = getattr(module, "packed_weight", None)
-    if w is None and isinstance(p, PanelWeight) and p.dtype == torch.bfloat16 and \
-            (module.bias is None or module.bias.dtype == torch.bfloat16):
-        n, k = p.shape
-        return _QLinear(qw=None, d=None, m=None, bias=_ptr(module.bias), n=n, k=k, nibbles=0,
-                        panels=p.panels.data_ptr(), amx=int(p.backend == "sbgemm_amx"))
-    return None
-
-
 class LlamaDecodeStep:
-    """The native decode step of one ``LlamaForCausalLM`` (see the module docstring); build it
-    with ``LlamaDecodeStep.build``. Calling it runs a step or returns None (the caller then runs
-    the eager path): more than ``max_rows`` sequences, a prompt token in the step, or inputs the
-    kernel refuses (it checks seq_lens, block ids and slots before writing anything)."""
+    """The native decode step of one ``LlamaForCausalLM`` over ``layers`` (the filled structs, see
+    ``model/backends/decode_step.py``). The caller runs it for decode-only steps of 1 to
+    ``max_rows`` sequences (``takes``); anything the kernel refuses (it checks seq_lens, block ids
+    and slots before writing anything) is a ValueError."""
 
     def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, layers: list[_Layer], dtype: torch.dtype,
                  max_rows: int) -> None:
@@ -101,74 +71,40 @@ class LlamaDecodeStep:
                              **{n: self._bufs[n].data_ptr() for n in _BUFFERS})
         self._bound: list[torch.Tensor] | None = None  # the KV caches the layers point at
 
-    @classmethod
-    def build(cls, model: torch.nn.Module) -> "LlamaDecodeStep | None":
-        """The step for ``model``, or None where it does not apply (see the module docstring):
-        not a CPU Llama-family causal LM in fp32/bf16, a linear layer off the VNNI GEMV and off the
-        bf16 panels (or a mix of the two), mixed norm epsilons, or shapes past the kernels' limits."""
-        lib = _load_library()
-        inner = getattr(model, "model", None)
-        if lib is None or inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
-            return None
-        dtype = inner.embed_tokens.weight.dtype
-        cfg = model.config
-        if dtype not in DTYPE_CODES or inner.embed_tokens.weight.device.type != "cpu" or \
-                inner.rotary_emb.cos_sin_cache.dtype != dtype:
-            return None
-        eps = inner.norm.variance_epsilon
-        layers, kinds = [], set()
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [_qlinear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            head_norms = (attn.q_norm, attn.k_norm) if attn.qk_norm else ()
-            if any(q is None for q in linears) or any(n.variance_epsilon != eps for n in norms + head_norms) or \
-                    attn.attn.scale != inner.layers[0].self_attn.attn.scale:
-                return None
-            kinds.update(bool(q.panels) for q in linears)
-            qk = [n.weight.data_ptr() for n in head_norms] or [None, None]
-            qkv, o, gate_up, down = linears
-            layers.append(_Layer(input_norm=norms[0].weight.data_ptr(), post_norm=norms[1].weight.data_ptr(),
-                                 q_norm=qk[0], k_norm=qk[1], qkv=qkv, o=o, gate_up=gate_up, down=down, kv_cache=None,
-                                 num_blocks=0, sliding_window=attn.attn.sliding_window or 0))
-        if not layers or len(kinds) != 1:
-            return None
-        if kinds == {True}:
-            return cls(lib, model, layers, dtype, PANEL_MAX_ROWS) if dtype == torch.bfloat16 else None
-        attn0 = inner.layers[0].self_attn
-        k_max = max(cfg.hidden_size, cfg.intermediate_size, attn0.head_dim * attn0.num_heads)
-        return cls(lib, model, layers, dtype, MAX_ROWS) if k_max <= QGEMV_MAX_K else None
-
-    def _bind(self, kv_caches: list[torch.Tensor], block_size: int) -> bool:
+    def _bind(self, kv_caches: list[torch.Tensor], block_size: int) -> None:
         """Point the layers at ``kv_caches`` ([2, num_blocks, block_size, Hkv, D] each, contiguous,
-        in the model dtype); False if they are not such."""
+        in the model dtype); ValueError if they are not such."""
         if len(kv_caches) != len(self._layers):
-            return False
+            raise ValueError(f"decode step: {len(kv_caches)} KV caches for {len(self._layers)} layers")
         dtype = self._bufs["h"].dtype
         for layer, cache in zip(self._layers, kv_caches):
             if cache.dtype != dtype or cache.device.type != "cpu" or not cache.is_contiguous() or \
                     cache.dim() != 5 or cache.shape[2] != block_size:
-                return False
+                raise ValueError("decode step: a KV cache is not a contiguous CPU "
+                                 f"[2, num_blocks, {block_size}, Hkv, D] tensor in {dtype}")
             layer.kv_cache, layer.num_blocks = cache.data_ptr(), cache.shape[1]
         self._model.block_size = block_size
         self._bound = kv_caches
-        return True
+
+    def takes(self, meta: AttentionMetadata) -> bool:
+        """Whether a step runs here: decode-only, 1 to ``max_rows`` sequences (the policy the
+        model's forward applies; every other step runs layer by layer)."""
+        return meta.decode_only and 1 <= meta.num_seqs <= self.max_rows and meta.num_decodes == meta.num_seqs
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                 meta: AttentionMetadata) -> torch.Tensor | None:
-        """As ``LlamaModel.forward`` for a decode-only step: hidden states [T, hidden] after the
-        final norm (a new tensor), or None (nothing done) where the step does not take the call."""
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """As ``LlamaModel.forward`` for a step the step ``takes``: hidden states [T, hidden] after
+        the final norm (a new tensor). ValueError for metadata or caches it cannot run."""
         rows = input_ids.shape[0]
-        if not meta.decode_only or not 1 <= rows <= self.max_rows or meta.num_decodes != rows or \
-                meta.num_seqs != rows:
-            return None
-        if (kv_caches is not self._bound or self._model.block_size != meta.block_size) and \
-                not self._bind(kv_caches, meta.block_size):
-            return None
+        if not self.takes(meta) or rows != meta.num_seqs:
+            raise ValueError(f"decode step called for a step it does not take ({rows} rows, "
+                             f"{meta.num_decodes} decodes of {meta.num_seqs} sequences)")
+        if kv_caches is not self._bound or self._model.block_size != meta.block_size:
+            self._bind(kv_caches, meta.block_size)
         tables, seq_lens, slots = meta.block_tables, meta.seq_lens, meta.slot_mapping
         if tables.dtype != torch.int32 or not tables.is_contiguous() or seq_lens.dtype != torch.int32 or \
                 slots.dtype != torch.int64 or tables.device.type != "cpu":
-            return None
+            raise ValueError("decode step: block tables / seq_lens must be contiguous CPU int32, slots int64")
         h, cs = self._bufs["h"][:rows], self._cos_sin[:rows]
         torch.index_select(self._embed, 0, input_ids, out=h)
         torch.index_select(self._cos_sin_cache, 0, positions, out=cs)
@@ -177,7 +113,8 @@ class LlamaDecodeStep:
                                      seq_lens=seq_lens.data_ptr(), slots=slots.data_ptr(), rows=rows,
                                      num_threads=torch.get_num_threads()))
         if rc != 0:
-            return None
+            raise ValueError(f"decode step kernel refused the step (rc {rc}): a seq_len, block id or slot "
+                             "is out of range")
         return self._bufs["out"][:rows].clone()
 
 
@@ -193,20 +130,12 @@ def _load(compiler: str | None, cache_dir: str | None) -> ctypes.CDLL | None:
     return lib if available else None
 
 
-def _load_library() -> ctypes.CDLL | None:
-    if kernels_disabled() or os.environ.get(ENV, "1") == "0":
+def decode_step_library() -> ctypes.CDLL | None:
+    """The loaded ``decode_step.c``, or None (kernels off, no VNNI GEMV, or a failed build: logged)."""
+    if kernels_disabled():
         return None
     ops = get_cpu_ops()
     if ops is None or not ops.has_qgemv:
         return None
     env = os.environ
     return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"))
-
-
-def attach_decode_step(model: torch.nn.Module) -> bool:
-    """Give ``model`` its native decode step (``model.decode_step``) where one applies; call once
-    after loading, after the weights are packed. Returns whether it got one."""
-    if not hasattr(model, "decode_step"):
-        return False
-    model.decode_step = LlamaDecodeStep.build(model)
-    return model.decode_step is not None
