@@ -104,10 +104,12 @@ class TemplateSandbox:
             raise TemplateLimitError(answer["error"])
         raise ValueError(answer["error"])
 
-    def close(self) -> None:
-        for w in self._idle:
+    async def aclose(self) -> None:
+        """Kills the idle workers and waits for them (busy ones are killed by their render)."""
+        idle, self._idle = self._idle, []
+        for w in idle:
             w.kill()
-        self._idle.clear()
+            await w.proc.wait()
 
 
 # ---------------------------------------------------------------------- the worker process

@@ -127,7 +127,7 @@ async def serve(args: argparse.Namespace) -> int:
         await serve_task
     finally:
         engine.shutdown()
-        state.close()
+        await state.aclose()
     return 0
 
 

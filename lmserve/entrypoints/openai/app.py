@@ -142,8 +142,15 @@ class ServerState:
         self.handlers = handlers
         self.engine = engine
 
-    def close(self) -> None:
-        self.template_sandbox.close()
+    def log_ignored(self, request: Any) -> None:
+        ignored = request.ignored_fields()
+        if ignored:
+            logger.warning("The following fields were present in the request but ignored: %s",
+                           clip(repr(ignored), getattr(self.args, "max_log_len", DEFAULT_MAX_LOG_LEN)))
+
+    async def aclose(self) -> None:
+        """Stops the render processes and the worker thread (the server is stopping)."""
+        await self.template_sandbox.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> _Handlers:
@@ -395,14 +402,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Any:
         handler = state.ready().get("completion", "Completions API")
-        _log_ignored(request)
+        state.log_ignored(request)
         rid = _base_request_id(raw, request.request_id, "request_id" in request.model_fields_set)
         return _respond(await handler.create_completion(request, f"cmpl-{rid}", raw))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Any:
         handler = state.ready().get("chat", "Chat Completions API")
-        _log_ignored(request)
+        state.log_ignored(request)
         rid = _base_request_id(raw, request.request_id, "request_id" in request.model_fields_set)
         return _respond(await handler.create_chat_completion(request, f"chatcmpl-{rid}", raw))
 
@@ -437,31 +444,31 @@ def _add_pooling_routes(app: FastAPI, state: ServerState) -> None:
     async def embeddings(body: dict[str, Any], raw: Request) -> Any:
         handler = state.ready().get("embedding", "Embeddings API")
         request = _parse(body, EmbeddingChatRequest if "messages" in body else EmbeddingCompletionRequest)
-        _log_ignored(request)
+        state.log_ignored(request)
         return _respond(await handler.create_embedding(request, rid(raw, request, "embd"), raw))
 
     @app.post("/pooling")
     async def pooling(body: dict[str, Any], raw: Request) -> Any:
         handler = state.ready().get("pooling", "Pooling API")
         request = _parse(body, PoolingChatRequest if "messages" in body else PoolingCompletionRequest)
-        _log_ignored(request)
+        state.log_ignored(request)
         return _respond(await handler.create_pooling(request, rid(raw, request, "pool"), raw))
 
     @app.post("/classify")
     async def classify(body: dict[str, Any], raw: Request) -> Any:
         handler = state.ready().get("classification", "Classification API")
         request = _parse(body, ClassificationChatRequest if "messages" in body else ClassificationCompletionRequest)
-        _log_ignored(request)
+        state.log_ignored(request)
         return _respond(await handler.create_classify(request, rid(raw, request, "classify"), raw))
 
     async def score(request: ScoreRequest, raw: Request) -> Any:
         handler = state.ready().get("score", "Score API")
-        _log_ignored(request)
+        state.log_ignored(request)
         return _respond(await handler.create_score(request, rid(raw, request, "score"), raw))
 
     async def rerank(request: RerankRequest, raw: Request) -> Any:
         handler = state.ready().get("score", "Rerank (Score) API")
-        _log_ignored(request)
+        state.log_ignored(request)
         return _respond(await handler.do_rerank(request, rid(raw, request, "rerank"), raw))
 
     for path in ("/score", "/v1/score"):
@@ -469,8 +476,4 @@ def _add_pooling_routes(app: FastAPI, state: ServerState) -> None:
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         app.post(path)(rerank)
 
-def _log_ignored(request: Any) -> None:
-    ignored = request.ignored_fields()
-    if ignored:
-        logger.warning("The following fields were present in the request but ignored: %s",
-                       clip(repr(ignored), DEFAULT_MAX_LOG_LEN))
+
