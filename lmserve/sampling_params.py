@@ -18,6 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _SAMPLING_EPS = 1e-5
+
+
+def _valid_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone surrogate (no tokenizer or UTF-8 encoder can take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 _MAX_SEED = 2**63 - 1
 
 
@@ -181,6 +190,12 @@ class SamplingParams:
             bad(f"truncate_prompt_tokens must be -1 or at least 1, got {self.truncate_prompt_tokens}.")
         if any(not s for s in self.stop):  # type: ignore[union-attr]
             bad("stop cannot contain an empty string.")
+        for name in ("stop", "bad_words"):
+            for s in getattr(self, name):
+                if not isinstance(s, str):
+                    bad(f"{name} must hold strings, got {type(s).__name__}.")
+                if not s.isascii() and not _valid_unicode(s):
+                    bad(f"{name} contains a lone UTF-16 surrogate, which is not valid Unicode text.")
         if self.stop and not self.detokenize:
             bad("stop strings are only supported when detokenize is True.")
         if any((not isinstance(t, int)) or t < 0 for t in self.stop_token_ids):  # type: ignore[union-attr]

@@ -110,6 +110,14 @@ class LLMEngine:
                 raise ValueError("A prompt needs 'prompt' text or 'prompt_token_ids'")
             if self.tokenizer is None:
                 raise ValueError("The tokenizer is not initialised (skip_tokenizer_init): pass token ids")
+            if not isinstance(text, str):
+                raise ValueError(f"A prompt's text must be a string, got {type(text).__name__}")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("The prompt contains a lone UTF-16 surrogate, which is not valid Unicode "
+                                     "text") from None
             if keep is not None and isinstance(params, PoolingParams):
                 ids = self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
                                      max_length=keep)["input_ids"]

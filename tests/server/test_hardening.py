@@ -258,3 +258,48 @@ def test_body_size_default_is_16_mib(http):
     r = http.post("/v1/completions", content=b'{"prompt": "' + b"a" * (17 << 20) + b'"}',
                   headers={"Content-Type": "application/json"})
     assert_error(r, 413)
+
+
+# ---------------------------------------------------------------------- offline siblings
+def test_offline_chat_and_lone_surrogates(tiny_model_dir):
+    from lmserve import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dir, dtype="float32", kv_cache_memory=16 * 2**20)
+    out = llm.chat(MSG, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="surrogate"):
+        llm.generate(["\ud800x"], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="surrogate"):
+        SamplingParams(stop=["\udfff"])
+    with pytest.raises(ValueError, match="finite"):
+        SamplingParams(length_penalty=float("nan"))
+
+
+@pytest.mark.anyio
+async def test_async_engine_keeps_caller_ids_apart(tiny_model_dir):
+    """The root of finding 3: two live requests under one caller id, one aborted."""
+    from lmserve.engine.arg_utils import EngineArgs
+    from lmserve.engine.async_engine import AsyncLLM
+    from lmserve.sampling_params import RequestOutputKind, SamplingParams
+
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=tiny_model_dir, dtype="float32",
+                                                  kv_cache_memory=16 * 2**20))
+    try:
+        params = SamplingParams(max_tokens=16, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+
+        async def run() -> list:
+            return [o async for o in engine.generate({"prompt_token_ids": [5, 6, 7]}, params, "same")]
+
+        async def aborted() -> None:
+            async for _ in engine.generate({"prompt_token_ids": [5, 6, 7]}, params.clone(), "same"):
+                pass
+
+        victim = asyncio.ensure_future(aborted())
+        outs = await asyncio.gather(run(), run())
+        victim.cancel()
+        for o in outs:
+            assert o[-1].request_id == "same" and len(o[-1].outputs[0].token_ids) == 16
+        await asyncio.sleep(0.2)
+        assert engine.get_stats()["num_running"] == 0 and engine._num_live == 0  # noqa: SLF001
+    finally:
+        engine.shutdown()
