@@ -420,7 +420,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> Any:
-        return JSONResponse(state.ready().tokenization.detokenize_request(request).model_dump())
+        return JSONResponse((await state.ready().tokenization.detokenize_request(request)).model_dump())
 
     _add_pooling_routes(app, state)
 

@@ -37,7 +37,8 @@ class OpenAIServingTokenization(OpenAIServingChat):
             strs = list(self.require_tokenizer().convert_ids_to_tokens(ids))
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
-    def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
         self.check_token_ids(request.tokens, "tokens")
-        return DetokenizeResponse(prompt=self.require_tokenizer().decode(request.tokens))
+        tok = self.require_tokenizer()
+        return DetokenizeResponse(prompt=await self.off_loop(tok.decode, request.tokens))
