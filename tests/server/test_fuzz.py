@@ -40,9 +40,12 @@ def fuzz_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
         server.stop()
 
 
-def fuzz_schema(url: str, headers: dict[str, str], examples: int) -> list[str]:
-    """Runs ``examples`` generated requests per operation; returns the failures."""
+def fuzz_schema(url: str, headers: dict[str, str], examples: int, model: str) -> list[str]:
+    """Runs ``examples`` generated requests per operation, schema-conforming and not; returns
+    the failures. A generated ``model`` is replaced by the served one (else nearly every
+    request would stop at the 404)."""
     import schemathesis
+    from schemathesis import GenerationMode
 
     schema = schemathesis.openapi.from_url(url + "/openapi.json", headers=headers)
     failures: list[str] = []
@@ -51,8 +54,10 @@ def fuzz_schema(url: str, headers: dict[str, str], examples: int) -> list[str]:
         name = f"{op.method.upper()} {op.path}"
 
         @settings(FUZZ, max_examples=examples)
-        @given(case=op.as_strategy())
+        @given(case=op.as_strategy() | op.as_strategy(GenerationMode.NEGATIVE))
         def run(case) -> None:
+            if isinstance(getattr(case, "body", None), dict) and "model" in case.body:
+                case.body["model"] = model
             body = json.dumps(getattr(case, "body", None), ensure_ascii=True, default=repr)[:300]
             try:
                 response = case.call(base_url=url, headers=headers, timeout=TIMEOUT_S)
@@ -67,7 +72,7 @@ def fuzz_schema(url: str, headers: dict[str, str], examples: int) -> list[str]:
 
 
 def test_schemathesis_generation_routes(fuzz_server):
-    failures = fuzz_schema(fuzz_server.url, AUTH, examples=12)
+    failures = fuzz_schema(fuzz_server.url, AUTH, examples=16, model="tiny")
     assert not failures, "\n".join(failures[:20])
     with httpx.Client(base_url=fuzz_server.url, headers=AUTH, timeout=30) as c:
         assert c.get("/health").status_code == 200
@@ -77,7 +82,7 @@ def test_schemathesis_generation_routes(fuzz_server):
 
 
 def test_schemathesis_pooling_routes(minilm_server):
-    failures = fuzz_schema(minilm_server.url, {}, examples=8)
+    failures = fuzz_schema(minilm_server.url, {}, examples=10, model="minilm")
     assert not failures, "\n".join(failures[:20])
     with httpx.Client(base_url=minilm_server.url, timeout=30) as c:
         assert c.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200

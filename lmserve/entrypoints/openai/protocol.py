@@ -27,6 +27,12 @@ from lmserve.errors import InvalidRequestError
 from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The OpenAPI schema of a prompt / input field (validated by hand, for vLLM's messages): text, texts,
+# token ids, or lists of token ids.
+PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                           {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                           {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                            "minItems": 1}]}
 MAX_N = 128  # choices per prompt
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat top_logprobs
 
@@ -274,7 +280,7 @@ def _param_from_message(message: str, model: type[BaseModel]) -> str | None:
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: Any = Field(...)
+    prompt: Any = Field(..., json_schema_extra=PROMPT_SCHEMA)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0)
