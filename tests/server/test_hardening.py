@@ -303,3 +303,29 @@ async def test_async_engine_keeps_caller_ids_apart(tiny_model_dir):
         assert engine.get_stats()["num_running"] == 0 and engine._num_live == 0  # noqa: SLF001
     finally:
         engine.shutdown()
+
+
+# ---------------------------------------------------------------------- headers and CORS
+def test_header_bytes_are_limited(tiny_server, http):
+    try:  # the server answers 400 and closes while the client may still be sending
+        r = httpx.get(tiny_server.url + "/v1/models", headers={"x-big": "a" * 300_000}, timeout=10)
+        assert r.status_code in (400, 431)
+    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+        pass
+    assert httpx.get(tiny_server.url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_cors_is_vllm_compatible_by_default_and_can_be_locked(tokenizer):
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    async with asgi_client(make_app(tokenizer)) as c:
+        r = await c.options("/v1/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+    locked = make_app(tokenizer, "--allowed-origins", '["https://app.example"]', "--allowed-methods", '["POST"]',
+                      "--allowed-headers", '["Authorization","Content-Type"]')
+    async with asgi_client(locked) as c:
+        r = await c.options("/v1/completions", headers=preflight)
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = await c.options("/v1/completions", headers={**preflight, "Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
