@@ -24,7 +24,7 @@ _DTYPES = {
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively (oneDNN's AVX-512 / AMX bf16 paths). Without
-    them (an AVX2-only CPU) oneDNN emulates bf16 at ~1 GFLOP/s, 100x below its fp32 speed."""
+    them (an AVX2-only CPU) oneDNN emulates bf16, orders of magnitude below its fp32 speed."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

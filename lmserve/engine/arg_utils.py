@@ -34,18 +34,16 @@ def _json_or_none(value: str | dict | None) -> dict | None:
 
 def default_token_budget(device: str) -> int:
     """Default ``max_num_batched_tokens`` with chunked prefill. On CPU, 512: a CPU's matmuls are
-    saturated from a few hundred rows on, and past that the activations outgrow the caches (random
-    Qwen2-365M, fp32, 16 prompts x 256 tokens, 2-core EPYC: prefill 126 tok/s at a 128-token budget,
-    145 at 256, 152 at 512, 123 at 2048), while a smaller step lets earlier prompts finish first
-    (lower TTFT) and keeps decode steps short. Elsewhere 2048, as vLLM."""
+    saturated from a few hundred rows on, and past that the activations outgrow the caches, while a
+    smaller step lets earlier prompts finish first (lower TTFT) and keeps decode steps short
+    (figures: benchmarks/README.md, "Kernel measurements"). Elsewhere 2048, as vLLM."""
     return 512 if device == "cpu" else 2048
 
 
 def default_memory_bound_tokens(device: str) -> int:
     """Default ``memory_bound_tokens`` (see ``SchedulerConfig``). On CPU, 64: a step reads all
-    the weights at 11-19 GB/s while bf16 matmuls run at 200-600 GFLOP/s, so a step turns
-    compute-bound at a few dozen rows (random Qwen2-365M, 2-core Sapphire Rapids: a 39-row step
-    ~100 ms, 64 rows ~200 ms, 256 rows ~800 ms). Elsewhere 0 (off): not measured on GPUs."""
+    the weights whatever its rows, so it turns compute-bound only at a few dozen rows (figures:
+    benchmarks/README.md, "Kernel measurements"). Elsewhere 0 (off): not measured on GPUs."""
     return 64 if device == "cpu" else 0
 
 
