@@ -4,7 +4,8 @@ with the same boundary.
 
 Design (argument structs, not torch custom ops): every entry point takes one ``const LmsXxxArgs*``,
 filled here by field name, so no call depends on the order of up to 20 positional arguments, and a
-call converts one pointer instead of each scalar (cheaper per call). torch custom ops would give
+call converts one pointer instead of each scalar (no slower per call: benchmarks/README.md, "Kernel
+measurements"). torch custom ops would give
 schemas too, but need a C++ extension built against torch's headers at first use (minutes instead of
 seconds, and a rebuild per torch version) for no gain on these plain-pointer kernels.
 
@@ -22,7 +23,9 @@ bumping ``LMS_ABI_VERSION`` / ``ABI_VERSION``.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, load_library
 
@@ -139,31 +142,31 @@ STRUCTS: tuple[type[AbiStruct], ...] = (RmsNormArgs, RopeArgs, SiluMulArgs, Qgem
 
 # Every entry point: name -> (restype, argtypes). An int32 result is LMS_OK (0) or a negative LMS_ERR_*.
 _I = ctypes.c_int32
-SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
-    "lms_rms_norm": (_I, [ctypes.POINTER(RmsNormArgs)]),
-    "lms_rope_neox": (_I, [ctypes.POINTER(RopeArgs)]),
-    "lms_silu_mul": (_I, [ctypes.POINTER(SiluMulArgs)]),
-    "lms_silu_available": (_I, []),
-    "lms_qgemv": (_I, [ctypes.POINTER(QgemvArgs)]),
-    "lms_qgemv_available": (_I, []),
-    "lms_paged_decode": (_I, [ctypes.POINTER(PagedDecodeArgs)]),
-    "lms_paged_attention": (_I, [ctypes.POINTER(PagedChunksArgs)]),
-    "lms_write_kv": (_I, [ctypes.POINTER(WriteKvArgs)]),
-    "lms_kernel_info": (_I, []),
-    "lms_attention_amx_info": (_I, []),
-    "lms_supports_dtype": (_I, [_I]),
-    "lms_sgemm_info": (_I, []),
-    "lms_sgemm_pack": (None, [ctypes.POINTER(PackArgs)]),
-    "lms_sgemm": (_I, [ctypes.POINTER(GemmArgs)]),
-    "lms_sbgemm_info": (_I, []),
-    "lms_sbgemm_pack": (None, [ctypes.POINTER(PackArgs)]),
-    "lms_sbgemm": (_I, [ctypes.POINTER(GemmArgs)]),
-    "lms_sbgemm_amx_info": (_I, []),
-    "lms_sbgemm_amx_pack": (None, [ctypes.POINTER(PackArgs)]),
-    "lms_sbgemm_amx": (_I, [ctypes.POINTER(GemmArgs)]),
-    "lms_decode_step_available": (_I, []),
-    "lms_decode_step": (_I, [ctypes.POINTER(DecodeStepArgs)]),
-}
+SIGNATURES: Mapping[str, tuple[type | None, tuple[type, ...]]] = MappingProxyType({
+    "lms_rms_norm": (_I, (ctypes.POINTER(RmsNormArgs),)),
+    "lms_rope_neox": (_I, (ctypes.POINTER(RopeArgs),)),
+    "lms_silu_mul": (_I, (ctypes.POINTER(SiluMulArgs),)),
+    "lms_silu_available": (_I, ()),
+    "lms_qgemv": (_I, (ctypes.POINTER(QgemvArgs),)),
+    "lms_qgemv_available": (_I, ()),
+    "lms_paged_decode": (_I, (ctypes.POINTER(PagedDecodeArgs),)),
+    "lms_paged_attention": (_I, (ctypes.POINTER(PagedChunksArgs),)),
+    "lms_write_kv": (_I, (ctypes.POINTER(WriteKvArgs),)),
+    "lms_kernel_info": (_I, ()),
+    "lms_attention_amx_info": (_I, ()),
+    "lms_supports_dtype": (_I, (_I,)),
+    "lms_sgemm_info": (_I, ()),
+    "lms_sgemm_pack": (None, (ctypes.POINTER(PackArgs),)),
+    "lms_sgemm": (_I, (ctypes.POINTER(GemmArgs),)),
+    "lms_sbgemm_info": (_I, ()),
+    "lms_sbgemm_pack": (None, (ctypes.POINTER(PackArgs),)),
+    "lms_sbgemm": (_I, (ctypes.POINTER(GemmArgs),)),
+    "lms_sbgemm_amx_info": (_I, ()),
+    "lms_sbgemm_amx_pack": (None, (ctypes.POINTER(PackArgs),)),
+    "lms_sbgemm_amx": (_I, (ctypes.POINTER(GemmArgs),)),
+    "lms_decode_step_available": (_I, ()),
+    "lms_decode_step": (_I, (ctypes.POINTER(DecodeStepArgs),)),
+})
 
 
 class _AbiField(ctypes.Structure):
@@ -234,7 +237,8 @@ def bind(lib: ctypes.CDLL, name: str) -> ctypes._CFuncPtr:  # type: ignore[name-
     """The entry point ``name`` of ``lib`` with its signature set (AttributeError if the library
     lacks it)."""
     fn = getattr(lib, name)
-    fn.restype, fn.argtypes = SIGNATURES[name]
+    restype, argtypes = SIGNATURES[name]
+    fn.restype, fn.argtypes = restype, list(argtypes)
     return fn
 
 

@@ -29,24 +29,26 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 BASE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11", "-fvisibility=hidden")  # every object
 LINK_FLAGS = ("-shared", "-fopenmp")
 # Each translation unit's own flags, on top of BASE_FLAGS: cpu_ops.c must not fuse a product and an
 # add into an FMA the torch reference does not do (cpu_ops.c); decode_step.c keeps the same rule.
-UNIT_FLAGS: dict[str, tuple[str, ...]] = {
+UNIT_FLAGS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "lms_abi.c": (), "cpu_ops.c": ("-ffp-contract=off",), "paged_attention.c": (), "paged_attention_amx.c": (),
-    "sgemm.c": (), "sbgemm.c": (), "sbgemm_amx.c": (), "decode_step.c": ("-ffp-contract=off",)}
+    "sgemm.c": (), "sbgemm.c": (), "sbgemm_amx.c": (), "decode_step.c": ("-ffp-contract=off",)})
 # A library's units besides lms_abi.c, by its main source: the main source first, then those it calls into.
-LIBRARY_UNITS: dict[str, tuple[str, ...]] = {
+LIBRARY_UNITS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "cpu_ops.c": ("cpu_ops.c",),
     "paged_attention.c": ("paged_attention.c", "paged_attention_amx.c"),
     "sgemm.c": ("sgemm.c",),
     "sbgemm.c": ("sbgemm.c", "sbgemm_amx.c"),
     "decode_step.c": ("decode_step.c", "cpu_ops.c", "paged_attention.c", "paged_attention_amx.c", "sbgemm.c",
                       "sbgemm_amx.c"),
-}
+})
 # Set to anything but "" or "0", it switches every native CPU kernel off (the pure-torch reference paths).
 DISABLE_ENV = "LMSERVE_DISABLE_CPU_KERNELS"
 

@@ -4,7 +4,7 @@
  * Why: at decode a layer's elementwise work is a few thousand numbers, so its cost is the number of
  * torch ops (a few microseconds of dispatch each), not arithmetic: HF's RMSNorm is ~8 ops, rotary
  * ~10 per tensor. Each function here is one call. SiLU-and-mul (3 torch ops) is vectorised by hand
- * (lms_simd.h): scalar code lost to torch's kernels (101 against 68 us at 32 rows).
+ * (lms_simd.h): scalar code lost to torch's kernels (benchmarks/README.md, "Kernel measurements").
  *
  * Numerics: the fused ops compute what the pure-torch reference computes, op by op, with the same
  * rounding: fp32 arithmetic, and in bfloat16 every intermediate that torch materialises in bf16 is
@@ -17,7 +17,8 @@
  * row elements are dense. dtypes (lms_dtypes.h): 0 = float32, 1 = bfloat16; float16 is refused.
  * Every function returns 0, or -1 for arguments it does not take (nothing written then).
  *
- * Built at first use by build.py (gcc -O3 -march=native -fopenmp, plus -ffp-contract=off).
+ * Entry points and argument structs: lms_abi.h. Built at first use by build.py (gcc -O3
+ * -march=native -fopenmp, plus -ffp-contract=off: build.py's UNIT_FLAGS).
  */
 #include <math.h>
 #include <omp.h>

@@ -2,11 +2,11 @@
  * linear layer runs on the VNNI GEMV (GGUF Q4_0/Q4_1/Q8_0 weights kept quantized, AVX-512 VNNI),
  * or whose every linear layer is a bf16 weight packed for sbgemm.c (AVX512-BF16, AMX where present).
  *
- * Why: at decode a small model's step is ~120 GEMVs of tens of microseconds and ~300 small ops;
- * run from Python, each costs 10-20 us of dispatch (module calls, argument checks, ctypes, tensor
- * allocation, an OpenMP fork), as much as the arithmetic. Here the step is one OpenMP parallel
- * region: the threads stay up for all layers and meet at barriers between the ops (what CUDA
- * graphs give a GPU, or llama.cpp's graph executor a CPU).
+ * Why: at decode a small model's step is ~120 GEMVs and ~300 small ops; run from Python, each pays
+ * a dispatch (module calls, argument checks, ctypes, tensor allocation, an OpenMP fork) that costs
+ * as much as its arithmetic (benchmarks/README.md, "Kernel measurements"). Here the step is one
+ * OpenMP parallel region: the threads stay up for all layers and meet at barriers between the ops
+ * (what CUDA graphs give a GPU, or llama.cpp's graph executor a CPU).
  *
  * The ops are the very kernels of the eager path, the same objects linked into this library
  * (build.py compiles each source once with its own flags; cpu_ops.h, paged_attention.h and sbgemm.h
@@ -21,7 +21,8 @@
  *   qkv = normed W_qkv^T (+ bias);  (Qwen3: q, k = rmsnorm per head);  q, k = rope(q, k);  cache[slot[r]] = k, v
  *   attn = paged_decode(q, cache, block_tables, seq_lens);  h = attn W_o^T (+ bias)
  *   normed, res = rmsnorm(h + res);  gu = normed W_gu^T;  h = (silu(gu[:I]) * gu[I:]) W_down^T
- * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel, lms_abi.h), contiguous.
+ * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel, lms_abi.h),
+ * contiguous.
  */
 #include <omp.h>
 #include <stdint.h>

@@ -6,13 +6,13 @@
  * first use in about a second, with no torch headers and no C++ extension build (minutes, and tied
  * to the installed torch's ABI); ctypes stays the only glue. A struct names every argument, so a
  * call cannot pass arguments in the wrong order, and one pointer crosses the boundary instead of up
- * to 20 converted scalars (ctypes builds one struct, cheaper per call than converting 12-20 scalar
- * arguments). What the structs do not give by themselves -- that Python and C agree on them -- the
- * layout table does: each struct's fields are listed ONCE, in an X-macro below, which both declares
- * the C struct and fills the table (name, C type, offset, size of every field; the struct's size),
- * so the table cannot drift from the struct. abi.py compares LMS_ABI_VERSION and every field of
- * every struct with its ctypes classes when a library is loaded and refuses the library on any
- * difference (the kernels are then reported unavailable, as after a failed build).
+ * to 20 converted scalars (no slower per call: benchmarks/README.md, "Kernel measurements"). What
+ * the structs do not give by themselves -- that Python and C agree on them -- the layout table does:
+ * each struct's fields are listed ONCE, in an X-macro below, which both declares the C struct and
+ * fills the table (name, C type, offset, size of every field; the struct's size), so the table
+ * cannot drift from the struct. abi.py compares LMS_ABI_VERSION and every field of every struct
+ * with its ctypes classes when a library is loaded and refuses the library on any difference (the
+ * kernels are then reported unavailable, as after a failed build).
  *
  * Rules: fixed-width types only (int32_t, int64_t, float, pointers); pointers are raw data pointers
  * of the caller's tensors, which must stay alive for the call; "stride" fields count ELEMENTS between

@@ -26,7 +26,8 @@
  *   (as the pure-torch reference does) and two value rows at a time go through VDPBF16PS.
  * Elsewhere: portable C that the compiler vectorizes (float16 always takes it).
  *
- * Built at first use by build.py: gcc -O3 -march=native -fopenmp -shared -fPIC.
+ * Entry points and argument structs: lms_abi.h; what paged_attention_amx.c and decode_step.c share
+ * with this file: paged_attention.h. Built at first use by build.py (gcc -O3 -march=native -fopenmp).
  */
 #include <math.h>
 #include <stdint.h>
@@ -390,10 +391,9 @@ static void item_bf16(const Problem* P, int i, int h, const Scratch* S) { item_p
 #endif
 
 /* The item function of a decode call: the AMX path where it takes the call and a sequence's G
- * query heads fill enough of a 16-row tile, else AVX-512 / portable C. Measured on a 2-core
- * Sapphire Rapids VM (attention_microbench.py, 24 layer caches, old / new interleaved): G = 7,
- * 32 sequences, contexts 40-290: 0.431 -> 0.417 ms; 8 x ~1,100: 0.688 -> 0.634; G = 3, one
- * sequence, context 320: 0.035 -> 0.044 (slower: 13 of 16 rows wasted). */
+ * query heads fill at least ATTN_AMX_MIN_DECODE_HEADS of a 16-row tile (fewer waste most of the
+ * tile and lose to AVX-512: benchmarks/README.md, "Kernel measurements"), else AVX-512 / portable C.
+ * Either path gives the result its contract states; the choice only moves the speed. */
 #define ATTN_AMX_MIN_DECODE_HEADS 6
 item_fn pick_item(int dt, int head_dim, int block_size, int window, int G) {
 #if LMS_ATTN_AMX

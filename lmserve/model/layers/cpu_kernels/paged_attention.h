@@ -63,7 +63,8 @@ typedef struct {
   float* ot;       /* [4][16][16] output tiles */
 } Scratch;
 
-typedef void (*item_fn)(const Problem*, int, int, const Scratch*);
+/* One work item of a call: the G query heads of KV head h of sequence i, in the thread's scratch. */
+typedef void (*item_fn)(const Problem* P, int i, int h, const Scratch* S);
 
 /* KV heads per work item of a decode call: all of a sequence's once there are at least 4 sequences
  * per thread, so that one item reads whole cache slots (a token's Hkv heads are one contiguous row

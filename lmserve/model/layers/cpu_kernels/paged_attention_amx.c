@@ -6,9 +6,8 @@
  * seq_len - qlen + r + 1 tokens), read in place through the block table.
  *
  * Why: the AVX-512 path computes each query row's scores as dot products and reduces them with
- * shuffles; the tiles compute a 16 x 16 block of scores in one instruction pair per 32 dims. On a
- * 2-core Sapphire Rapids VM, a chunk of 32 tokens over a 1,056-token context (14 / 2 heads, head
- * dim 64) took ~1 ms a layer in torch's flash attention (after a gather and a mask).
+ * shuffles; the tiles compute a 16 x 16 block of scores in one instruction pair per 32 dims (torch's
+ * flash attention on a prefill chunk: benchmarks/README.md, "Kernel measurements").
  *
  * Rows: the G = Hq / Hkv query heads of a KV head and the qlen queries of a sequence make
  * qlen * G rows m = r * G + g; a tile holds 16 of them. Per (sequence, KV head, tile of rows):

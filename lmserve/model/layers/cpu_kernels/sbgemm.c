@@ -1,8 +1,8 @@
 /* bf16 GEMM against a prepacked weight, fp32 accumulation: out[M, N] = bf16(x[M, K] @ W[N, K]^T + bias).
  *
- * Why: oneDNN's bf16 matmul (the packed path of cpu_gemm.py) reaches ~70 % of the AVX512-BF16 peak at
- * the 16-64 rows of a decode step and ~95 % only from a few hundred rows up; a decode-heavy batch
- * spends most of its step in those skinny matmuls. This kernel is the classic register-blocked
+ * Why: oneDNN's bf16 matmul falls well short of the AVX512-BF16 peak at the 16-64 rows of a decode
+ * step (benchmarks/README.md, "Kernel measurements"); a decode-heavy batch spends most of its step in
+ * those skinny matmuls. This kernel is the classic register-blocked
  * micro-kernel on VDPBF16PS: a 6 x 64 block of the output in 24 zmm accumulators, the weight packed
  * once into 64-column panels in the instruction's pair layout, each panel read from DRAM once per
  * call and then from L2 for the other row tiles (the next panel prefetched meanwhile). The work is
@@ -139,7 +139,7 @@ static void sbgemm_items(const uint16_t *x, int64_t lda, const uint16_t *packed,
     for (int64_t t = t0; t < t1; t++) {
       const int mr = (int)((M - m + (w.ntiles - t) - 1) / (w.ntiles - t));
       /* every tile pulls its share of the first half of the next panel toward L2 (lines [t per, t per +
-       * per), one per K-pair step: measured best on Zen 4) */
+       * per), one per K-pair step; the schedule only moves speed, never a result) */
       const int64_t lines = 2 * K2;
       const int64_t per = (lines + w.ntiles - 1) / w.ntiles, first = t * per;
       const int64_t n_pf = (w.groups == 1 && p + 1 < w.np && first < lines) ? (lines - first < per ? lines - first : per) : 0;

@@ -3,8 +3,8 @@
  * (TDPBF16PS) instead of VDPBF16PS, on CPUs with AMX-BF16 (Sapphire Rapids and later), for K % 32 == 0;
  * other K keep the AVX-512 micro-kernel and its layout.
  *
- * Why: on an AMX CPU oneDNN's bf16 matmul runs on AMX and the AVX-512 micro-kernel is 2-4x slower
- * than it from 8 rows up; a decode step's skinny matmuls are then bound by reading the weight from
+ * Why: on an AMX CPU oneDNN's bf16 matmul runs on AMX and the AVX-512 micro-kernel loses to it from
+ * 8 rows up; a decode step's skinny matmuls are then bound by reading the weight from
  * DRAM while the tiles compute, so what counts is streaming each weight byte once, in address order,
  * with the next bytes already on their way.
  *
@@ -12,9 +12,8 @@
  * 1 KB weight tiles (columns 16 t .. 16 t + 15, t = 0, 1), each 16 K-pairs x 16 columns x 2:
  *   packed[(((b S + s) 2 + t) 16 + kp) 32 + 2 j + e] = W[32 b + 16 t + j, 32 s + 2 kp + e]  (S = K / 32,
  * zero past N). A tile load then reads 16 consecutive cache lines and a block is read front to back
- * (measured on a 2-core Sapphire Rapids VM, the 96 matmuls of a 365M-parameter decode step: 32 rows
- * 22 % faster, 1-16 rows 35-40 % faster than the previous layout of 64-column panels in the AVX-512
- * pair order, whose tile loads read every fourth line).
+ * (faster than 64-column panels in the AVX-512 pair order, whose tile loads read every fourth line:
+ * benchmarks/README.md, "Kernel measurements").
  *
  * Tiles (per group of up to 32 rows: r0 = up to 16 rows, r1 = the rest): tmm0-1 / tmm2-3 the r0 / r1
  * rows x 32 fp32 outputs, tmm4 / tmm5 their 32 K-elements of x, tmm6-7 the two weight tiles, each
@@ -187,8 +186,8 @@ static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, cons
  * (AMX_PF_AHEAD past its start with one row group, the next block with several, which then re-read
  * the block from L2), never past the range. A thread done with its range takes blocks from the back
  * of the others' (st->ranges, when given): a core slowed by a noisy neighbour or the hypervisor
- * would otherwise hold the other at the barrier after the call (measured on a 2-core VM: 2-20 % of
- * the matmul time waiting with the static split, 1-5 % with stealing). With fewer blocks, (block,
+ * would otherwise hold the other at the barrier after the call (benchmarks/README.md, "Kernel
+ * measurements"). With fewer blocks, (block,
  * row-group range) items are split statically. Which thread computes a block never changes it. */
 void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st) {

@@ -3,9 +3,9 @@
  * Why: a decode step multiplies a few to a few dozen rows by every weight matrix, read from DRAM.
  * On an AVX2 CPU (no AVX-512) MKL's sgemm repacks the weight on each call and oneDNN's brgemm is
  * tuned for larger M; this kernel streams a weight packed once into 16-column panels and keeps a
- * 6 x 16 block of the output in 12 ymm registers (the classic AVX2 FMA micro-kernel), which gives
- * 90-100 GFLOP/s at M = 32 on 2 Zen 3 cores where oneDNN gives 60-86, and reads M = 1 near the
- * memory bandwidth (benchmarks/cpu_gemm_microbench.py).
+ * 6 x 16 block of the output in 12 ymm registers (the classic AVX2 FMA micro-kernel), faster than
+ * oneDNN at M = 32 and near the memory bandwidth at M = 1 on the AVX2 CPU it was tuned on
+ * (benchmarks/cpu_gemm_microbench.py; figures in benchmarks/README.md, "Kernel measurements").
  *
  * Layout: panel p holds columns [16 p, 16 p + 16) of W^T as K consecutive groups of 16 floats
  * (zero-padded past N): packed[(p * K + k) * 16 + j] = W[16 p + j, k].
