@@ -136,6 +136,8 @@ SURROGATE_BODIES = [
     ("/tokenize", '{"prompt": "\\ud800x"}'),
     ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800"}]}'),
     ("/v1/completions", '{"model": "tiny", "prompt": "ok", "\\ud800": 1}'),
+    ("/v1/completions", '{"model": "tiny", "prompt": "ok", "logit_bias": {"\\ud800": 1}}'),
+    ("/v1/completions", '{"model": "tiny", "prompt": "ok", "vllm_xargs": {"k": ["\\udfff"]}}'),
 ]
 
 

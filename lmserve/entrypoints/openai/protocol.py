@@ -58,8 +58,9 @@ def find_lone_surrogate(value: Any, path: str = "") -> str | None:
                     return where or "body"
         elif isinstance(v, dict):
             for k, item in v.items():
-                sub = f"{where}.{k}" if where else str(k)
-                if isinstance(k, str) and not k.isascii() and find_lone_surrogate(k, sub):
+                key = str(k).encode("utf-8", "backslashreplace").decode("utf-8")  # the path is text too
+                sub = f"{where}.{key}" if where else key
+                if isinstance(k, str) and key != k:
                     return sub
                 stack.append((item, sub))
         elif isinstance(v, list):

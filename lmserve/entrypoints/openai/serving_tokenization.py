@@ -39,6 +39,10 @@ class OpenAIServingTokenization(OpenAIServingChat):
 
     async def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
-        self.check_token_ids(request.tokens, "tokens")
         tok = self.require_tokenizer()
-        return DetokenizeResponse(prompt=await self.off_loop(tok.decode, request.tokens))
+
+        def decode() -> str:
+            self.check_token_ids(request.tokens, "tokens")
+            return tok.decode(request.tokens)
+
+        return DetokenizeResponse(prompt=await self.off_loop(decode))
