@@ -57,3 +57,17 @@ class EngineShutdownError(LMServeError):
 
     status_code = 503
     err_type = "ServiceUnavailableError"
+
+
+class RequestTooLargeError(LMServeError):
+    """The request body is over --max-request-body-bytes."""
+
+    status_code = 413
+    err_type = "RequestTooLargeError"
+
+
+class HeadersTooLargeError(LMServeError):
+    """The request has more headers than --h11-max-header-count."""
+
+    status_code = 431
+    err_type = "RequestHeaderFieldsTooLargeError"

@@ -5,7 +5,8 @@
 - a body over ``max_body_bytes``: 413, at once when ``Content-Length`` says so, else as soon
   as the streamed (chunked) body passes the limit, without reading the rest.
 
-Both answers are OpenAI error bodies.
+Both answers are OpenAI error bodies (``lmserve.errors``); a body found too large while a route
+reads it raises the 413 as an ``HTTPException``, which FastAPI passes on to the app's handler.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from typing import Any
 from fastapi import HTTPException
 from starlette.responses import JSONResponse
 
+from lmserve.entrypoints.openai.serving_engine import error_body
+from lmserve.errors import HeadersTooLargeError, LMServeError, RequestTooLargeError
+
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_HEADER_COUNT = 256
 DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE = 64 * 1024
 
 
-def _error(status: int, err_type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": err_type, "param": None, "code": status}},
-                        status_code=status, headers={"Connection": "close"})
+def _error(err: LMServeError) -> JSONResponse:
+    return JSONResponse(error_body(err).model_dump(), status_code=err.status_code, headers={"Connection": "close"})
 
 
 class RequestLimitsMiddleware:
@@ -41,12 +44,11 @@ class RequestLimitsMiddleware:
             return await self.app(scope, receive, send)
         headers = scope.get("headers", ())
         if len(headers) > self.max_headers:
-            return await _error(431, "RequestHeaderFieldsTooLargeError",
-                                f"The request has {len(headers)} headers; the limit is {self.max_headers}.")(
-                scope, receive, send)
+            err = HeadersTooLargeError(f"The request has {len(headers)} headers; the limit is {self.max_headers}.")
+            return await _error(err)(scope, receive, send)
         for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                return await _error(413, "RequestTooLargeError", self._too_large())(scope, receive, send)
+                return await _error(RequestTooLargeError(self._too_large()))(scope, receive, send)
         received = 0
 
         async def limited_receive() -> dict:
