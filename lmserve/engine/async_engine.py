@@ -15,7 +15,8 @@ Invariants:
   runs each request under its own unique id (``{caller id}-{sequence number}``), so two
   requests with the same caller id never collide, and an abort reaches only the request
   whose iterator was closed (``abort(id)`` reaches every live request with that caller id);
-- ``abort_all(error)`` ends every live request: each iterator raises ``error``.
+- ``abort_all(error)`` ends every live request (each iterator raises ``error``) and refuses every
+  later one with the same error (the server is shutting down).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class AsyncLLM:
         self._seq = itertools.count()
         self._stopped = False
         self._abort_all_error: BaseException | None = None
+        self._refusal: BaseException | None = None  # set by abort_all: every new request gets it
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
@@ -120,6 +122,8 @@ class AsyncLLM:
         pending = _Pending(prepared, queue, asyncio.get_running_loop(), caller_id)
         limit = self.engine_config.scheduler_config.max_waiting_requests
         with self._cond:
+            if self._refusal is not None:
+                raise copy.copy(self._refusal)
             if self._num_live - self.engine_config.scheduler_config.max_num_seqs >= limit:
                 raise OverloadedError(f"The server is overloaded: {self._num_live} requests are in flight. "
                                       "Retry later.")
@@ -161,10 +165,10 @@ class AsyncLLM:
             self._cond.notify()
 
     def abort_all(self, error: BaseException) -> int:
-        """Ends every live request: each caller's iterator raises ``error``. Returns how many
-        requests were live. Safe from any thread."""
+        """Ends every live request (each caller's iterator raises ``error``) and refuses new ones
+        with it. Returns how many requests were live. Safe from any thread."""
         with self._cond:
-            self._abort_all_error = error
+            self._abort_all_error = self._refusal = error
             self._cond.notify()
             return self._num_live
 
