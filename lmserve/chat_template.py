@@ -144,7 +144,8 @@ def _strftime_now(fmt: str) -> str:
 
 
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
-    """The sandbox with ``*``, ``**`` and ``+`` checked before they run (see the module contract)."""
+    """The sandbox with ``*``, ``**``, ``+``, ``%``, calls and filters checked before they run (see the
+    module contract)."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
 
@@ -217,7 +218,7 @@ def _environment(max_items: int = DEFAULT_LIMITS.max_output_chars) -> _BoundedEn
     # optimized=False: no constant folding, so nothing a template says runs at compile time.
     env = _BoundedEnvironment(max_items, trim_blocks=True, lstrip_blocks=True, optimized=False,
                               extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+    env.filters["tojson"] = _sized_args(_tojson, max_items)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
