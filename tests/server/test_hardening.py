@@ -234,6 +234,9 @@ async def test_too_many_stop_strings_is_a_400(tokenizer):
         assert_error(r, 400, "at most 128")
         assert (await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
                                                       "stop": ["x"] * 128})).status_code == 200
+        for field in ("stop", "bad_words"):  # long entries cost every step of the engine
+            r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, field: ["y" * 20000] * 4})
+            assert_error(r, 400, "characters in all")
 
 
 @pytest.mark.anyio

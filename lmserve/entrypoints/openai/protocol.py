@@ -35,6 +35,7 @@ PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type
                             "minItems": 1}]}
 MAX_N = 128  # choices per prompt
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat top_logprobs
+MAX_STOP_CHARS = 65536  # characters in all of a request's stop strings (and, apart, its bad_words)
 
 # vLLM's fallbacks when neither the request nor generation_config.json sets a value.
 _DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
@@ -202,14 +203,19 @@ class SamplingRequest(OpenAIBaseModel):
                                       "available in lmserve yet.", "thinking_token_budget")
 
     def check_list_limits(self, max_stop_strings: int) -> None:
-        """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries each (every
-        one is checked against the output at every step)."""
+        """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries and
+        ``MAX_STOP_CHARS`` characters each (every entry is checked against the output at every
+        step, at a cost that grows with its length)."""
         for name in ("stop", "bad_words"):
             value = getattr(self, name)
-            n = 0 if value is None else 1 if isinstance(value, str) else len(value)
-            if n > max_stop_strings:
-                raise InvalidRequestError(f"{name} has {n} entries; at most {max_stop_strings} are allowed "
+            items = [] if value is None else [value] if isinstance(value, str) else value
+            if len(items) > max_stop_strings:
+                raise InvalidRequestError(f"{name} has {len(items)} entries; at most {max_stop_strings} are allowed "
                                           "(--max-stop-strings).", name)
+            chars = sum(len(v) for v in items)
+            if chars > MAX_STOP_CHARS:
+                raise InvalidRequestError(f"{name} holds {chars} characters in all; at most {MAX_STOP_CHARS} are "
+                                          "allowed.", name)
 
     def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int) -> None:
         if value is None or max_logprobs == -1:
