@@ -5,6 +5,7 @@ Invariants after construction (``__post_init__`` validates and normalises):
 - ``stop`` and ``stop_token_ids`` are lists (possibly empty), never None.
 - ``top_k`` of 0 or -1 means "off" and is stored as 0.
 - ``extra_args`` is a dict (possibly empty): custom logits processors read it.
+- ``stop_token_ids`` and ``allowed_token_ids`` hold no duplicates (first occurrences kept).
 Validation errors are ``ValueError`` with a message naming the field, which the
 server turns into a 400.
 """
@@ -128,7 +129,10 @@ class SamplingParams:
             self.stop = [self.stop]
         else:
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        # Both are sets in meaning: duplicates would only cost every step that reads them.
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
         if self.bad_words is None:
             self.bad_words = []
         if self.extra_args is None:

@@ -278,6 +278,7 @@ def test_offline_chat_and_lone_surrogates(tiny_model_dir):
         SamplingParams(stop=["\udfff"])
     with pytest.raises(ValueError, match="finite"):
         SamplingParams(length_penalty=float("nan"))
+    assert SamplingParams(allowed_token_ids=[3, 1] * 100_000, stop_token_ids=[2] * 1000).allowed_token_ids == [3, 1]
 
 
 @pytest.mark.anyio
