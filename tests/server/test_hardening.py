@@ -259,6 +259,12 @@ async def test_body_size_is_limited(tokenizer):
         assert (await c.get("/v1/models")).status_code == 200
 
 
+def test_too_many_prompts_is_refused_before_tokenizing(http):
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": ["a"] * 3000, "n": 2, "max_tokens": 1})
+    assert_error(r, 400, "sequences")
+    assert http.get("/load").json()["server_load"] == 0
+
+
 def test_body_size_default_is_16_mib(http):
     r = http.post("/v1/completions", content=b'{"prompt": "' + b"a" * (17 << 20) + b'"}',
                   headers={"Content-Type": "application/json"})

@@ -59,6 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
         client went away first."""
         self.check_model(request.model)
         request.validate_request()
+        self.check_fanout(len(request.prompts()) * request.n, "prompt")
         prompts = await self.off_loop(self.prepare_prompts, request)
         params = [self.sampling_params(request, len(p.token_ids)) for p in prompts]
         created = int(time.time())

@@ -192,6 +192,19 @@ class OpenAIServing:
                 f"{param} is {len(text)} characters long, which is more than that many tokens can hold. "
                 "Please reduce the length of the input.", param)
 
+    def check_fanout(self, count: int, param: str) -> None:
+        """Refuses, before any tokenizing, a request that would start more engine requests
+        (prompts x n) than the engine ever holds at once (running plus waiting): it could only
+        end in a 503 after the work of preparing them all."""
+        sched = getattr(self.engine.engine_config, "scheduler_config", None)
+        limit = getattr(sched, "max_num_seqs", None), getattr(sched, "max_waiting_requests", None)
+        if None in limit:
+            return
+        if count > limit[0] + limit[1]:
+            raise InvalidRequestError(f"The request would start {count} sequences (prompts x n); the server "
+                                      f"holds at most {limit[0] + limit[1]} at once (--max-num-seqs plus "
+                                      "--max-waiting-requests).", param)
+
     def check_token_ids(self, ids: list[int], param: str = "prompt") -> None:
         vocab = self.model_config.vocab_size
         for t in ids:

@@ -131,6 +131,7 @@ class OpenAIServingPoolingBase(OpenAIServingChat):
                                      chat_template=request.chat_template,
                                      chat_template_kwargs=request.chat_template_kwargs)
             return await self.off_loop(self._chat_prompts, request, text, operation)
+        self.check_fanout(len(request.items()), "input")
         return await self.off_loop(self._input_prompts, request, operation)
 
     def _chat_prompts(self, request: ChatInputRequest, text: str, operation: str) -> list[PoolingPrompt]:

@@ -92,6 +92,7 @@ class ServingScores(OpenAIServingPoolingBase):
                      request_id: str, raw_request: Request | None,
                      params_names: tuple[str, str]) -> list[PoolingRequestOutput] | None:
         """One output per pair, in order, whose data is the pair's score."""
+        self.check_fanout(len(texts_1), params_names[1])
         max_length = self.max_length(request)
         param_2 = params_names[1]
         if self.mode == "cross_encoder":
