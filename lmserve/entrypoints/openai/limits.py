@@ -2,7 +2,9 @@
 
 - more than ``max_header_count`` headers: 431 at once (vLLM's ``--h11-max-header-count``; the
   header bytes themselves are bounded by uvicorn's h11 parser, ``--h11-max-incomplete-event-size``);
-- a body over ``max_body_bytes``: 413, at once when ``Content-Length`` says so, else as soon
+- a body over ``max_body_bytes``: 413 when ``Content-Length`` says so (the body is read and dropped
+  first when it is at most 8 times the limit, so that the client, still sending, gets the answer
+  rather than a reset; a larger one is answered at once and the connection closed), else as soon
   as the streamed (chunked) body passes the limit, without reading the rest.
 
 Both answers are OpenAI error bodies (``lmserve.errors``); a body found too large while a route
@@ -22,6 +24,17 @@ from lmserve.errors import HeadersTooLargeError, LMServeError, RequestTooLargeEr
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_HEADER_COUNT = 256
 DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE = 64 * 1024
+
+
+_DRAIN_FACTOR = 8  # bodies up to this many times the limit are read (and dropped) before the 413
+
+
+async def _drain(receive: Any) -> None:
+    """Reads the request body to its end, keeping nothing."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
 
 
 def _error(err: LMServeError) -> JSONResponse:
@@ -48,6 +61,8 @@ class RequestLimitsMiddleware:
             return await _error(err)(scope, receive, send)
         for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                if int(value) <= _DRAIN_FACTOR * self.max_body:
+                    await _drain(receive)  # else the client, still sending, sees a reset, not the 413
                 return await _error(RequestTooLargeError(self._too_large()))(scope, receive, send)
         received = 0
 
