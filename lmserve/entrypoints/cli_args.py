@@ -288,10 +288,75 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
     return args
 
 
+def _json_value(text: str) -> Any:
+    """A dotted flag's value: JSON where it parses (numbers, booleans, lists, objects), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """vLLM's spellings of long flags, as its ``FlexibleArgumentParser`` takes them:
+    ``--max_model_len 5000`` is ``--max-model-len 5000`` (underscores in the name, not the value);
+    ``--hf-overrides.rope_theta 1e5`` / ``--x.a.b=v`` set keys of the JSON flag ``--x`` (nested by
+    the dots, the value read as JSON where it parses, ``true`` when no value follows), merged over
+    an explicit ``--x '{...}'`` wherever that stands. Everything else is left as it is."""
+    out: list[str] = []
+    dotted: dict[str, dict[str, Any]] = {}
+    explicit: dict[str, int] = {}  # JSON flag -> index of its value in ``out``
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == "--":
+            out.extend(argv[i - 1:])
+            break
+        if not token.startswith("--") or len(token) == 2:
+            out.append(token)
+            continue
+        name, eq, value = token[2:].partition("=")
+        base, dot, path = name.partition(".")
+        base = base.replace("_", "-")
+        if not dot:
+            out.append(f"--{base}{eq}{value}")
+            if not eq and i < len(argv) and not argv[i].startswith("--"):
+                explicit.setdefault(base, len(out))
+            elif eq:
+                explicit.setdefault(base, len(out) - 1)
+            continue
+        if not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            else:
+                value = "true"
+        node = dotted.setdefault(base, {})
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--{name}: {key} is set both as a value and as an object")
+        node[keys[-1]] = _json_value(value)
+    for base, values in dotted.items():
+        if base in explicit:
+            at = explicit[base]
+            raw = out[at].split("=", 1)[1] if out[at].startswith("--") else out[at]
+            merged = {**(_json_value(raw) if isinstance(_json_value(raw), dict) else {}), **values}
+            out[at] = f"--{base}={json.dumps(merged)}" if out[at].startswith("--") else json.dumps(merged)
+        else:
+            out += [f"--{base}", json.dumps(values)]
+    return out
+
+
 def parse_serve_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parses ``lmserve serve`` arguments (without the word ``serve``), config file included."""
+    """Parses ``lmserve serve`` arguments (without the word ``serve``), config file included.
+    Long flags may be spelled as vLLM's parser takes them (``normalize_argv``)."""
     if parser is None:
         parser = add_server_args(make_serve_parser(prog="lmserve serve"))
+    try:
+        argv = normalize_argv(argv)
+    except ValueError as e:
+        parser.error(str(e))
     config = _find_config(argv)
     if config is not None:
         try:

@@ -142,3 +142,23 @@ def test_memory_bound_tokens_flag_config_and_default(tmp_path, tiny_models):
     assert default.memory_bound_tokens == 64
     off = EngineArgs.from_cli_args(parse([model, "--memory-bound-tokens", "0", "--device", "cpu"]))
     assert off.create_engine_config().scheduler_config.memory_bound_tokens == 0
+
+
+def test_vllm_spellings_underscores_and_dotted_json_flags(tmp_path):
+    """``--max_model_len 5000`` and ``--flag.key value`` parse as vLLM's parser takes them; dotted
+    keys nest and merge over an explicit JSON value; values are JSON where they parse."""
+    cfg = write(tmp_path, "port: 6379\n")
+    a = parse(["My_Model", "--max_model_len", "5000", "--enforce_eager", "--config", cfg,
+               "--hf-overrides.rope_theta", "100000", "--hf_overrides.rope_scaling.type=linear",
+               "--served_model_name=x_y"])
+    assert a.model == "My_Model" and a.max_model_len == 5000 and a.enforce_eager is True and a.port == 6379
+    assert a.served_model_name == ["x_y"]  # values keep their underscores
+    assert a.hf_overrides == {"rope_theta": 100000, "rope_scaling": {"type": "linear"}}
+    b = parse(["--hf-overrides", '{"rope_theta": 1, "keep": true}', "--hf-overrides.rope_theta", "2"])
+    assert b.hf_overrides == {"rope_theta": 2, "keep": True}
+
+
+def test_dotted_flag_conflict_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--hf-overrides.a", "1", "--hf-overrides.a.b", "2"])
+    assert "both as a value and as an object" in capsys.readouterr().err
