@@ -107,8 +107,27 @@ _unsupported("--max-parallel-loading-workers", "weights load in one pass")
 _unsupported("--ray-workers-use-nsight", "Ray is not used", action="store_const", const=True)
 _unsupported("--ignore-patterns", "weight file filtering is not supported")
 _unsupported("--model-loader-extra-config", "the model loader takes no extra config")
+_unsupported("--data-parallel-size", "data parallelism is not supported yet: run one server per replica behind "
+             "a load balancer", accepted=lambda v: int(v) == 1)
+_unsupported("--api-server-count", "one API server process serves every request; run more servers behind a "
+             "load balancer", accepted=lambda v: int(v) == 1)
 _unsupported("--disable-sliding-window", "sliding-window attention is not configurable",
              action="store_const", const=True)
+
+
+# vLLM flags that ask for nothing this engine does differently: (flag, argparse kwargs, why). Given on
+# the command line or in the config file, each is accepted and named once in the start-up log
+# (``finalize_serve_args`` puts the lines in ``args.noop_flags``).
+NOOP_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("--use-v2-block-manager", dict(action="store_const", const=True), "there is one block manager"),
+    ("--disable-custom-all-reduce", dict(action="store_const", const=True), "there is no custom all-reduce"),
+    ("--disable-async-output-proc", dict(action="store_const", const=True), "outputs are processed synchronously"),
+    ("--async-scheduling", dict(action=argparse.BooleanOptionalAction),
+     "the engine thread schedules each step after the previous one"),
+    ("--disable-frontend-multiprocessing", dict(action="store_const", const=True),
+     "the API server and the engine share one process"),
+    ("--enable-server-load-tracking", dict(action="store_const", const=True), "GET /load always reports the load"),
+)
 
 
 def make_serve_parser(**kwargs: Any) -> argparse.ArgumentParser:
@@ -145,11 +164,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--middleware", action="append", default=[],
                    help="An ASGI middleware class or an async http middleware function (import path).")
     g.add_argument("--return-tokens-as-token-ids", action="store_true")
-    g.add_argument("--disable-frontend-multiprocessing", action="store_true",
-                   help="Accepted for compatibility: the server always runs in the engine's process.")
     g.add_argument("--enable-request-id-headers", action="store_true")
-    g.add_argument("--enable-server-load-tracking", action="store_true",
-                   help="Accepted for compatibility: GET /load always reports the server load.")
     g.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
                    help="Log each request (its params at INFO, its prompt at DEBUG), as vLLM. Default: off.")
     g.add_argument("--disable-log-requests", action="store_true",
@@ -178,11 +193,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", nargs="+", default=None)
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
-    g.add_argument("--use-v2-block-manager", action="store_true", help="Accepted for compatibility (no-op).")
-    g.add_argument("--disable-custom-all-reduce", action="store_true",
-                   help="Accepted for compatibility: there is no custom all-reduce.")
-    g.add_argument("--disable-async-output-proc", action="store_true",
-                   help="Accepted for compatibility: outputs are processed synchronously.")
+    n = parser.add_argument_group("vllm flags that change nothing on this build (accepted, logged at start-up)")
+    for flag, kwargs, why in NOOP_FLAGS:
+        n.add_argument(flag, default=None, help=f"No-op here: {why}.", **kwargs)
     EngineArgs.add_cli_args(parser)
     known = {opt for action in parser._actions for opt in action.option_strings}  # noqa: SLF001
     u = parser.add_argument_group("vllm flags that cannot apply here (refused when set)")
@@ -246,11 +259,18 @@ def _find_config(argv: list[str]) -> str | None:
     return None
 
 
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Resolves MODEL, the API key from the environment, --rope-* overrides, and refuses the
     flags that cannot apply (``parser.error`` exits with status 2)."""
     if args.model_tag is not None:
         args.model = args.model_tag
+    args.noop_flags = [f"{flag} {'' if isinstance(getattr(args, _dest(flag)), bool) else getattr(args, _dest(flag))} "
+                       f"changes nothing on this build: {why}".replace("  ", " ")
+                       for flag, _, why in NOOP_FLAGS if getattr(args, _dest(flag), None) is not None]
     if args.disable_log_requests:
         args.enable_log_requests = False
     for flag in ("max_request_body_bytes", "max_stop_strings", "h11_max_incomplete_event_size",

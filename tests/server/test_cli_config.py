@@ -162,3 +162,20 @@ def test_dotted_flag_conflict_is_an_error(capsys):
     with pytest.raises(SystemExit):
         parse(["--hf-overrides.a", "1", "--hf-overrides.a.b", "2"])
     assert "both as a value and as an object" in capsys.readouterr().err
+
+
+def test_noop_flags_are_accepted_and_named_for_the_log(tmp_path):
+    a = parse(["--no-async-scheduling", "--disable-custom-all-reduce", "--data-parallel-size", "1",
+               "--api-server-count", "1", "--config", write(tmp_path, "use-v2-block-manager: true\n")])
+    assert a.noop_flags == ["--use-v2-block-manager changes nothing on this build: there is one block manager",
+                            "--disable-custom-all-reduce changes nothing on this build: there is no custom all-reduce",
+                            "--async-scheduling changes nothing on this build: the engine thread schedules each "
+                            "step after the previous one"]
+    assert parse([]).noop_flags == []
+
+
+@pytest.mark.parametrize("flag", ["--data-parallel-size", "--api-server-count"])
+def test_more_than_one_replica_or_api_server_is_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse([flag, "2"])
+    assert "load balancer" in capsys.readouterr().err

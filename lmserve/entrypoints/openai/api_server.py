@@ -96,6 +96,8 @@ def _load_in_thread(engine_args: EngineArgs, loop: asyncio.AbstractEventLoop) ->
 
 async def serve(args: argparse.Namespace) -> int:
     """Serves until interrupted; returns the process exit status."""
+    for line in getattr(args, "noop_flags", ()):
+        logger.info("%s", line)
     engine_args = EngineArgs.from_cli_args(args)
     app = build_app(args, None)
     state = app.state.server
