@@ -190,6 +190,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Requests with more headers get a 431. Default: %(default)s.")
     g.add_argument("--disable-fastapi-docs", action="store_true")
     g.add_argument("--enable-prompt-tokens-details", action="store_true")
+    g.add_argument("--enable-force-include-usage", action="store_true",
+                   help="Every streamed completion ends with a usage chunk, as if the request had asked with "
+                        "stream_options.include_usage.")
     g.add_argument("--served-model-name", nargs="+", default=None)
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")

@@ -142,3 +142,29 @@ async def add_header_fn(request, call_next):
     response = await call_next(request)
     response.headers["x-fn-middleware"] = "1"
     return response
+
+
+def _usage_chunks(text: str) -> list[dict]:
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    return [e for e in events if e.get("usage")]
+
+
+@pytest.mark.anyio
+async def test_force_include_usage_ends_every_stream_with_usage(tokenizer):
+    """--enable-force-include-usage: streams without stream_options get the final usage chunk
+    (completions and chat); without the flag they do not; continuous stats stay opt-in."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    for argv, expected in (((), 0), (("--enable-force-include-usage",), 1)):
+        app, _ = make_app(tokenizer, argv)
+        for path, body in (("/v1/completions", {**BODY, "stream": True}), ("/v1/chat/completions", chat)):
+            r = await call(app, "POST", path, json=body)
+            assert r.status_code == 200, r.text
+            usage = _usage_chunks(r.text)
+            assert len(usage) == expected, (argv, path, r.text)
+            if expected:
+                assert usage[0]["choices"] == [] and usage[0]["usage"]["completion_tokens"] > 0
+    app, _ = make_app(tokenizer, ["--enable-force-include-usage"])
+    r = await call(app, "POST", "/v1/completions",
+                   json={**BODY, "stream": True, "stream_options": {"include_usage": False,
+                                                                     "continuous_usage_stats": True}})
+    assert len(_usage_chunks(r.text)) > 1  # forced, and continuous because the request asked

@@ -121,6 +121,7 @@ class ServerState:
             max_log_len=getattr(args, "max_log_len", DEFAULT_MAX_LOG_LEN),
             trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
             max_stop_strings=int(getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS)),
+            force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
             executor=self.executor, template_sandbox=self.template_sandbox)
         handlers = _Handlers(models=OpenAIServingModels(options, mc.max_model_len),
                              tokenization=OpenAIServingTokenization(engine, options, self.metrics))

@@ -28,7 +28,7 @@ from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionLogProb
                                                           DeltaMessage)
 from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, Prompt, sse, stream_error,
                                                        until_disconnected)
-from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
+from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError, LMServeError
 from lmserve.outputs import CompletionOutput, Logprob
 
@@ -160,9 +160,7 @@ class OpenAIServingChat(OpenAIServing):
                       merger: OutputMerger) -> AsyncIterator[str]:
         role = self.response_role(request)
         echo = self.echo_text(request, role)
-        opts = request.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = should_include_usage(request.stream_options, self.options.force_include_usage)
         prompt_len = len(prompt.token_ids)
         generated = [0] * request.n
         cached = 0

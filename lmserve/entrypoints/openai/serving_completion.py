@@ -20,7 +20,7 @@ from lmserve.entrypoints.openai.protocol_responses import (CompletionLogProbs, C
                                                           CompletionStreamResponse)
 from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, Prompt, sse, stream_error,
                                                        until_disconnected)
-from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
+from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError
 from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -129,9 +129,7 @@ class OpenAIServingCompletion(OpenAIServing):
         n = request.n
         states: dict[int, _Choice] = {}
         num_generated: dict[int, int] = {}
-        opts = request.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        include_usage, continuous = should_include_usage(request.stream_options, self.options.force_include_usage)
         cached = [0] * len(prompts)
         try:
             async for i, out in merger:

@@ -60,6 +60,7 @@ class ServerOptions:
     max_log_len: int | None = DEFAULT_MAX_LOG_LEN
     trust_request_chat_template: bool = False
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
+    force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with a usage chunk
     executor: Any = field(default=None, compare=False, repr=False)
     template_sandbox: Any = field(default=None, compare=False, repr=False)
 

@@ -116,3 +116,11 @@ class SSEResponse(StreamingResponse):
                     pass
             if self._cleanup is not None:
                 await self._cleanup.aclose()
+
+
+def should_include_usage(stream_options: Any, force: bool) -> tuple[bool, bool]:
+    """(a final usage chunk, usage on every chunk) for a stream, as vLLM decides them: the request's
+    ``stream_options.include_usage``, or always with ``--enable-force-include-usage``; per-chunk
+    usage only with ``continuous_usage_stats`` on top of that."""
+    include = force or bool(stream_options is not None and stream_options.include_usage)
+    return include, include and bool(stream_options is not None and stream_options.continuous_usage_stats)
