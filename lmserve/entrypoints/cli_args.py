@@ -94,8 +94,6 @@ _unsupported("--scheduler-delay-factor", "scheduler delays are not supported", a
 _unsupported("--num-lookahead-slots", "lookahead slots are for speculative decoding",
              accepted=lambda v: int(v) == 0)
 _unsupported("--max-seq-len-to-capture", "CUDA graph capture sizes are not configurable")
-_unsupported("--compilation-config", "compilation is controlled by --enforce-eager / --no-enforce-eager")
-_unsupported("-O", "compilation is controlled by --enforce-eager / --no-enforce-eager", dest="compilation_level")
 _unsupported("--tokenizer-pool-size", "tokenization runs in the server process", accepted=lambda v: int(v) == 0)
 _unsupported("--tokenizer-pool-type", "tokenization runs in the server process")
 _unsupported("--tokenizer-pool-extra-config", "tokenization runs in the server process")
@@ -127,6 +125,9 @@ NOOP_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("--disable-frontend-multiprocessing", dict(action="store_const", const=True),
      "the API server and the engine share one process"),
     ("--enable-server-load-tracking", dict(action="store_const", const=True), "GET /load always reports the load"),
+    ("--compilation-config", {}, "the model runs eagerly; nothing is compiled or captured (no torch.compile, "
+     "no CUDA graphs)"),
+    ("-O", {}, "the model runs eagerly; nothing is compiled or captured (no torch.compile, no CUDA graphs)"),
 )
 
 

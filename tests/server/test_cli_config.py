@@ -179,3 +179,11 @@ def test_more_than_one_replica_or_api_server_is_refused(flag, capsys):
     with pytest.raises(SystemExit):
         parse([flag, "2"])
     assert "load balancer" in capsys.readouterr().err
+
+
+def test_compilation_flags_are_declared_no_ops():
+    """-O3, --compilation-config JSON and its dotted form: accepted, named for the start-up log."""
+    a = parse(["-O3", "--compilation-config.level", "3", "--compilation_config.cudagraph_capture_sizes", "[1, 2]"])
+    assert [line.split(" changes")[0] for line in a.noop_flags] == [
+        '--compilation-config {"level": 3, "cudagraph_capture_sizes": [1, 2]}', "-O 3"]
+    assert all("nothing is compiled" in line for line in a.noop_flags)
