@@ -8,9 +8,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from lmserve.model.backends.linear import PrepackedWeight, pack_dense
+from lmserve.model.backends.linear import PrepackedLinear, PrepackedWeight
 from lmserve.model.backends.plan import BackendPlan, KernelSettings
-from lmserve.model.loader.binding import BackendTable, bind_backends
+from lmserve.model.loader.binding import BackendTable, bind_backends, dense_backend
 
 
 def cpu_plan(dtype: torch.dtype = torch.float32, **settings) -> BackendPlan:
@@ -21,11 +21,8 @@ def cpu_plan(dtype: torch.dtype = torch.float32, **settings) -> BackendPlan:
 def pack_weight(weight: torch.Tensor, gemm: str = "auto") -> PrepackedWeight | None:
     """``weight`` packed as the plan with ``LMSERVE_CPU_GEMM=gemm`` packs it, or None where that
     plan leaves it on ``F.linear``."""
-    plan = cpu_plan(weight.dtype, gemm=gemm)
-    choice = plan.linear(weight.dtype, weight.shape[1])
-    if choice.backend == "torch":
-        return None
-    return pack_dense(weight, choice.backend, plan.native.panels.get(choice.backend))
+    backend, _ = dense_backend(cpu_plan(weight.dtype, gemm=gemm), weight, weight.shape[1])
+    return backend.packed if isinstance(backend, PrepackedLinear) else None
 
 
 def bind(module: nn.Module, dtype: torch.dtype | None = None, **settings) -> BackendTable:

@@ -183,20 +183,18 @@ class NativePagedAttention(AttentionBackend):
                 meta: AttentionMetadata) -> torch.Tensor:
         self._check(q, kv_cache, meta)
         threads = torch.get_num_threads()
-        if not self.kernel.write_kv(k, v, kv_cache, meta.slot_mapping):
-            raise ValueError("native KV write: k / v are not dense [T, Hkv, D] rows of the cache's dtype")
+        self.kernel.write_kv(k, v, kv_cache, meta.slot_mapping)
         out = _output_for(q, meta)
         nd, num_tokens = meta.num_decodes, meta.num_tokens
-        if nd > 0 and not self.kernel.decode(q[:nd], kv_cache, meta.block_tables, meta.seq_lens, out[:nd],
-                                             layer.scale, layer.sliding_window, threads):
-            raise ValueError("native paged decode: q / out rows are not dense [Hq, D]")
+        if nd > 0:
+            self.kernel.decode(q[:nd], kv_cache, meta.block_tables, meta.seq_lens, out[:nd], layer.scale,
+                               layer.sliding_window, threads)
         if nd == meta.num_seqs:
             return out
         if self.amx_chunks and kv_cache.shape[2] % 16 == 0:
             qsl = meta.query_start_loc[nd:].cpu()
-            if not self.kernel.chunks(q[nd:num_tokens], kv_cache, meta.block_tables[nd:], qsl - qsl[0],
-                                      meta.seq_lens[nd:], out[nd:num_tokens], layer.scale, threads):
-                raise ValueError("native paged attention: q / out rows are not dense [Hq, D]")
+            self.kernel.chunks(q[nd:num_tokens], kv_cache, meta.block_tables[nd:], qsl - qsl[0], meta.seq_lens[nd:],
+                               out[nd:num_tokens], layer.scale, threads)
             return out
         start = nd
         for i in range(nd, meta.num_seqs):
@@ -219,7 +217,6 @@ class NativePagedAttention(AttentionBackend):
             return False
         seq_lens = torch.arange(seq_len - qlen + 1, seq_len + 1, dtype=torch.int32)  # [qlen]
         tables = meta.block_tables[i:i + 1].expand(qlen, -1)  # [qlen, W], one row repeated (stride 0)
-        if not self.kernel.decode(q, kv_cache, tables, seq_lens, out, layer.scale, layer.sliding_window,
-                                  threads or torch.get_num_threads()):
-            raise ValueError("native paged decode: q / out rows are not dense [Hq, D]")
+        self.kernel.decode(q, kv_cache, tables, seq_lens, out, layer.scale, layer.sliding_window,
+                           threads or torch.get_num_threads())
         return True

@@ -53,7 +53,8 @@ class BackendTable:
         return "\n".join([self.header] + lines)
 
 
-def _dense_backend(plan: BackendPlan, weight: torch.Tensor, in_features: int) -> tuple[LinearBackend, Choice]:
+def dense_backend(plan: BackendPlan, weight: torch.Tensor, in_features: int) -> tuple[LinearBackend, Choice]:
+    """The plan's dense backend for ``weight`` [N, K=in_features] (packed when it is not torch) and why."""
     choice = plan.linear(weight.dtype, in_features)
     if choice.backend == "torch":
         return TorchLinear(), choice
@@ -69,7 +70,7 @@ def _linear_backend(plan: BackendPlan, weight: torch.Tensor, in_features: int, b
         dense_choice = plan.linear(weight.dtype, in_features)
         dense = None
     else:
-        dense, dense_choice = _dense_backend(plan, weight, in_features)
+        dense, dense_choice = dense_backend(plan, weight, in_features)
     if not blocks or plan.device_type != "cpu":
         return dense, dense_choice
     int_choice = plan.block_quant(vnni_takes(blocks))

@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class LlamaDecodeStep:
     """The native decode step of one ``LlamaForCausalLM`` over ``layers`` (the filled structs, see
     ``model/backends/decode_step.py``). The caller runs it for decode-only steps of 1 to

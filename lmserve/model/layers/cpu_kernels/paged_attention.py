@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV  # noqa: F401  (re-exported for tests and benchmarks)
 from lmserve.model.layers.cpu_kernels.abi import PagedChunksArgs, PagedDecodeArgs, WriteKvArgs, bind, load_kernels
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, kernels_disabled
 
@@ -33,8 +32,8 @@ _ERRORS = {-1: "unsupported arguments", -2: "a seq_len is < 1 or past its block 
 
 class CpuPagedAttention:
     """The loaded kernels. ``unsupported`` says why a layer call cannot use them (or None);
-    ``write_kv`` and ``decode`` then do the work, or return False (nothing done) for inputs
-    whose layout they do not take, after logging why once."""
+    ``write_kv``, ``decode`` and ``chunks`` then do the work and return True, or raise ValueError
+    (nothing done) for inputs whose layout they do not take."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         """``lib``: the checked library of paged_attention.c (``abi.load_kernels``)."""
@@ -65,13 +64,12 @@ class CpuPagedAttention:
         return None
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-        """``write_kv_cache`` (k, v: [T, Hkv, D]; slots < 0 skipped); False if k/v do not fit."""
+        """``write_kv_cache`` (k, v: [T, Hkv, D]; slots < 0 skipped); True. ValueError if k/v do not fit."""
         hkv, d = kv_cache.shape[3], kv_cache.shape[4]
         if k.dtype != kv_cache.dtype or v.dtype != kv_cache.dtype or not _dense_rows(k, hkv, d) \
                 or not _dense_rows(v, hkv, d) or not slot_mapping.is_contiguous() \
                 or slot_mapping.shape[0] < k.shape[0]:
-            log_fallback_once("k / v are not dense [T, Hkv, D] rows of the cache's dtype (KV write)")
-            return False
+            raise ValueError("KV write: k / v are not dense [T, Hkv, D] rows of the cache's dtype")
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
         rc = self._write(WriteKvArgs(k=k.data_ptr(), k_row_stride=k.stride(0), v=v.data_ptr(), v_row_stride=v.stride(0),
                                      kv_cache=kv_cache.data_ptr(), num_slots=num_slots, slots=slot_mapping.data_ptr(),
@@ -85,10 +83,9 @@ class CpuPagedAttention:
         """One-token queries q [nd, Hq, D] into out [nd, Hq, D]: row i attends to the first
         seq_lens[i] tokens of its block table row block_tables[i] (the last sliding_window of
         them, when set), as ``PagedAttention._decode``. block_tables [>= nd, W] int32 may repeat
-        a row (stride 0); seq_lens [>= nd] int32. False if q/out do not fit."""
+        a row (stride 0); seq_lens [>= nd] int32. ValueError if q/out do not fit."""
         nd, hq, d = q.shape
-        if not _dense_q_out(q, out, "decode"):
-            return False
+        _dense_q_out(q, out, "decode")
         _, num_blocks, block_size, hkv, _ = kv_cache.shape
         tables = _unit_stride(block_tables)
         seq_lens = seq_lens if seq_lens.is_contiguous() else seq_lens.contiguous()
@@ -115,10 +112,9 @@ class CpuPagedAttention:
         queries are rows query_start_loc[i] .. query_start_loc[i + 1] (int32, starting at 0), the
         last of its seq_lens[i] tokens, already in the cache; query r of a chunk of qlen attends to
         the first seq_lens[i] - qlen + r + 1 tokens of block_tables[i] (int32 [n, W]) -- causal
-        prefill over a cached context, as ``PagedAttention._prefill``. False if q/out do not fit."""
+        prefill over a cached context, as ``TorchPagedAttention.prefill``. ValueError if q/out do not fit."""
         _, hq, d = q.shape
-        if not _dense_q_out(q, out, "prefill chunks"):
-            return False
+        _dense_q_out(q, out, "prefill chunks")
         _, num_blocks, block_size, hkv, _ = kv_cache.shape
         tables = _unit_stride(block_tables)
         qsl, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
@@ -133,12 +129,10 @@ class CpuPagedAttention:
         return True
 
 
-def _dense_q_out(q: torch.Tensor, out: torch.Tensor, what: str) -> bool:
-    """q and out are [N, Hq, D] with dense rows (any row stride); else False, logged once."""
-    if _dense_rows(q, q.shape[1], q.shape[2]) and _dense_rows(out, q.shape[1], q.shape[2]):
-        return True
-    log_fallback_once(f"q / out rows are not dense [Hq, D] ({what})")
-    return False
+def _dense_q_out(q: torch.Tensor, out: torch.Tensor, what: str) -> None:
+    """ValueError unless q and out are [N, Hq, D] with dense rows (any row stride)."""
+    if not (_dense_rows(q, q.shape[1], q.shape[2]) and _dense_rows(out, q.shape[1], q.shape[2])):
+        raise ValueError(f"{what}: q / out rows are not dense [Hq, D]")
 
 
 def _unit_stride(tables: torch.Tensor) -> torch.Tensor:
@@ -172,9 +166,3 @@ def get_paged_attention_kernel(extra_flags: tuple[str, ...] = ()) -> CpuPagedAtt
         return None
     env = os.environ
     return _load(env.get("LMSERVE_KERNEL_CC"), env.get("LMSERVE_KERNEL_CACHE"), extra_flags)
-
-
-@functools.lru_cache(maxsize=None)
-def log_fallback_once(reason: str) -> None:
-    """Logs (once per distinct reason) why a layer call ran on the pure-torch path."""
-    logger.info("CPU paged-attention kernel not used: %s; using the pure-torch path", reason)
