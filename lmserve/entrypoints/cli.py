@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from lmserve.entrypoints.cli_args import add_server_args, parse_serve_args
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_bench(rest)
     if command == "serve":
         args = parse_serve_args(rest, serve_parser)
+        from lmserve.entrypoints.frontend_flags import apply_logging, resolve_logging_config
+        try:
+            apply_logging(resolve_logging_config(args, dict(os.environ)))
+        except ValueError as e:
+            print(f"lmserve serve: error: {e}", file=sys.stderr)
+            return 2
         from lmserve.entrypoints.openai.api_server import run_server
         try:
             return run_server(args)

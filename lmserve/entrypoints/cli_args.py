@@ -24,6 +24,8 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE, DEFAULT_MAX_BODY_BYTES,
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
+from lmserve.entrypoints.frontend_flags import add_frontend_args
+from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
 
 def _json_list(value: str) -> list[str]:
@@ -197,6 +199,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", nargs="+", default=None)
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
+    add_frontend_args(g)
     n = parser.add_argument_group("vllm flags that change nothing on this build (accepted, logged at start-up)")
     for flag, kwargs, why in NOOP_FLAGS:
         n.add_argument(flag, default=None, help=f"No-op here: {why}.", **kwargs)
@@ -206,6 +209,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for flag, (kwargs, _, _) in _UNSUPPORTED.items():
         if flag not in known:  # the engine may learn a flag later: then its definition wins
             u.add_argument(flag, default=None, help=argparse.SUPPRESS, **kwargs)
+    parser.set_defaults(foreign_flags=register_foreign_flags(parser))
     return parser
 
 
@@ -301,6 +305,10 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
             ok = False
         if not ok:
             parser.error(f"{flag} {'' if value is True else value!s} is not supported: {why}.".replace("  ", " "))
+    notes, errors = check_foreign_flags(args, getattr(args, "foreign_flags", None) or {})
+    if errors:
+        parser.error(" ".join(errors))
+    args.noop_flags += notes
     overrides: dict[str, Any] = {}
     if args.rope_scaling is not None:
         overrides["rope_scaling"] = args.rope_scaling

@@ -20,6 +20,7 @@ from typing import Any
 import uvicorn
 
 from lmserve.engine.arg_utils import EngineArgs
+from lmserve.entrypoints.frontend_flags import install_access_log_filter, uvicorn_options
 from lmserve.entrypoints.openai.app import build_app
 from lmserve.errors import EngineShutdownError
 
@@ -107,7 +108,8 @@ async def serve(args: argparse.Namespace) -> int:
                             ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
                             root_path=args.root_path or "", timeout_keep_alive=5, lifespan="off", http="h11",
                             h11_max_incomplete_event_size=getattr(args, "h11_max_incomplete_event_size", None),
-                            timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S)
+                            timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S, **uvicorn_options(args))
+    install_access_log_filter(args)  # after uvicorn.Config, which (re)configures its loggers
     server = _Server(config, shutdown_timeout, state)
     serve_task = asyncio.ensure_future(server.serve())
     load = _load_in_thread(engine_args, asyncio.get_running_loop())

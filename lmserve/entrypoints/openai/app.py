@@ -118,6 +118,9 @@ class ServerState:
             return_tokens_as_token_ids=bool(getattr(args, "return_tokens_as_token_ids", False)),
             enable_prompt_tokens_details=bool(getattr(args, "enable_prompt_tokens_details", False)),
             log_requests=bool(getattr(args, "enable_log_requests", False)),
+            log_outputs=bool(getattr(args, "enable_log_outputs", False)),
+            log_deltas=bool(getattr(args, "enable_log_deltas", True)),
+            default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None),
             max_log_len=getattr(args, "max_log_len", DEFAULT_MAX_LOG_LEN),
             trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
             max_stop_strings=int(getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS)),
@@ -204,17 +207,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_exception_handlers(app: FastAPI) -> None:
     """The one place exceptions map to HTTP responses."""
 
+    def log_stack(request: Request, exc: BaseException) -> None:
+        """--log-error-stack: the stack of every error response (internal errors always log theirs)."""
+        if getattr(app.state.server.args, "log_error_stack", False):
+            logger.error("Error response to %s %s", request.method, _route_path(request.scope), exc_info=exc)
+
     @app.exception_handler(LMServeError)
-    async def _lmserve(_: Request, exc: LMServeError) -> JSONResponse:
+    async def _lmserve(request: Request, exc: LMServeError) -> JSONResponse:
+        log_stack(request, exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        log_stack(request, exc)
         msg, param = _validation_message(exc)
         return error_response(InvalidRequestError(msg, param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        log_stack(request, exc)
         err = LMServeError(str(exc.detail))
         err.status_code = exc.status_code
         err.err_type = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
@@ -224,7 +235,8 @@ def install_exception_handlers(app: FastAPI) -> None:
         return error_response(err, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ValueError)
-    async def _value(_: Request, exc: ValueError) -> JSONResponse:
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+        log_stack(request, exc)
         return error_response(InvalidRequestError(str(exc)))
 
     @app.exception_handler(Exception)
@@ -353,6 +365,10 @@ def build_app(args: argparse.Namespace, engine: Any = None) -> FastAPI:
     api_key = getattr(args, "api_key", None)
     if api_key:
         app.add_middleware(AuthMiddleware, api_keys=[api_key] if isinstance(api_key, str) else list(api_key))
+    keep_alive = float(getattr(args, "sse_keep_alive_interval", 0) or 0)
+    if keep_alive > 0:
+        from lmserve.entrypoints.openai.sse_keepalive import SSEKeepAliveMiddleware
+        app.add_middleware(SSEKeepAliveMiddleware, interval=keep_alive)
     app.add_middleware(RequestTrackingMiddleware, state=state,
                        echo_request_id=bool(getattr(args, "enable_request_id_headers", False)))
     app.add_middleware(RequestLimitsMiddleware,

@@ -71,6 +71,8 @@ class OpenAIServingChat(OpenAIServing):
         processes (time and memory limits). The server's own templates render on the worker
         thread. Either way the event loop never runs a template."""
         tok = self.require_tokenizer()
+        if self.options.default_chat_template_kwargs:  # --default-chat-template-kwargs; the request's win
+            chat_template_kwargs = {**self.options.default_chat_template_kwargs, **(chat_template_kwargs or {})}
         if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:
             if not self.options.trust_request_chat_template:
                 raise InvalidRequestError("Chat template is passed with request, but --trust-request-chat-template "

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from lmserve.entrypoints.openai.output_logging import OutputLogger, clip
 from lmserve.entrypoints.openai.protocol import SamplingRequest
 from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorResponse, LogprobEntry,
                                                           PromptTokensDetails, UsageInfo)
@@ -57,6 +58,9 @@ class ServerOptions:
     return_tokens_as_token_ids: bool = False
     enable_prompt_tokens_details: bool = False
     log_requests: bool = False
+    log_outputs: bool = False  # --enable-log-outputs (needs --enable-log-requests)
+    log_deltas: bool = True  # --enable-log-deltas: streamed requests also log each delta
+    default_chat_template_kwargs: dict[str, Any] | None = None  # under each request's own
     max_log_len: int | None = DEFAULT_MAX_LOG_LEN
     trust_request_chat_template: bool = False
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
@@ -104,13 +108,6 @@ def stream_error(exc: BaseException) -> str:
         logger.error("Internal error in a stream", exc_info=exc)
         exc = LMServeError(f"Internal server error: {type(exc).__name__}")
     return sse(error_body(exc))
-
-
-def clip(text: str, n: int | None) -> str:
-    """``text`` cut to ``n`` characters (None: whole), saying how much was cut."""
-    if n is None or len(text) <= n:
-        return text
-    return f"{text[:n]}...[{len(text) - n} more characters]"
 
 
 def _safe(lp: float) -> float:
@@ -283,8 +280,12 @@ class OpenAIServing:
             else:
                 stream = self.engine.generate(engine_prompt, params, request_id, priority=request.priority,
                                               cache_salt=request.cache_salt)
+            out_log = OutputLogger(request_id, params, self.options.max_log_len, self.options.log_deltas) \
+                if self.options.log_requests and self.options.log_outputs else None
             async with aclosing(stream) as outputs:
                 async for out in outputs:
+                    if out_log is not None:
+                        out_log.observe(out)
                     now = time.time()
                     m = out.metrics
                     if first_at is None:
