@@ -25,6 +25,7 @@ from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
 from lmserve.entrypoints.frontend_flags import add_frontend_args
+from lmserve.entrypoints.help_groups import filtered_help, help_keyword, regroup_as_vllm
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
 
@@ -210,7 +211,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if flag not in known:  # the engine may learn a flag later: then its definition wins
             u.add_argument(flag, default=None, help=argparse.SUPPRESS, **kwargs)
     parser.set_defaults(foreign_flags=register_foreign_flags(parser))
-    return parser
+    return regroup_as_vllm(parser)
 
 
 def _dest_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -385,6 +386,10 @@ def parse_serve_args(argv: list[str], parser: argparse.ArgumentParser | None = N
     Long flags may be spelled as vLLM's parser takes them (``normalize_argv``)."""
     if parser is None:
         parser = add_server_args(make_serve_parser(prog="lmserve serve"))
+    keyword = help_keyword(argv)
+    if keyword is not None:
+        print(filtered_help(parser, keyword), end="")
+        raise SystemExit(0)
     try:
         argv = normalize_argv(argv)
     except ValueError as e:
