@@ -88,7 +88,6 @@ _unsupported("--worker-cls", "custom worker classes are not supported", accepted
 _unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
 _unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)
 _unsupported("--cpu-offload-gb", "weight offloading is not supported", accepted=lambda v: float(v) == 0)
-_unsupported("--swap-space", "preemption recomputes; KV blocks are never swapped", accepted=lambda v: float(v) == 0)
 _unsupported("--preemption-mode", "preemption recomputes; KV blocks are never swapped",
              accepted=lambda v: v == "recompute")
 _unsupported("--num-scheduler-steps", "multi-step scheduling is not supported", accepted=lambda v: int(v) == 1)
@@ -121,6 +120,8 @@ _unsupported("--disable-sliding-window", "sliding-window attention is not config
 # (``finalize_serve_args`` puts the lines in ``args.noop_flags``).
 NOOP_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("--use-v2-block-manager", dict(action="store_const", const=True), "there is one block manager"),
+    ("--swap-space", dict(type=float), "preemption recomputes (as vLLM's V1 engine); no KV block is swapped "
+     "to CPU memory, so no swap space is reserved"),
     ("--disable-custom-all-reduce", dict(action="store_const", const=True), "there is no custom all-reduce"),
     ("--disable-async-output-proc", dict(action="store_const", const=True), "outputs are processed synchronously"),
     ("--async-scheduling", dict(action=argparse.BooleanOptionalAction),
