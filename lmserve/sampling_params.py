@@ -47,21 +47,38 @@ class SamplingType(enum.IntEnum):
 
 @dataclass
 class StructuredOutputsParams:
-    """Grammar constraints (json schema, regex, choice, grammar, json_object)."""
+    """One grammar constraint on the output (vLLM's ``StructuredOutputsParams``, same fields).
+
+    Exactly one of ``json`` (a JSON schema, dict or JSON text), ``regex``, ``choice`` (a list of
+    strings), ``grammar`` (EBNF/GBNF, or Lark when it has no ``::=``), ``json_object`` (any JSON
+    object) and ``structural_tag`` (JSON text, xgrammar's structural tag) must be given; the
+    others are options. ``lmserve.structured_output`` compiles it (xgrammar).
+    """
 
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    structural_tag: str | None = None
+    # Options.
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-                 if getattr(self, k) not in (None, False)]
+        given = self.constraint_kinds()
         if len(given) > 1:
-            raise ValueError(f"structured_outputs takes exactly one constraint, got {given}")
+            raise ValueError(f"structured_outputs takes exactly one kind of constraint, but several are given: "
+                             f"{given}")
+        if not given:
+            raise ValueError("structured_outputs needs one kind of constraint (json, regex, choice, grammar, "
+                             "json_object or structural_tag), but none is given")
+
+    def constraint_kinds(self) -> list[str]:
+        """The constraint fields that are set (``json_object=False`` counts as unset)."""
+        return [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                if getattr(self, k) is not None and not (k == "json_object" and self.json_object is False)]
 
 
 @dataclass

@@ -79,9 +79,8 @@ _unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
 for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
     _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
-_unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
-_unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
-             "--logits-processors")
+_unsupported("--guided-decoding-backend", "removed in vLLM; use --structured-outputs-config.backend (lmserve runs "
+             "xgrammar)", accepted=lambda v: v in ("auto", "xgrammar"))
 _unsupported("--kv-transfer-config", "disaggregated serving is not supported")
 _unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
 _unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
