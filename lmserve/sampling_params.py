@@ -133,6 +133,9 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     repetition_detection: RepetitionDetectionParams | None = None
+    # Per-request logits processors (vLLM's v0 field): callables ``fn(output_ids, logits_row)`` or
+    # ``fn(prompt_ids, output_ids, logits_row)`` returning the row, applied before penalties.
+    logits_processors: list[Any] | None = None
 
     # Filled by the engine, not by users: token ids of ``bad_words`` and the EOS ids.
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
@@ -239,6 +242,8 @@ class SamplingParams:
                 bad("beam search needs n (the beam width) >= 1.")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             bad("extra_args must be a dict.")
+        if self.logits_processors is not None and not all(callable(p) for p in self.logits_processors):
+            bad("logits_processors must hold callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits).")
 
     def verify_against_vocab(self, vocab_size: int) -> None:
         """Token ids given by the user must exist in the model's vocabulary."""

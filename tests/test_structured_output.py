@@ -185,3 +185,31 @@ def test_params_validation():
         StructuredOutputsConfig.from_cli('{"bogus": 1}')
     assert StructuredOutputsConfig.from_cli('{"backend": "xgrammar", "disable_any_whitespace": true}') \
         == StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+
+
+def test_per_request_logits_processors_offline(llm):
+    from tests.logitsprocs_examples import ForceTokenProcessor, forbid_prompt_tokens
+
+    out = llm.generate(["Hello there"], SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True,
+                                                       logits_processors=[ForceTokenProcessor(42, after=2)]))
+    assert out[0].outputs[0].token_ids[2:] == [42, 42, 42]
+    prompt_ids = llm.llm_engine.tokenizer.encode("Hello there")
+    out = llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True, logits_processors=[forbid_prompt_tokens]))
+    assert not set(out[0].outputs[0].token_ids) & set(prompt_ids)
+
+
+def test_resolve_request_logits_processors():
+    from lmserve.worker.logits_processors.per_request import resolve_request_logits_processors
+
+    with pytest.raises(InvalidRequestError, match="--logits-processor-pattern"):
+        resolve_request_logits_processors(["tests.logitsprocs_examples.ForceTokenProcessor"], None)
+    with pytest.raises(InvalidRequestError, match="not allowed"):
+        resolve_request_logits_processors(["os.system"], r"tests\.logitsprocs_examples\.")
+    with pytest.raises(InvalidRequestError, match="could not be constructed"):
+        resolve_request_logits_processors([{"qualname": "tests.logitsprocs_examples.ForceTokenProcessor"}],
+                                          r"tests\.")
+    (proc,) = resolve_request_logits_processors(
+        [{"qualname": "tests.logitsprocs_examples.ForceTokenProcessor", "args": [7], "kwargs": {"after": 1}}],
+        r"tests\.")
+    assert proc.token_id == 7 and proc.after == 1

@@ -25,7 +25,8 @@ MSG = [{"role": "user", "content": "Describe a pet."}]
 def server(tiny_model_dir, tmp_path_factory):
     s = ServerProcess([tiny_model_dir, "--served-model-name", MODEL, "--kv-cache-memory", "32MiB", "--dtype",
                        "float32", "--structured-outputs-config.backend", "xgrammar",
-                       "--structured-outputs-config.disable_any_whitespace", "true"],
+                       "--structured-outputs-config.disable_any_whitespace", "true",
+                       "--logits-processor-pattern", r"tests\.logitsprocs_examples\."],
                       str(tmp_path_factory.mktemp("logs") / "so-server.log"))
     try:
         s.wait_ready()
@@ -113,3 +114,16 @@ def test_bad_constraints_are_400_and_server_keeps_serving(client, body, param, w
     err = e.value.body
     assert err["param"] == param and words in err["message"], err
     assert chat(client, max_tokens=3).choices[0].message.content is not None
+
+
+def test_per_request_logits_processors(client):
+    proc = {"qualname": "tests.logitsprocs_examples.ForceTokenProcessor", "args": [65], "kwargs": {"after": 1}}
+    out = complete(client, max_tokens=4, logprobs=0,
+                   extra_body={"logits_processors": [proc], "return_tokens_as_token_ids": True, "ignore_eos": True})
+    assert out.choices[0].logprobs.tokens[1:] == ["token_id:65"] * 3
+    for bad, words in ((["os.system"], "not allowed"),
+                       ([{"qualname": "tests.logitsprocs_examples.ForceTokenProcessor"}], "could not be constructed"),
+                       ([{"qualname": "tests.logitsprocs_examples.ForceTokenProcessor", "bogus": 1}], "bogus")):
+        with pytest.raises(openai.BadRequestError) as e:
+            complete(client, extra_body={"logits_processors": bad})
+        assert words in str(e.value.body), e.value.body

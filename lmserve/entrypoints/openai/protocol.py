@@ -152,6 +152,15 @@ LEGACY_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_
 _STRUCTURED_OUTPUTS_KEYS = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
 
 
+class LogitsProcessorConstructor(BaseModel):
+    """A per-request logits processor: ``qualname(*args, **kwargs)`` gives the callable."""
+
+    model_config = ConfigDict(extra="forbid")
+    qualname: str
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
+
+
 class RepetitionDetection(OpenAIBaseModel):
     max_pattern_size: int = Field(0, ge=0)
     min_pattern_size: int = Field(0, ge=0)
@@ -213,6 +222,8 @@ class SamplingRequest(OpenAIBaseModel):
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     repetition_detection: RepetitionDetection | None = None
     thinking_token_budget: int | None = None
+    # qualified names or {"qualname", "args", "kwargs"}: allowed by --logits-processor-pattern
+    logits_processors: list[str | LogitsProcessorConstructor] | None = None
 
     @field_validator("request_id")
     @classmethod
