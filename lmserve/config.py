@@ -256,3 +256,7 @@ class EngineConfig:
     device_config: DeviceConfig
     logits_processors: tuple[Any, ...] = ()  # classes or "module:Class" strings
     enforce_eager: bool = True
+    # lmserve.structured_output.StructuredOutputsConfig (None: the defaults)
+    structured_outputs_config: Any = None
+    # --logits-processor-pattern: qualified names a request's ``logits_processors`` may name (None: none)
+    logits_processor_pattern: str | None = None

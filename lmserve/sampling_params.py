@@ -47,21 +47,38 @@ class SamplingType(enum.IntEnum):
 
 @dataclass
 class StructuredOutputsParams:
-    """Grammar constraints (json schema, regex, choice, grammar, json_object)."""
+    """One grammar constraint on the output (vLLM's ``StructuredOutputsParams``, same fields).
+
+    Exactly one of ``json`` (a JSON schema, dict or JSON text), ``regex``, ``choice`` (a list of
+    strings), ``grammar`` (EBNF/GBNF, or Lark when it has no ``::=``), ``json_object`` (any JSON
+    object) and ``structural_tag`` (JSON text, xgrammar's structural tag) must be given; the
+    others are options. ``lmserve.structured_output`` compiles it (xgrammar).
+    """
 
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    structural_tag: str | None = None
+    # Options.
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-                 if getattr(self, k) not in (None, False)]
+        given = self.constraint_kinds()
         if len(given) > 1:
-            raise ValueError(f"structured_outputs takes exactly one constraint, got {given}")
+            raise ValueError(f"structured_outputs takes exactly one kind of constraint, but several are given: "
+                             f"{given}")
+        if not given:
+            raise ValueError("structured_outputs needs one kind of constraint (json, regex, choice, grammar, "
+                             "json_object or structural_tag), but none is given")
+
+    def constraint_kinds(self) -> list[str]:
+        """The constraint fields that are set (``json_object=False`` counts as unset)."""
+        return [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                if getattr(self, k) is not None and not (k == "json_object" and self.json_object is False)]
 
 
 @dataclass
@@ -116,6 +133,9 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     repetition_detection: RepetitionDetectionParams | None = None
+    # Per-request logits processors (vLLM's v0 field): callables ``fn(output_ids, logits_row)`` or
+    # ``fn(prompt_ids, output_ids, logits_row)`` returning the row, applied before penalties.
+    logits_processors: list[Any] | None = None
 
     # Filled by the engine, not by users: token ids of ``bad_words`` and the EOS ids.
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
@@ -222,6 +242,8 @@ class SamplingParams:
                 bad("beam search needs n (the beam width) >= 1.")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             bad("extra_args must be a dict.")
+        if self.logits_processors is not None and not all(callable(p) for p in self.logits_processors):
+            bad("logits_processors must hold callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits).")
 
     def verify_against_vocab(self, vocab_size: int) -> None:
         """Token ids given by the user must exist in the model's vocabulary."""

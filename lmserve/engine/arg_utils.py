@@ -16,6 +16,7 @@ import torch
 
 from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, PoolerConfig,
                             SchedulerConfig, parse_memory_size, resolve_dtype)
+from lmserve.structured_output.config import StructuredOutputsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,18 @@ def _json_or_none(value: str | dict | None) -> dict | None:
     if value is None or isinstance(value, dict):
         return value
     return json.loads(value)
+
+
+def _compile_pattern(pattern: str | None) -> str | None:
+    """--logits-processor-pattern must be a valid regex (checked at start-up)."""
+    if pattern is None:
+        return None
+    import re
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--logits-processor-pattern {pattern!r} is not a valid regular expression: {e}") from None
+    return pattern
 
 
 def default_token_budget(device: str) -> int:
@@ -90,6 +103,8 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     device: str = "auto"
     logits_processors: list[Any] | None = None
+    structured_outputs_config: Any = None  # dict, JSON text or StructuredOutputsConfig
+    logits_processor_pattern: str | None = None
     enforce_eager: bool = True
     disable_log_stats: bool = False
 
@@ -159,6 +174,15 @@ class EngineArgs:
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
+        g.add_argument("--structured-outputs-config", default=None,
+                       help='Structured outputs (xgrammar), as JSON or dotted keys, e.g. '
+                       '\'{"backend": "xgrammar", "disable_any_whitespace": true}\' or '
+                       '--structured-outputs-config.backend xgrammar. Keys: backend (auto|xgrammar), '
+                       'disable_any_whitespace, disable_additional_properties, enable_in_reasoning, '
+                       'compile_timeout_s (lmserve).')
+        g.add_argument("--logits-processor-pattern", default=None,
+                       help="A regex of the qualified names a request's logits_processors field may name "
+                       "(None: the field is refused).")
         g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d.enforce_eager)
         g.add_argument("--disable-log-stats", action="store_true")
         return parser
@@ -257,7 +281,9 @@ class EngineArgs:
                                            self.distributed_executor_backend),
             device_config=DeviceConfig(device),
             logits_processors=tuple(self.logits_processors or ()),
-            enforce_eager=self.enforce_eager)
+            enforce_eager=self.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig.from_cli(self.structured_outputs_config),
+            logits_processor_pattern=_compile_pattern(self.logits_processor_pattern))
 
 
     def _check_executor_backend(self) -> None:

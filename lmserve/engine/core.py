@@ -126,6 +126,8 @@ class EngineCore:
                 if rid in result.logprobs:
                     out.new_logprobs = [result.logprobs[rid]]
                 status = self._check_stop(req, token)
+                if req.grammar is not None:
+                    status = self._advance_grammar(req, token, status)
                 if status is not None:
                     req.status = status
                     finished.append(req)
@@ -136,6 +138,18 @@ class EngineCore:
         for req in finished:
             self.scheduler.finish_request(req.request_id, req.status)
         return outputs
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
+        """Advance the sequence's matcher past ``token``. Once the grammar has accepted its stop
+        token, or if the token left the grammar (every allowed token was banned by another
+        constraint), the sequence stops: nothing after it could be valid."""
+        ok = req.grammar.accept(token)
+        if status is not None:
+            return status
+        if not ok or req.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED
+        return None
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params

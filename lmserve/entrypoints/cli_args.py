@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -80,9 +81,8 @@ _unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
 for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
     _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
-_unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
-_unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
-             "--logits-processors")
+_unsupported("--guided-decoding-backend", "removed in vLLM; use --structured-outputs-config.backend (lmserve runs "
+             "xgrammar)", accepted=lambda v: v in ("auto", "xgrammar"))
 _unsupported("--kv-transfer-config", "disaggregated serving is not supported")
 _unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
 _unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
@@ -289,6 +289,17 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be 0 or more")
+    if getattr(args, "structured_outputs_config", None) is not None:
+        from lmserve.structured_output.config import StructuredOutputsConfig
+        try:
+            args.structured_outputs_config = StructuredOutputsConfig.from_cli(args.structured_outputs_config)
+        except (TypeError, ValueError) as e:
+            parser.error(str(e))
+    if getattr(args, "logits_processor_pattern", None) is not None:
+        try:
+            re.compile(args.logits_processor_pattern)
+        except re.error as e:
+            parser.error(f"--logits-processor-pattern is not a valid regular expression: {e}")
     if args.api_key is None:
         args.api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("LMSERVE_API_KEY") or None
     if isinstance(args.served_model_name, str):

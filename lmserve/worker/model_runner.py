@@ -64,6 +64,7 @@ class ModelRunner:
                         self.num_blocks * self.kv_spec.bytes_per_block(self.block_size) / 2**20)
         self.vocab_size = config.model_config.vocab_size
         self.input_batch = None
+        self._bitmask = None  # structured outputs' GrammarBitmask, allocated on first use
         if not self.is_pooling:
             self.logitsprocs = build_logitsprocs(config, self.device, logitsprocs_classes)
             self.input_batch = InputBatch(max_num_reqs=config.scheduler_config.max_num_seqs,
@@ -151,7 +152,8 @@ class ModelRunner:
         sched_by_id = {s.request.request_id: s for s in sampling}
         last = [starts[r] + sched_by_id[r].num_new_tokens - 1 for r in req_ids]
         logits = self.model.compute_logits(hidden[last])  # [B, vocab] float32
-        result = self.sampler(logits, self.input_batch.make_sampling_metadata())
+        grammar_mask = self._grammar_mask([sched_by_id[r].request for r in req_ids])
+        result = self.sampler(logits, self.input_batch.make_sampling_metadata(), grammar_mask)
         tokens = result.sampled_token_ids.tolist()
         for req_id, tok in zip(req_ids, tokens):
             out.sampled[req_id] = tok
@@ -166,6 +168,19 @@ class ModelRunner:
                 width = (self.vocab_size if k == -1 else k) + 1
                 out.logprobs[req_id] = (ids[row][:width], lps[row][:width], ranks[row])
         return out
+
+    def _grammar_mask(self, requests: list):
+        """This step's token bitmask of the constrained rows (structured outputs), or None.
+        Row i is ``requests[i]``; each grammar state is first synced to its sequence's tokens."""
+        constrained = [(row, r.grammar) for row, r in enumerate(requests) if r.grammar is not None]
+        if not constrained:
+            return None
+        if self._bitmask is None:
+            from lmserve.structured_output.bitmask import GrammarBitmask
+            self._bitmask = GrammarBitmask(self.config.scheduler_config.max_num_seqs, self.vocab_size)
+        for row, state in constrained:
+            state.sync(requests[row].output_token_ids)
+        return self._bitmask.fill(constrained)
 
     def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, flat_start: int,
                          out: RunnerOutput) -> None:

@@ -2,6 +2,7 @@
 
 ``Sampler.forward(logits [B, V], metadata)``:
  1. raw logprobs (log_softmax of the model's logits) if any row wants logprobs;
+ 1b. the structured-output grammar bitmask of the constrained rows (banned tokens -> -inf);
  2. allowed_token_ids mask; 3. bad words; 4. non-argmax-invariant processors
     (min_tokens, logit_bias, custom); 5. penalties (repetition, frequency, presence);
  6. greedy rows: argmax; 7. temperature; 8. argmax-invariant processors (min_p);
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lmserve.worker.sampling_metadata import SamplingMetadata
+
+if TYPE_CHECKING:
+    from lmserve.structured_output.bitmask import StepGrammarMask
 
 _SAMPLING_EPS = 1e-5
 
@@ -184,7 +189,10 @@ class Sampler(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata,
+                grammar_mask: StepGrammarMask | None = None) -> SamplerOutput:
+        """``grammar_mask``: this step's structured-output bitmask (None: no row is constrained);
+        applied before every other stage, after the raw logprobs are taken."""
         md = metadata
         if logits.dim() != 2 or logits.shape[0] != md.num_reqs:
             raise ValueError(f"logits must be [num_reqs={md.num_reqs}, vocab], got {tuple(logits.shape)}")
@@ -192,6 +200,8 @@ class Sampler(nn.Module):
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V], a new tensor
+        if grammar_mask is not None:
+            logits = grammar_mask.apply(logits)
         logits = self.apply_logits_processors(logits, md)
         sampled = self.sample(logits, md)  # [B] int64
         lp = None

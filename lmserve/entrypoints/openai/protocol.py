@@ -15,16 +15,19 @@ Invariants:
 Response models live in ``protocol_responses``.
 """
 
+import dataclasses
+import json
 import re
 import time
 import unicodedata
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmserve.errors import InvalidRequestError
-from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams)
+from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams,
+                                     StructuredOutputsParams)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The OpenAPI schema of a prompt / input field (validated by hand, for vLLM's messages): text, texts,
@@ -102,8 +105,60 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaResponseFormat(OpenAIBaseModel):
+    """OpenAI's ``response_format.json_schema``. ``strict`` is accepted either way: xgrammar
+    always generates exactly the schema (no undeclared properties)."""
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
-    type: str = "text"
+    """``text``, ``json_object``, ``json_schema`` (OpenAI) or ``structural_tag`` (vLLM: xgrammar's
+    ``format``, or the legacy ``structures`` + ``triggers``)."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"] = "text"
+    json_schema: JsonSchemaResponseFormat | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+    format: Any = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The ``StructuredOutputsParams`` field this format sets ({} for text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.json_schema is None:
+                raise InvalidRequestError("When response_format type is 'json_schema', the 'json_schema' field "
+                                          "(with its 'schema') must be provided.", "response_format.json_schema")
+            return {"json": self.json_schema.json_schema}
+        if self.type == "structural_tag":
+            if self.format is not None:
+                tag: dict[str, Any] = {"type": "structural_tag", "format": self.format}
+            elif self.structures is not None and self.triggers is not None:
+                tag = {"structures": self.structures, "triggers": self.triggers}
+            else:
+                raise InvalidRequestError("A structural_tag response_format needs 'format' (or the legacy "
+                                          "'structures' and 'triggers').", "response_format")
+            return {"structural_tag": json.dumps(tag)}
+        return {}
+
+
+# The legacy guided-decoding fields (removed in vLLM, documented by seed 002) and what they map to.
+LEGACY_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                        "guided_grammar": "grammar", "guided_whitespace_pattern": "whitespace_pattern"}
+_STRUCTURED_OUTPUTS_KEYS = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+
+
+class LogitsProcessorConstructor(BaseModel):
+    """A per-request logits processor: ``qualname(*args, **kwargs)`` gives the callable."""
+
+    model_config = ConfigDict(extra="forbid")
+    qualname: str
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
 
 
 class RepetitionDetection(OpenAIBaseModel):
@@ -152,6 +207,12 @@ class SamplingRequest(OpenAIBaseModel):
     # vLLM request extras
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     request_id: str = Field(default_factory=random_uuid, max_length=256)
     return_tokens_as_token_ids: bool | None = None
@@ -161,6 +222,8 @@ class SamplingRequest(OpenAIBaseModel):
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     repetition_detection: RepetitionDetection | None = None
     thinking_token_budget: int | None = None
+    # qualified names or {"qualname", "args", "kwargs"}: allowed by --logits-processor-pattern
+    logits_processors: list[str | LogitsProcessorConstructor] | None = None
 
     @field_validator("request_id")
     @classmethod
@@ -191,16 +254,64 @@ class SamplingRequest(OpenAIBaseModel):
                 if not -100.0 <= bias <= 100.0:
                     raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
                                               f"token {key}.", "logit_bias")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(f"response_format of type {self.response_format.type!r} is not "
-                                      "supported yet: structured outputs come in a later release; only "
-                                      "{'type': 'text'} is accepted.", "response_format")
-        if self.structured_outputs:
-            raise InvalidRequestError("structured_outputs are not supported yet (a later release).",
-                                      "structured_outputs")
+        if self.structured_outputs_params() is not None and self.use_beam_search:
+            raise InvalidRequestError("structured outputs (structured_outputs, response_format, guided_*) cannot "
+                                      "be combined with use_beam_search.", "use_beam_search")
         if self.thinking_token_budget not in (None, -1):
             raise InvalidRequestError("thinking_token_budget is not supported: no reasoning parser is "
                                       "available in lmserve yet.", "thinking_token_budget")
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's one grammar constraint, from ``structured_outputs``, ``response_format``
+        or the legacy ``guided_*`` fields (None: unconstrained). Raises InvalidRequestError."""
+        kwargs: dict[str, Any] = {}
+        source = None
+        if self.structured_outputs is not None:
+            unknown = sorted(set(self.structured_outputs) - _STRUCTURED_OUTPUTS_KEYS - {"_backend"})
+            if unknown:
+                raise InvalidRequestError(f"structured_outputs has unknown key(s) {unknown}; known keys: "
+                                          f"{sorted(_STRUCTURED_OUTPUTS_KEYS)}.", "structured_outputs")
+            kwargs = {k: v for k, v in self.structured_outputs.items() if v is not None and k != "_backend"}
+            source = "structured_outputs"
+        legacy = {dst: getattr(self, src) for src, dst in LEGACY_GUIDED_FIELDS.items() if getattr(self, src) is not None}
+        if legacy:
+            if source is not None:
+                raise InvalidRequestError("Give the constraint either in structured_outputs or in the legacy "
+                                          "guided_* fields, not both.", "structured_outputs")
+            kwargs, source = legacy, "guided_*"
+        backend = self.guided_decoding_backend
+        if backend is not None:
+            name, _, options = backend.partition(":")
+            if name not in ("auto", "xgrammar", ""):
+                raise InvalidRequestError(f"guided_decoding_backend {name!r} is not available: lmserve constrains "
+                                          "decoding with xgrammar ('xgrammar' or 'auto').", "guided_decoding_backend")
+            for option in filter(None, options.split(",")):
+                if option == "disable-any-whitespace":
+                    kwargs["disable_any_whitespace"] = True
+                elif option not in ("no-fallback", "no-additional-properties"):
+                    raise InvalidRequestError(f"guided_decoding_backend option {option!r} is not known (known: "
+                                              "disable-any-whitespace, no-fallback, no-additional-properties).",
+                                              "guided_decoding_backend")
+        if self.response_format is not None:
+            override = self.response_format.constraint()
+            if override:
+                given = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                         if k in kwargs]
+                if given:
+                    raise InvalidRequestError(f"response_format and {source} ({given[0]}) both constrain the "
+                                              "output; use one.", "response_format")
+                kwargs.update(override)
+                source = source or "response_format"
+        if source is None:
+            return None
+        if "whitespace_pattern" in kwargs and kwargs["whitespace_pattern"] is None:
+            del kwargs["whitespace_pattern"]
+        try:
+            return StructuredOutputsParams(**kwargs)
+        except (TypeError, ValueError) as e:
+            param = source if source != "guided_*" else next(iter(sorted(
+                src for src in LEGACY_GUIDED_FIELDS if getattr(self, src) is not None)))
+            raise InvalidRequestError(f"{param}: {e}", param) from None
 
     def check_list_limits(self, max_stop_strings: int) -> None:
         """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries and
@@ -257,7 +368,7 @@ class SamplingRequest(OpenAIBaseModel):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             allowed_token_ids=self.allowed_token_ids, extra_args=extra_args,
             use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
-            repetition_detection=rep)
+            repetition_detection=rep, structured_outputs=self.structured_outputs_params())
 
     def requested_max_tokens(self) -> int | None:
         """The max_tokens the client asked for explicitly (None: not set)."""

@@ -245,6 +245,10 @@ class OpenAIServing:
         request.check_list_limits(self.options.max_stop_strings)
         room = self.check_context(prompt_len, request.requested_max_tokens())
         params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs)
+        if getattr(request, "logits_processors", None):
+            from lmserve.worker.logits_processors.per_request import resolve_request_logits_processors
+            params.logits_processors = resolve_request_logits_processors(
+                request.logits_processors, self.engine.engine_config.logits_processor_pattern)
         if request.priority != 0 and self.engine.engine_config.scheduler_config.policy != "priority":
             raise InvalidRequestError("Priority scheduling is not enabled: a request's priority must be 0 "
                                       "unless the server runs with --scheduling-policy priority.", "priority")
