@@ -69,4 +69,4 @@ def wake_up(llm: Any, tags: list[str] | None) -> bool:
 
 
 def is_sleeping(llm: Any) -> bool:
-    return bool(llm.sleeping)
+    return bool(getattr(llm, "sleeping", False))  # an engine without sleep support never sleeps
