@@ -14,7 +14,8 @@ import logging
 import os
 import platform
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from pydantic import ValidationError
@@ -27,9 +28,6 @@ from lmserve.entrypoints.openai.responses.protocol import ResponsesRequest
 from lmserve.entrypoints.openai.serving_batch_chat import split_batch
 from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, check_request_id
 from lmserve.errors import InvalidRequestError, LMServeError
-
-if TYPE_CHECKING:
-    from lmserve.entrypoints.openai.app import ServerState
 
 logger = logging.getLogger("lmserve.server")
 
@@ -46,18 +44,19 @@ def _answer(result: Any) -> Any:
     return JSONResponse(result if isinstance(result, dict) else result.model_dump())
 
 
-def add_api_routes(app: FastAPI, state: ServerState) -> None:
+def add_api_routes(app: FastAPI, state: Any, parse: Callable[[dict[str, Any], type], Any],
+                   base_request_id: Callable[[Request, str, bool], str]) -> None:
+    """Adds the routes; ``state`` is the app's ``ServerState``, ``parse`` and ``base_request_id``
+    the app's body parser and request-id rule (passed in: this module is imported by the app)."""
     _add_responses_routes(app, state)
     _add_anthropic_routes(app, state)
 
     @app.post("/v1/chat/completions/batch")
     async def batch_chat(body: dict[str, Any], raw: Request) -> Any:
-        from lmserve.entrypoints.openai.app import _base_request_id, _parse  # noqa: PLC0415 - cycle
-
         handler = state.ready().get("batch_chat", "Chat Completions API")
-        requests = split_batch(body, lambda one: _parse(one, ChatCompletionRequest))
+        requests = split_batch(body, lambda one: parse(one, ChatCompletionRequest))
         state.log_ignored(requests[0])
-        rid = _base_request_id(raw, requests[0].request_id, "request_id" in body)
+        rid = base_request_id(raw, requests[0].request_id, "request_id" in body)
         return _answer(await handler.create_batch_chat_completion(requests, f"chatcmpl-{rid}", raw))
 
     if getattr(state.args, "enable_tokenizer_info_endpoint", False):
@@ -72,7 +71,7 @@ def add_api_routes(app: FastAPI, state: ServerState) -> None:
 
 
 # ---------------------------------------------------------------------- responses
-def _add_responses_routes(app: FastAPI, state: ServerState) -> None:
+def _add_responses_routes(app: FastAPI, state: Any) -> None:
     @app.post("/v1/responses")
     async def create_responses(request: ResponsesRequest, raw: Request) -> Any:
         handler = state.ready().get("responses", "Responses API")
@@ -113,7 +112,7 @@ async def _anthropic_body(raw: Request, model: type) -> Any:
         raise InvalidRequestError("; ".join(parts) or "Invalid request") from None
 
 
-def _add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
+def _add_anthropic_routes(app: FastAPI, state: Any) -> None:
     @app.post("/v1/messages")
     async def create_messages(raw: Request) -> Any:
         try:
@@ -140,7 +139,7 @@ def _add_anthropic_routes(app: FastAPI, state: ServerState) -> None:
 
 
 # ---------------------------------------------------------------------- dev mode
-def _add_dev_routes(app: FastAPI, state: ServerState) -> None:
+def _add_dev_routes(app: FastAPI, state: Any) -> None:
     def engine() -> Any:
         state.ready()
         return state.engine

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from lmserve.entrypoints.api_routes import add_api_routes
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
 from lmserve.entrypoints.openai.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_COUNT,
                                                RequestLimitsMiddleware)
@@ -455,8 +456,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse((await state.ready().tokenization.detokenize_request(request)).model_dump())
 
     _add_pooling_routes(app, state)
-    from lmserve.entrypoints.api_routes import add_api_routes
-    add_api_routes(app, state)
+    add_api_routes(app, state, _parse, _base_request_id)
 
 
 def _parse(body: dict[str, Any], model: type) -> Any:
