@@ -15,6 +15,9 @@ Invariants:
   runs each request under its own unique id (``{caller id}-{sequence number}``), so two
   requests with the same caller id never collide, and an abort reaches only the request
   whose iterator was closed (``abort(id)`` reaches every live request with that caller id);
+- ``call_in_engine(fn)`` runs ``fn(engine)`` on the engine thread between steps (dev routes:
+  prefix-cache reset, sleep, wake-up); while ``sleeping`` no step runs: requests are accepted
+  and wait until ``wake_up``;
 - ``abort_all(error)`` ends every live request (each iterator raises ``error``) and refuses every
   later one with the same error (the server is shutting down).
 """
@@ -61,6 +64,9 @@ class AsyncLLM:
         self._cond = threading.Condition()
         self._adds: deque[_Pending] = deque()
         self._aborts: deque[str] = deque()
+        self._calls: deque[tuple[Any, asyncio.Future, asyncio.AbstractEventLoop]] = deque()
+        self.sleeping = False  # set and cleared on the engine thread only (see sleep_mode)
+        self.kv_released = False  # the KV cache tensors are freed (sleep level 1)
         self._streams: dict[str, _Pending] = {}  # engine-thread view of live requests
         self._num_live = 0  # requests accepted and not yet finished (guarded by _cond)
         self._by_caller: dict[str, set[str]] = {}  # caller id -> engine ids of live requests (event loop)
@@ -216,6 +222,8 @@ class AsyncLLM:
             self._adds.clear()
             aborts = list(self._aborts)
             self._aborts.clear()
+            calls = list(self._calls)
+            self._calls.clear()
             abort_all, self._abort_all_error = self._abort_all_error, None
         for p in adds:
             rid = p.prepared.request_id
@@ -234,6 +242,28 @@ class AsyncLLM:
                 continue
             self.engine.abort_request(rid)
             self._finish_stream(rid, p, copy.copy(abort_all) if abort_all is not None else None)
+        for fn, future, loop in calls:
+            try:
+                result, error = fn(self), None
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    async def call_in_engine(self, fn: Any) -> Any:
+        """``fn(self)`` on the engine thread, between two steps; its result or exception."""
+        self._raise_if_dead()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            self._calls.append((fn, future, loop))
+            self._cond.notify()
+        return await future
+
+    def abort_live(self, error: BaseException) -> None:
+        """Engine thread only: ends every live request (each caller's iterator raises ``error``)."""
+        for rid, p in list(self._streams.items()):
+            self.engine.abort_request(rid)
+            self._finish_stream(rid, p, copy.copy(error))
 
     def _finish_stream(self, rid: str, p: _Pending, item: Any) -> None:
         if self._streams.get(rid) is p:
@@ -247,13 +277,14 @@ class AsyncLLM:
         try:
             while True:
                 with self._cond:
-                    while not self._stopped and not self._adds and not self._aborts \
-                            and self._abort_all_error is None and not self.engine.has_unfinished_requests():
+                    while not self._stopped and not self._adds and not self._aborts and not self._calls \
+                            and self._abort_all_error is None \
+                            and (self.sleeping or not self.engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopped:
                         break
                 self._drain_commands()
-                if not self.engine.has_unfinished_requests():
+                if self.sleeping or not self.engine.has_unfinished_requests():
                     continue
                 for out in self.engine.step():
                     p = self._streams.get(out.request_id)
@@ -273,3 +304,15 @@ class AsyncLLM:
                 for p in self._adds:
                     self._deliver(p, err)
                 self._adds.clear()
+                for _, future, loop in self._calls:
+                    loop.call_soon_threadsafe(_settle, future, None, err)
+                self._calls.clear()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

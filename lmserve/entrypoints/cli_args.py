@@ -25,6 +25,7 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE, DEFAULT_MAX_BODY_BYTES,
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
+from lmserve.entrypoints.api_flags import add_api_args
 from lmserve.entrypoints.frontend_flags import add_frontend_args
 from lmserve.entrypoints.help_groups import filtered_help, help_keyword, regroup_as_vllm
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
@@ -85,7 +86,6 @@ _unsupported("--guided-decoding-backend", "removed in vLLM; use --structured-out
              "xgrammar)", accepted=lambda v: v in ("auto", "xgrammar"))
 _unsupported("--kv-transfer-config", "disaggregated serving is not supported")
 _unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
-_unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
 _unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)
 _unsupported("--cpu-offload-gb", "weight offloading is not supported", accepted=lambda v: float(v) == 0)
 _unsupported("--preemption-mode", "preemption recomputes; KV blocks are never swapped",
@@ -202,6 +202,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
     add_frontend_args(g)
+    add_api_args(g)
     n = parser.add_argument_group("vllm flags that change nothing on this build (accepted, logged at start-up)")
     for flag, kwargs, why in NOOP_FLAGS:
         n.add_argument(flag, default=None, help=f"No-op here: {why}.", **kwargs)

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from lmserve.entrypoints.api_routes import add_api_routes
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
 from lmserve.entrypoints.openai.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_COUNT,
                                                RequestLimitsMiddleware)
@@ -34,6 +35,10 @@ from lmserve.entrypoints.openai.protocol_pooling import (ClassificationChatReque
                                                          ClassificationCompletionRequest, EmbeddingChatRequest,
                                                          EmbeddingCompletionRequest, PoolingChatRequest,
                                                          PoolingCompletionRequest, RerankRequest, ScoreRequest)
+from lmserve.entrypoints.anthropic.serving import AnthropicServingMessages
+from lmserve.entrypoints.openai.responses.serving import OpenAIServingResponses
+from lmserve.entrypoints.openai.responses.store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, ResponseStore
+from lmserve.entrypoints.openai.serving_batch_chat import OpenAIServingChatBatch
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_classification import OpenAIServingClassification
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
@@ -53,7 +58,8 @@ logger = logging.getLogger("lmserve.server")
 UNAUTHENTICATED_PATHS = frozenset({"/health", "/ping", "/metrics"})
 # Requests counted by GET /load (as vLLM's ``load_aware_call`` routes).
 LOAD_TRACKED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/pooling",
-                                "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"})
+                                "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                                "/v1/responses", "/v1/messages", "/v1/chat/completions/batch"})
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -79,6 +85,9 @@ class _Handlers:
     pooling: OpenAIServingPooling | None = None
     classification: OpenAIServingClassification | None = None
     score: ServingScores | None = None
+    responses: OpenAIServingResponses | None = None
+    messages: AnthropicServingMessages | None = None
+    batch_chat: OpenAIServingChatBatch | None = None
 
     def get(self, name: str, api: str) -> Any:
         handler = getattr(self, name)
@@ -99,6 +108,9 @@ class ServerState:
         self.metrics = EngineMetrics(names[0] if names else (getattr(args, "model", None) or DEFAULT_MODEL_NAME))
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-prep")  # see ServerOptions
         self.template_sandbox = TemplateSandbox()
+        self.response_store = ResponseStore(
+            int(getattr(args, "responses_store_max_entries", DEFAULT_MAX_ENTRIES)),
+            int(getattr(args, "responses_store_max_bytes", DEFAULT_MAX_BYTES)))
         self.chat_template: str | None = None  # --chat-template, read once (a bad path fails at start)
         if getattr(args, "chat_template", None) is not None:
             from lmserve.chat_template import load_chat_template
@@ -143,6 +155,10 @@ class ServerState:
         else:
             handlers.completion = OpenAIServingCompletion(engine, options, self.metrics)
             handlers.chat = OpenAIServingChat(engine, options, self.metrics)
+            handlers.responses = OpenAIServingResponses(handlers.chat, self.response_store)
+            handlers.messages = AnthropicServingMessages(
+                handlers.chat, getattr(args, "anthropic_disabled_thinking_effort", "auto"))
+            handlers.batch_chat = OpenAIServingChatBatch(handlers.chat)
         self.handlers = handlers
         self.engine = engine
 
@@ -440,6 +456,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse((await state.ready().tokenization.detokenize_request(request)).model_dump())
 
     _add_pooling_routes(app, state)
+    add_api_routes(app, state, _parse, _base_request_id)
 
 
 def _parse(body: dict[str, Any], model: type) -> Any:

@@ -31,6 +31,7 @@ from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, 
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError, LMServeError
 from lmserve.outputs import CompletionOutput, Logprob
+from lmserve.sampling_params import SamplingParams
 
 def _named_template(tokenizer: Any, name: str) -> bool:
     """Whether ``name`` names one of the tokenizer's own (trusted) templates."""
@@ -126,17 +127,29 @@ class OpenAIServingChat(OpenAIServing):
                                      raw_request: Request | None):
         """Returns a ChatCompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        self.check_model(request.model)
-        request.validate_request()
-        prompt = await self.prepare_prompt(request)
-        params = self.sampling_params(request, len(prompt.token_ids))
+        prompt, _, merger = await self.start_generation(request, request_id)
         created = int(time.time())
-        merger = OutputMerger([self.generate(prompt, params, request_id, request)])
-        await merger.start()
         if request.stream:
             return SSEResponse(self._stream(request, request_id, created, prompt, merger), cleanup=merger)
         return await until_disconnected(raw_request, self._full(request, request_id, created, prompt, merger),
                                         cleanup=merger)
+
+    async def start_generation(self, request: ChatCompletionRequest, request_id: str
+                               ) -> tuple[Prompt, SamplingParams, OutputMerger]:
+        """Validates ``request``, renders and tokenizes it and starts its engine request(s).
+
+        The one generation path of every chat-shaped API (chat completions, the Responses and
+        Anthropic Messages APIs, batch chat): each translates its body into a
+        ``ChatCompletionRequest`` and builds its own answer from the merger's outputs. A
+        refusal (bad request, overload) raises here, before any response starts; the caller
+        owns the merger and must ``aclose()`` it."""
+        self.check_model(request.model)
+        request.validate_request()
+        prompt = await self.prepare_prompt(request)
+        params = self.sampling_params(request, len(prompt.token_ids))
+        merger = OutputMerger([self.generate(prompt, params, request_id, request)])
+        await merger.start()
+        return prompt, params, merger
 
     # ------------------------------------------------------------------ logprobs
     def _logprobs(self, request: ChatCompletionRequest, o: CompletionOutput
@@ -206,6 +219,11 @@ class OpenAIServingChat(OpenAIServing):
         yield SSE_DONE
 
     # ------------------------------------------------------------------ non-streaming
+    async def full_response(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
+                            merger: OutputMerger) -> ChatCompletionResponse:
+        """The whole ``chat.completion`` of a started generation (batch chat answers with these)."""
+        return await self._full(request, request_id, created, prompt, merger)
+
     async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
                     merger: OutputMerger) -> ChatCompletionResponse:
         role = self.response_role(request)
