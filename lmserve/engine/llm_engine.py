@@ -138,10 +138,11 @@ class LLMEngine:
         """Validates and completes ``params`` in place; returns the resolved max_tokens."""
         mc = self.model_config
         params.verify_against_vocab(mc.vocab_size)
-        limit = mc.max_logprobs
+        # vLLM 0.32: -1 counts as the whole vocabulary; --max-logprobs -1 allows up to it.
+        limit = mc.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
-            if k is not None and limit != -1 and (k == -1 or k > limit):
+            if k and (mc.vocab_size if k == -1 else k) > limit:
                 raise ValueError(f"Requested {name} of {k}, which is greater than max allowed: {limit}")
         validate_all(self.logitsprocs_classes, params)  # custom processors' checks, as ValueError
         params.update_from_generation_config(self.extra_eos_ids, self.eos_token_id)

@@ -144,14 +144,14 @@ class OpenAIServingChat(OpenAIServing):
         if not request.logprobs or o.logprobs is None:
             return None
         as_ids = self.as_ids(request)
-        k = request.top_logprobs or 0
+        k = -1 if request.logprob_token_ids else (request.top_logprobs or 0)
         out = []
         for tid, d in zip(o.token_ids, o.logprobs):
             chosen: Logprob | None = d.get(tid)
             text = self.token_text(tid, chosen, as_ids)
             tops = [ChatCompletionLogProb(token=(t2 := self.token_text(t, e, as_ids)),
                                           logprob=self.safe_logprob(e.logprob), bytes=list(t2.encode()))
-                    for t, e in self.ranked(d, k)] if k else []
+                    for t, e in self.listed(d, request, k)] if k else []
             out.append(ChatCompletionLogProbsContent(
                 token=text, logprob=self.safe_logprob(chosen.logprob) if chosen else -9999.0,
                 bytes=list(text.encode()), top_logprobs=tops))

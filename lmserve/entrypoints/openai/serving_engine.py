@@ -29,7 +29,7 @@ from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorRespo
                                                           PromptTokensDetails, UsageInfo)
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.metrics import EngineMetrics
-from lmserve.outputs import Logprob, RequestOutput
+from lmserve.outputs import Logprob, RequestOutput, VocabLogprobs
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.server")
@@ -244,7 +244,8 @@ class OpenAIServing:
     def sampling_params(self, request: Any, prompt_len: int) -> SamplingParams:
         request.check_list_limits(self.options.max_stop_strings)
         room = self.check_context(prompt_len, request.requested_max_tokens())
-        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs)
+        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs,
+                                            self.model_config.vocab_size)
         if request.priority != 0 and self.engine.engine_config.scheduler_config.policy != "priority":
             raise InvalidRequestError("Priority scheduling is not enabled: a request's priority must be 0 "
                                       "unless the server runs with --scheduling-policy priority.", "priority")
@@ -357,10 +358,21 @@ class OpenAIServing:
 
     @staticmethod
     def ranked(entries: dict[int, Logprob], k: int | None = None) -> list[tuple[int, Logprob]]:
-        """The entries by rank (best first); ``k`` keeps the k best."""
-        items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
-                                                        -kv[1].logprob))
-        return items if k is None else items[:k]
+        """The entries by rank (best first); ``k`` keeps the k best (None or -1: all). A
+        whole-vocabulary entry is already in rank order (no sort)."""
+        if isinstance(entries, VocabLogprobs):
+            items = entries.ranked_items()
+        else:
+            items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
+                                                            -kv[1].logprob))
+        return items if k is None or k == -1 else items[:k]
+
+    def listed(self, entries: dict[int, Logprob], request: Any, k: int | None = None) -> list[tuple[int, Logprob]]:
+        """The entries a response lists for one token: with ``logprob_token_ids`` all of them in
+        the engine's order (the sampled token, then the asked-for ids, as vLLM), else ``ranked``."""
+        if getattr(request, "logprob_token_ids", None):
+            return list(entries.items())
+        return self.ranked(entries, k)
 
     @staticmethod
     def safe_logprob(lp: float) -> float:
