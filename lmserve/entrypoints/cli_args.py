@@ -82,7 +82,9 @@ _unsupported("--config-format", "only Hugging Face configs are read", accepted=l
 _unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
 _unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
              "--logits-processors")
-_unsupported("--kv-transfer-config", "disaggregated serving is not supported")
+_unsupported("--kv-transfer-config", "this build has no KV connector (no disaggregated prefill/decode or KV "
+             "offload to another instance); requests may still carry kv_transfer_params, which are answered with "
+             "null and run the whole request locally")
 _unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
 _unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
 _unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)

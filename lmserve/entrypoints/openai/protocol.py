@@ -185,14 +185,7 @@ class SamplingRequest(OpenAIBaseModel):
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`.",
                                       "prompt_logprobs")
-        if self.logit_bias:
-            for key, bias in self.logit_bias.items():
-                if not re.fullmatch(r"\s*-?\d+\s*", key):
-                    raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), "
-                                              f"got {key!r}.", "logit_bias")
-                if not -100.0 <= bias <= 100.0:
-                    raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
-                                              f"token {key}.", "logit_bias")
+        self.check_logit_bias()
         if self.response_format is not None and self.response_format.type != "text":
             raise InvalidRequestError(f"response_format of type {self.response_format.type!r} is not "
                                       "supported yet: structured outputs come in a later release; only "
@@ -203,6 +196,31 @@ class SamplingRequest(OpenAIBaseModel):
         if self.thinking_token_budget not in (None, -1):
             raise InvalidRequestError("thinking_token_budget is not supported: no reasoning parser is "
                                       "available in lmserve yet.", "thinking_token_budget")
+
+    def check_logit_bias(self, vocab_size: int | None = None) -> None:
+        """One 400 naming every bad entry of ``logit_bias``: keys that are not integer token ids,
+        ids outside the vocabulary (when ``vocab_size`` is known) and biases outside [-100, 100]."""
+        if not self.logit_bias:
+            return
+        not_ids: list[str] = []
+        out_of_vocab: list[int] = []
+        out_of_range: dict[str, float] = {}
+        for key, bias in self.logit_bias.items():
+            if not re.fullmatch(r"\s*-?\d{1,20}\s*", key):
+                not_ids.append(key)
+            elif vocab_size is not None and not 0 <= int(key) < vocab_size:
+                out_of_vocab.append(int(key))
+            if not -100.0 <= bias <= 100.0:
+                out_of_range[key] = bias
+        problems = []
+        if not_ids:
+            problems.append(f"key(s) that are not integer token ids: {not_ids!r}")
+        if out_of_vocab:
+            problems.append(f"out-of-vocab token id(s) {out_of_vocab} (vocabulary size: {vocab_size})")
+        if out_of_range:
+            problems.append(f"bias value(s) outside [-100, 100]: {out_of_range!r}")
+        if problems:
+            raise InvalidRequestError("logit_bias contains " + "; ".join(problems) + ".", "logit_bias")
 
     def check_list_limits(self, max_stop_strings: int) -> None:
         """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries and
@@ -364,6 +382,7 @@ class CompletionRequest(SamplingRequest):
     def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
                            max_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
         """As vLLM: ``logprob_token_ids`` replaces the top-k ``logprobs`` (then only needed set)."""
+        self.check_logit_bias(vocab_size)
         if not self.logprob_token_ids:
             self.check_logprobs_limit(self.logprobs, "logprobs", max_logprobs, vocab_size)
         prompt_logprobs = self.prompt_logprobs
@@ -438,6 +457,7 @@ class ChatCompletionRequest(SamplingRequest):
     def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
                            max_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
         """As vLLM: ``logprob_token_ids`` replaces the top-k ``top_logprobs``."""
+        self.check_logit_bias(vocab_size)
         logprobs = None
         if self.logprobs and not self.logprob_token_ids:
             logprobs = self.top_logprobs or 0

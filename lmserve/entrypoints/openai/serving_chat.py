@@ -70,7 +70,7 @@ class OpenAIServingChat(OpenAIServing):
         --trust-request-chat-template, as vLLM; when trusted it renders in the sandbox
         processes (time and memory limits). The server's own templates render on the worker
         thread. Either way the event loop never runs a template."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("messages", "Chat messages (rendered by the chat template)")
         if self.options.default_chat_template_kwargs:  # --default-chat-template-kwargs; the request's win
             chat_template_kwargs = {**self.options.default_chat_template_kwargs, **(chat_template_kwargs or {})}
         if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:

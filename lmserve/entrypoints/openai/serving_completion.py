@@ -75,7 +75,7 @@ class OpenAIServingCompletion(OpenAIServing):
     def _prompt_echo(self, prompt: Prompt) -> str:
         if prompt.text is not None:
             return prompt.text
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("echo", "echo of a token-id prompt")
         return tok.decode(prompt.token_ids)
 
     def _append_logprobs(self, lp: CompletionLogProbs, token_ids: list[int],

@@ -150,10 +150,12 @@ class OpenAIServing:
         raise NotFoundError(f"The model `{model}` does not exist.", "model")
 
     # ------------------------------------------------------------------ prompts
-    def require_tokenizer(self) -> Any:
+    def require_tokenizer(self, param: str = "prompt", what: str = "Text prompts") -> Any:
+        """The tokenizer, or a 400 naming ``param`` when the server runs with --skip-tokenizer-init."""
         if self.tokenizer is None:
-            raise InvalidRequestError("The server runs with --skip-tokenizer-init: send prompts as token ids.",
-                                      "prompt")
+            raise InvalidRequestError(f"{what}: not available, as this server does not load the tokenizer "
+                                      "(--skip-tokenizer-init). Send prompts as token ids; outputs come back as "
+                                      "token ids (token_ids, and logprobs as 'token_id:N').", param)
         return self.tokenizer
 
     def _longest_token_bytes(self) -> int:
@@ -171,7 +173,7 @@ class OpenAIServing:
     def tokenize(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
         """Tokenizes ``text``; a text that certainly holds more tokens than the context is
         refused before tokenizing (a 10 MB prompt costs nothing)."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer(param)
         self.check_text(text, param)
         return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
@@ -254,6 +256,13 @@ class OpenAIServing:
             if limit != -1 and 2 * params.n > limit:
                 raise InvalidRequestError(f"Beam search with n={params.n} needs {2 * params.n} logprobs per step; "
                                           f"the server allows {limit} (--max-logprobs).", "n")
+        if self.tokenizer is None:  # --skip-tokenizer-init: vLLM's detokenize=False
+            for name in ("stop", "bad_words"):
+                if getattr(params, name):
+                    self.require_tokenizer(name, f"{name} strings")
+            params.detokenize = False
+            if request.return_token_ids is None:  # the only way to see the output: token ids
+                request.return_token_ids = True
         try:
             params.verify_against_vocab(self.model_config.vocab_size)
         except ValueError as e:
