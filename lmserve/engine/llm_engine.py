@@ -59,8 +59,12 @@ class LLMEngine:
             if tok_path.endswith(".gguf"):
                 import os
                 tok_path, tok_gguf = os.path.dirname(tok_path), os.path.basename(tok_path)
-            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision)
-        self.generation_config: dict[str, Any] = load_generation_config(mc.model_path, mc.gguf_file) or {}
+            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision,
+                                           tokenizer_mode=mc.tokenizer_mode)
+        # --generation-config: "auto"/"vllm" read the model's file, a directory its own (vLLM 0.32).
+        gen_dir, gen_gguf = ((mc.model_path, mc.gguf_file) if mc.generation_config in ("auto", "vllm")
+                             else (mc.generation_config, None))
+        self.generation_config: dict[str, Any] = load_generation_config(gen_dir, gen_gguf) or {}
         eos_ids = get_eos_token_ids(self.tokenizer, mc.hf_config, self.generation_config) \
             if self.tokenizer is not None else []
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else getattr(mc.hf_config, "eos_token_id", None)
