@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _SAMPLING_EPS = 1e-5
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM 0.32's bound on ``logprob_token_ids``
 
 
 def _valid_unicode(text: str) -> bool:
@@ -136,6 +137,9 @@ class SamplingParams:
     # Per-request logits processors (vLLM's v0 field): callables ``fn(output_ids, logits_row)`` or
     # ``fn(prompt_ids, output_ids, logits_row)`` returning the row, applied before penalties.
     logits_processors: list[Any] | None = None
+    # Logprobs of exactly these token ids (plus the sampled one) at every generated position,
+    # instead of the top-k (vLLM 0.32's ``logprob_token_ids``; at most 128 ids).
+    logprob_token_ids: list[int] | None = None
 
     # Filled by the engine, not by users: token ids of ``bad_words`` and the EOS ids.
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
@@ -244,15 +248,37 @@ class SamplingParams:
             bad("extra_args must be a dict.")
         if self.logits_processors is not None and not all(callable(p) for p in self.logits_processors):
             bad("logits_processors must hold callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits).")
+        if self.logprob_token_ids is not None:
+            ids = self.logprob_token_ids
+            if not isinstance(ids, list) or any(type(t) is not int for t in ids):
+                bad("logprob_token_ids must be a list of integer token ids.")
+            if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+                bad(f"Requested logprob_token_ids of length {len(ids)}, which is greater than max allowed: "
+                    f"{MAX_LOGPROB_TOKEN_IDS}")
+            if self.logprobs is not None and self.logprobs != len(ids):
+                bad(f"When both logprobs and logprob_token_ids are set, logprobs must equal "
+                    f"len(logprob_token_ids). Got logprobs={self.logprobs}, len(logprob_token_ids)={len(ids)}.")
+            if self.use_beam_search:
+                bad("logprob_token_ids is not supported with beam search.")
 
     def verify_against_vocab(self, vocab_size: int) -> None:
-        """Token ids given by the user must exist in the model's vocabulary."""
+        """Token ids given by the user must exist in the model's vocabulary. Each message names
+        every bad id of its field."""
         for name, ids in (("allowed_token_ids", self.allowed_token_ids),
                           ("stop_token_ids", self.stop_token_ids),
-                          ("logit_bias", list(self.logit_bias or ()))):
-            for t in ids or ():
-                if not 0 <= t < vocab_size:
-                    raise ValueError(f"{name} contains out-of-vocab token id {t} (vocab size {vocab_size}).")
+                          ("logit_bias", list(self.logit_bias or ())),
+                          ("logprob_token_ids", self.logprob_token_ids)):
+            bad_ids = [t for t in ids or () if not 0 <= t < vocab_size]
+            if bad_ids:
+                raise ValueError(f"{name} contains out-of-vocab token id(s) {bad_ids} (vocab size {vocab_size}).")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Logprobs wanted per generated token (-1: the whole vocabulary), or None. With
+        ``logprob_token_ids`` and no ``logprobs``: their count (as vLLM)."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     # ------------------------------------------------------------------ derived
     @property

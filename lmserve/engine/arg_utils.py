@@ -133,7 +133,10 @@ class EngineArgs:
         g.add_argument("--revision", default=None)
         g.add_argument("--tokenizer-revision", default=None)
         g.add_argument("--download-dir", default=None)
-        g.add_argument("--tokenizer-mode", default=d.tokenizer_mode, choices=["auto", "hf", "slow"])
+        g.add_argument("--tokenizer-mode", default=d.tokenizer_mode,
+                       help="auto / hf: the fast Hugging Face tokenizer; slow: transformers' Python tokenizer "
+                            "(use_fast=False). vLLM's other modes (mistral, deepseek_v32, kimi_k3, cohere, ...) "
+                            "are refused at start-up with the reason.")
         g.add_argument("--trust-remote-code", action="store_true")
         g.add_argument("--skip-tokenizer-init", action="store_true")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"])
@@ -251,6 +254,7 @@ class EngineArgs:
             seed=self.seed, revision=self.revision, generation_config=self.generation_config,
             override_generation_config=_json_or_none(self.override_generation_config) or {},
             max_logprobs=self.max_logprobs, skip_tokenizer_init=self.skip_tokenizer_init,
+            tokenizer_mode=self.tokenizer_mode,
             load_format=self.load_format, runner_type=runner_type, convert_type=convert_type,
             pooler_config=pooler, supported_pooling_tasks=tasks,
             quantization=None if self.quantization in (None, "None") else str(self.quantization).lower())

@@ -61,8 +61,12 @@ class LLMEngine:
             if tok_path.endswith(".gguf"):
                 import os
                 tok_path, tok_gguf = os.path.dirname(tok_path), os.path.basename(tok_path)
-            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision)
-        self.generation_config: dict[str, Any] = load_generation_config(mc.model_path, mc.gguf_file) or {}
+            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision,
+                                           tokenizer_mode=mc.tokenizer_mode)
+        # --generation-config: "auto"/"vllm" read the model's file, a directory its own (vLLM 0.32).
+        gen_dir, gen_gguf = ((mc.model_path, mc.gguf_file) if mc.generation_config in ("auto", "vllm")
+                             else (mc.generation_config, None))
+        self.generation_config: dict[str, Any] = load_generation_config(gen_dir, gen_gguf) or {}
         eos_ids = get_eos_token_ids(self.tokenizer, mc.hf_config, self.generation_config) \
             if self.tokenizer is not None else []
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else getattr(mc.hf_config, "eos_token_id", None)
@@ -145,10 +149,11 @@ class LLMEngine:
         """Validates and completes ``params`` in place; returns the resolved max_tokens."""
         mc = self.model_config
         params.verify_against_vocab(mc.vocab_size)
-        limit = mc.max_logprobs
+        # vLLM 0.32: -1 counts as the whole vocabulary; --max-logprobs -1 allows up to it.
+        limit = mc.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
-            if k is not None and limit != -1 and (k == -1 or k > limit):
+            if k and (mc.vocab_size if k == -1 else k) > limit:
                 raise ValueError(f"Requested {name} of {k}, which is greater than max allowed: {limit}")
         validate_all(self.logitsprocs_classes, params)  # custom processors' checks, as ValueError
         params.update_from_generation_config(self.extra_eos_ids, self.eos_token_id)

@@ -84,7 +84,9 @@ for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
 _unsupported("--guided-decoding-backend", "removed in vLLM; use --structured-outputs-config.backend (lmserve runs "
              "xgrammar)", accepted=lambda v: v in ("auto", "xgrammar"))
-_unsupported("--kv-transfer-config", "disaggregated serving is not supported")
+_unsupported("--kv-transfer-config", "this build has no KV connector (no disaggregated prefill/decode or KV "
+             "offload to another instance); requests may still carry kv_transfer_params, which are answered with "
+             "null and run the whole request locally")
 _unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
 _unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)
 _unsupported("--cpu-offload-gb", "weight offloading is not supported", accepted=lambda v: float(v) == 0)

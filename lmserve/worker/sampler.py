@@ -43,6 +43,9 @@ class LogprobsTensors:
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [B] int64
     logprobs: LogprobsTensors | None  # None when no row asked for logprobs
+    # [B, V] raw logprobs, kept only when a row wants the whole vocabulary or logprob_token_ids
+    # (the runner reads those rows from it; the top-k of the others is in ``logprobs``).
+    raw_logprobs: torch.Tensor | None = None
 
 
 def compute_logprobs_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
@@ -206,8 +209,11 @@ class Sampler(nn.Module):
         sampled = self.sample(logits, md)  # [B] int64
         lp = None
         if raw_logprobs is not None:
-            lp = compute_logprobs_tensors(raw_logprobs, sampled, md.max_num_logprobs)  # type: ignore[arg-type]
-        return SamplerOutput(sampled, lp)
+            # Top-k only as wide as the top-k rows need: whole-vocabulary and logprob_token_ids
+            # rows are read from ``raw_logprobs`` by the runner (one sort or gather of their row).
+            lp = compute_logprobs_tensors(raw_logprobs, sampled, md.topk_num_logprobs)
+        keep_raw = md.max_num_logprobs == -1 or bool(md.logprob_token_ids)
+        return SamplerOutput(sampled, lp, raw_logprobs if keep_raw else None)
 
     @staticmethod
     def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

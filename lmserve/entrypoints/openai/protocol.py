@@ -26,8 +26,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmserve.errors import InvalidRequestError
-from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams,
-                                     StructuredOutputsParams)
+from lmserve.sampling_params import (MAX_LOGPROB_TOKEN_IDS, RepetitionDetectionParams, RequestOutputKind,
+                                     SamplingParams, StructuredOutputsParams)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The OpenAPI schema of a prompt / input field (validated by hand, for vLLM's messages): text, texts,
@@ -37,7 +37,6 @@ PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type
                            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
                             "minItems": 1}]}
 MAX_N = 128  # choices per prompt
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat top_logprobs
 MAX_STOP_CHARS = 65536  # characters in all of a request's stop strings (and, apart, its bad_words)
 
 # vLLM's fallbacks when neither the request nor generation_config.json sets a value.
@@ -203,6 +202,8 @@ class SamplingRequest(OpenAIBaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=-1)
+    # Logprobs of exactly these ids at each generated position (vLLM 0.32); needs logprobs set.
+    logprob_token_ids: list[int] | None = None
     bad_words: list[str] = Field(default_factory=list)
     # vLLM request extras
     response_format: ResponseFormat | None = None
@@ -246,14 +247,7 @@ class SamplingRequest(OpenAIBaseModel):
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`.",
                                       "prompt_logprobs")
-        if self.logit_bias:
-            for key, bias in self.logit_bias.items():
-                if not re.fullmatch(r"\s*-?\d+\s*", key):
-                    raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), "
-                                              f"got {key!r}.", "logit_bias")
-                if not -100.0 <= bias <= 100.0:
-                    raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
-                                              f"token {key}.", "logit_bias")
+        self.check_logit_bias()
         if self.structured_outputs_params() is not None and self.use_beam_search:
             raise InvalidRequestError("structured outputs (structured_outputs, response_format, guided_*) cannot "
                                       "be combined with use_beam_search.", "use_beam_search")
@@ -312,6 +306,30 @@ class SamplingRequest(OpenAIBaseModel):
             param = source if source != "guided_*" else next(iter(sorted(
                 src for src in LEGACY_GUIDED_FIELDS if getattr(self, src) is not None)))
             raise InvalidRequestError(f"{param}: {e}", param) from None
+    def check_logit_bias(self, vocab_size: int | None = None) -> None:
+        """One 400 naming every bad entry of ``logit_bias``: keys that are not integer token ids,
+        ids outside the vocabulary (when ``vocab_size`` is known) and biases outside [-100, 100]."""
+        if not self.logit_bias:
+            return
+        not_ids: list[str] = []
+        out_of_vocab: list[int] = []
+        out_of_range: dict[str, float] = {}
+        for key, bias in self.logit_bias.items():
+            if not re.fullmatch(r"\s*-?\d{1,20}\s*", key):
+                not_ids.append(key)
+            elif vocab_size is not None and not 0 <= int(key) < vocab_size:
+                out_of_vocab.append(int(key))
+            if not -100.0 <= bias <= 100.0:
+                out_of_range[key] = bias
+        problems = []
+        if not_ids:
+            problems.append(f"key(s) that are not integer token ids: {not_ids!r}")
+        if out_of_vocab:
+            problems.append(f"out-of-vocab token id(s) {out_of_vocab} (vocabulary size: {vocab_size})")
+        if out_of_range:
+            problems.append(f"bias value(s) outside [-100, 100]: {out_of_range!r}")
+        if problems:
+            raise InvalidRequestError("logit_bias contains " + "; ".join(problems) + ".", "logit_bias")
 
     def check_list_limits(self, max_stop_strings: int) -> None:
         """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries and
@@ -328,12 +346,35 @@ class SamplingRequest(OpenAIBaseModel):
                 raise InvalidRequestError(f"{name} holds {chars} characters in all; at most {MAX_STOP_CHARS} are "
                                           "allowed.", name)
 
-    def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int) -> None:
-        if value is None or max_logprobs == -1:
+    def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int,
+                             vocab_size: int | None = None) -> None:
+        """vLLM 0.32's rule: -1 (the whole vocabulary) counts as ``vocab_size`` logprobs, and
+        ``--max-logprobs -1`` allows up to ``vocab_size``; more than the limit is a 400."""
+        if not value:
             return
-        if value == -1 or value > max_logprobs:
-            raise InvalidRequestError(f"Requested {name} of {value}, which is greater than max allowed: "
-                                      f"{max_logprobs}. Start the server with a larger --max-logprobs.", name)
+        if vocab_size is None:  # the vocabulary is unknown here: -1 only passes an unbounded server
+            if max_logprobs == -1 or (value != -1 and value <= max_logprobs):
+                return
+            wanted, limit = value, max_logprobs
+        else:
+            wanted = vocab_size if value == -1 else value
+            limit = vocab_size if max_logprobs == -1 else max_logprobs
+            if wanted <= limit:
+                return
+        shown = "-1 (the whole vocabulary)" if value == -1 else str(wanted)
+        raise InvalidRequestError(f"Requested {name} of {shown}, which is greater than max allowed: {limit}. "
+                                  "Start the server with a larger --max-logprobs (-1: no bound).", name)
+
+    def check_logprob_token_ids(self) -> None:
+        """vLLM's rules for ``logprob_token_ids`` that need only the request."""
+        ids = self.logprob_token_ids  # type: ignore[attr-defined]
+        if not ids:
+            return
+        if self.use_beam_search:
+            raise InvalidRequestError("`logprob_token_ids` is not supported with beam search.", "logprob_token_ids")
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise InvalidRequestError(f"Requested logprob_token_ids of length {len(ids)}, which is greater than "
+                                      f"max allowed: {MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids")
 
     # ------------------------------------------------------------------ translation
     def _sampling_kwargs(self, max_tokens: int, default_sampling_params: dict[str, Any]) -> dict[str, Any]:
@@ -401,7 +442,7 @@ class CompletionRequest(SamplingRequest):
     prompt: Any = Field(..., json_schema_extra=PROMPT_SCHEMA)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=-1)  # -1: the whole vocabulary (bounded by --max-logprobs)
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     suffix: str | None = None
     prompt_embeds: Any = None
@@ -443,17 +484,24 @@ class CompletionRequest(SamplingRequest):
             raise InvalidRequestError("prompt_embeds is not supported by lmserve", "prompt_embeds")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of different from n is not supported (as vLLM v1).", "best_of")
+        if self.logprob_token_ids and self.logprobs is None:
+            raise InvalidRequestError("when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+        self.check_logprob_token_ids()
 
     def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
-                           max_logprobs: int) -> SamplingParams:
-        self.check_logprobs_limit(self.logprobs, "logprobs", max_logprobs)
+                           max_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
+        """As vLLM: ``logprob_token_ids`` replaces the top-k ``logprobs`` (then only needed set)."""
+        self.check_logit_bias(vocab_size)
+        if not self.logprob_token_ids:
+            self.check_logprobs_limit(self.logprobs, "logprobs", max_logprobs, vocab_size)
         prompt_logprobs = self.prompt_logprobs
         if prompt_logprobs is None and self.echo and self.logprobs is not None:
             prompt_logprobs = self.logprobs
-        self.check_logprobs_limit(prompt_logprobs, "prompt_logprobs", max_logprobs)
+        self.check_logprobs_limit(prompt_logprobs, "prompt_logprobs", max_logprobs, vocab_size)
         kwargs = self._sampling_kwargs(self.resolve_max_tokens(default_max_tokens, default_sampling_params),
                                        default_sampling_params)
-        kwargs.update(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
+        kwargs.update(logprobs=None if self.logprob_token_ids else self.logprobs, prompt_logprobs=prompt_logprobs,
+                      logprob_token_ids=self.logprob_token_ids or None)
         return self._build(kwargs)
 
 
@@ -472,7 +520,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessageParam] = Field(min_length=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # null is 0 (as vLLM); -1: the whole vocabulary (bounded by --max-logprobs, not OpenAI's 20).
+    top_logprobs: int | None = Field(0, ge=-1)
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     tools: list[dict[str, Any]] | None = None
@@ -491,9 +540,13 @@ class ChatCompletionRequest(SamplingRequest):
 
     def validate_request(self) -> None:
         super().validate_request()
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("when using `top_logprobs`, `logprobs` must be set to true.",
                                       "top_logprobs")
+        if self.logprob_token_ids and not self.logprobs:
+            raise InvalidRequestError("when using `logprob_token_ids`, `logprobs` must be set to true.",
+                                      "logprob_token_ids")
+        self.check_logprob_token_ids()
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` "
                                       "to True.", "continue_final_message")
@@ -511,15 +564,18 @@ class ChatCompletionRequest(SamplingRequest):
         return max(1, min(c for c in candidates if c is not None))
 
     def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
-                           max_logprobs: int) -> SamplingParams:
+                           max_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
+        """As vLLM: ``logprob_token_ids`` replaces the top-k ``top_logprobs``."""
+        self.check_logit_bias(vocab_size)
         logprobs = None
-        if self.logprobs:
+        if self.logprobs and not self.logprob_token_ids:
             logprobs = self.top_logprobs or 0
-        self.check_logprobs_limit(logprobs, "top_logprobs", max_logprobs)
-        self.check_logprobs_limit(self.prompt_logprobs, "prompt_logprobs", max_logprobs)
+        self.check_logprobs_limit(logprobs, "top_logprobs", max_logprobs, vocab_size)
+        self.check_logprobs_limit(self.prompt_logprobs, "prompt_logprobs", max_logprobs, vocab_size)
         kwargs = self._sampling_kwargs(self.resolve_max_tokens(default_max_tokens, default_sampling_params),
                                        default_sampling_params)
-        kwargs.update(logprobs=logprobs, prompt_logprobs=self.prompt_logprobs)
+        kwargs.update(logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+                      logprob_token_ids=self.logprob_token_ids or None)
         return self._build(kwargs)
 
     def template_messages(self) -> list[dict[str, Any]]:
