@@ -1,0 +1,137 @@
+"""GPT-2, OPT, Gemma 2, Gemma 3, Phi-3 and GPT-NeoX against HF transformers (fp32): each a tiny
+random checkpoint made here from its transformers config (sliding windows shorter than the long
+prompt), run through the whole engine under chunked prefill, prefix caching and preemption;
+greedy tokens must equal HF's token for token and their logprobs be within 1e-3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve import LLM, SamplingParams
+from tests.model_utils import randomize_parameters
+
+MAX_TOKENS = 8
+PROMPTS = [
+    [5, 17, 42, 99, 3, 250, 7],
+    list(range(20, 57)),  # 37 tokens: longer than every sliding window below, several blocks
+    [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311, 312],
+]
+_COMMON = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _config(kind: str):
+    import transformers as tf
+
+    if kind == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **{**_COMMON, "tie_word_embeddings": True})
+    if kind == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
+                            **{**_COMMON, "tie_word_embeddings": True})
+    if kind == "opt-postnorm-proj":  # opt-350m's shape: post-norm blocks, project_in/out
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=32, do_layer_norm_before=False,
+                            **{**_COMMON, "tie_word_embeddings": True})
+    if kind == "gemma2":  # sliding layers interleaved with global ones, both soft-caps
+        return tf.Gemma2Config(**{**_LLAMA_LIKE, "num_hidden_layers": 4}, **_COMMON, head_dim=16, sliding_window=8,
+                               query_pre_attn_scalar=24, attn_logit_softcapping=4.0, final_logit_softcapping=6.0)
+    if kind == "gemma3":
+        return tf.Gemma3TextConfig(**_LLAMA_LIKE, **_COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                                                    "full_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    if kind == "phi3":  # sliding window on every layer, partial rotary (Phi-4-mini)
+        return tf.Phi3Config(**_LLAMA_LIKE, **_COMMON, sliding_window=8,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    if kind == "phi3-longrope":
+        half = 64 // 4 // 2
+        return tf.Phi3Config(**_LLAMA_LIKE, **_COMMON, original_max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.5 * i for i in range(half)], "original_max_position_embeddings": 64})
+    if kind == "gpt-neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True, **_COMMON)
+    if kind == "gpt-neox-sequential":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=256, rotary_pct=1.0, use_parallel_residual=False, **_COMMON)
+    raise ValueError(kind)
+
+
+KINDS = ("gpt2", "opt", "opt-postnorm-proj", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt-neox",
+         "gpt-neox-sequential")
+
+
+def make_checkpoint(path: str, kind: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(kind), dtype=torch.float32)
+    randomize_parameters(model, seed=0, std=0.2)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval().save_pretrained(path)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs, each step a full forward without cache (the reference)."""
+    ids = list(prompt)
+    logprobs = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            tok = int(lp.argmax())
+            ids.append(tok)
+            logprobs.append(float(lp[tok]))
+    return ids[len(prompt):], logprobs
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def arch(request, tmp_path_factory):
+    """(kind, checkpoint dir, HF references {prompt index: (tokens, logprobs)})."""
+    path = str(tmp_path_factory.mktemp(request.param))
+    model = make_checkpoint(path, request.param)
+    prompts = PROMPTS + PREEMPT_PROMPTS + SHARED_PREFIX_PROMPTS
+    return request.param, path, [hf_greedy(model, p, MAX_TOKENS) for p in prompts]
+
+
+PREEMPT_PROMPTS = [[3 + i, 50 + i, 9, 200 + i, 7, 31 + i, 90] for i in range(4)]
+SHARED_PREFIX_PROMPTS = [list(range(100, 121)) + [7, 8, 9], list(range(100, 121)) + [400, 401]]
+MODES = {
+    "chunked-prefill": (PROMPTS, 0, dict(max_num_batched_tokens=8, enable_chunked_prefill=True)),
+    "prefix-caching": (SHARED_PREFIX_PROMPTS, len(PROMPTS) + len(PREEMPT_PROMPTS), {}),
+    "preemption": (PREEMPT_PROMPTS, len(PROMPTS), dict(num_gpu_blocks_override=10)),
+}
+
+
+def run_llm(path: str, prompts: list[list[int]], sequential_prefix: bool = False, **kw):
+    args = dict(skip_tokenizer_init=True, dtype="float32", block_size=4, kv_cache_memory=4 * 2**20)
+    args.update(kw)
+    llm = LLM(path, **args)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False, logprobs=0)
+    reqs = [{"prompt_token_ids": p} for p in prompts]
+    if sequential_prefix:  # the first request fills the cache, the others hit it
+        outs = llm.generate(reqs[:1], params) + llm.generate(reqs[1:], params)
+    else:
+        outs = llm.generate(reqs, params)
+    return llm, [(o.outputs[0].token_ids, [next(iter(d.values())).logprob for d in o.outputs[0].logprobs])
+                 for o in outs]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_greedy_and_logprobs_equal_transformers(arch, mode):
+    kind, path, refs = arch
+    prompts, first, kw = MODES[mode]
+    llm, got = run_llm(path, prompts, sequential_prefix=mode == "prefix-caching", **kw)
+    for i, (tokens, logprobs) in enumerate(got):
+        ref_tokens, ref_logprobs = refs[first + i]
+        assert list(tokens) == ref_tokens, f"{kind} {mode} prompt {i}"
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-3, f"{kind} {mode} prompt {i}"
+    if mode == "preemption":
+        assert llm.llm_engine.core.scheduler.num_preemptions_total > 0
+    if mode == "prefix-caching":
+        assert llm.llm_engine.core.kv_manager.stats.hits > 0
