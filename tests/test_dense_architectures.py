@@ -64,11 +64,14 @@ KINDS = ("gpt2", "opt", "opt-postnorm-proj", "gemma2", "gemma3", "phi3", "phi3-l
          "gpt-neox-sequential")
 
 
-def make_checkpoint(path: str, kind: str):
+def make_checkpoint(path: str, kind: str, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(kind), dtype=torch.float32)
+    config = _config(kind)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_parameters(model, seed=0, std=0.2)
     if model.config.tie_word_embeddings:
         model.tie_weights()
@@ -135,3 +138,89 @@ def test_greedy_and_logprobs_equal_transformers(arch, mode):
         assert llm.llm_engine.core.scheduler.num_preemptions_total > 0
     if mode == "prefix-caching":
         assert llm.llm_engine.core.kv_manager.stats.hits > 0
+
+
+# -- GGUF ---------------------------------------------------------------------------------------------
+_CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+GGUF_KINDS = {"gpt2": "GPT2", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "phi3": "PHI3"}
+
+
+def write_gguf_as_llama_cpp(model, path: str, kind: str) -> None:
+    """Write ``model`` as llama.cpp's converter would (tensor names from the gguf package's own
+    name map, GPT-2's Conv1D weights transposed, Gemma's norms stored as 1 + w, 2-D weights in
+    Q8_0), rounding the model's own 2-D weights through Q8_0 so that it stays the exact reference."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    arch = gguf.MODEL_ARCH[GGUF_KINDS[kind]]
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    if kind == "gpt2":
+        w.add_context_length(cfg.n_positions)
+        w.add_feed_forward_length(4 * cfg.hidden_size)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_sliding_window(cfg.sliding_window)
+        if kind == "gemma3":
+            w.add_rope_freq_base(float(cfg.rope_parameters["full_attention"]["rope_theta"]))
+        else:
+            w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+            w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0)))
+        if kind == "gemma2":
+            w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            assert gname is not None, name
+            arr = t.detach().float().numpy()
+            if name.endswith(_CONV1D_SUFFIXES):
+                arr = arr.T
+            if kind.startswith("gemma") and name.endswith("norm.weight"):
+                arr = arr + 1.0
+            if arr.ndim == 2:
+                q = gguf.quants.quantize(np.ascontiguousarray(arr), qtype)
+                rounded = gguf.quants.dequantize(q, qtype).reshape(arr.shape)
+                t.copy_(torch.from_numpy(rounded.T if name.endswith(_CONV1D_SUFFIXES) else rounded))
+                w.add_tensor(gname, q, raw_dtype=qtype)
+            else:
+                w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# What llama.cpp fixes rather than stores: Gemma's GGUF has no output tensor (tied) and its
+# attention scale is 1/sqrt(head_dim) below 27B; Gemma 3's
+# local RoPE base is 10000 and its layer pattern 5 sliding : 1 global (transformers' default).
+GGUF_OVERRIDES = {"gemma2": dict(tie_word_embeddings=True, query_pre_attn_scalar=16),
+                  "gemma3": dict(tie_word_embeddings=True, query_pre_attn_scalar=16, layer_types=["sliding_attention"] * 2, rope_parameters={
+                      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                      "full_attention": {"rope_type": "default", "rope_theta": 1e6}})}
+
+
+@pytest.mark.parametrize("kind", list(GGUF_KINDS))
+def test_gguf_equals_transformers(tmp_path, kind):
+    model = make_checkpoint(str(tmp_path / "hf"), kind, **GGUF_OVERRIDES.get(kind, {}))
+    write_gguf_as_llama_cpp(model, str(tmp_path / "tiny.gguf"), kind)
+    refs = [hf_greedy(model, p, MAX_TOKENS) for p in PROMPTS]
+    _, got = run_llm(str(tmp_path / "tiny.gguf"), PROMPTS, max_num_batched_tokens=8, quantization="none")
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, refs, strict=True):
+        assert list(tokens) == ref_tokens, kind
+        assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-3, kind

@@ -59,7 +59,8 @@ class LLMEngine:
             if tok_path.endswith(".gguf"):
                 import os
                 tok_path, tok_gguf = os.path.dirname(tok_path), os.path.basename(tok_path)
-            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision)
+            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision,
+                                           trust_remote_code=mc.trust_remote_code)
         self.generation_config: dict[str, Any] = load_generation_config(mc.model_path, mc.gguf_file) or {}
         eos_ids = get_eos_token_ids(self.tokenizer, mc.hf_config, self.generation_config) \
             if self.tokenizer is not None else []
