@@ -224,3 +224,49 @@ def test_gguf_equals_transformers(tmp_path, kind):
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, refs, strict=True):
         assert list(tokens) == ref_tokens, kind
         assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) < 1e-3, kind
+
+
+# -- sliding window in the paged cache -------------------------------------------------------------
+def test_window_frees_blocks_and_long_sequences_fit(tmp_path):
+    """Phi-3 with an 8-token window on every layer: a 45-token sequence runs in a pool of 7
+    blocks of 4 (28 tokens), because blocks behind every layer's window are freed; outputs
+    stay HF's. An interleaved model (Gemma 2: global layers) keeps every block."""
+    model = make_checkpoint(str(tmp_path / "phi3"), "phi3")
+    prompt = PROMPTS[1]  # 37 tokens
+    ref_tokens, ref_logprobs = hf_greedy(model, prompt, MAX_TOKENS)
+    llm, got = run_llm(str(tmp_path / "phi3"), [prompt], num_gpu_blocks_override=7, max_num_batched_tokens=8,
+                       enable_chunked_prefill=True)
+    kv = llm.llm_engine.core.kv_manager
+    assert kv.sliding_window == 8
+    assert list(got[0][0]) == ref_tokens
+    assert max(abs(a - b) for a, b in zip(got[0][1], ref_logprobs)) < 1e-3
+    kv.check_invariants()
+
+    make_checkpoint(str(tmp_path / "gemma2"), "gemma2")
+    gemma = LLM(str(tmp_path / "gemma2"), skip_tokenizer_init=True, dtype="float32", block_size=4,
+                num_gpu_blocks_override=7)
+    assert gemma.llm_engine.core.kv_manager.sliding_window is None
+    with pytest.raises(ValueError, match="leaves no room"):
+        gemma.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=2))
+
+
+def test_kv_manager_window_unit():
+    from lmserve.engine.kv_cache import KVCacheManager
+    from lmserve.engine.request import Request
+
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_caching=True, sliding_window=6)
+    req = Request("r", list(range(30)), SamplingParams(max_tokens=4))
+    assert kv.allocate_slots(req, 8)
+    req.num_computed_tokens = 8
+    assert kv.allocate_slots(req, 8)  # next tokens from position 8 see keys > 2: block 0 stays
+    assert kv.null_block not in kv.req_blocks["r"]
+    req.num_computed_tokens = 16
+    assert kv.allocate_slots(req, 8)  # from position 16: keys > 10 -> blocks 0, 1 freed (positions 0..7)
+    assert kv.req_blocks["r"][:2] == [kv.null_block, kv.null_block]
+    assert kv.req_blocks["r"][2] is not kv.null_block
+    assert kv.block_ids("r")[:2] == [0, 0] and len(kv.block_ids("r")) == 6
+    assert kv.pool.num_free_blocks == 8 - 4
+    kv.check_invariants()
+    kv.free(req)
+    assert kv.pool.num_free_blocks == 8
+    kv.check_invariants()

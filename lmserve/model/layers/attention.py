@@ -81,3 +81,13 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
         return self.backend.forward(self, q, k, v, kv_cache, meta)
+
+
+def cache_sliding_window(model: nn.Module) -> int | None:
+    """The window past which a sequence's KV blocks may be freed (``KVCacheManager``): the largest
+    window when every ``PagedAttention`` layer of ``model`` has one; None when any layer is global
+    (it reads every block) or the model has no paged attention."""
+    windows = [m.sliding_window for m in model.modules() if isinstance(m, PagedAttention)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
