@@ -148,6 +148,8 @@ class ModelConfig:
     # A GGUF file on CPU keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs them with int4 kernels:
     # None in bf16, "gguf" in bf16 and fp32 (``keeps_gguf_quantized``); "none" dequantizes every weight.
     quantization: str | None = None
+    # passed to transformers when loading the config and the tokenizer (never runs remote modeling code)
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "gguf", "none"):

@@ -212,7 +212,7 @@ class EngineArgs:
         model_dir, gguf_file = resolve_model(model, self.revision, self.download_dir)
         if self.load_format == "gguf" and gguf_file is None:
             raise ValueError(f"--load-format gguf, but {model} is not a GGUF file")
-        hf_config = load_hf_config(model_dir, gguf_file)
+        hf_config = load_hf_config(model_dir, gguf_file, trust_remote_code=self.trust_remote_code)
         for k, v in (_json_or_none(self.hf_overrides) or {}).items():
             setattr(hf_config, k, v)
         model_cls, runner_type, convert_type = resolve_model_class(hf_config, runner, self.convert)
@@ -257,7 +257,8 @@ class EngineArgs:
             tokenizer_mode=self.tokenizer_mode,
             load_format=self.load_format, runner_type=runner_type, convert_type=convert_type,
             pooler_config=pooler, supported_pooling_tasks=tasks,
-            quantization=None if self.quantization in (None, "None") else str(self.quantization).lower())
+            quantization=None if self.quantization in (None, "None") else str(self.quantization).lower(),
+            trust_remote_code=self.trust_remote_code)
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_memory=parse_memory_size(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,

@@ -17,6 +17,7 @@ from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sched_output import SchedulerStats
 from lmserve.engine.scheduler import Scheduler
+from lmserve.model.layers.attention import cache_sliding_window
 from lmserve.worker.model_runner import LogprobsRow, ModelRunner
 
 
@@ -55,10 +56,17 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config, logitsprocs_classes)
         cc = config.cache_config
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                         sliding_window=cache_sliding_window(self.runner.model))
         self.scheduler = Scheduler(config.scheduler_config, self.kv_manager)
-        # The longest sequence the KV pool can hold at all (alone).
-        self.max_seq_len = min(config.scheduler_config.max_model_len, self.runner.num_blocks * cc.block_size)
+        # The longest sequence the KV pool can hold at all (alone). With a sliding window on every
+        # layer a sequence holds at most the window plus one step's tokens (older blocks are freed).
+        pool_tokens = self.runner.num_blocks * cc.block_size
+        window = self.kv_manager.sliding_window
+        if window is not None and pool_tokens >= window + config.scheduler_config.max_num_batched_tokens + \
+                2 * cc.block_size:
+            pool_tokens = config.scheduler_config.max_model_len
+        self.max_seq_len = min(config.scheduler_config.max_model_len, pool_tokens)
         self.step_count = 0
 
     # ------------------------------------------------------------------ requests

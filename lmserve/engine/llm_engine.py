@@ -62,7 +62,7 @@ class LLMEngine:
                 import os
                 tok_path, tok_gguf = os.path.dirname(tok_path), os.path.basename(tok_path)
             self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision,
-                                           tokenizer_mode=mc.tokenizer_mode)
+                                           tokenizer_mode=mc.tokenizer_mode, trust_remote_code=mc.trust_remote_code)
         # --generation-config: "auto"/"vllm" read the model's file, a directory its own (vLLM 0.32).
         gen_dir, gen_gguf = ((mc.model_path, mc.gguf_file) if mc.generation_config in ("auto", "vllm")
                              else (mc.generation_config, None))
