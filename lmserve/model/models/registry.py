@@ -18,12 +18,15 @@ from torch import nn
 
 from lmserve.model.models.bert import BertForSequenceClassification, BertModel
 from lmserve.model.models.llama import LlamaForCausalLM, LlamaForSequenceClassification
+from lmserve.model.models.moe import MoeForCausalLM, MoeForSequenceClassification
 
 _GENERATE_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MoeForCausalLM,
+    "Qwen3MoeForCausalLM": MoeForCausalLM,
 }
 _POOLING_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "BertModel": BertModel,
@@ -32,6 +35,8 @@ _POOLING_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForSequenceClassification": LlamaForSequenceClassification,
     "Qwen2ForSequenceClassification": LlamaForSequenceClassification,
     "Qwen3ForSequenceClassification": LlamaForSequenceClassification,
+    "MixtralForSequenceClassification": MoeForSequenceClassification,
+    "Qwen3MoeForSequenceClassification": MoeForSequenceClassification,
 }
 # For configs without `architectures` (e.g. built from a GGUF file by older transformers).
 _MODEL_TYPES: dict[str, str] = {
@@ -39,6 +44,8 @@ _MODEL_TYPES: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "bert": "BertModel",
 }
 RUNNERS = ("auto", "generate", "pooling")
