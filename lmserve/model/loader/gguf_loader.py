@@ -44,8 +44,15 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts: the router and the stacked [E, ...] experts (models/moe.py stacks them)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# older llama.cpp Mixtral files: one tensor per expert, blk.N.ffn_gate.E.weight
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 
 # GGUF metadata value types -> struct format (8 = string and 9 = array are handled apart).
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -133,7 +140,10 @@ def gguf_to_hf_name(name: str) -> str:
     m = _BLOCK_RE.match(name)
     if m and m.group(2) in _BLOCK_NAMES:
         return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for Llama-family models")
+    m = _EXPERT_RE.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for Llama-family or MoE models")
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
