@@ -44,6 +44,11 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixture of experts: the router and the stacked [E, ...] experts (models/moe.py stacks them)
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 # Other llama.cpp architectures: their block names, onto the names their model's ``load_weights``
 # takes (HF's for Gemma and Phi-3; for GPT-2 the internal ones of ``decoder_base``, because its
@@ -66,6 +71,8 @@ _ARCH_GLOBAL_NAMES = {
 # llama.cpp stores Gemma's RMSNorm weights as 1 + w (HF's checkpoints hold w)
 _NORM_PLUS_ONE_ARCHS = ("gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# older llama.cpp Mixtral files: one tensor per expert, blk.N.ffn_gate.E.weight
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 
 # GGUF metadata value types -> struct format (8 = string and 9 = array are handled apart).
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -156,10 +163,13 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
     m = _BLOCK_RE.match(name)
     if m and m.group(2) in block_names:
         return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
+    m = _EXPERT_RE.match(name)
+    if m:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     if name.startswith("rope_factors_"):
         raise ValueError(f"GGUF tensor {name!r}: LongRoPE factors in GGUF files are not supported; "
                          "serve the safetensors checkpoint of this model")
-    family = "Llama-family" if arch not in _ARCH_BLOCK_NAMES else arch
+    family = "Llama-family or MoE" if arch not in _ARCH_BLOCK_NAMES else arch
     raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for {family} models")
 
 

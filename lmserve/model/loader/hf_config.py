@@ -14,11 +14,13 @@ _DTYPE_NAMES = {
 }
 
 
-def _fix_gguf_config(config: Any, path: str) -> None:
-    """Fill in what transformers' GGUF config reader leaves out or gets wrong for our models."""
+def _fix_gguf_config(config: Any, path: str) -> Any:
+    """Fill in what transformers' GGUF config reader leaves out or gets wrong for our models;
+    returns the config (a new one for a Mixtral file, see ``moe_gguf_config``)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from lmserve.model.loader.gguf_loader import read_gguf_header
+    from lmserve.model.loader.moe_gguf_config import moe_gguf_config
 
     header = read_gguf_header(path)
     arch = header.metadata.get("general.architecture", "")
@@ -50,6 +52,7 @@ def _fix_gguf_config(config: Any, path: str) -> None:
                 config.rope_parameters = params
             else:  # transformers 4
                 config.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return moe_gguf_config(config, arch, meta, header.tensor_names)
 
 
 def _fix_gguf_architecture(config: Any, arch: str, meta: dict[str, Any], dims: dict[str, tuple[int, ...]]) -> None:
@@ -93,8 +96,7 @@ def load_hf_config(model_dir: str, gguf_file: str | None = None, trust_remote_co
 
     if gguf_file:
         config = AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-        _fix_gguf_config(config, os.path.join(model_dir, gguf_file))
-        return config
+        return _fix_gguf_config(config, os.path.join(model_dir, gguf_file))
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 

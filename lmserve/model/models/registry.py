@@ -25,6 +25,7 @@ from lmserve.model.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadM
 from lmserve.model.models.gpt_neox import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
 from lmserve.model.models.opt import OPTForCausalLM, OPTForSequenceClassification
 from lmserve.model.models.phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
+from lmserve.model.models.moe import MoeForCausalLM, MoeForSequenceClassification
 
 _GENERATE_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -38,6 +39,8 @@ _GENERATE_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+    "MixtralForCausalLM": MoeForCausalLM,
+    "Qwen3MoeForCausalLM": MoeForCausalLM,
 }
 _POOLING_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "BertModel": BertModel,
@@ -53,6 +56,8 @@ _POOLING_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma3ForSequenceClassification": Gemma3ForSequenceClassification,
     "Phi3ForSequenceClassification": Phi3ForSequenceClassification,
     "GPTNeoXForSequenceClassification": GPTNeoXForSequenceClassification,
+    "MixtralForSequenceClassification": MoeForSequenceClassification,
+    "Qwen3MoeForSequenceClassification": MoeForSequenceClassification,
 }
 # For configs without `architectures` (e.g. built from a GGUF file by older transformers).
 _MODEL_TYPES: dict[str, str] = {
@@ -60,6 +65,8 @@ _MODEL_TYPES: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "bert": "BertModel",
     "gpt2": "GPT2LMHeadModel",
     "opt": "OPTForCausalLM",
