@@ -56,13 +56,18 @@ class EngineCore:
         self.runner = ModelRunner(config, logitsprocs_classes)
         cc = config.cache_config
         self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv_manager)
+        lora = config.lora_config
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_manager,
+                                   max_loras=lora.max_loras if lora is not None else None)
         # The longest sequence the KV pool can hold at all (alone).
         self.max_seq_len = min(config.scheduler_config.max_model_len, self.runner.num_blocks * cc.block_size)
         self.step_count = 0
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
+        if request.lora_request is not None and (self.config.lora_config is None or request.lora is None):
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True "
+                             "(--enable-lora)")
         if request.is_pooling != self.config.model_config.is_pooling:
             raise ValueError("This model does not support pooling requests" if request.is_pooling
                              else "This model is a pooling model: it does not generate text")

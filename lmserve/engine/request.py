@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmserve.lora.checkpoint import LoRAAdapter
+from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
@@ -76,6 +78,10 @@ class Request:
     prompt_logprobs_done: int = 0
     pooling_params: PoolingParams | None = None  # set for embed/classify/score requests
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
+    # The LoRA adapter it runs with (``lmserve/lora``): the request, and the loaded weights, held
+    # until the request finishes so that unloading the adapter never frees them under it.
+    lora_request: LoRARequest | None = None
+    lora: LoRAAdapter | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -98,6 +104,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def is_finished(self) -> bool:

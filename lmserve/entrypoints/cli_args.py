@@ -51,18 +51,18 @@ def _unsupported(flag: str, why: str, accepted: Callable[[Any], bool] = lambda v
     _UNSUPPORTED[flag] = (kwargs, accepted, why)
 
 
-_LORA = "LoRA adapters are not supported by lmserve"
 _SPEC = "speculative decoding is not supported by lmserve"
 _MM = "lmserve serves text-only models"
 _TOOLS = "tool calling / reasoning parsers are not supported by lmserve yet"
-for _f in ("--enable-lora", "--enable-lora-bias", "--fully-sharded-loras", "--enable-prompt-adapter"):
-    _unsupported(_f, _LORA, action="store_const", const=True)
-for _f in ("--lora-modules", "--prompt-adapters"):
-    _unsupported(_f, _LORA, nargs="+")
-for _f in ("--max-loras", "--max-lora-rank", "--lora-extra-vocab-size", "--max-cpu-loras",
-           "--max-prompt-adapters", "--max-prompt-adapter-token", "--lora-dtype", "--long-lora-scaling-factors",
-           "--qlora-adapter-name-or-path"):
-    _unsupported(_f, _LORA)
+_unsupported("--enable-lora-bias", "LoRA adapters with biases are not supported", action="store_const", const=True)
+_unsupported("--enable-prompt-adapter", "prompt adapters are not supported", action="store_const", const=True)
+_unsupported("--prompt-adapters", "prompt adapters are not supported", nargs="+")
+_unsupported("--lora-extra-vocab-size", "LoRA adapters cannot extend the vocabulary")
+_unsupported("--long-lora-scaling-factors", "long-context LoRA scaling is not supported")
+_unsupported("--qlora-adapter-name-or-path", "QLoRA adapters are not supported: serve a PEFT LoRA adapter with "
+             "--enable-lora --lora-modules")
+for _f in ("--max-prompt-adapters", "--max-prompt-adapter-token"):
+    _unsupported(_f, "prompt adapters are not supported")
 for _f in ("--speculative-model", "--speculative-model-quantization", "--num-speculative-tokens",
            "--speculative-draft-tensor-parallel-size", "--speculative-max-model-len",
            "--speculative-disable-by-batch-size", "--ngram-prompt-lookup-max", "--ngram-prompt-lookup-min",
