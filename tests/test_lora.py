@@ -187,3 +187,26 @@ def test_batched_delta_equals_per_row_reference():
             torch.testing.assert_close(got[row], want)
             row += 1
     assert mapping.add_delta("absent", x, y0.clone()).equal(y0)
+
+
+def test_unloading_an_adapter_in_use_keeps_its_running_requests_exact(tiny_models, adapters):
+    made, _ = adapters["llama"]
+    llm = make_llm(tiny_models["llama"], max_cpu_loras=3)
+    engine = llm.llm_engine
+    a1 = LoRARequest("all", 1, made["all"][0])
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    engine.add_request("r", {"prompt_token_ids": PROMPTS[0]}, params, lora_request=a1)
+    engine.step()
+    engine.step()
+    assert engine.remove_lora(1) and 1 not in engine.list_loras()
+    for i, n in enumerate(("qv-rslora", "mlp")):  # other adapters take the cache meanwhile
+        engine.add_lora(LoRARequest(n, 10 + i, made[n][0]))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert outs[0].outputs[0].token_ids == made["all"][1][0]
+
+
+def test_lora_on_a_pooling_model_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="--enable-lora.*pooling"):
+        LLM(tiny_models["llama"], runner="pooling", enable_lora=True, skip_tokenizer_init=True)

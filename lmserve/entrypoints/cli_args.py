@@ -24,6 +24,7 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE, DEFAULT_MAX_BODY_BYTES,
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
+from lmserve.entrypoints.openai.serving_lora import parse_lora_module
 from lmserve.entrypoints.frontend_flags import add_frontend_args
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
@@ -197,6 +198,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Every streamed completion ends with a usage chunk, as if the request had asked with "
                         "stream_options.include_usage.")
     g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=None,
+                   help="LoRA adapters to serve (needs --enable-lora): name=path, or JSON "
+                        '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "base"}\' (or a JSON list).')
+    g.add_argument("--lora-allowed-dirs", nargs="+", default=None,
+                   help="lmserve: directories from which POST /v1/load_lora_adapter may load adapters (paths are "
+                        "resolved, '..' and symbolic links included, and must stay inside one). Without it, "
+                        "adapters cannot be loaded by path at run time.")
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
     add_frontend_args(g)

@@ -126,12 +126,12 @@ class OpenAIServingChat(OpenAIServing):
                                      raw_request: Request | None):
         """Returns a ChatCompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        self.check_model(request.model)
+        lora = self.resolve_model(request.model)
         request.validate_request()
         prompt = await self.prepare_prompt(request)
         params = self.sampling_params(request, len(prompt.token_ids))
         created = int(time.time())
-        merger = OutputMerger([self.generate(prompt, params, request_id, request)])
+        merger = OutputMerger([self.generate(prompt, params, request_id, request, lora)])
         await merger.start()
         if request.stream:
             return SSEResponse(self._stream(request, request_id, created, prompt, merger), cleanup=merger)
@@ -168,7 +168,7 @@ class OpenAIServingChat(OpenAIServing):
         cached = 0
 
         def chunk(choice: ChatCompletionResponseStreamChoice, first: bool = False) -> str:
-            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                              choices=[choice])
             if first and request.return_token_ids:
                 c.prompt_token_ids = prompt.token_ids
@@ -198,7 +198,7 @@ class OpenAIServingChat(OpenAIServing):
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                         token_ids=list(o.token_ids) if request.return_token_ids else None))
             if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                        choices=[], usage=self.usage(prompt_len, sum(generated),
                                                                                     cached)))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
@@ -232,7 +232,7 @@ class OpenAIServingChat(OpenAIServing):
             finish_reason=st.finish_reason, stop_reason=st.stop_reason,
             token_ids=st.token_ids if request.return_token_ids else None) for i, st in enumerate(choices)]
         return ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=result,
+            id=request_id, created=created, model=self.response_model(request), choices=result,
             usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached),
             prompt_logprobs=self.prompt_logprobs_json(prompt_lps) if request.prompt_logprobs is not None else None,
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
