@@ -135,6 +135,10 @@ def main() -> None:
             "mask_pct_of_unconstrained_step": 100 * statistics.median(mask_ms) / (1000 * f / args.tokens),
         }
         print(f"batch {batch}: {results['batches'][batch]}", flush=True)
+        if args.out:  # partial results survive an interrupted run
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
 
     schema = large_schema()
     params = StructuredOutputsParams(json=schema)
