@@ -100,6 +100,38 @@ def run(llm: LLM, batch: int, tokens: int, constrained: bool, seed: int) -> floa
     return elapsed
 
 
+def mask_micro(tokenizer, vocab_size: int, iters: int = 200) -> dict:
+    """The mask work alone, without the model (robust on a busy machine): per step, filling the
+    bitmask of B sequences inside LONG_STRING_SCHEMA's string and applying it to [B, V] logits."""
+    import torch
+
+    from lmserve.structured_output.bitmask import GrammarBitmask
+    from lmserve.structured_output.config import StructuredOutputsConfig
+    from lmserve.structured_output.manager import StructuredOutputManager
+
+    manager = StructuredOutputManager(StructuredOutputsConfig(), tokenizer, vocab_size)
+    compiled = manager.compile(StructuredOutputsParams(json=LONG_STRING_SCHEMA))
+    out = {}
+    for batch in (1, 32):
+        states = [manager.new_state(compiled) for _ in range(batch)]
+        for st in states:
+            st.matcher.accept_string('{"story": "Once upon')
+        buf = GrammarBitmask(batch, vocab_size)
+        logits = torch.randn(batch, vocab_size)
+        fill_t, apply_t = [], []
+        for _ in range(iters):
+            t = time.perf_counter()
+            mask = buf.fill(list(enumerate(states)))
+            t1 = time.perf_counter()
+            mask.apply(logits)
+            t2 = time.perf_counter()
+            fill_t.append(t1 - t)
+            apply_t.append(t2 - t1)
+        out[batch] = {"fill_ms": 1000 * statistics.median(fill_t), "apply_ms": 1000 * statistics.median(apply_t)}
+    manager.shutdown()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -107,7 +139,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--micro-only", action="store_true", help="only the mask work without the model "
+                    "(writes micro.json)")
     args = ap.parse_args()
+
+    if args.micro_only:
+        from lmserve.tokenizer import get_tokenizer
+        from lmserve.model.loader.resolve import default_model
+
+        path = args.model or default_model()
+        tok = get_tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path)) if path.endswith(".gguf") \
+            else get_tokenizer(path)
+        micro = mask_micro(tok, 49152 if args.model is None else len(tok))
+        print(json.dumps(micro, indent=1))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "micro.json"), "w") as f:
+                json.dump(micro, f, indent=1)
+        return
 
     llm = LLM(args.model, kv_cache_memory=512 * 2**20, max_num_seqs=64)
     timer = MaskTimer()
