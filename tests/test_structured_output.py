@@ -213,3 +213,44 @@ def test_resolve_request_logits_processors():
         [{"qualname": "tests.logitsprocs_examples.ForceTokenProcessor", "args": [7], "kwargs": {"after": 1}}],
         r"tests\.")
     assert proc.token_id == 7 and proc.after == 1
+
+
+def test_async_compile_runs_off_the_event_loop_before_queueing(llm, monkeypatch):
+    """``AsyncLLM.generate`` compiles on the manager's threads (checked by thread identity, not by
+    timing), and a bad constraint raises before anything reaches the engine."""
+    import asyncio
+
+    from lmserve.engine.async_engine import AsyncLLM
+
+    engine = llm.llm_engine
+    backend = engine.structured_outputs.backend
+    real = backend._compile_uncached
+    compile_threads = []
+    monkeypatch.setattr(backend, "_compile_uncached",
+                        lambda spec: (compile_threads.append(threading.get_ident()), real(spec))[1])
+    queued = []
+    real_add = engine.add_prepared
+    monkeypatch.setattr(engine, "add_prepared", lambda prepared: (queued.append(prepared), real_add(prepared))[1])
+    async_llm = AsyncLLM(engine)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        params = SamplingParams(temperature=1.0, max_tokens=20, n=2,
+                                structured_outputs=StructuredOutputsParams(regex=r"async-[0-9]{2}"))
+        texts = []
+        async for out in async_llm.generate("Hi", params, "r1"):
+            if out.finished:
+                texts = [o.text for o in out.outputs]
+        with pytest.raises(InvalidRequestError, match="structured_outputs.regex"):
+            async for _ in async_llm.generate("Hi", SamplingParams(structured_outputs=StructuredOutputsParams(
+                    regex="async-(")), "r2"):
+                pass
+        return loop_thread, texts
+
+    try:
+        loop_thread, texts = asyncio.run(main())
+    finally:
+        async_llm.shutdown()
+    assert all(re.fullmatch(r"async-[0-9]{2}", t) for t in texts), texts
+    assert len(compile_threads) == 2 and loop_thread not in compile_threads
+    assert [p.request_id.split("-")[0] for p in queued] == ["r1"]  # the bad one was never queued

@@ -31,6 +31,8 @@ class StructuredOutputsConfig:
     - ``reasoning_parser`` / ``reasoning_parser_plugin``: must be empty here; choose the
       reasoning parser with ``--reasoning-parser``.
     - ``enable_in_reasoning``: accepted; the grammar constrains the output from its first token.
+    - ``disable_fallback`` (older vLLM): accepted; there is never a fallback backend, a constraint
+      xgrammar cannot take is a 400.
     - ``compile_timeout_s`` (lmserve): a grammar that takes longer to compile is refused with a 400.
     """
 
@@ -40,6 +42,7 @@ class StructuredOutputsConfig:
     reasoning_parser: str = ""
     reasoning_parser_plugin: str = ""
     enable_in_reasoning: bool = False
+    disable_fallback: bool = False
     compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S
 
     def __post_init__(self) -> None:
@@ -49,7 +52,8 @@ class StructuredOutputsConfig:
         if self.backend not in SUPPORTED_BACKENDS:
             raise ValueError(f"--structured-outputs-config: unknown backend {self.backend!r}; use 'xgrammar' or "
                              "'auto'.")
-        for name in ("disable_any_whitespace", "disable_additional_properties", "enable_in_reasoning"):
+        for name in ("disable_any_whitespace", "disable_additional_properties", "enable_in_reasoning",
+                     "disable_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"--structured-outputs-config: {name} must be true or false.")
         for name in ("reasoning_parser", "reasoning_parser_plugin"):
