@@ -185,7 +185,8 @@ class SamplingRequest(OpenAIBaseModel):
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`.",
                                       "prompt_logprobs")
-        self.check_logit_bias()
+        # logit_bias is checked by to_sampling_params, where the vocabulary size is known, so that
+        # one 400 names every bad entry.
         if self.response_format is not None and self.response_format.type != "text":
             raise InvalidRequestError(f"response_format of type {self.response_format.type!r} is not "
                                       "supported yet: structured outputs come in a later release; only "
