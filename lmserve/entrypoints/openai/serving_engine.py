@@ -117,6 +117,7 @@ def _safe(lp: float) -> float:
 class OpenAIServing:
     def __init__(self, engine: Any, options: ServerOptions, metrics: EngineMetrics | None) -> None:
         self.engine = engine
+        self._vocab_bytes: list[list[int]] | None = None  # UTF-8 of each vocabulary token, made on first use
         self.options = options
         self.metrics = metrics
         self.model_config = engine.model_config
@@ -375,6 +376,29 @@ class OpenAIServing:
             items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
                                                             -kv[1].logprob))
         return items if k is None or k == -1 else items[:k]
+
+    def vocab_names(self, entries: VocabLogprobs, as_ids: bool) -> list[str]:
+        """The token names of a whole-vocabulary entry, best first, as ``token_text`` names them
+        (table lookups: no per-entry ``Logprob``)."""
+        ids = entries.ids.tolist()
+        if as_ids or entries.texts is None:
+            return [f"token_id:{t}" for t in ids]
+        texts = entries.texts
+        return [texts[t] for t in ids]
+
+    def vocab_top_logprobs(self, entries: VocabLogprobs, as_ids: bool) -> list[dict[str, Any]]:
+        """A whole-vocabulary entry as chat ``top_logprobs`` items (plain dicts, best first): about
+        5x cheaper than one response model per vocabulary entry."""
+        names = self.vocab_names(entries, as_ids)
+        if as_ids or entries.texts is None:
+            encoded = [list(n.encode()) for n in names]
+        else:
+            if self._vocab_bytes is None or len(self._vocab_bytes) < len(entries.texts):
+                self._vocab_bytes = [list(t.encode("utf-8", errors="replace")) for t in entries.texts]
+            table = self._vocab_bytes
+            encoded = [table[t] for t in entries.ids.tolist()]
+        return [{"token": n, "logprob": _safe(lp), "bytes": b}
+                for n, lp, b in zip(names, entries.lps.tolist(), encoded)]
 
     def listed(self, entries: dict[int, Logprob], request: Any, k: int | None = None) -> list[tuple[int, Logprob]]:
         """The entries a response lists for one token: with ``logprob_token_ids`` all of them in
