@@ -84,7 +84,8 @@ class CompletionResponseChoice(ResponseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
+    # LogprobEntry values, or plain {logprob, rank, decoded_token} dicts for a whole vocabulary.
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 
@@ -166,7 +167,8 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-    prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
+    # LogprobEntry values, or plain {logprob, rank, decoded_token} dicts for a whole vocabulary.
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
     # vLLM's disaggregated-serving hand-off: always present, null here (no KV connector on this

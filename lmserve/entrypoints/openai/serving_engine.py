@@ -412,12 +412,21 @@ class OpenAIServing:
         return _safe(lp)
 
     def prompt_logprobs_json(self, plps: list[dict[int, Logprob] | None] | None
-                             ) -> list[dict[int, LogprobEntry] | None] | None:
+                             ) -> list[dict[int, Any] | None] | None:
+        """vLLM's ``prompt_logprobs``: per prompt token {id: {logprob, rank, decoded_token}}. A
+        whole-vocabulary position becomes plain dicts straight from its arrays."""
         if plps is None:
             return None
-        return [None if d is None else {t: LogprobEntry(logprob=_safe(lp.logprob), rank=lp.rank,
-                                                        decoded_token=lp.decoded_token)
-                                        for t, lp in d.items()} for d in plps]
+        return [None if d is None else self._vocab_prompt_entry(d) if isinstance(d, VocabLogprobs)
+                else {t: LogprobEntry(logprob=_safe(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+                      for t, lp in d.items()} for d in plps]
+
+    @staticmethod
+    def _vocab_prompt_entry(d: VocabLogprobs) -> dict[int, dict[str, Any]]:
+        ids, texts = d.ids.tolist(), d.texts
+        return {t: {"logprob": _safe(lp), "rank": d.chosen_rank if t == d.chosen else i + 1,
+                    "decoded_token": None if texts is None else texts[t]}
+                for i, (t, lp) in enumerate(zip(ids, d.lps.tolist()))}
 
     def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
         details = PromptTokensDetails(cached_tokens=cached_tokens) \
