@@ -119,6 +119,19 @@ class PoolerConfig:
         return PoolerConfig(**values)
 
 
+def generation_config_problem(value: str) -> str | None:
+    """Why ``--generation-config value`` cannot be used, or None ("auto", "vllm" or a directory
+    holding generation_config.json)."""
+    if value in ("auto", "vllm"):
+        return None
+    if not os.path.isdir(value):
+        return (f"--generation-config {value!r}: not a directory (give 'auto', 'vllm' or a directory holding "
+                "generation_config.json)")
+    if not os.path.isfile(os.path.join(value, "generation_config.json")):
+        return f"--generation-config {value!r}: the directory has no generation_config.json"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # what the user named (path, GGUF file or hub id)
@@ -163,13 +176,9 @@ class ModelConfig:
             raise ValueError("max_logprobs must be >= -1")
         from lmserve.tokenizer import check_tokenizer_mode
         check_tokenizer_mode(self.tokenizer_mode)
-        if self.generation_config not in ("auto", "vllm"):
-            if not os.path.isdir(self.generation_config):
-                raise ValueError(f"--generation-config {self.generation_config!r}: not a directory (give 'auto', "
-                                 "'vllm' or a directory holding generation_config.json)")
-            if not os.path.isfile(os.path.join(self.generation_config, "generation_config.json")):
-                raise ValueError(f"--generation-config {self.generation_config!r}: the directory has no "
-                                 "generation_config.json")
+        problem = generation_config_problem(self.generation_config)
+        if problem is not None:
+            raise ValueError(problem)
         if self.runner_type not in ("generate", "pooling"):
             raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner_type!r}")
         if (self.runner_type == "pooling") != (self.pooler_config is not None):

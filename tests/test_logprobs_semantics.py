@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from lmserve import LLM, SamplingParams
+from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from lmserve.errors import InvalidRequestError
 from lmserve.outputs import VocabLogprobs
 
 PROMPT = "The quick brown fox"
@@ -88,3 +90,22 @@ def test_limits(tiny_dir, llm):
     with pytest.raises(ValueError, match="max allowed: 3"):
         gen(bounded, prompt_logprobs=4)
     assert len(gen(bounded, logprobs=3).outputs[0].logprobs[0]) >= 3
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def test_logprobs_limit_is_vllms():
+    """-1 counts as the vocabulary size against --max-logprobs (whose -1 allows up to it)."""
+    def comp(**kw):
+        return CompletionRequest(prompt="x", **kw).to_sampling_params(10, {}, 20, 512)
+    assert comp(logprobs=20).logprobs == 20
+    with pytest.raises(InvalidRequestError, match="max allowed: 20"):
+        comp(logprobs=-1)
+    with pytest.raises(InvalidRequestError, match="max allowed: 20"):
+        comp(logprobs=21)
+    assert CompletionRequest(prompt="x", logprobs=-1).to_sampling_params(10, {}, 600, 512).logprobs == -1
+    chat = ChatCompletionRequest(messages=MSG, logprobs=True, top_logprobs=-1)
+    assert chat.to_sampling_params(10, {}, -1, 512).logprobs == -1
+    with pytest.raises(InvalidRequestError, match="top_logprobs"):
+        chat.to_sampling_params(10, {}, 100, 512)

@@ -74,12 +74,12 @@ def test_tokenizer_mode_refusals(tiny_dir, tmp_path):
             LLM(tiny_dir, tokenizer_mode=mode, **KW)
 
 
-def test_serve_refuses_bad_tokenizer_mode_at_start(tiny_dir):
-    """The serve command line: the same reason, as a start-up error (exit status 1)."""
-    import subprocess
-    import sys
-
-    from tests.server.conftest import REPO_ROOT
-    proc = subprocess.run([sys.executable, "-m", "lmserve.entrypoints.cli", "serve", tiny_dir, "--port", "0",
-                           "--tokenizer-mode", "mistral"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert proc.returncode != 0 and "mistral_common" in proc.stdout + proc.stderr
+def test_serve_refuses_at_flag_parsing(tiny_dir, tmp_path, capsys):
+    """The serve command line: the same reasons, while parsing the flags (before anything loads)."""
+    from lmserve.entrypoints.cli_args import parse_serve_args
+    for flags, why in ((["--tokenizer-mode", "mistral"], "mistral_common"),
+                       (["--generation-config", str(tmp_path)], "has no generation_config.json")):
+        with pytest.raises(SystemExit) as e:
+            parse_serve_args([tiny_dir, *flags])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert parse_serve_args([tiny_dir, "--tokenizer-mode", "slow"]).tokenizer_mode == "slow"

@@ -329,6 +329,15 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
             ok = False
         if not ok:
             parser.error(f"{flag} {'' if value is True else value!s} is not supported: {why}.".replace("  ", " "))
+    from lmserve.config import generation_config_problem
+    from lmserve.tokenizer import check_tokenizer_mode
+    try:
+        check_tokenizer_mode(args.tokenizer_mode)
+    except ValueError as e:
+        parser.error(str(e))
+    problem = generation_config_problem(args.generation_config)
+    if problem is not None:
+        parser.error(problem)
     notes, errors = check_foreign_flags(args, getattr(args, "foreign_flags", None) or {})
     if errors:
         parser.error(" ".join(errors))

@@ -27,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import uuid
 from typing import Any
 
@@ -173,7 +174,7 @@ async def run_batch(args: argparse.Namespace) -> int:
 def main_run_batch(args: argparse.Namespace) -> int:
     reason = check_batch_args(args)
     if reason is not None:
-        print(f"lmserve run-batch: error: {reason}", file=__import__("sys").stderr)
+        print(f"lmserve run-batch: error: {reason}", file=sys.stderr)
         return 2
     if args.output_tmp_dir is not None:
         logger.info("--output-tmp-dir %s changes nothing here: the output is written to a local file",

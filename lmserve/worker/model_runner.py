@@ -22,6 +22,7 @@ from lmserve.worker.kv_cache_sizing import determine_num_blocks
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class VocabLogprobsRow:
     """The whole vocabulary at one position: ``ids`` by descending ``lps`` (numpy arrays, which

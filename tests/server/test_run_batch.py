@@ -76,20 +76,24 @@ def test_round_trip(tiny_model_dir, tmp_path):
     assert "POST" in by_id["get"]["error"]
 
 
-def test_http_urls_refused(tmp_path):
-    proc = _run(["-i", "https://example.com/in.jsonl", "-o", str(tmp_path / "o.jsonl"), "--model", "x"], tmp_path)
-    assert proc.returncode == 2
-    assert "http(s) urls are not supported" in proc.stderr and "--input-file" in proc.stderr
-    src = tmp_path / "in.jsonl"
-    src.write_text("")
-    proc = _run(["-i", str(src), "-o", "http://host/out.jsonl", "--model", "x"], tmp_path)
-    assert proc.returncode == 2 and "--output-file" in proc.stderr
+def _refused(args: list[str], capsys) -> str:
+    """Runs ``lmserve run-batch ARGS`` in process; it must refuse (status 2) before loading anything."""
+    from lmserve.entrypoints.cli import main
+    assert main(["run-batch", *args]) == 2
+    return capsys.readouterr().err
 
 
-def test_missing_input_and_metrics_refused(tmp_path):
-    proc = _run(["-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--model", "x"], tmp_path)
-    assert proc.returncode == 2 and "no such file" in proc.stderr
+def test_http_urls_refused(tmp_path, capsys):
+    err = _refused(["-i", "https://example.com/in.jsonl", "-o", str(tmp_path / "o.jsonl"), "--model", "x"], capsys)
+    assert "http(s) urls are not supported" in err and "--input-file" in err
     src = tmp_path / "in.jsonl"
     src.write_text("")
-    proc = _run(["-i", str(src), "-o", str(tmp_path / "o.jsonl"), "--enable-metrics"], tmp_path)
-    assert proc.returncode == 2 and "--enable-metrics" in proc.stderr
+    assert "--output-file" in _refused(["-i", str(src), "-o", "http://host/out.jsonl", "--model", "x"], capsys)
+
+
+def test_missing_input_and_metrics_refused(tmp_path, capsys):
+    assert "no such file" in _refused(["-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")], capsys)
+    src = tmp_path / "in.jsonl"
+    src.write_text("")
+    assert "--enable-metrics" in _refused(["-i", str(src), "-o", str(tmp_path / "o.jsonl"), "--enable-metrics"],
+                                          capsys)

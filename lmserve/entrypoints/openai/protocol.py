@@ -247,7 +247,8 @@ class SamplingRequest(OpenAIBaseModel):
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`.",
                                       "prompt_logprobs")
-        self.check_logit_bias()
+        # logit_bias is checked by to_sampling_params, where the vocabulary size is known, so that
+        # one 400 names every bad entry.
         if self.structured_outputs_params() is not None and self.use_beam_search:
             raise InvalidRequestError("structured outputs (structured_outputs, response_format, guided_*) cannot "
                                       "be combined with use_beam_search.", "use_beam_search")

@@ -9,21 +9,33 @@ when unset, so a plain request gets a plain OpenAI body.
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_serializer
+from pydantic import BaseModel, Field
 
 from lmserve.entrypoints.openai.protocol import random_uuid
 
 
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
 class ResponseModel(BaseModel):
+    """``_omit_if_none`` fields are left out of the output when None (pydantic's ``exclude_if``,
+    set per subclass: unlike a wrap serializer it keeps serialization in pydantic-core, which
+    matters for whole-vocabulary logprobs, tens of thousands of entries a token)."""
+
     _omit_if_none: ClassVar[frozenset[str]] = frozenset()
 
-    @model_serializer(mode="wrap")
-    def _drop_unset_extras(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for key in self._omit_if_none:
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        changed = False
+        for name in cls._omit_if_none:
+            info = cls.model_fields.get(name)
+            if info is not None and info.exclude_if is None:
+                info.exclude_if = _is_none
+                changed = True
+        if changed:
+            cls.model_rebuild(force=True)
 
 
 class ErrorInfo(ResponseModel):
@@ -72,7 +84,8 @@ class CompletionResponseChoice(ResponseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
+    # LogprobEntry values, or plain {logprob, rank, decoded_token} dicts for a whole vocabulary.
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 
@@ -119,7 +132,9 @@ class ChatCompletionLogProb(ResponseModel):
 
 
 class ChatCompletionLogProbsContent(ChatCompletionLogProb):
-    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+    # ChatCompletionLogProb items, or for a whole vocabulary (top_logprobs=-1) plain {token, logprob,
+    # bytes} dicts (``list[Any]``: serialized as they are, 5-10x cheaper than one model per entry).
+    top_logprobs: list[Any] = Field(default_factory=list)
 
 
 class ChatCompletionLogProbs(ResponseModel):
@@ -152,7 +167,8 @@ class ChatCompletionResponse(ResponseModel):
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
-    prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
+    # LogprobEntry values, or plain {logprob, rank, decoded_token} dicts for a whole vocabulary.
+    prompt_logprobs: list[dict[int, Any] | None] | None = None
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
     # vLLM's disaggregated-serving hand-off: always present, null here (no KV connector on this

@@ -30,7 +30,7 @@ from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, 
                                                        until_disconnected)
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError, LMServeError
-from lmserve.outputs import CompletionOutput, Logprob
+from lmserve.outputs import CompletionOutput, Logprob, VocabLogprobs
 from lmserve.sampling_params import SamplingParams
 
 def _named_template(tokenizer: Any, name: str) -> bool:
@@ -163,12 +163,18 @@ class OpenAIServingChat(OpenAIServing):
         for tid, d in zip(o.token_ids, o.logprobs):
             chosen: Logprob | None = d.get(tid)
             text = self.token_text(tid, chosen, as_ids)
-            tops = [ChatCompletionLogProb(token=(t2 := self.token_text(t, e, as_ids)),
-                                          logprob=self.safe_logprob(e.logprob), bytes=list(t2.encode()))
-                    for t, e in self.listed(d, request, k)] if k else []
-            out.append(ChatCompletionLogProbsContent(
-                token=text, logprob=self.safe_logprob(chosen.logprob) if chosen else -9999.0,
-                bytes=list(text.encode()), top_logprobs=tops))
+            if k == -1 and isinstance(d, VocabLogprobs) and not request.logprob_token_ids:
+                tops = self.vocab_top_logprobs(d, as_ids)
+            else:
+                tops = [ChatCompletionLogProb(token=(t2 := self.token_text(t, e, as_ids)),
+                                              logprob=self.safe_logprob(e.logprob), bytes=list(t2.encode()))
+                        for t, e in self.listed(d, request, k)] if k else []
+            fields = dict(token=text, logprob=self.safe_logprob(chosen.logprob) if chosen else -9999.0,
+                          bytes=list(text.encode()), top_logprobs=tops)
+            # whole-vocabulary dicts are built right here: no validation of one model per entry
+            whole = tops and isinstance(tops[0], dict)
+            out.append(ChatCompletionLogProbsContent.model_construct(**fields) if whole
+                       else ChatCompletionLogProbsContent(**fields))
         return out
 
     # ------------------------------------------------------------------ streaming

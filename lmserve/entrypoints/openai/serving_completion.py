@@ -22,7 +22,7 @@ from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, 
                                                        until_disconnected)
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError
-from lmserve.outputs import CompletionOutput, Logprob, RequestOutput
+from lmserve.outputs import CompletionOutput, Logprob, RequestOutput, VocabLogprobs
 from lmserve.sampling_params import SamplingParams
 
 
@@ -94,6 +94,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 lp.top_logprobs.append(None)
                 continue
             lp.token_logprobs.append(self.safe_logprob(chosen.logprob))
+            if isinstance(d, VocabLogprobs):  # the whole vocabulary: table lookups, no Logprob objects
+                lp.top_logprobs.append(dict(zip(self.vocab_names(d, as_ids), map(self.safe_logprob, d.lps.tolist()))))
+                continue
             lp.top_logprobs.append({self.token_text(t, e, as_ids): self.safe_logprob(e.logprob)
                                     for t, e in (d.items() if keep_order else self.ranked(d))})
         return offset

@@ -119,6 +119,7 @@ def _safe(lp: float) -> float:
 class OpenAIServing:
     def __init__(self, engine: Any, options: ServerOptions, metrics: EngineMetrics | None) -> None:
         self.engine = engine
+        self._vocab_bytes: list[list[int]] | None = None  # UTF-8 of each vocabulary token, made on first use
         self.options = options
         self.metrics = metrics
         self.model_config = engine.model_config
@@ -400,6 +401,29 @@ class OpenAIServing:
                                                             -kv[1].logprob))
         return items if k is None or k == -1 else items[:k]
 
+    def vocab_names(self, entries: VocabLogprobs, as_ids: bool) -> list[str]:
+        """The token names of a whole-vocabulary entry, best first, as ``token_text`` names them
+        (table lookups: no per-entry ``Logprob``)."""
+        ids = entries.ids.tolist()
+        if as_ids or entries.texts is None:
+            return [f"token_id:{t}" for t in ids]
+        texts = entries.texts
+        return [texts[t] for t in ids]
+
+    def vocab_top_logprobs(self, entries: VocabLogprobs, as_ids: bool) -> list[dict[str, Any]]:
+        """A whole-vocabulary entry as chat ``top_logprobs`` items (plain dicts, best first): about
+        5x cheaper than one response model per vocabulary entry."""
+        names = self.vocab_names(entries, as_ids)
+        if as_ids or entries.texts is None:
+            encoded = [list(n.encode()) for n in names]
+        else:
+            if self._vocab_bytes is None or len(self._vocab_bytes) < len(entries.texts):
+                self._vocab_bytes = [list(t.encode("utf-8", errors="replace")) for t in entries.texts]
+            table = self._vocab_bytes
+            encoded = [table[t] for t in entries.ids.tolist()]
+        return [{"token": n, "logprob": _safe(lp), "bytes": b}
+                for n, lp, b in zip(names, entries.lps.tolist(), encoded)]
+
     def listed(self, entries: dict[int, Logprob], request: Any, k: int | None = None) -> list[tuple[int, Logprob]]:
         """The entries a response lists for one token: with ``logprob_token_ids`` all of them in
         the engine's order (the sampled token, then the asked-for ids, as vLLM), else ``ranked``."""
@@ -412,12 +436,21 @@ class OpenAIServing:
         return _safe(lp)
 
     def prompt_logprobs_json(self, plps: list[dict[int, Logprob] | None] | None
-                             ) -> list[dict[int, LogprobEntry] | None] | None:
+                             ) -> list[dict[int, Any] | None] | None:
+        """vLLM's ``prompt_logprobs``: per prompt token {id: {logprob, rank, decoded_token}}. A
+        whole-vocabulary position becomes plain dicts straight from its arrays."""
         if plps is None:
             return None
-        return [None if d is None else {t: LogprobEntry(logprob=_safe(lp.logprob), rank=lp.rank,
-                                                        decoded_token=lp.decoded_token)
-                                        for t, lp in d.items()} for d in plps]
+        return [None if d is None else self._vocab_prompt_entry(d) if isinstance(d, VocabLogprobs)
+                else {t: LogprobEntry(logprob=_safe(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+                      for t, lp in d.items()} for d in plps]
+
+    @staticmethod
+    def _vocab_prompt_entry(d: VocabLogprobs) -> dict[int, dict[str, Any]]:
+        ids, texts = d.ids.tolist(), d.texts
+        return {t: {"logprob": _safe(lp), "rank": d.chosen_rank if t == d.chosen else i + 1,
+                    "decoded_token": None if texts is None else texts[t]}
+                for i, (t, lp) in enumerate(zip(ids, d.lps.tolist()))}
 
     def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
         details = PromptTokensDetails(cached_tokens=cached_tokens) \
