@@ -270,3 +270,33 @@ def test_kv_manager_window_unit():
     kv.free(req)
     assert kv.pool.num_free_blocks == 8
     kv.check_invariants()
+
+
+# -- pooling --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "opt-postnorm-proj", "gemma2", "gemma3", "phi3", "gpt-neox"])
+def test_sequence_classification_equals_transformers(tmp_path, kind):
+    """``*ForSequenceClassification``: raw class logits at the last token equal HF's; the causal
+    checkpoint as an embedding model (``--convert embed``) gives HF's last hidden state, normalized."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = _config(kind)
+    config.num_labels = 3
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    randomize_parameters(hf, seed=1, std=0.2)
+    hf.eval().save_pretrained(str(tmp_path / "cls"))
+    llm = LLM(str(tmp_path / "cls"), skip_tokenizer_init=True, dtype="float32")
+    from lmserve.pooling_params import PoolingParams
+
+    outs = llm.classify([{"prompt_token_ids": p} for p in PROMPTS], pooling_params=PoolingParams(use_activation=False))
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([prompt])).logits[0].float()
+        assert torch.allclose(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=1e-4), kind
+
+    causal = make_checkpoint(str(tmp_path / "lm"), kind)
+    emb = LLM(str(tmp_path / "lm"), skip_tokenizer_init=True, dtype="float32", runner="pooling", convert="embed")
+    out = emb.embed([{"prompt_token_ids": PROMPTS[0]}])[0].outputs.embedding
+    with torch.no_grad():
+        hidden = causal(input_ids=torch.tensor([PROMPTS[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
+    assert torch.allclose(torch.tensor(out), torch.nn.functional.normalize(hidden, dim=-1), atol=1e-4), kind
