@@ -1,4 +1,4 @@
-"""GPT-2, OPT, Gemma 2, Gemma 3, Phi-3 and GPT-NeoX against HF transformers (fp32): each a tiny
+"""GPT-2, OPT, Gemma 2, Gemma 3, Mistral, Phi-3 and GPT-NeoX against HF transformers (fp32): each a tiny
 random checkpoint made here from its transformers config (sliding windows shorter than the long
 prompt), run through the whole engine under chunked prefill, prefix caching and preemption;
 greedy tokens must equal HF's token for token and their logprobs be within 1e-3."""
@@ -43,6 +43,8 @@ def _config(kind: str):
                                    layer_types=["sliding_attention", "full_attention"],
                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    if kind == "mistral":  # sliding window on every layer: blocks behind it are freed
+        return tf.MistralConfig(**_LLAMA_LIKE, **_COMMON, sliding_window=8)
     if kind == "phi3":  # sliding window on every layer, partial rotary (Phi-4-mini)
         return tf.Phi3Config(**_LLAMA_LIKE, **_COMMON, sliding_window=8,
                              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
@@ -60,7 +62,7 @@ def _config(kind: str):
     raise ValueError(kind)
 
 
-KINDS = ("gpt2", "opt", "opt-postnorm-proj", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt-neox",
+KINDS = ("gpt2", "opt", "opt-postnorm-proj", "gemma2", "gemma3", "mistral", "phi3", "phi3-longrope", "gpt-neox",
          "gpt-neox-sequential")
 
 
@@ -300,3 +302,37 @@ def test_sequence_classification_equals_transformers(tmp_path, kind):
     with torch.no_grad():
         hidden = causal(input_ids=torch.tensor([PROMPTS[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
     assert torch.allclose(torch.tensor(out), torch.nn.functional.normalize(hidden, dim=-1), atol=1e-4), kind
+
+
+# -- registry and --trust-remote-code -------------------------------------------------------------------
+def test_unknown_architecture_names_supported_and_how_to_add(tmp_path):
+    from transformers import GPT2Config
+
+    from lmserve.model.models.registry import get_model_class
+
+    with pytest.raises(ValueError) as err:
+        get_model_class(GPT2Config(architectures=["FalconForCausalLM"]))
+    msg = str(err.value)
+    for expected in ("FalconForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM",
+                     "Phi3ForCausalLM", "GPTNeoXForCausalLM", "--trust-remote-code", "registry.py"):
+        assert expected in msg
+
+
+def test_trust_remote_code_reaches_transformers(tmp_path, monkeypatch):
+    import transformers
+
+    from lmserve.engine.arg_utils import EngineArgs
+
+    make_checkpoint(str(tmp_path), "gpt2")
+    seen = []
+    real = transformers.AutoConfig.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    config = EngineArgs(model=str(tmp_path), trust_remote_code=True, skip_tokenizer_init=True).create_engine_config()
+    assert seen == [True] and config.model_config.trust_remote_code
+    EngineArgs(model=str(tmp_path), skip_tokenizer_init=True).create_engine_config()
+    assert seen == [True, False]
