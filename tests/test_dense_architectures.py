@@ -336,3 +336,19 @@ def test_trust_remote_code_reaches_transformers(tmp_path, monkeypatch):
     assert seen == [True] and config.model_config.trust_remote_code
     EngineArgs(model=str(tmp_path), skip_tokenizer_init=True).create_engine_config()
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_gguf_fused_weights_stay_quantized(tmp_path, kind):
+    """bf16: the fused Q|K|V (and Phi-3's gate|up) of a Q8_0 GGUF load as one quantized merged layer
+    that decodes on its integer kernel; the prompt's token (dense weights) equals a dequantized run's."""
+    from lmserve.model.backends.quantized import BlockQuantLinear
+
+    model = make_checkpoint(str(tmp_path / "hf"), kind)
+    write_gguf_as_llama_cpp(model, str(tmp_path / "tiny.gguf"), kind)
+    llm, got = run_llm(str(tmp_path / "tiny.gguf"), PROMPTS[:1], dtype="bfloat16")
+    _, dense = run_llm(str(tmp_path / "tiny.gguf"), PROMPTS[:1], dtype="bfloat16", quantization="none")
+    qkv = llm.llm_engine.core.runner.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.backend, BlockQuantLinear)
+    assert got[0][0][0] == dense[0][0][0] and len(got[0][0]) == MAX_TOKENS
+    assert abs(got[0][1][1] - dense[0][1][1]) < 0.1  # the first decode step, int kernel vs dense bf16
