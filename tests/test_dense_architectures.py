@@ -97,7 +97,7 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], lis
 
 @pytest.fixture(scope="module", params=KINDS)
 def arch(request, tmp_path_factory):
-    """(kind, checkpoint dir, HF references {prompt index: (tokens, logprobs)})."""
+    """(kind, checkpoint dir, HF (tokens, logprobs) for each of PROMPTS + PREEMPT_PROMPTS + SHARED_PREFIX_PROMPTS)."""
     path = str(tmp_path_factory.mktemp(request.param))
     model = make_checkpoint(path, request.param)
     prompts = PROMPTS + PREEMPT_PROMPTS + SHARED_PREFIX_PROMPTS
