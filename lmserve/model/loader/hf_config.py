@@ -41,6 +41,11 @@ def _fix_gguf_config(config: Any, path: str) -> None:
     if scaling in ("linear", "yarn") and float(meta.get("rope.scaling.factor") or 1.0) != 1.0:
         from lmserve.model.layers.rotary import rope_parameters
 
+        per_type = getattr(config, "rope_parameters", None)
+        if isinstance(per_type, dict) and isinstance(per_type.get("full_attention"), dict):
+            # Gemma 3: llama.cpp scales only the global layers' RoPE; the local base stays plain
+            per_type["full_attention"].update(rope_type=scaling, factor=float(meta["rope.scaling.factor"]))
+            return
         params = rope_parameters(config)
         if params.get("rope_type", "default") == "default":
             params.update(rope_type=scaling, factor=float(meta["rope.scaling.factor"]))
