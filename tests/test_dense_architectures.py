@@ -144,7 +144,7 @@ def test_greedy_and_logprobs_equal_transformers(arch, mode):
 
 # -- GGUF ---------------------------------------------------------------------------------------------
 _CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-GGUF_KINDS = {"gpt2": "GPT2", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "phi3": "PHI3"}
+GGUF_KINDS = {"gpt2": "GPT2", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "phi3": "PHI3", "phi3-longrope": "PHI3"}
 
 
 def write_gguf_as_llama_cpp(model, path: str, kind: str) -> None:
@@ -174,12 +174,23 @@ def write_gguf_as_llama_cpp(model, path: str, kind: str) -> None:
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-        w.add_sliding_window(cfg.sliding_window)
-        if kind == "gemma3":
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
+        if kind.startswith("gemma3"):
             w.add_rope_freq_base(float(cfg.rope_parameters["full_attention"]["rope_theta"]))
         else:
             w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
             w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0)))
+        params = cfg.rope_parameters
+        if params.get("rope_type") == "longrope":  # as llama.cpp: factors as tensors, the rest as keys
+            import math
+
+            orig = params["original_max_position_embeddings"]
+            factor = cfg.max_position_embeddings / orig
+            w.add_rope_scaling_orig_ctx_len(orig)
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(orig)))
+            w.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], dtype=np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], dtype=np.float32))
         if kind == "gemma2":
             w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -352,3 +363,19 @@ def test_gguf_fused_weights_stay_quantized(tmp_path, kind):
     assert isinstance(qkv.backend, BlockQuantLinear)
     assert got[0][0][0] == dense[0][0][0] and len(got[0][0]) == MAX_TOKENS
     assert abs(got[0][1][1] - dense[0][1][1]) < 0.1  # the first decode step, int kernel vs dense bf16
+
+
+def test_longrope_switches_to_long_factors_at_original_length():
+    """Positions below ``original_max_position_embeddings`` rotate with HF's short factors, those
+    from it on with HF's long ones (the documented paged-cache compromise)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lmserve.model.layers.rotary import RotaryEmbedding
+
+    config = _config("phi3-longrope")
+    rope = RotaryEmbedding.from_config(config, 16, torch.float32)
+    for seq_len, position in ((None, 63), (65, 64), (65, 200)):
+        inv_freq, scale = ROPE_INIT_FUNCTIONS["longrope"](config, torch.device("cpu"), seq_len=seq_len)
+        freqs = position * inv_freq.float()
+        expected = torch.cat([freqs.cos(), freqs.sin()]) * scale
+        assert torch.allclose(rope.cos_sin_cache[position], expected, atol=1e-6), position
