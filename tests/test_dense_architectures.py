@@ -1,4 +1,4 @@
-"""GPT-2, OPT, Gemma 2, Gemma 3, Phi-3 and GPT-NeoX against HF transformers (fp32): each a tiny
+"""GPT-2, OPT, Gemma 2, Gemma 3, Mistral, Phi-3 and GPT-NeoX against HF transformers (fp32): each a tiny
 random checkpoint made here from its transformers config (sliding windows shorter than the long
 prompt), run through the whole engine under chunked prefill, prefix caching and preemption;
 greedy tokens must equal HF's token for token and their logprobs be within 1e-3."""
@@ -43,6 +43,8 @@ def _config(kind: str):
                                    layer_types=["sliding_attention", "full_attention"],
                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
                                                     "full_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    if kind == "mistral":  # sliding window on every layer: blocks behind it are freed
+        return tf.MistralConfig(**_LLAMA_LIKE, **_COMMON, sliding_window=8)
     if kind == "phi3":  # sliding window on every layer, partial rotary (Phi-4-mini)
         return tf.Phi3Config(**_LLAMA_LIKE, **_COMMON, sliding_window=8,
                              rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5})
@@ -60,7 +62,7 @@ def _config(kind: str):
     raise ValueError(kind)
 
 
-KINDS = ("gpt2", "opt", "opt-postnorm-proj", "gemma2", "gemma3", "phi3", "phi3-longrope", "gpt-neox",
+KINDS = ("gpt2", "opt", "opt-postnorm-proj", "gemma2", "gemma3", "mistral", "phi3", "phi3-longrope", "gpt-neox",
          "gpt-neox-sequential")
 
 
@@ -95,7 +97,7 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> tuple[list[int], lis
 
 @pytest.fixture(scope="module", params=KINDS)
 def arch(request, tmp_path_factory):
-    """(kind, checkpoint dir, HF references {prompt index: (tokens, logprobs)})."""
+    """(kind, checkpoint dir, HF (tokens, logprobs) for each of PROMPTS + PREEMPT_PROMPTS + SHARED_PREFIX_PROMPTS)."""
     path = str(tmp_path_factory.mktemp(request.param))
     model = make_checkpoint(path, request.param)
     prompts = PROMPTS + PREEMPT_PROMPTS + SHARED_PREFIX_PROMPTS
@@ -142,7 +144,7 @@ def test_greedy_and_logprobs_equal_transformers(arch, mode):
 
 # -- GGUF ---------------------------------------------------------------------------------------------
 _CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-GGUF_KINDS = {"gpt2": "GPT2", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "phi3": "PHI3"}
+GGUF_KINDS = {"gpt2": "GPT2", "gemma2": "GEMMA2", "gemma3": "GEMMA3", "phi3": "PHI3", "phi3-longrope": "PHI3"}
 
 
 def write_gguf_as_llama_cpp(model, path: str, kind: str) -> None:
@@ -172,12 +174,23 @@ def write_gguf_as_llama_cpp(model, path: str, kind: str) -> None:
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-        w.add_sliding_window(cfg.sliding_window)
-        if kind == "gemma3":
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
+        if kind.startswith("gemma3"):
             w.add_rope_freq_base(float(cfg.rope_parameters["full_attention"]["rope_theta"]))
         else:
             w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
             w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0)))
+        params = cfg.rope_parameters
+        if params.get("rope_type") == "longrope":  # as llama.cpp: factors as tensors, the rest as keys
+            import math
+
+            orig = params["original_max_position_embeddings"]
+            factor = cfg.max_position_embeddings / orig
+            w.add_rope_scaling_orig_ctx_len(orig)
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(orig)))
+            w.add_tensor("rope_factors_long.weight", np.array(params["long_factor"], dtype=np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(params["short_factor"], dtype=np.float32))
         if kind == "gemma2":
             w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -270,3 +283,99 @@ def test_kv_manager_window_unit():
     kv.free(req)
     assert kv.pool.num_free_blocks == 8
     kv.check_invariants()
+
+
+# -- pooling --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "opt-postnorm-proj", "gemma2", "gemma3", "phi3", "gpt-neox"])
+def test_sequence_classification_equals_transformers(tmp_path, kind):
+    """``*ForSequenceClassification``: raw class logits at the last token equal HF's; the causal
+    checkpoint as an embedding model (``--convert embed``) gives HF's last hidden state, normalized."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = _config(kind)
+    config.num_labels = 3
+    torch.manual_seed(0)
+    hf = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    randomize_parameters(hf, seed=1, std=0.2)
+    hf.eval().save_pretrained(str(tmp_path / "cls"))
+    llm = LLM(str(tmp_path / "cls"), skip_tokenizer_init=True, dtype="float32")
+    from lmserve.pooling_params import PoolingParams
+
+    outs = llm.classify([{"prompt_token_ids": p} for p in PROMPTS], pooling_params=PoolingParams(use_activation=False))
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        with torch.no_grad():
+            ref = hf(input_ids=torch.tensor([prompt])).logits[0].float()
+        assert torch.allclose(torch.tensor(out.outputs.probs), ref, atol=1e-4, rtol=1e-4), kind
+
+    causal = make_checkpoint(str(tmp_path / "lm"), kind)
+    emb = LLM(str(tmp_path / "lm"), skip_tokenizer_init=True, dtype="float32", runner="pooling", convert="embed")
+    out = emb.embed([{"prompt_token_ids": PROMPTS[0]}])[0].outputs.embedding
+    with torch.no_grad():
+        hidden = causal(input_ids=torch.tensor([PROMPTS[0]]), output_hidden_states=True).hidden_states[-1][0, -1]
+    assert torch.allclose(torch.tensor(out), torch.nn.functional.normalize(hidden, dim=-1), atol=1e-4), kind
+
+
+# -- registry and --trust-remote-code -------------------------------------------------------------------
+def test_unknown_architecture_names_supported_and_how_to_add(tmp_path):
+    from transformers import GPT2Config
+
+    from lmserve.model.models.registry import get_model_class
+
+    with pytest.raises(ValueError) as err:
+        get_model_class(GPT2Config(architectures=["FalconForCausalLM"]))
+    msg = str(err.value)
+    for expected in ("FalconForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM",
+                     "Phi3ForCausalLM", "GPTNeoXForCausalLM", "--trust-remote-code", "registry.py"):
+        assert expected in msg
+
+
+def test_trust_remote_code_reaches_transformers(tmp_path, monkeypatch):
+    import transformers
+
+    from lmserve.engine.arg_utils import EngineArgs
+
+    make_checkpoint(str(tmp_path), "gpt2")
+    seen = []
+    real = transformers.AutoConfig.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    config = EngineArgs(model=str(tmp_path), trust_remote_code=True, skip_tokenizer_init=True).create_engine_config()
+    assert seen == [True] and config.model_config.trust_remote_code
+    EngineArgs(model=str(tmp_path), skip_tokenizer_init=True).create_engine_config()
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_gguf_fused_weights_stay_quantized(tmp_path, kind):
+    """bf16: the fused Q|K|V (and Phi-3's gate|up) of a Q8_0 GGUF load as one quantized merged layer
+    that decodes on its integer kernel; the prompt's token (dense weights) equals a dequantized run's."""
+    from lmserve.model.backends.quantized import BlockQuantLinear
+
+    model = make_checkpoint(str(tmp_path / "hf"), kind)
+    write_gguf_as_llama_cpp(model, str(tmp_path / "tiny.gguf"), kind)
+    llm, got = run_llm(str(tmp_path / "tiny.gguf"), PROMPTS[:1], dtype="bfloat16")
+    _, dense = run_llm(str(tmp_path / "tiny.gguf"), PROMPTS[:1], dtype="bfloat16", quantization="none")
+    qkv = llm.llm_engine.core.runner.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv.backend, BlockQuantLinear)
+    assert got[0][0][0] == dense[0][0][0] and len(got[0][0]) == MAX_TOKENS
+    assert abs(got[0][1][1] - dense[0][1][1]) < 0.1  # the first decode step, int kernel vs dense bf16
+
+
+def test_longrope_switches_to_long_factors_at_original_length():
+    """Positions below ``original_max_position_embeddings`` rotate with HF's short factors, those
+    from it on with HF's long ones (the documented paged-cache compromise)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lmserve.model.layers.rotary import RotaryEmbedding
+
+    config = _config("phi3-longrope")
+    rope = RotaryEmbedding.from_config(config, 16, torch.float32)
+    for seq_len, position in ((None, 63), (65, 64), (65, 200)):
+        inv_freq, scale = ROPE_INIT_FUNCTIONS["longrope"](config, torch.device("cpu"), seq_len=seq_len)
+        freqs = position * inv_freq.float()
+        expected = torch.cat([freqs.cos(), freqs.sin()]) * scale
+        assert torch.allclose(rope.cos_sin_cache[position], expected, atol=1e-6), position

@@ -274,9 +274,9 @@ def test_resolve_model_class_rules():
         assert cls.pooling_tasks == ("classify", "score", "token_classify")
         with pytest.raises(ValueError, match="cannot generate"):
             resolve_model_class(cfg, "generate")
-    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported. Supported architectures: "
-                                         "LlamaForCausalLM.*BertModel"):
-        resolve_model_class(LlamaConfig(architectures=["GPT2LMHeadModel"]))
+    with pytest.raises(ValueError, match="FalconForCausalLM is not supported. Supported architectures: "
+                                         ".*LlamaForCausalLM.*BertModel"):
+        resolve_model_class(LlamaConfig(architectures=["FalconForCausalLM"]))
     with pytest.raises(ValueError, match="runner must be one of"):
         resolve_model_class(llama, "embed")
     assert get_model_class(llama) is LlamaForCausalLM and get_model_class(bert) is BertModel

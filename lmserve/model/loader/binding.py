@@ -23,7 +23,7 @@ from lmserve.model.backends.elementwise import NativeRMSNorm, NativeRope, Native
 from lmserve.model.backends.linear import LinearBackend, PrepackedLinear, TorchLinear, pack_dense
 from lmserve.model.backends.plan import BackendPlan, Choice
 from lmserve.model.backends.quantized import BlockQuantLinear, pack_int_weight, vnni_takes
-from lmserve.model.layers.activation import SiluAndMul
+from lmserve.model.layers.activation import GeluAndMul, SiluAndMul
 from lmserve.model.layers.attention import PagedAttention
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.layers.norm import RMSNorm
@@ -111,6 +111,8 @@ def _simulated_decode_step(model: nn.Module, plan: BackendPlan, linear_names: di
     inner = getattr(model, "model", None)
     if allowed.backend != "native" or inner is None or not hasattr(inner, "rotary_emb"):
         return allowed if allowed.backend != "native" else Choice("eager", "not a Llama-family causal LM")
+    if inner.rotary_emb.head_dim != inner.layers[0].self_attn.head_dim:
+        return Choice("eager", "partial rotary embedding")
     names = {linear_names.get(id(m), "") for layer in inner.layers
              for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)}
     kinds = {n.split(" + ")[0] for n in names}
@@ -157,6 +159,8 @@ def bind_backends(model: nn.Module, plan: BackendPlan, apply: bool = True) -> Ba
             if apply and choice.backend != "torch":
                 module.backend = NativePagedAttention(plan.native.attention, amx_chunks="AMX" in choice.backend,
                                                       sdpa_on_amx=plan.sdpa_on_amx)
+        elif isinstance(module, GeluAndMul):
+            table.add("gelu_and_mul", Choice("torch", "no native GELU kernel"))
         elif isinstance(module, nn.LayerNorm):
             table.add("layer_norm", Choice("torch", "torch's LayerNorm"))
     if hasattr(model, "decode_step"):

@@ -68,6 +68,8 @@ _ARCH_GLOBAL_NAMES = {
              "output_norm.weight": "model.norm.weight", "output_norm.bias": "model.norm.bias",
              "output.weight": "lm_head.weight"},
 }
+# Tensors that are config, not weights: Phi-3's LongRoPE factors (``hf_config`` reads them).
+CONFIG_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 # llama.cpp stores Gemma's RMSNorm weights as 1 + w (HF's checkpoints hold w)
 _NORM_PLUS_ONE_ARCHS = ("gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -166,9 +168,6 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
     m = _EXPERT_RE.match(name)
     if m:
         return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
-    if name.startswith("rope_factors_"):
-        raise ValueError(f"GGUF tensor {name!r}: LongRoPE factors in GGUF files are not supported; "
-                         "serve the safetensors checkpoint of this model")
     family = "Llama-family or MoE" if arch not in _ARCH_BLOCK_NAMES else arch
     raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for {family} models")
 
@@ -207,6 +206,19 @@ def dequantize_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -> tor
     return torch.from_numpy(out).reshape(shape)
 
 
+def read_gguf_tensor(path: str, name: str) -> torch.Tensor:
+    """One tensor of the GGUF file at ``path``, dequantized (KeyError if it has none of that name)."""
+    header = read_gguf_header(path)
+    info = next((t for t in header.tensors if t.name == name), None)
+    if info is None:
+        raise KeyError(f"{path} has no tensor {name!r}")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_offset)
+    try:
+        return dequantize_tensor(data, info).clone()
+    finally:
+        del data
+
+
 def block_quantized_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -> BlockQuantizedWeight | None:
     """A 2-D Q4_0/Q4_1/Q8_0 tensor's blocks (copied out of ``data``, the whole file as uint8) as
     uint8 [N, K/32, bytes per block]; None for any other type or shape."""
@@ -236,6 +248,8 @@ def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_offset)
     try:
         for info in tqdm(header.tensors, desc="Loading GGUF", delay=_PROGRESS_DELAY_S, leave=False):
+            if info.name in CONFIG_TENSORS:
+                continue  # read into the config (``hf_config``), not weights
             hf_name = gguf_to_hf_name(info.name, arch)
             weight: torch.Tensor | BlockQuantizedWeight | None = None
             if keep_quantized:

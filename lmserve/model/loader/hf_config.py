@@ -32,6 +32,8 @@ def _fix_gguf_config(config: Any, path: str) -> Any:
             config.architectures = [cls_name]
     config.tie_word_embeddings = not has_output
     _fix_gguf_architecture(config, arch, meta, {t.name: t.dims for t in header.tensors})
+    if "rope_factors_long.weight" in header.tensor_names:
+        _gguf_longrope(config, path, meta)
     # Qwen3's head_dim is not hidden_size / num_heads; GGUF keeps it as attention.key_length.
     key_length = meta.get("attention.key_length")
     if key_length and key_length != getattr(config, "head_dim", None):
@@ -43,6 +45,11 @@ def _fix_gguf_config(config: Any, path: str) -> Any:
     if scaling in ("linear", "yarn") and float(meta.get("rope.scaling.factor") or 1.0) != 1.0:
         from lmserve.model.layers.rotary import rope_parameters
 
+        per_type = getattr(config, "rope_parameters", None)
+        if isinstance(per_type, dict) and isinstance(per_type.get("full_attention"), dict):
+            # Gemma 3: llama.cpp scales only the global layers' RoPE; the local base stays plain
+            per_type["full_attention"].update(rope_type=scaling, factor=float(meta["rope.scaling.factor"]))
+            return
         params = rope_parameters(config)
         if params.get("rope_type", "default") == "default":
             params.update(rope_type=scaling, factor=float(meta["rope.scaling.factor"]))
@@ -53,6 +60,24 @@ def _fix_gguf_config(config: Any, path: str) -> Any:
             else:  # transformers 4
                 config.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     return moe_gguf_config(config, arch, meta, header.tensor_names)
+
+
+def _gguf_longrope(config: Any, path: str, meta: dict[str, Any]) -> None:
+    """Phi-3's LongRoPE from a GGUF file: llama.cpp keeps the factors as tensors and the original
+    context length and attention factor as metadata."""
+    from lmserve.model.layers.rotary import rope_parameters
+    from lmserve.model.loader.gguf_loader import read_gguf_tensor
+
+    params = rope_parameters(config)
+    params.update(rope_type="longrope",
+                  long_factor=read_gguf_tensor(path, "rope_factors_long.weight").float().tolist(),
+                  short_factor=read_gguf_tensor(path, "rope_factors_short.weight").float().tolist())
+    if meta.get("rope.scaling.original_context_length"):
+        params["original_max_position_embeddings"] = int(meta["rope.scaling.original_context_length"])
+        config.original_max_position_embeddings = params["original_max_position_embeddings"]
+    if meta.get("rope.scaling.attn_factor"):
+        params["attention_factor"] = float(meta["rope.scaling.attn_factor"])
+    config.rope_parameters = params
 
 
 def _fix_gguf_architecture(config: Any, arch: str, meta: dict[str, Any], dims: dict[str, tuple[int, ...]]) -> None:

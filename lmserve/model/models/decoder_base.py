@@ -225,10 +225,12 @@ class DecoderForSequenceClassification(DecoderForCausalLM):
         raise ValueError(f"{type(self).__name__} is a pooling model: it has no lm_head")
 
 
-def sequence_classifier(causal: type[DecoderForCausalLM]) -> type[DecoderForSequenceClassification]:
-    """The ``*ForSequenceClassification`` class of a causal model class (same body, ``score`` head;
-    the checkpoint's ``score.weight`` passes ``rename_weight`` unchanged)."""
-    name = causal.__name__.replace("ForCausalLM", "ForSequenceClassification")
+def sequence_classifier(causal: type[DecoderForCausalLM], name: str | None = None
+                        ) -> type[DecoderForSequenceClassification]:
+    """The ``*ForSequenceClassification`` class (``name``, by default the causal class's name with
+    ``ForSequenceClassification``) of a causal model class: same body, a ``score`` head; the
+    checkpoint's ``score.weight`` passes ``rename_weight`` unchanged."""
+    name = name or causal.__name__.replace("ForCausalLM", "ForSequenceClassification")
 
     def rename_weight(self: Any, weight_name: str, tensor: Weight) -> Iterable[tuple[str, Weight]]:
         if weight_name.startswith("score."):

@@ -1,4 +1,4 @@
-"""Gemma 3 text (``Gemma3ForCausalLM``, ``Gemma3ForSequenceClassification``): Gemma 2's block
+"""Gemma 3 text (``Gemma3ForCausalLM``, ``Gemma3TextForSequenceClassification``): Gemma 2's block
 (``gemma2.py``) plus per-head RMSNorm of q and k ((1 + w) weights, before RoPE) and one RoPE per
 layer type: sliding-window layers use the local base frequency (``rope_parameters
 ["sliding_attention"]``), global layers their own (possibly scaled) one. Soft-capping is off in
@@ -20,4 +20,5 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     model_class = Gemma3TextModel
 
 
-Gemma3ForSequenceClassification = sequence_classifier(Gemma3ForCausalLM)
+# transformers' name for the text-only classifier (its Gemma3ForSequenceClassification is multimodal)
+Gemma3TextForSequenceClassification = sequence_classifier(Gemma3ForCausalLM, "Gemma3TextForSequenceClassification")

@@ -20,7 +20,7 @@ from lmserve.model.models.bert import BertForSequenceClassification, BertModel
 from lmserve.model.models.llama import LlamaForCausalLM, LlamaForSequenceClassification
 # dense decoders beyond the Llama family: one file per model
 from lmserve.model.models.gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
-from lmserve.model.models.gemma3 import Gemma3ForCausalLM, Gemma3ForSequenceClassification
+from lmserve.model.models.gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from lmserve.model.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel
 from lmserve.model.models.gpt_neox import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
 from lmserve.model.models.opt import OPTForCausalLM, OPTForSequenceClassification
@@ -53,7 +53,7 @@ _POOLING_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "GPT2ForSequenceClassification": GPT2ForSequenceClassification,
     "OPTForSequenceClassification": OPTForSequenceClassification,
     "Gemma2ForSequenceClassification": Gemma2ForSequenceClassification,
-    "Gemma3ForSequenceClassification": Gemma3ForSequenceClassification,
+    "Gemma3TextForSequenceClassification": Gemma3TextForSequenceClassification,
     "Phi3ForSequenceClassification": Phi3ForSequenceClassification,
     "GPTNeoXForSequenceClassification": GPTNeoXForSequenceClassification,
     "MixtralForSequenceClassification": MoeForSequenceClassification,
