@@ -48,6 +48,9 @@ def sleep(llm: Any, level: int) -> None:
     if level >= 1 and not llm.kv_released and runner.kv_spec is not None:
         llm.engine.core.kv_manager.reset_prefix_cache()  # cached blocks lose their contents
         runner.kv_caches = []
+        decode_step = getattr(runner.model, "decode_step", None)  # the native decode step holds them too
+        if decode_step is not None:
+            decode_step.unbind()
         llm.kv_released = True
 
 
