@@ -100,8 +100,12 @@ class AsyncLLM:
         finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError."""
         self._raise_if_dead()
         request_id = request_id or uuid.uuid4().hex
+        grammar = None
+        if sampling_params.structured_outputs is not None and not sampling_params.use_beam_search:
+            grammar = await self.engine.compile_structured_outputs_async(sampling_params)
         prepared = self.engine.prepare_request(self._engine_id(request_id), prompt, sampling_params, priority,
-                                               cache_salt, add_special_tokens=add_special_tokens)
+                                               cache_salt, add_special_tokens=add_special_tokens,
+                                               compiled_grammar=grammar)
         async for out in self._submit(prepared, request_id):
             yield out
 

@@ -17,6 +17,7 @@ from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sched_output import SchedulerStats
 from lmserve.engine.scheduler import Scheduler
+from lmserve.model.layers.attention import cache_sliding_window
 from lmserve.worker.model_runner import LogprobsRow, ModelRunner
 
 
@@ -55,10 +56,17 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config, logitsprocs_classes)
         cc = config.cache_config
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                         sliding_window=cache_sliding_window(self.runner.model))
         self.scheduler = Scheduler(config.scheduler_config, self.kv_manager)
-        # The longest sequence the KV pool can hold at all (alone).
-        self.max_seq_len = min(config.scheduler_config.max_model_len, self.runner.num_blocks * cc.block_size)
+        # The longest sequence the KV pool can hold at all (alone). With a sliding window on every
+        # layer a sequence holds at most the window plus one step's tokens (older blocks are freed).
+        pool_tokens = self.runner.num_blocks * cc.block_size
+        window = self.kv_manager.sliding_window
+        if window is not None and pool_tokens >= window + config.scheduler_config.max_num_batched_tokens + \
+                2 * cc.block_size:
+            pool_tokens = config.scheduler_config.max_model_len
+        self.max_seq_len = min(config.scheduler_config.max_model_len, pool_tokens)
         self.step_count = 0
 
     # ------------------------------------------------------------------ requests
@@ -126,6 +134,8 @@ class EngineCore:
                 if rid in result.logprobs:
                     out.new_logprobs = [result.logprobs[rid]]
                 status = self._check_stop(req, token)
+                if req.grammar is not None:
+                    status = self._advance_grammar(req, token, status)
                 if status is not None:
                     req.status = status
                     finished.append(req)
@@ -136,6 +146,18 @@ class EngineCore:
         for req in finished:
             self.scheduler.finish_request(req.request_id, req.status)
         return outputs
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
+        """Advance the sequence's matcher past ``token``. Once the grammar has accepted its stop
+        token, or if the token left the grammar (every allowed token was banned by another
+        constraint), the sequence stops: nothing after it could be valid."""
+        ok = req.grammar.accept(token)
+        if status is not None:
+            return status
+        if not ok or req.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED
+        return None
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -76,6 +77,9 @@ class Request:
     prompt_logprobs_done: int = 0
     pooling_params: PoolingParams | None = None  # set for embed/classify/score requests
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
+    # structured outputs: this sequence's grammar state (lmserve.structured_output.GrammarState), or None.
+    # Invariant: it has accepted exactly ``output_token_ids`` (the engine advances it on every append).
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

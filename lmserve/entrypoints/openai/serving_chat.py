@@ -71,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
         --trust-request-chat-template, as vLLM; when trusted it renders in the sandbox
         processes (time and memory limits). The server's own templates render on the worker
         thread. Either way the event loop never runs a template."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("messages", "Chat messages (rendered by the chat template)")
         if self.options.default_chat_template_kwargs:  # --default-chat-template-kwargs; the request's win
             chat_template_kwargs = {**self.options.default_chat_template_kwargs, **(chat_template_kwargs or {})}
         if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:
@@ -157,14 +157,14 @@ class OpenAIServingChat(OpenAIServing):
         if not request.logprobs or o.logprobs is None:
             return None
         as_ids = self.as_ids(request)
-        k = request.top_logprobs or 0
+        k = -1 if request.logprob_token_ids else (request.top_logprobs or 0)
         out = []
         for tid, d in zip(o.token_ids, o.logprobs):
             chosen: Logprob | None = d.get(tid)
             text = self.token_text(tid, chosen, as_ids)
             tops = [ChatCompletionLogProb(token=(t2 := self.token_text(t, e, as_ids)),
                                           logprob=self.safe_logprob(e.logprob), bytes=list(t2.encode()))
-                    for t, e in self.ranked(d, k)] if k else []
+                    for t, e in self.listed(d, request, k)] if k else []
             out.append(ChatCompletionLogProbsContent(
                 token=text, logprob=self.safe_logprob(chosen.logprob) if chosen else -9999.0,
                 bytes=list(text.encode()), top_logprobs=tops))

@@ -75,13 +75,14 @@ class OpenAIServingCompletion(OpenAIServing):
     def _prompt_echo(self, prompt: Prompt) -> str:
         if prompt.text is not None:
             return prompt.text
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("echo", "echo of a token-id prompt")
         return tok.decode(prompt.token_ids)
 
     def _append_logprobs(self, lp: CompletionLogProbs, token_ids: list[int],
                          entries: list[dict[int, Logprob] | None], offset: int, as_ids: bool,
-                         first_prompt_token: bool = False) -> int:
-        """Appends one entry per token; returns the text offset after them."""
+                         first_prompt_token: bool = False, keep_order: bool = False) -> int:
+        """Appends one entry per token; returns the text offset after them. ``keep_order``
+        (``logprob_token_ids``): every entry in the engine's order, not by rank (as vLLM)."""
         for j, (tid, d) in enumerate(zip(token_ids, entries)):
             chosen = d.get(tid) if d is not None else None
             text = self.token_text(tid, chosen, as_ids)
@@ -94,7 +95,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 continue
             lp.token_logprobs.append(self.safe_logprob(chosen.logprob))
             lp.top_logprobs.append({self.token_text(t, e, as_ids): self.safe_logprob(e.logprob)
-                                    for t, e in self.ranked(d)})
+                                    for t, e in (d.items() if keep_order else self.ranked(d))})
         return offset
 
     def _delta(self, request: CompletionRequest, prompt: Prompt, out: RequestOutput, o: CompletionOutput,
@@ -120,7 +121,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     st.offset = len(text)
         text += o.text
         if lp is not None and o.logprobs is not None:
-            st.offset = self._append_logprobs(lp, o.token_ids, list(o.logprobs), st.offset, as_ids)
+            st.offset = self._append_logprobs(lp, o.token_ids, list(o.logprobs), st.offset, as_ids,
+                                              keep_order=bool(request.logprob_token_ids))
         return text, lp, prompt_ids
 
     # ------------------------------------------------------------------ streaming

@@ -29,7 +29,7 @@ from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorRespo
                                                           PromptTokensDetails, UsageInfo)
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.metrics import EngineMetrics
-from lmserve.outputs import Logprob, RequestOutput
+from lmserve.outputs import Logprob, RequestOutput, VocabLogprobs
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.server")
@@ -150,10 +150,12 @@ class OpenAIServing:
         raise NotFoundError(f"The model `{model}` does not exist.", "model")
 
     # ------------------------------------------------------------------ prompts
-    def require_tokenizer(self) -> Any:
+    def require_tokenizer(self, param: str = "prompt", what: str = "Text prompts") -> Any:
+        """The tokenizer, or a 400 naming ``param`` when the server runs with --skip-tokenizer-init."""
         if self.tokenizer is None:
-            raise InvalidRequestError("The server runs with --skip-tokenizer-init: send prompts as token ids.",
-                                      "prompt")
+            raise InvalidRequestError(f"{what}: not available, as this server does not load the tokenizer "
+                                      "(--skip-tokenizer-init). Send prompts as token ids; outputs come back as "
+                                      "token ids (token_ids, and logprobs as 'token_id:N').", param)
         return self.tokenizer
 
     def _longest_token_bytes(self) -> int:
@@ -171,7 +173,7 @@ class OpenAIServing:
     def tokenize(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
         """Tokenizes ``text``; a text that certainly holds more tokens than the context is
         refused before tokenizing (a 10 MB prompt costs nothing)."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer(param)
         self.check_text(text, param)
         return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
@@ -244,7 +246,12 @@ class OpenAIServing:
     def sampling_params(self, request: Any, prompt_len: int) -> SamplingParams:
         request.check_list_limits(self.options.max_stop_strings)
         room = self.check_context(prompt_len, request.requested_max_tokens())
-        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs)
+        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs,
+                                            self.model_config.vocab_size)
+        if getattr(request, "logits_processors", None):
+            from lmserve.worker.logits_processors.per_request import resolve_request_logits_processors
+            params.logits_processors = resolve_request_logits_processors(
+                request.logits_processors, self.engine.engine_config.logits_processor_pattern)
         if request.priority != 0 and self.engine.engine_config.scheduler_config.policy != "priority":
             raise InvalidRequestError("Priority scheduling is not enabled: a request's priority must be 0 "
                                       "unless the server runs with --scheduling-policy priority.", "priority")
@@ -253,6 +260,13 @@ class OpenAIServing:
             if limit != -1 and 2 * params.n > limit:
                 raise InvalidRequestError(f"Beam search with n={params.n} needs {2 * params.n} logprobs per step; "
                                           f"the server allows {limit} (--max-logprobs).", "n")
+        if self.tokenizer is None:  # --skip-tokenizer-init: vLLM's detokenize=False
+            for name in ("stop", "bad_words"):
+                if getattr(params, name):
+                    self.require_tokenizer(name, f"{name} strings")
+            params.detokenize = False
+            if request.return_token_ids is None:  # the only way to see the output: token ids
+                request.return_token_ids = True
         try:
             params.verify_against_vocab(self.model_config.vocab_size)
         except ValueError as e:
@@ -357,10 +371,21 @@ class OpenAIServing:
 
     @staticmethod
     def ranked(entries: dict[int, Logprob], k: int | None = None) -> list[tuple[int, Logprob]]:
-        """The entries by rank (best first); ``k`` keeps the k best."""
-        items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
-                                                        -kv[1].logprob))
-        return items if k is None else items[:k]
+        """The entries by rank (best first); ``k`` keeps the k best (None or -1: all). A
+        whole-vocabulary entry is already in rank order (no sort)."""
+        if isinstance(entries, VocabLogprobs):
+            items = entries.ranked_items()
+        else:
+            items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
+                                                            -kv[1].logprob))
+        return items if k is None or k == -1 else items[:k]
+
+    def listed(self, entries: dict[int, Logprob], request: Any, k: int | None = None) -> list[tuple[int, Logprob]]:
+        """The entries a response lists for one token: with ``logprob_token_ids`` all of them in
+        the engine's order (the sampled token, then the asked-for ids, as vLLM), else ``ranked``."""
+        if getattr(request, "logprob_token_ids", None):
+            return list(entries.items())
+        return self.ranked(entries, k)
 
     @staticmethod
     def safe_logprob(lp: float) -> float:

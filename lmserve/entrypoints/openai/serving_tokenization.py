@@ -36,12 +36,12 @@ class OpenAIServingTokenization(OpenAIServingChat):
         ids = await self.off_loop(self.tokenize, text, request.add_special_tokens, param)
         strs = None
         if request.return_token_strs:
-            strs = list(self.require_tokenizer().convert_ids_to_tokens(ids))
+            strs = list(self.require_tokenizer("return_token_strs", "Token strings").convert_ids_to_tokens(ids))
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
     async def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("tokens", "/detokenize")
 
         def decode() -> str:
             self.check_token_ids(request.tokens, "tokens")
