@@ -4,10 +4,12 @@ official anthropic client, batch chat, /tokenizer_info, the dev routes and sleep
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import httpx
+import jsonschema
 import pytest
 
 from tests.server.conftest import API_KEY, API_STORE_ENTRIES
@@ -124,7 +126,9 @@ def test_background_cancel(oai):
 def test_responses_refusals(oai):
     from openai import BadRequestError
 
-    for kw, param in ((dict(text={"format": {"type": "json_schema", "name": "x", "schema": {}}}), "text.format"),
+    for kw, param in ((dict(text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema"),
+                      (dict(text={"format": {"type": "json_object"}}, extra_body={"structured_outputs": {"regex": "a"}}),
+                       "structured_outputs"),
                       (dict(tools=[{"type": "web_search_preview"}]), "tools.0"),
                       (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
                        "input.0.content.0"),
@@ -133,6 +137,20 @@ def test_responses_refusals(oai):
         with pytest.raises(BadRequestError) as e:
             oai.responses.create(**{"model": M, "input": "x", "max_output_tokens": 2, **kw})
         assert e.value.body["param"] == param, e.value.body
+
+
+SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "n": {"enum": [1, 2, 3]}},
+          "required": ["kind", "n"], "additionalProperties": False}
+
+
+def test_responses_json_schema(oai):
+    """A random model at temperature 1 obeys only if text.format is enforced."""
+    fmt = {"type": "json_schema", "name": "pet", "schema": SCHEMA, "strict": True}
+    for seed in range(3):
+        r = oai.responses.create(model=M, input="A pet?", text={"format": fmt}, temperature=1.0,
+                                 max_output_tokens=40, extra_body={"seed": seed})
+        assert r.status == "completed" and r.text.format.type == "json_schema"
+        jsonschema.validate(json.loads(r.output_text), SCHEMA)
 
 
 # ---------------------------------------------------------------------- anthropic
@@ -151,6 +169,14 @@ def test_messages_create_and_stream(claude):
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
     count = claude.messages.count_tokens(model=M, system="Be brief.", messages=msgs)
     assert count.input_tokens == m.usage.input_tokens
+
+
+def test_messages_output_format(claude):
+    m = claude.messages.create(model=M, max_tokens=40, messages=[{"role": "user", "content": "A pet?"}],
+                               output_config={"format": {"type": "json_schema", "schema": SCHEMA}},
+                               extra_body={"temperature": 1.0})
+    assert m.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(m.content[0].text), SCHEMA)
 
 
 # ---------------------------------------------------------------------- batch, tokenizer info

@@ -197,7 +197,7 @@ class OpenAIServingResponses:
             "instructions": r.instructions, "max_output_tokens": p.max_tokens, "max_tool_calls": None,
             "model": self.chat.model_name, "output": output, "parallel_tool_calls": bool(r.parallel_tool_calls),
             "previous_response_id": r.previous_response_id, "reasoning": None, "service_tier": r.service_tier,
-            "store": bool(r.store), "temperature": p.temperature, "text": {"format": {"type": "text"}},
+            "store": bool(r.store), "temperature": p.temperature, "text": {"format": r.text_format()},
             "tool_choice": r.tool_choice, "tools": r.tools, "top_logprobs": r.top_logprobs, "top_p": p.top_p,
             "truncation": r.truncation or "disabled", "usage": usage, "user": r.user, "metadata": r.metadata,
             "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty}
