@@ -121,3 +121,15 @@ def test_anthropic_translation():
 def test_dev_mode_gate():
     assert dev_mode_enabled({"VLLM_SERVER_DEV_MODE": "1"}) and not dev_mode_enabled({})
     assert not dev_mode_enabled({"VLLM_SERVER_DEV_MODE": "0"})
+
+
+def test_responses_request_refusals():
+    for kw, param in ((dict(input=[]), "input"), (dict(input="x", conversation="conv_1"), "conversation"),
+                      (dict(input="x", background=True, stream=True), "stream"),
+                      (dict(input="x", text={"format": {"type": "grammar"}}), "text.format.type"),
+                      (dict(input="x", truncation="auto"), "truncation")):
+        with pytest.raises(InvalidRequestError) as e:
+            ResponsesRequest(**kw).check_supported()
+        assert e.value.param == param
+    fmt = ResponsesRequest(input="x", text={"format": {"type": "json_schema", "name": "n", "schema": {}}})
+    assert fmt.response_format() == {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}}

@@ -79,6 +79,11 @@ class ResponsesRequest(OpenAIBaseModel):
     def check_supported(self) -> None:
         """Refuses, with a 400 naming the field, what this server cannot do."""
         self.response_format()
+        if not self.input:
+            raise InvalidRequestError("input must not be empty: send a string or at least one input item.", "input")
+        if (self.model_extra or {}).get("conversation") is not None:
+            raise InvalidRequestError("conversation is not supported: there is no Conversations API; chain "
+                                      "responses with previous_response_id.", "conversation")
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             raise InvalidRequestError("reasoning is not supported: lmserve has no reasoning parser; leave "
                                       "reasoning unset.", "reasoning")

@@ -106,6 +106,10 @@ class OpenAIServingResponses:
             if stored is None:
                 raise NotFoundError(f"Response with id '{request.previous_response_id}' not found.",
                                     "previous_response_id")
+            if stored.response["status"] in ("queued", "in_progress"):
+                raise InvalidRequestError(f"Response '{request.previous_response_id}' is still in progress: wait "
+                                          "for it to finish (GET /v1/responses/{id}) before continuing it.",
+                                          "previous_response_id")
             history = [dict(m) for m in stored.conversation]
         tools = request.function_tools() if request.tool_choice != "none" else []
         conversation = history + request.input_messages()
