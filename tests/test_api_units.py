@@ -125,7 +125,7 @@ def test_dev_mode_gate():
 
 def test_responses_request_refusals():
     for kw, param in ((dict(input=[]), "input"), (dict(input="x", conversation="conv_1"), "conversation"),
-                      (dict(input="x", background=True, stream=True), "stream"),
+                      (dict(input="x", background=True, store=False), "background"),
                       (dict(input="x", text={"format": {"type": "grammar"}}), "text.format.type"),
                       (dict(input="x", truncation="auto"), "truncation")):
         with pytest.raises(InvalidRequestError) as e:

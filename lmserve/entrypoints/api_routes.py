@@ -86,7 +86,7 @@ def _add_responses_routes(app: FastAPI, state: Any) -> None:
         handler = state.ready().get("responses", "Responses API")
         if starting_after is not None and not stream:
             raise InvalidRequestError("starting_after applies to stream=true only.", "starting_after")
-        return JSONResponse(handler.retrieve(response_id, stream))
+        return _answer(handler.retrieve(response_id, stream, starting_after))
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_responses(response_id: str) -> Any:

@@ -113,9 +113,6 @@ class ResponsesRequest(OpenAIBaseModel):
         if self.kv_transfer_params:
             raise InvalidRequestError("kv_transfer_params: disaggregated serving is not supported.",
                                       "kv_transfer_params")
-        if self.background and self.stream:
-            raise InvalidRequestError("background=true with stream=true is not supported: create the response "
-                                      "in the background and poll GET /v1/responses/{id}.", "stream")
         if self.background and self.store is False:
             raise InvalidRequestError("background=true needs store=true: a background response is fetched from "
                                       "the store.", "background")

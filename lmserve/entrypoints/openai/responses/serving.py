@@ -15,7 +15,10 @@ Text streams as it is generated, except when function tools are offered: then th
 held until generation ends, since only the whole text tells a call from a message.
 
 Background responses (``background=true``) are stored as ``queued`` and run as a task;
-cancelling one cancels the task, which aborts its engine request.
+cancelling one cancels the task, which aborts its engine request. A streamed background
+response writes its events to an ``EventLog``: the creating request follows it, and
+``GET /v1/responses/{id}?stream=true&starting_after=N`` replays and follows it (vLLM's
+behaviour); the task runs on when the client goes away.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from lmserve.entrypoints.openai.responses.event_log import EventLog, EventLogs
 from lmserve.entrypoints.openai.responses.protocol import ResponsesRequest
 from lmserve.entrypoints.openai.responses.store import ResponseStore
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -90,6 +94,7 @@ class OpenAIServingResponses:
         self.chat = chat
         self.store = store
         self._background: dict[str, asyncio.Task] = {}
+        self._event_logs = EventLogs(max(store.max_entries, 1))
 
     # ------------------------------------------------------------------ create
     async def create_responses(self, request: ResponsesRequest, raw_request: Request | None) -> Any:
@@ -122,10 +127,11 @@ class OpenAIServingResponses:
         if request.background:
             queued = self._body(turn, [], "queued", None)
             self.store.put(turn.response_id, queued, conversation)
-            task = asyncio.ensure_future(self._run_background(turn, merger))
+            log = self._event_logs.new(turn.response_id) if request.stream else None
+            task = asyncio.ensure_future(self._run_background(turn, merger, log))
             self._background[turn.response_id] = task
             task.add_done_callback(lambda _: self._background.pop(turn.response_id, None))
-            return queued
+            return SSEResponse(log.follow()) if log is not None else queued
         if request.stream:
             return SSEResponse(self._stream(turn, merger), cleanup=merger)
         return await until_disconnected(raw_request, self._full(turn, merger), cleanup=merger)
@@ -136,13 +142,17 @@ class OpenAIServingResponses:
             gen.add(out)
         return self._finish(turn, gen)
 
-    async def _run_background(self, turn: _Turn, merger: OutputMerger) -> None:
+    async def _run_background(self, turn: _Turn, merger: OutputMerger, log: EventLog | None) -> None:
         try:
             async with merger:
                 entry = self.store.get(turn.response_id)
                 if entry is not None:
                     entry.response["status"] = "in_progress"
-                await self._full(turn, merger)
+                if log is None:
+                    await self._full(turn, merger)
+                else:
+                    async for event in self._stream(turn, merger):
+                        log.append(event)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - recorded on the stored response
@@ -153,6 +163,9 @@ class OpenAIServingResponses:
                 entry.response["error"] = {"code": err.err_type, "message": err.message}
             if not isinstance(e, LMServeError):
                 logger.error("Background response %r failed", turn.response_id, exc_info=e)
+        finally:
+            if log is not None:
+                log.close()
 
     # ------------------------------------------------------------------ output
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -275,13 +288,18 @@ class OpenAIServingResponses:
             yield event("error", code=info.type, message=info.message, param=info.param)
 
     # ------------------------------------------------------------------ retrieve, cancel
-    def retrieve(self, response_id: str, stream: bool | None) -> dict[str, Any]:
-        if stream:
-            raise InvalidRequestError("stream=true is not supported on GET /v1/responses/{id}: background "
-                                      "responses are not streamed; retrieve without stream.", "stream")
+    def retrieve(self, response_id: str, stream: bool | None, starting_after: int | None = None) -> Any:
+        """The stored response, or with ``stream`` the events of a streamed background one."""
         entry = self.store.get(response_id)
         if entry is None:
             raise NotFoundError(f"Response with id '{response_id}' not found.", "response_id")
+        if stream:
+            log = self._event_logs.get(response_id)
+            if log is None:
+                raise InvalidRequestError("stream=true needs a response created with background=true and "
+                                          "stream=true (its events are kept); retrieve this one without stream.",
+                                          "stream")
+            return SSEResponse(log.follow(-1 if starting_after is None else starting_after))
         return entry.response
 
     async def cancel(self, response_id: str) -> dict[str, Any]:
