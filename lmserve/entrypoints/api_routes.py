@@ -9,6 +9,7 @@ exception handlers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -165,10 +166,13 @@ def _add_dev_routes(app: FastAPI, state: Any) -> None:
         if config_format not in ("text", "json"):
             raise InvalidRequestError("config_format must be 'text' or 'json'.", "config_format")
         config = engine().engine_config
-        args = {k: v for k, v in sorted(vars(state.args).items())
-                if k not in ("api_key", "foreign_flags") and not k.startswith("foreign_")}
+        if config_format == "text":
+            shown: Any = str(config)
+        else:  # the engine config's dataclasses as JSON (torch dtypes and the like as strings)
+            shown = json.loads(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+                                          else vars(config), default=str))
         return JSONResponse({
-            "vllm_config": str(config) if config_format == "text" else json.loads(json.dumps(args, default=str)),
+            "vllm_config": shown,
             "vllm_env": {k: v for k, v in sorted(os.environ.items())
                          if (k.startswith("VLLM_") or k.startswith("LMSERVE_")) and "KEY" not in k},
             "system_env": {"python": sys.version.split()[0], "platform": platform.platform(),

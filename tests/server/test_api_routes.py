@@ -210,6 +210,8 @@ def test_tokenizer_info(http, tiny_model_dir):
 def test_dev_routes_and_sleep(http):
     assert http.post("/reset_prefix_cache").json() == {"success": True}
     info = http.get("/server_info").json()
+    as_json = http.get("/server_info", params={"config_format": "json"}).json()["vllm_config"]
+    assert as_json["scheduler_config"]["max_num_seqs"] == 16 and isinstance(info["vllm_config"], str)
     assert set(info) == {"vllm_config", "vllm_env", "system_env"} and "VLLM_SERVER_DEV_MODE" in info["vllm_env"]
     assert http.get("/is_sleeping").json() == {"is_sleeping": False}
     assert http.post("/sleep", params={"level": 2}).status_code == 400
