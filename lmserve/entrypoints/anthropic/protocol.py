@@ -199,9 +199,6 @@ class AnthropicMessagesRequest(_ConversationRequest):
 
     def to_chat_request(self, request_id: str, reasoning_effort: str | None) -> ChatCompletionRequest:
         self.check_supported()
-        if self.kv_transfer_params:
-            raise InvalidRequestError("kv_transfer_params: disaggregated serving is not supported.",
-                                      "kv_transfer_params")
         kwargs = dict(self.chat_template_kwargs or {})
         if reasoning_effort is not None:
             kwargs.setdefault("reasoning_effort", reasoning_effort)
@@ -209,7 +206,7 @@ class AnthropicMessagesRequest(_ConversationRequest):
             "model": self.model, "messages": self.chat_messages(), "tools": self.tools_offered() or None,
             "max_tokens": self.max_tokens, "stop": self.stop_sequences or [], "request_id": request_id,
             "cache_salt": self.cache_salt, "vllm_xargs": self.vllm_xargs, "chat_template_kwargs": kwargs or None,
-            "response_format": self.response_format()}
+            "response_format": self.response_format(), "kv_transfer_params": self.kv_transfer_params}
         for name in ("temperature", "top_k", "top_p"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)

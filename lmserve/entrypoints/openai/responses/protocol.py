@@ -110,9 +110,6 @@ class ResponsesRequest(OpenAIBaseModel):
             raise InvalidRequestError("previous_input_messages is for harmony (gpt-oss) models only; use "
                                       "previous_response_id or send the earlier turns as input items.",
                                       "previous_input_messages")
-        if self.kv_transfer_params:
-            raise InvalidRequestError("kv_transfer_params: disaggregated serving is not supported.",
-                                      "kv_transfer_params")
         if self.background and self.store is False:
             raise InvalidRequestError("background=true needs store=true: a background response is fetched from "
                                       "the store.", "background")
@@ -201,6 +198,7 @@ class ResponsesRequest(OpenAIBaseModel):
             "skip_special_tokens": self.skip_special_tokens, "ignore_eos": self.ignore_eos,
             "include_stop_str_in_output": self.include_stop_str_in_output, "stop": self.stop,
             "chat_template_kwargs": self.chat_template_kwargs, "vllm_xargs": self.vllm_xargs,
+            "kv_transfer_params": self.kv_transfer_params,
             "logit_bias": self.logit_bias, "response_format": self.response_format(),
             "structured_outputs": self.structured_outputs}
         for name in ("max_output_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",

@@ -217,7 +217,9 @@ class OpenAIServingResponses:
             "store": bool(r.store), "temperature": p.temperature, "text": {"format": r.text_format()},
             "tool_choice": r.tool_choice, "tools": r.tools, "top_logprobs": r.top_logprobs, "top_p": p.top_p,
             "truncation": r.truncation or "disabled", "usage": usage, "user": r.user, "metadata": r.metadata,
-            "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty}
+            "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty,
+            # vLLM's disaggregated-serving hand-off: null, as on the other routes (no KV connector here)
+            "kv_transfer_params": None}
         if r.enable_response_messages and gen is not None:
             body["input_messages"] = [{"message": turn.prompt.text or "", "tokens": turn.prompt.token_ids,
                                        "type": "raw_message_tokens"}]
