@@ -133,3 +133,21 @@ def test_responses_request_refusals():
         assert e.value.param == param
     fmt = ResponsesRequest(input="x", text={"format": {"type": "json_schema", "name": "n", "schema": {}}})
     assert fmt.response_format() == {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}}
+
+
+def test_configured_parser_results_are_adapted():
+    from types import SimpleNamespace as NS
+
+    from lmserve.entrypoints.tool_call_extraction import from_parser_result, tool_call_extractor
+
+    info = NS(tools_called=True, content="pre", tool_calls=[
+        NS(id="call_x", function=NS(name="add", arguments='{"a": 1}')),
+        NS(id=None, function=NS(name="get_weather", arguments=""))])
+    out = from_parser_result(info, "raw")
+    assert out.content == "pre" and [c.call_id for c in out.calls][0] == "call_x"
+    assert out.calls[1].call_id.startswith("call_") and out.calls[1].arguments == "{}"
+    assert from_parser_result(NS(tools_called=False, tool_calls=[], content=None), "raw").content == "raw"
+    # no --tool-call-parser: the Hermes/JSON fallback over the request's tools
+    chat = NS(options=NS(), tokenizer=None)
+    request = NS(tools=[{"type": "function", "function": {"name": "add"}}])
+    assert tool_call_extractor(chat, request)('{"name": "add", "arguments": {}}').calls[0].name == "add"

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from lmserve.entrypoints.openai.responses.store import ResponseStore
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_engine import Prompt, error_body, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
-from lmserve.entrypoints.tool_call_extraction import extract_tool_calls
+from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.sampling_params import SamplingParams
 
@@ -77,7 +77,8 @@ class _Turn:
     conversation: list[dict[str, Any]]  # earlier turns + this input (no instructions)
     prompt: Prompt
     params: SamplingParams
-    tool_names: frozenset[str]
+    extract: Callable[[str], ExtractedToolCalls]  # the output's tool calls (tool_call_extraction)
+    tools_offered: bool
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -122,8 +123,8 @@ class OpenAIServingResponses:
             + conversation
         chat_request = request.to_chat_request(messages, tools)
         prompt, params, merger = await self.chat.start_generation(chat_request, request.request_id)
-        turn = _Turn(request, conversation, prompt, params,
-                     frozenset(t["function"]["name"] for t in tools))
+        turn = _Turn(request, conversation, prompt, params, tool_call_extractor(self.chat, chat_request),
+                     bool(tools))
         if request.background:
             queued = self._body(turn, [], "queued", None)
             self.store.put(turn.response_id, queued, conversation)
@@ -171,7 +172,7 @@ class OpenAIServingResponses:
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        extracted = extract_tool_calls(gen.text, turn.tool_names)
+        extracted = turn.extract(gen.text)
         items: list[dict[str, Any]] = []
         if extracted.content or not extracted.calls:
             items.append(_message_item(_new_id("msg"), extracted.content, status))
@@ -242,7 +243,7 @@ class OpenAIServingResponses:
         try:
             yield event("response.created", response=self._body(turn, [], "in_progress", None))
             yield event("response.in_progress", response=self._body(turn, [], "in_progress", None))
-            if not turn.tool_names:
+            if not turn.tools_offered:
                 live_id = _new_id("msg")
                 yield event("response.output_item.added", output_index=0,
                             item={"id": live_id, "type": "message", "role": "assistant", "status": "in_progress",
