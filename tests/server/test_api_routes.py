@@ -127,8 +127,8 @@ def test_responses_refusals(oai):
     from openai import BadRequestError
 
     for kw, param in ((dict(text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema"),
-                      (dict(text={"format": {"type": "json_object"}}, extra_body={"structured_outputs": {"regex": "a"}}),
-                       "structured_outputs"),
+                      (dict(text={"format": {"type": "json_object"}},
+                            extra_body={"structured_outputs": {"regex": "a"}}), "structured_outputs"),
                       (dict(tools=[{"type": "web_search_preview"}]), "tools.0"),
                       (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
                        "input.0.content.0"),
