@@ -53,6 +53,15 @@ def test_sleep_frees_kv_and_wake_restores(tiny_models):
         assert len(runner.kv_caches) > 0 and not sleep_mode.is_sleeping(llm)
         assert await waiting == before
         assert await llm.call_in_engine(sleep_mode.reset_prefix_cache)
+        # release_kv_cache_memory: only once paused; then wake_up brings the cache back
+        with pytest.raises(InvalidRequestError):
+            await llm.call_in_engine(sleep_mode.release_kv_cache_memory)
+        await llm.call_in_engine(lambda e: sleep_mode.sleep(e, 0))
+        assert len(runner.kv_caches) > 0
+        await llm.call_in_engine(sleep_mode.release_kv_cache_memory)
+        assert runner.kv_caches == []
+        assert await llm.call_in_engine(lambda e: sleep_mode.wake_up(e, ["kv_cache"]))
+        assert await tokens(llm, 8) == before
 
     try:
         asyncio.run(main())

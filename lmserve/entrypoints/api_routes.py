@@ -1,7 +1,8 @@
 """The routes beyond completions/chat/pooling: the Responses API, Anthropic's Messages API,
 batch chat, /tokenizer_info (behind --enable-tokenizer-info-endpoint) and, with
 ``VLLM_SERVER_DEV_MODE=1`` in the environment (as vLLM gates them), the development routes
-/reset_prefix_cache, /server_info, /sleep, /wake_up and /is_sleeping.
+/reset_prefix_cache, /reset_mm_cache, /reset_encoder_cache (no such caches: 200), /server_info,
+/sleep, /wake_up, /is_sleeping, /release_kv_cache_memory and /collective_rpc (refused).
 
 Errors on /v1/messages* are Anthropic-shaped; everywhere else OpenAI-shaped (the app's
 exception handlers).
@@ -193,6 +194,27 @@ def _add_dev_routes(app: FastAPI, state: Any) -> None:
         tags = raw.query_params.getlist("tags") or None
         awake = await engine().call_in_engine(lambda llm: sleep_mode.wake_up(llm, tags))
         return JSONResponse({"status": "awake" if awake else "sleeping", "tags": tags})
+
+    @app.post("/release_kv_cache_memory")
+    async def release_kv_cache_memory() -> Any:
+        sleep_enabled()
+        await engine().call_in_engine(sleep_mode.release_kv_cache_memory)
+        return JSONResponse({"status": "kv_cache_released"})
+
+    @app.post("/reset_mm_cache")
+    async def reset_mm_cache() -> Response:
+        """lmserve serves text-only models: there is no multimodal cache, so nothing to reset."""
+        return Response(status_code=200)
+
+    @app.post("/reset_encoder_cache")
+    async def reset_encoder_cache() -> Response:
+        """No encoder cache exists (text-only models): nothing to reset."""
+        return Response(status_code=200)
+
+    @app.post("/collective_rpc")
+    async def collective_rpc() -> Any:
+        raise InvalidRequestError("collective_rpc is not supported: lmserve runs one engine in the server "
+                                  "process, with no worker processes to call.")
 
     @app.get("/is_sleeping")
     async def is_sleeping() -> Any:

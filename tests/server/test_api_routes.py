@@ -209,6 +209,8 @@ def test_tokenizer_info(http, tiny_model_dir):
 # ---------------------------------------------------------------------- dev routes
 def test_dev_routes_and_sleep(http):
     assert http.post("/reset_prefix_cache").json() == {"success": True}
+    assert http.post("/reset_mm_cache").status_code == 200 and http.post("/reset_encoder_cache").status_code == 200
+    assert http.post("/collective_rpc", json={"method": "x"}).status_code == 400
     info = http.get("/server_info").json()
     as_json = http.get("/server_info", params={"config_format": "json"}).json()["vllm_config"]
     assert as_json["scheduler_config"]["max_num_seqs"] == 16 and isinstance(info["vllm_config"], str)
