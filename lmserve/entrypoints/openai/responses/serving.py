@@ -122,9 +122,9 @@ class OpenAIServingResponses:
         messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) \
             + conversation
         chat_request = request.to_chat_request(messages, tools)
+        extract = tool_call_extractor(self.chat, chat_request)  # before the engine request starts
         prompt, params, merger = await self.chat.start_generation(chat_request, request.request_id)
-        turn = _Turn(request, conversation, prompt, params, tool_call_extractor(self.chat, chat_request),
-                     bool(tools))
+        turn = _Turn(request, conversation, prompt, params, extract, bool(tools))
         if request.background:
             queued = self._body(turn, [], "queued", None)
             self.store.put(turn.response_id, queued, conversation)
