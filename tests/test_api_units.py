@@ -151,3 +151,24 @@ def test_configured_parser_results_are_adapted():
     chat = NS(options=NS(), tokenizer=None)
     request = NS(tools=[{"type": "function", "function": {"name": "add"}}])
     assert tool_call_extractor(chat, request)('{"name": "add", "arguments": {}}').calls[0].name == "add"
+
+
+def test_event_logs_bounded():
+    import asyncio
+
+    from lmserve.entrypoints.openai.responses.event_log import EventLogs
+
+    async def main():
+        logs = EventLogs(max_logs=2, max_bytes=100)
+        a = logs.new("a")
+        a.append("x" * 80)
+        a.close()
+        b = logs.new("b")  # running: never dropped
+        b.append("y" * 80)
+        logs.new("c")  # over both bounds: the finished "a" goes
+        assert logs.get("a") is None and logs.get("b") is b
+        b.append("z")
+        b.close()
+        assert [e async for e in b.follow(0)] == ["z"]
+
+    asyncio.run(main())

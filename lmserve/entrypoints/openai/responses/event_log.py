@@ -5,7 +5,9 @@ number N, then follows the live ones.
 
 Invariants: event ``i`` of a log has ``sequence_number`` i; a log is appended to by its one
 background task only; at most ``max_logs`` logs are kept, the oldest finished ones dropped
-first (a running one is never dropped).
+first (a running one is never dropped), and finished ones are dropped too while all logs
+together hold more than ``max_bytes`` (counted when a log is added; a running log is bounded
+by its request's output length).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from collections.abc import AsyncIterator
 class EventLog:
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.bytes = 0
         self.done = False
         self._changed = asyncio.Event()
 
     def append(self, event: str) -> None:
         self.events.append(event)
+        self.bytes += len(event)
         self._changed.set()
 
     def close(self) -> None:
@@ -45,15 +49,17 @@ class EventLog:
 
 
 class EventLogs:
-    def __init__(self, max_logs: int) -> None:
+    def __init__(self, max_logs: int, max_bytes: int) -> None:
         self.max_logs = max_logs
+        self.max_bytes = max_bytes
         self._logs: OrderedDict[str, EventLog] = OrderedDict()
 
     def new(self, response_id: str) -> EventLog:
         log = self._logs[response_id] = EventLog()
         finished = [rid for rid, entry in self._logs.items() if entry.done]
-        while len(self._logs) > self.max_logs and finished:
-            self._logs.pop(finished.pop(0), None)
+        total = sum(entry.bytes for entry in self._logs.values())
+        while finished and (len(self._logs) > self.max_logs or total > self.max_bytes):
+            total -= self._logs.pop(finished.pop(0)).bytes
         return log
 
     def get(self, response_id: str) -> EventLog | None:

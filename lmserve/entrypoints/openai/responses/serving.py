@@ -95,7 +95,7 @@ class OpenAIServingResponses:
         self.chat = chat
         self.store = store
         self._background: dict[str, asyncio.Task] = {}
-        self._event_logs = EventLogs(max(store.max_entries, 1))
+        self._event_logs = EventLogs(max(store.max_entries, 1), store.max_bytes)
 
     # ------------------------------------------------------------------ create
     async def create_responses(self, request: ResponsesRequest, raw_request: Request | None) -> Any:
