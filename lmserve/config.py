@@ -263,6 +263,30 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (``--enable-lora``): at most ``max_loras`` distinct adapters in one step,
+    ranks up to ``max_lora_rank``, an LRU of ``max_cpu_loras`` loaded adapters, their weights in
+    ``lora_dtype`` (None: the model dtype)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+    lora_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    @property
+    def cache_size(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -275,3 +299,4 @@ class EngineConfig:
     structured_outputs_config: Any = None
     # --logits-processor-pattern: qualified names a request's ``logits_processors`` may name (None: none)
     logits_processor_pattern: str | None = None
+    lora_config: LoRAConfig | None = None  # None: LoRA adapters are not enabled

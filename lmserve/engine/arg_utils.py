@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, PoolerConfig,
-                            SchedulerConfig, parse_memory_size, resolve_dtype)
+from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig,
+                            PoolerConfig, SchedulerConfig, parse_memory_size, resolve_dtype)
 from lmserve.structured_output.config import StructuredOutputsConfig
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,13 @@ class EngineArgs:
     logits_processor_pattern: str | None = None
     enforce_eager: bool = True
     disable_log_stats: bool = False
+    # LoRA (vLLM's LoRAConfig flags)
+    enable_lora: bool | None = None
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    fully_sharded_loras: bool = False
 
     # ------------------------------------------------------------------ CLI
     @staticmethod
@@ -188,6 +195,20 @@ class EngineArgs:
                        "(None: the field is refused).")
         g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d.enforce_eager)
         g.add_argument("--disable-log-stats", action="store_true")
+        lg = parser.add_argument_group("LoRA")
+        lg.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="Serve LoRA adapters (PEFT checkpoints of the q/k/v/o/gate/up/down projections).")
+        lg.add_argument("--max-loras", type=int, default=d.max_loras,
+                        help="The most distinct adapters in one step (batch). Default: %(default)s.")
+        lg.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                        help="The largest adapter rank accepted. Default: %(default)s.")
+        lg.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="How many loaded adapters stay in memory (LRU); >= --max-loras. Default: --max-loras.")
+        lg.add_argument("--lora-dtype", default=d.lora_dtype, choices=["auto", "float16", "bfloat16", "float32"],
+                        help="dtype of the adapter weights and of their delta; auto: the model dtype.")
+        lg.add_argument("--fully-sharded-loras", action=argparse.BooleanOptionalAction, default=d.fully_sharded_loras,
+                        help="Accepted: with one device (no tensor parallelism) there is nothing to shard, so both "
+                             "settings compute the same thing.")
         return parser
 
     @classmethod
@@ -281,6 +302,7 @@ class EngineArgs:
             memory_bound_tokens=(default_memory_bound_tokens(device) if self.memory_bound_tokens is None
                                  else self.memory_bound_tokens))
         return EngineConfig(
+            lora_config=self._lora_config(pooler is not None),
             model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
             parallel_config=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                            self.distributed_executor_backend),
@@ -301,6 +323,16 @@ class EngineArgs:
         if backend == "mp":
             logger.info("--distributed-executor-backend mp: one rank, so its one worker runs in the engine's "
                         "process (as 'uni')")
+    def _lora_config(self, is_pooling: bool) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        if is_pooling:
+            raise ValueError("--enable-lora: LoRA adapters apply to generative models; this is a pooling model")
+        dtypes = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        if self.lora_dtype not in dtypes:
+            raise ValueError(f"--lora-dtype must be one of {', '.join(dtypes)}, got {self.lora_dtype!r}")
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras, lora_dtype=dtypes[self.lora_dtype])
 
     def _runner_and_task(self) -> tuple[str, str | None]:
         """(--runner after --task, the pooling task --task asks for). Conflicts are a ValueError."""

@@ -38,6 +38,7 @@ from typing import Any
 
 from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.llm_engine import LLMEngine, PreparedRequest, PromptType
+from lmserve.lora.request import LoRARequest
 from lmserve.errors import EngineDeadError, OverloadedError
 from lmserve.outputs import PoolingRequestOutput, RequestOutput
 from lmserve.pooling_params import PoolingParams
@@ -95,17 +96,21 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str | None = None, priority: int = 0,
                        cache_salt: str | None = None,
-                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+                       add_special_tokens: bool = True,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs per ``sampling_params.output_kind`` until the request
-        finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError."""
+        finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError.
+        ``lora_request``: the adapter to run with (read from disk in a worker thread if not cached)."""
         self._raise_if_dead()
         request_id = request_id or uuid.uuid4().hex
         grammar = None
         if sampling_params.structured_outputs is not None and not sampling_params.use_beam_search:
             grammar = await self.engine.compile_structured_outputs_async(sampling_params)
+        if lora_request is not None:
+            await asyncio.to_thread(self.engine.get_lora, lora_request)  # disk reads stay off the event loop
         prepared = self.engine.prepare_request(self._engine_id(request_id), prompt, sampling_params, priority,
                                                cache_salt, add_special_tokens=add_special_tokens,
-                                               compiled_grammar=grammar)
+                                               compiled_grammar=grammar, lora_request=lora_request)
         async for out in self._submit(prepared, request_id):
             yield out
 

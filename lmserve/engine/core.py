@@ -58,7 +58,9 @@ class EngineCore:
         cc = config.cache_config
         self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching,
                                          sliding_window=cache_sliding_window(self.runner.model))
-        self.scheduler = Scheduler(config.scheduler_config, self.kv_manager)
+        lora = config.lora_config
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_manager,
+                                   max_loras=lora.max_loras if lora is not None else None)
         # The longest sequence the KV pool can hold at all (alone). With a sliding window on every
         # layer a sequence holds at most the window plus one step's tokens (older blocks are freed).
         pool_tokens = self.runner.num_blocks * cc.block_size
@@ -71,6 +73,9 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
+        if request.lora_request is not None and (self.config.lora_config is None or request.lora is None):
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True "
+                             "(--enable-lora)")
         if request.is_pooling != self.config.model_config.is_pooling:
             raise ValueError("This model does not support pooling requests" if request.is_pooling
                              else "This model is a pooling model: it does not generate text")

@@ -4,8 +4,9 @@ model runner.
 
 Prefix caching (vLLM v1's scheme):
 - a *full* block of a request's token ids has hash ``H(parent_hash, token ids, salt)``,
-  so equal hashes mean equal whole prefixes; ``cache_salt`` is mixed into the first
-  block so tenants with different salts never share blocks;
+  so equal hashes mean equal whole prefixes; ``cache_salt`` and the LoRA adapter id are mixed
+  into the first block so tenants with different salts, and requests under different adapters
+  (or an adapter and the base model), never share blocks;
 - a freed block keeps its hash and stays reusable until it is evicted; free blocks are
   evicted least-recently-freed first (a request's blocks are freed tail first, so the
   end of a prefix goes before its start);
@@ -43,12 +44,16 @@ class KVCacheBlock:
     block_hash: bytes | None = None
 
 
-def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], salt: str | None) -> bytes:
-    """SHA-256 over (parent hash, token ids, salt): collision resistant, so one tenant
-    cannot craft a prompt that aliases another's cached prefix."""
+def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], salt: str | None,
+               lora_id: int | None = None) -> bytes:
+    """SHA-256 over (parent hash, token ids, LoRA adapter id, salt): collision resistant, so one
+    tenant cannot craft a prompt that aliases another's cached prefix, and the same tokens under
+    two adapters (or an adapter and the base model) never share a block."""
     h = hashlib.sha256()
     h.update(parent or b"\0")
     h.update(array("q", token_ids).tobytes())
+    if lora_id is not None:
+        h.update(b"lora:%d\0" % lora_id)
     if salt is not None:
         h.update(b"salt:" + salt.encode("utf-8", "surrogatepass"))
     return h.digest()[:16]
@@ -174,8 +179,9 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            salt = request.cache_salt if i == 0 else None
-            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], salt))
+            first = i == 0  # the salt and adapter enter the first block; the chain carries them on
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], request.cache_salt if first else None,
+                                     request.lora_id if first else None))
 
     # ------------------------------------------------------------------ allocation
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:

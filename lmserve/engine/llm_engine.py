@@ -17,6 +17,9 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.core import EngineCore
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.request import Request, RequestStatus
+from lmserve.lora.cache import LoRACache
+from lmserve.lora.checkpoint import LoRAAdapter
+from lmserve.lora.request import LoRARequest
 from lmserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
 from lmserve.pooling_params import PoolingParams, resolve_encode_task
 from lmserve.sampling_params import SamplingParams
@@ -78,6 +81,9 @@ class LLMEngine:
             self.structured_outputs = StructuredOutputManager(
                 config.structured_outputs_config or StructuredOutputsConfig(), self.tokenizer, mc.vocab_size,
                 stop_token_ids=sorted(set(eos_ids)) or None)
+        self.lora_cache: LoRACache | None = None
+        if config.lora_config is not None:
+            self.lora_cache = LoRACache(config.lora_config, mc.hf_config, mc.dtype, config.device_config.torch_device)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pooling: dict[str, Request] = {}  # live pooling requests (they bypass the output processor)
 
@@ -166,17 +172,40 @@ class LLMEngine:
                 f"prompt has {prompt_len} tokens, which leaves no room for the completion.")
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
+    # ------------------------------------------------------------------ LoRA
+    def get_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """The loaded adapter (read from disk and checked on first use; safe from any thread).
+        ValueError when LoRA is not enabled or the adapter cannot be used."""
+        if self.lora_cache is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora_cache.get(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads an adapter into the cache ahead of its requests (vLLM's ``add_lora``)."""
+        self.get_lora(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Drops the cached adapter; requests running with it keep their reference and finish."""
+        return self.lora_cache.remove(lora_id) if self.lora_cache is not None else False
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora_cache.loaded_ids()) if self.lora_cache is not None else set()
+
     def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         priority: int = 0, cache_salt: str | None = None,
                         arrival_time: float | None = None,
-                        add_special_tokens: bool = True, compiled_grammar: Any = None) -> "PreparedRequest":
+                        add_special_tokens: bool = True, compiled_grammar: Any = None,
+                        lora_request: LoRARequest | None = None) -> "PreparedRequest":
         """Tokenizes and validates without touching engine state (safe from any thread);
         raises ValueError for anything wrong with the request. With ``structured_outputs``,
         ``compiled_grammar`` is its grammar from ``compile_structured_outputs_async`` (None: it is
-        compiled here, blocking); each of the n sequences gets its own grammar state."""
+        compiled here, blocking); each of the n sequences gets its own grammar state.
+        ``lora_request``: the adapter it runs with (loaded here on first use)."""
         if self.model_config.is_pooling:
             raise ValueError("This model is a pooling model (embeddings, scores, classification): "
                              "it does not generate text.")
+        adapter = self.get_lora(lora_request) if lora_request is not None else None
         text, ids = self.process_prompt(prompt, params, add_special_tokens)
         params = params.clone()
         max_tokens = self._prepare_params(params, len(ids))
@@ -199,7 +228,8 @@ class LLMEngine:
                 if cp.seed is not None:
                     cp.seed = cp.seed + i
             req = Request(child_id, ids, cp, eos_token_id=self.eos_token_id, priority=priority,
-                          cache_salt=cache_salt, arrival_time=arrival, prompt=text)
+                          cache_salt=cache_salt, arrival_time=arrival, prompt=text,
+                          lora_request=lora_request, lora=adapter)
             req.max_tokens = max_tokens
             if compiled_grammar is not None and params.structured_outputs is not None:
                 req.grammar = self.structured_outputs.new_state(compiled_grammar)  # type: ignore[union-attr]
@@ -280,9 +310,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None,
-                    arrival_time: float | None = None, add_special_tokens: bool = True) -> None:
+                    arrival_time: float | None = None, add_special_tokens: bool = True,
+                    lora_request: LoRARequest | None = None) -> None:
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority, cache_salt,
-                                               arrival_time, add_special_tokens))
+                                               arrival_time, add_special_tokens, lora_request))
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         if isinstance(request_ids, str):

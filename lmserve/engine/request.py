@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from lmserve.lora.checkpoint import LoRAAdapter
+from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
@@ -80,6 +82,10 @@ class Request:
     # structured outputs: this sequence's grammar state (lmserve.structured_output.GrammarState), or None.
     # Invariant: it has accepted exactly ``output_token_ids`` (the engine advances it on every append).
     grammar: Any = None
+    # The LoRA adapter it runs with (``lmserve/lora``): the request, and the loaded weights, held
+    # until the request finishes so that unloading the adapter never frees them under it.
+    lora_request: LoRARequest | None = None
+    lora: LoRAAdapter | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -102,6 +108,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def is_finished(self) -> bool:

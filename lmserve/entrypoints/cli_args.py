@@ -26,6 +26,7 @@ from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
 from lmserve.entrypoints.api_flags import add_api_args
+from lmserve.entrypoints.openai.serving_lora import parse_lora_module
 from lmserve.entrypoints.frontend_flags import add_frontend_args
 from lmserve.entrypoints.help_groups import filtered_help, help_keyword, regroup_as_vllm
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
@@ -54,18 +55,18 @@ def _unsupported(flag: str, why: str, accepted: Callable[[Any], bool] = lambda v
     _UNSUPPORTED[flag] = (kwargs, accepted, why)
 
 
-_LORA = "LoRA adapters are not supported by lmserve"
 _SPEC = "speculative decoding is not supported by lmserve"
 _MM = "lmserve serves text-only models"
 _TOOLS = "tool calling / reasoning parsers are not supported by lmserve yet"
-for _f in ("--enable-lora", "--enable-lora-bias", "--fully-sharded-loras", "--enable-prompt-adapter"):
-    _unsupported(_f, _LORA, action="store_const", const=True)
-for _f in ("--lora-modules", "--prompt-adapters"):
-    _unsupported(_f, _LORA, nargs="+")
-for _f in ("--max-loras", "--max-lora-rank", "--lora-extra-vocab-size", "--max-cpu-loras",
-           "--max-prompt-adapters", "--max-prompt-adapter-token", "--lora-dtype", "--long-lora-scaling-factors",
-           "--qlora-adapter-name-or-path"):
-    _unsupported(_f, _LORA)
+_unsupported("--enable-lora-bias", "LoRA adapters with biases are not supported", action="store_const", const=True)
+_unsupported("--enable-prompt-adapter", "prompt adapters are not supported", action="store_const", const=True)
+_unsupported("--prompt-adapters", "prompt adapters are not supported", nargs="+")
+_unsupported("--lora-extra-vocab-size", "LoRA adapters cannot extend the vocabulary")
+_unsupported("--long-lora-scaling-factors", "long-context LoRA scaling is not supported")
+_unsupported("--qlora-adapter-name-or-path", "QLoRA adapters are not supported: serve a PEFT LoRA adapter with "
+             "--enable-lora --lora-modules")
+for _f in ("--max-prompt-adapters", "--max-prompt-adapter-token"):
+    _unsupported(_f, "prompt adapters are not supported")
 for _f in ("--speculative-model", "--speculative-model-quantization", "--num-speculative-tokens",
            "--speculative-draft-tensor-parallel-size", "--speculative-max-model-len",
            "--speculative-disable-by-batch-size", "--ngram-prompt-lookup-max", "--ngram-prompt-lookup-min",
@@ -201,6 +202,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Every streamed completion ends with a usage chunk, as if the request had asked with "
                         "stream_options.include_usage.")
     g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=None,
+                   help="LoRA adapters to serve (needs --enable-lora): name=path, or JSON "
+                        '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "base"}\' (or a JSON list).')
+    g.add_argument("--lora-allowed-dirs", nargs="+", default=None,
+                   help="lmserve: directories from which POST /v1/load_lora_adapter may load adapters (paths are "
+                        "resolved, '..' and symbolic links included, and must stay inside one). Without it, "
+                        "adapters cannot be loaded by path at run time.")
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
     add_frontend_args(g)

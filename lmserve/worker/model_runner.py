@@ -72,6 +72,19 @@ class ModelRunner:
         torch.manual_seed(config.model_config.seed)
         self.model = get_model(config.model_config, self.device)
         self.uses_token_type_ids = bool(getattr(self.model, "uses_token_type_ids", False))
+        self.lora_builder = None
+        if config.lora_config is not None:
+            from lmserve.lora.batch import LoRABatchBuilder
+            from lmserve.model.models.llama import enable_lora
+
+            if self.is_pooling or not hasattr(getattr(self.model, "model", None), "layers"):
+                raise ValueError("LoRA adapters (--enable-lora) apply to generative Llama-family models only, "
+                                 f"not to {type(self.model).__name__}")
+            n = enable_lora(self.model)
+            self.lora_builder = LoRABatchBuilder()
+            logger.info("LoRA: %d projection modules take adapters (up to %d per step, rank <= %d); a step with "
+                        "adapters runs layer by layer (the native decode step has no LoRA delta)", n,
+                        config.lora_config.max_loras, config.lora_config.max_lora_rank)
         self.kv_spec = self.model.kv_cache_spec() if getattr(self.model, "needs_kv_cache", True) else None
         if self.kv_spec is None:  # an encoder: block ids are scheduler bookkeeping only
             self.num_blocks = pooling_num_blocks(config)
@@ -145,6 +158,8 @@ class ModelRunner:
             block_size=bs, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             decode_only=all(s.num_computed_before >= s.request.num_prompt_tokens for s in order))
+        if self.lora_builder is not None:
+            meta.lora = self.lora_builder.build([s.request.lora for s in order], query_lens, dev)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids_t, pos_t, meta, starts, order

@@ -45,6 +45,8 @@ from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletio
 from lmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from lmserve.entrypoints.openai.serving_engine import (DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS, ServerOptions,
                                                        clip, error_body)
+from lmserve.entrypoints.openai.serving_lora import (RUNTIME_UPDATE_ENVS, LoadLoRAAdapterRequest, ServedLoRAs,
+                                                    UnloadLoRAAdapterRequest, runtime_updates_allowed)
 from lmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from lmserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from lmserve.entrypoints.openai.serving_score import ServingScores
@@ -137,7 +139,7 @@ class ServerState:
             trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
             max_stop_strings=int(getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS)),
             force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
-            executor=self.executor, template_sandbox=self.template_sandbox)
+            executor=self.executor, template_sandbox=self.template_sandbox, loras=self._served_loras(engine, names))
         handlers = _Handlers(models=OpenAIServingModels(options, mc.max_model_len),
                              tokenization=OpenAIServingTokenization(engine, options, self.metrics))
         if getattr(mc, "runner_type", "generate") == "pooling":
@@ -161,6 +163,19 @@ class ServerState:
             handlers.batch_chat = OpenAIServingChatBatch(handlers.chat)
         self.handlers = handlers
         self.engine = engine
+
+    def _served_loras(self, engine: Any, names: tuple[str, ...]) -> ServedLoRAs | None:
+        """The adapters served by name (None without --enable-lora); --lora-modules are loaded here."""
+        args = self.args
+        modules = [m for group in getattr(args, "lora_modules", None) or [] for m in group]
+        inner = getattr(engine, "engine", None)
+        if getattr(getattr(inner, "config", None), "lora_config", None) is None:
+            if modules:
+                raise ValueError("--lora-modules needs --enable-lora")
+            return None
+        loras = ServedLoRAs(engine, names, getattr(args, "lora_allowed_dirs", None))
+        loras.add_static(modules)
+        return loras
 
     def log_ignored(self, request: Any) -> None:
         ignored = request.ignored_fields()
@@ -457,6 +472,32 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     _add_pooling_routes(app, state)
     add_api_routes(app, state, _parse, _base_request_id)
+    if runtime_updates_allowed():
+        _add_lora_routes(app, state)
+
+
+def _add_lora_routes(app: FastAPI, state: ServerState) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (only with runtime updates allowed:
+    ``serving_lora.RUNTIME_UPDATE_ENVS``); 200 with vLLM's plain-text success line."""
+    logger.warning("LoRA adapters may be loaded and unloaded at run time (%s is set); loads read only from "
+                   "--lora-allowed-dirs", " or ".join(RUNTIME_UPDATE_ENVS))
+
+    def served() -> ServedLoRAs:
+        loras = state.ready().models.options.loras
+        if loras is None:
+            raise InvalidRequestError("LoRA adapters are not enabled: start the server with --enable-lora")
+        return loras
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+        if request.is_3d_lora_weight:
+            raise InvalidRequestError("is_3d_lora_weight concerns MoE adapters; lmserve's models have no experts",
+                                      "is_3d_lora_weight")
+        return Response(await served().load(request.lora_name, request.lora_path, request.load_inplace))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+        return Response(await served().unload(request.lora_name, request.lora_int_id))
 
 
 def _parse(body: dict[str, Any], model: type) -> Any:

@@ -140,14 +140,15 @@ class OpenAIServingChat(OpenAIServing):
 
         The one generation path of every chat-shaped API (chat completions, the Responses and
         Anthropic Messages APIs, batch chat): each translates its body into a
-        ``ChatCompletionRequest`` and builds its own answer from the merger's outputs. A
+        ``ChatCompletionRequest`` and builds its own answer from the merger's outputs. Its
+        ``model`` may name a LoRA adapter (``--enable-lora``), which the generation then runs with. A
         refusal (bad request, overload) raises here, before any response starts; the caller
         owns the merger and must ``aclose()`` it."""
-        self.check_model(request.model)
+        lora = self.resolve_model(request.model)  # the adapter ``model`` names, if any
         request.validate_request()
         prompt = await self.prepare_prompt(request)
         params = self.sampling_params(request, len(prompt.token_ids))
-        merger = OutputMerger([self.generate(prompt, params, request_id, request)])
+        merger = OutputMerger([self.generate(prompt, params, request_id, request, lora)])
         await merger.start()
         return prompt, params, merger
 
@@ -181,7 +182,7 @@ class OpenAIServingChat(OpenAIServing):
         cached = 0
 
         def chunk(choice: ChatCompletionResponseStreamChoice, first: bool = False) -> str:
-            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                              choices=[choice])
             if first and request.return_token_ids:
                 c.prompt_token_ids = prompt.token_ids
@@ -211,7 +212,7 @@ class OpenAIServingChat(OpenAIServing):
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                         token_ids=list(o.token_ids) if request.return_token_ids else None))
             if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                        choices=[], usage=self.usage(prompt_len, sum(generated),
                                                                                     cached)))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
@@ -250,7 +251,7 @@ class OpenAIServingChat(OpenAIServing):
             finish_reason=st.finish_reason, stop_reason=st.stop_reason,
             token_ids=st.token_ids if request.return_token_ids else None) for i, st in enumerate(choices)]
         return ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=result,
+            id=request_id, created=created, model=self.response_model(request), choices=result,
             usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached),
             prompt_logprobs=self.prompt_logprobs_json(prompt_lps) if request.prompt_logprobs is not None else None,
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None,

@@ -57,13 +57,13 @@ class OpenAIServingCompletion(OpenAIServing):
                                 raw_request: Request | None):
         """Returns a CompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        self.check_model(request.model)
+        lora = self.resolve_model(request.model)
         request.validate_request()
         self.check_fanout(len(request.prompts()) * request.n, "prompt")
         prompts = await self.off_loop(self.prepare_prompts, request)
         params = [self.sampling_params(request, len(p.token_ids)) for p in prompts]
         created = int(time.time())
-        merger = OutputMerger([self.generate(p, sp, f"{request_id}-{i}", request)
+        merger = OutputMerger([self.generate(p, sp, f"{request_id}-{i}", request, lora)
                                for i, (p, sp) in enumerate(zip(prompts, params))])
         await merger.start()
         if request.stream:
@@ -148,7 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=idx, text=text, logprobs=lp, finish_reason=o.finish_reason,
                         stop_reason=o.stop_reason, prompt_token_ids=prompt_ids,
                         token_ids=list(o.token_ids) if request.return_token_ids else None)
-                    chunk = CompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                    chunk = CompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                      choices=[choice])
                     if continuous:
                         chunk.usage = self.usage(len(prompts[i].token_ids), num_generated[idx], cached[i])
@@ -156,7 +156,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if include_usage:
                 usage = self.usage(sum(len(p.token_ids) for p in prompts), sum(num_generated.values()),
                                    sum(cached))
-                yield sse(CompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                yield sse(CompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                    choices=[], usage=usage))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
             yield stream_error(e)
@@ -200,5 +200,5 @@ class OpenAIServingCompletion(OpenAIServing):
                 token_ids=st.token_ids if request.return_token_ids else None))
         usage = self.usage(sum(len(p.token_ids) for p in prompts), sum(len(s.token_ids) for s in states.values()),
                            sum(cached))
-        return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+        return CompletionResponse(id=request_id, created=created, model=self.response_model(request), choices=choices,
                                   usage=usage)

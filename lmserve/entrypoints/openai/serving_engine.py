@@ -28,6 +28,7 @@ from lmserve.entrypoints.openai.protocol import SamplingRequest
 from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorResponse, LogprobEntry,
                                                           PromptTokensDetails, UsageInfo)
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
+from lmserve.lora.request import LoRARequest
 from lmserve.metrics import EngineMetrics
 from lmserve.outputs import Logprob, RequestOutput, VocabLogprobs
 from lmserve.sampling_params import SamplingParams
@@ -65,6 +66,7 @@ class ServerOptions:
     trust_request_chat_template: bool = False
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
     force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with a usage chunk
+    loras: Any = field(default=None, compare=False, repr=False)  # ServedLoRAs with --enable-lora, else None
     executor: Any = field(default=None, compare=False, repr=False)
     template_sandbox: Any = field(default=None, compare=False, repr=False)
 
@@ -144,10 +146,24 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.options.served_model_names[0]
 
-    def check_model(self, model: str | None) -> None:
+    def resolve_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for unknown names."""
         if model is None or model == "" or model in self.options.served_model_names:
-            return
-        raise NotFoundError(f"The model `{model}` does not exist.", "model")
+            return None
+        lora = self.options.loras.get(model) if self.options.loras is not None else None
+        if lora is None:
+            raise NotFoundError(f"The model `{model}` does not exist.", "model")
+        return lora
+
+    def response_model(self, request: Any) -> str:
+        """The ``model`` a response reports: the adapter's name for an adapter request (as vLLM),
+        else the first served name. Call after ``resolve_model`` accepted ``request.model``."""
+        model = getattr(request, "model", None)
+        return model if model and model not in self.options.served_model_names else self.model_name
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` is a served name, an adapter's, or empty."""
+        self.resolve_model(model)
 
     # ------------------------------------------------------------------ prompts
     def require_tokenizer(self, param: str = "prompt", what: str = "Text prompts") -> Any:
@@ -275,8 +291,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ engine calls
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
-                       request: SamplingRequest) -> AsyncIterator[RequestOutput]:
-        """The engine's output stream for one prompt, with metrics; closing it aborts."""
+                       request: SamplingRequest, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """The engine's output stream for one prompt (under ``lora_request``'s adapter, if any),
+        with metrics; closing it aborts."""
         self.log_request(request_id, prompt, params)
         engine_prompt: dict[str, Any] = {"prompt_token_ids": prompt.token_ids}
         if prompt.text is not None:
@@ -288,12 +306,14 @@ class OpenAIServing:
         finish = "abort"
         queue_s = None
         try:
+            if params.use_beam_search and lora_request is not None:
+                raise InvalidRequestError("use_beam_search is not supported with LoRA adapters", "use_beam_search")
             if params.use_beam_search:
                 from lmserve.entrypoints.openai.beam_search import beam_search_stream
                 stream = beam_search_stream(self.engine, prompt, params, request_id, self.max_model_len)
             else:
                 stream = self.engine.generate(engine_prompt, params, request_id, priority=request.priority,
-                                              cache_salt=request.cache_salt)
+                                              cache_salt=request.cache_salt, lora_request=lora_request)
             out_log = OutputLogger(request_id, params, self.options.max_log_len, self.options.log_deltas) \
                 if self.options.log_requests and self.options.log_outputs else None
             async with aclosing(stream) as outputs:
