@@ -121,3 +121,54 @@ def test_anthropic_translation():
 def test_dev_mode_gate():
     assert dev_mode_enabled({"VLLM_SERVER_DEV_MODE": "1"}) and not dev_mode_enabled({})
     assert not dev_mode_enabled({"VLLM_SERVER_DEV_MODE": "0"})
+
+
+def test_responses_request_refusals():
+    for kw, param in ((dict(input=[]), "input"), (dict(input="x", conversation="conv_1"), "conversation"),
+                      (dict(input="x", background=True, store=False), "background"),
+                      (dict(input="x", text={"format": {"type": "grammar"}}), "text.format.type"),
+                      (dict(input="x", truncation="auto"), "truncation")):
+        with pytest.raises(InvalidRequestError) as e:
+            ResponsesRequest(**kw).check_supported()
+        assert e.value.param == param
+    fmt = ResponsesRequest(input="x", text={"format": {"type": "json_schema", "name": "n", "schema": {}}})
+    assert fmt.response_format() == {"type": "json_schema", "json_schema": {"name": "n", "schema": {}}}
+
+
+def test_configured_parser_results_are_adapted():
+    from types import SimpleNamespace as NS
+
+    from lmserve.entrypoints.tool_call_extraction import from_parser_result, tool_call_extractor
+
+    info = NS(tools_called=True, content="pre", tool_calls=[
+        NS(id="call_x", function=NS(name="add", arguments='{"a": 1}')),
+        NS(id=None, function=NS(name="get_weather", arguments=""))])
+    out = from_parser_result(info, "raw")
+    assert out.content == "pre" and [c.call_id for c in out.calls][0] == "call_x"
+    assert out.calls[1].call_id.startswith("call_") and out.calls[1].arguments == "{}"
+    assert from_parser_result(NS(tools_called=False, tool_calls=[], content=None), "raw").content == "raw"
+    # no --tool-call-parser: the Hermes/JSON fallback over the request's tools
+    chat = NS(options=NS(), tokenizer=None)
+    request = NS(tools=[{"type": "function", "function": {"name": "add"}}])
+    assert tool_call_extractor(chat, request)('{"name": "add", "arguments": {}}').calls[0].name == "add"
+
+
+def test_event_logs_bounded():
+    import asyncio
+
+    from lmserve.entrypoints.openai.responses.event_log import EventLogs
+
+    async def main():
+        logs = EventLogs(max_logs=2, max_bytes=100)
+        a = logs.new("a")
+        a.append("x" * 80)
+        a.close()
+        b = logs.new("b")  # running: never dropped
+        b.append("y" * 80)
+        logs.new("c")  # over both bounds: the finished "a" goes
+        assert logs.get("a") is None and logs.get("b") is b
+        b.append("z")
+        b.close()
+        assert [e async for e in b.follow(0)] == ["z"]
+
+    asyncio.run(main())

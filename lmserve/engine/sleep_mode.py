@@ -44,11 +44,29 @@ def sleep(llm: Any, level: int) -> None:
                                   "level")
     llm.abort_live(SleepingAbortError("The request was aborted: the server was put to sleep (POST /sleep)."))
     llm.sleeping = True
+    if level >= 1:
+        _free_kv_cache(llm)
+
+
+def _free_kv_cache(llm: Any) -> None:
     runner = _runner(llm)
-    if level >= 1 and not llm.kv_released and runner.kv_spec is not None:
-        llm.engine.core.kv_manager.reset_prefix_cache()  # cached blocks lose their contents
-        runner.kv_caches = []
-        llm.kv_released = True
+    if llm.kv_released or runner.kv_spec is None:
+        return
+    llm.engine.core.kv_manager.reset_prefix_cache()  # cached blocks lose their contents
+    runner.kv_caches = []
+    decode_step = getattr(runner.model, "decode_step", None)  # the native decode step holds them too
+    if decode_step is not None:
+        decode_step.unbind()
+    llm.kv_released = True
+
+
+def release_kv_cache_memory(llm: Any) -> None:
+    """POST /release_kv_cache_memory, as vLLM: frees the KV cache of a paused engine
+    (``/sleep?level=0`` first) that holds no request; ``/wake_up`` re-creates it."""
+    if not llm.sleeping or llm.engine.has_unfinished_requests():
+        raise InvalidRequestError("release_kv_cache_memory requires a completed pause first (POST /sleep?level=0) "
+                                  "and no queued request.")
+    _free_kv_cache(llm)
 
 
 def wake_up(llm: Any, tags: list[str] | None) -> bool:

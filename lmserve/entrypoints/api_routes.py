@@ -1,7 +1,8 @@
 """The routes beyond completions/chat/pooling: the Responses API, Anthropic's Messages API,
 batch chat, /tokenizer_info (behind --enable-tokenizer-info-endpoint) and, with
 ``VLLM_SERVER_DEV_MODE=1`` in the environment (as vLLM gates them), the development routes
-/reset_prefix_cache, /server_info, /sleep, /wake_up and /is_sleeping.
+/reset_prefix_cache, /reset_mm_cache, /reset_encoder_cache (no such caches: 200), /server_info,
+/sleep, /wake_up, /is_sleeping, /release_kv_cache_memory and /collective_rpc (refused).
 
 Errors on /v1/messages* are Anthropic-shaped; everywhere else OpenAI-shaped (the app's
 exception handlers).
@@ -9,6 +10,7 @@ exception handlers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -86,7 +88,7 @@ def _add_responses_routes(app: FastAPI, state: Any) -> None:
         handler = state.ready().get("responses", "Responses API")
         if starting_after is not None and not stream:
             raise InvalidRequestError("starting_after applies to stream=true only.", "starting_after")
-        return JSONResponse(handler.retrieve(response_id, stream))
+        return _answer(handler.retrieve(response_id, stream, starting_after))
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_responses(response_id: str) -> Any:
@@ -165,10 +167,13 @@ def _add_dev_routes(app: FastAPI, state: Any) -> None:
         if config_format not in ("text", "json"):
             raise InvalidRequestError("config_format must be 'text' or 'json'.", "config_format")
         config = engine().engine_config
-        args = {k: v for k, v in sorted(vars(state.args).items())
-                if k not in ("api_key", "foreign_flags") and not k.startswith("foreign_")}
+        if config_format == "text":
+            shown: Any = str(config)
+        else:  # the engine config's dataclasses as JSON (torch dtypes and the like as strings)
+            shown = json.loads(json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config)
+                                          else vars(config), default=str))
         return JSONResponse({
-            "vllm_config": str(config) if config_format == "text" else json.loads(json.dumps(args, default=str)),
+            "vllm_config": shown,
             "vllm_env": {k: v for k, v in sorted(os.environ.items())
                          if (k.startswith("VLLM_") or k.startswith("LMSERVE_")) and "KEY" not in k},
             "system_env": {"python": sys.version.split()[0], "platform": platform.platform(),
@@ -189,6 +194,27 @@ def _add_dev_routes(app: FastAPI, state: Any) -> None:
         tags = raw.query_params.getlist("tags") or None
         awake = await engine().call_in_engine(lambda llm: sleep_mode.wake_up(llm, tags))
         return JSONResponse({"status": "awake" if awake else "sleeping", "tags": tags})
+
+    @app.post("/release_kv_cache_memory")
+    async def release_kv_cache_memory() -> Any:
+        sleep_enabled()
+        await engine().call_in_engine(sleep_mode.release_kv_cache_memory)
+        return JSONResponse({"status": "kv_cache_released"})
+
+    @app.post("/reset_mm_cache")
+    async def reset_mm_cache() -> Response:
+        """lmserve serves text-only models: there is no multimodal cache, so nothing to reset."""
+        return Response(status_code=200)
+
+    @app.post("/reset_encoder_cache")
+    async def reset_encoder_cache() -> Response:
+        """No encoder cache exists (text-only models): nothing to reset."""
+        return Response(status_code=200)
+
+    @app.post("/collective_rpc")
+    async def collective_rpc() -> Any:
+        raise InvalidRequestError("collective_rpc is not supported: lmserve runs one engine in the server "
+                                  "process, with no worker processes to call.")
 
     @app.get("/is_sleeping")
     async def is_sleeping() -> Any:

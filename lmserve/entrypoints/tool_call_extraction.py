@@ -1,8 +1,11 @@
 """The seam between the APIs that return tool calls (Responses ``function_call`` items,
 Anthropic ``tool_use`` blocks) and whatever turns model text into tool calls.
 
-``extract_tool_calls(text, tool_names)`` is the only entry point. Today it understands the
-two formats small instruction-tuned models use when no model-specific parser is configured:
+``tool_call_extractor(chat, chat_request)`` gives the function to apply to a finished output.
+With ``--tool-call-parser`` (``ServerOptions.tool_call_parser``, a ``lmserve.tool_parsers``
+name, vLLM's parser interface) it is that parser's ``extract_tool_calls``; otherwise
+``extract_tool_calls(text, tool_names)``, which understands the two formats small
+instruction-tuned models use when no model-specific parser is configured:
 
 - Hermes style: one or more ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks (text outside the blocks is the message content);
@@ -10,9 +13,7 @@ two formats small instruction-tuned models use when no model-specific parser is 
   that is the whole output.
 
 A call whose ``name`` is not one of the request's tools is not a call: the text stays
-content, so a model that merely talks JSON is never turned into a bogus call. When
-``lmserve.tool_parsers`` (model-specific parsers, selected by ``--tool-call-parser``) is
-wired in, it replaces this function behind the same contract.
+content, so a model that merely talks JSON is never turned into a bogus call.
 
 Contract: ``content + calls`` account for the whole ``text``; arguments are a JSON object
 serialized as a string (what both APIs carry).
@@ -20,10 +21,13 @@ serialized as a string (what both APIs carry).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -85,3 +89,26 @@ def extract_tool_calls(text: str, tool_names: frozenset[str]) -> ExtractedToolCa
         if items and all(c is not None for c in found):
             return ExtractedToolCalls("", tuple(c for c in found if c is not None))
     return ExtractedToolCalls(text)
+
+
+def from_parser_result(info: Any, text: str) -> ExtractedToolCalls:
+    """A vLLM-style ``ExtractedToolCallInformation`` (tools_called, tool_calls, content) as ours."""
+    if not getattr(info, "tools_called", False):
+        return ExtractedToolCalls(text)
+    calls = tuple(ToolCall(name=c.function.name, arguments=c.function.arguments or "{}",
+                           **({"call_id": c.id} if getattr(c, "id", None) else {}))
+                  for c in info.tool_calls)
+    return ExtractedToolCalls(info.content or "", calls)
+
+
+def tool_call_extractor(chat: Any, chat_request: Any) -> Callable[[str], ExtractedToolCalls]:
+    """The extraction for one request's output: the server's configured tool parser when there is
+    one, else the Hermes/JSON fallback over the request's tool names."""
+    tools = chat_request.tools or []
+    names = frozenset(t["function"]["name"] for t in tools)
+    parser_name = getattr(chat.options, "tool_call_parser", None)
+    if names and parser_name:
+        manager = importlib.import_module("lmserve.tool_parsers").ToolParserManager
+        parser = manager.get_tool_parser(parser_name)(chat.tokenizer, tools)
+        return lambda text: from_parser_result(parser.extract_tool_calls(text, chat_request), text)
+    return lambda text: extract_tool_calls(text, names)

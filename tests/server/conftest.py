@@ -210,6 +210,7 @@ def api_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) ->
     server = ServerProcess([tiny_model_dir, "--served-model-name", "tiny", "--api-key", API_KEY,
                             "--kv-cache-memory", "16MiB", "--max-num-seqs", "16", "--dtype", "float32",
                             "--enable-sleep-mode", "--enable-tokenizer-info-endpoint",
+                            "--structured-outputs-config.disable_any_whitespace", "true",
                             "--responses-store-max-entries", str(API_STORE_ENTRIES)], log,
                            env={"VLLM_SERVER_DEV_MODE": "1"})
     try:

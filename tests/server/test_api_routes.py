@@ -4,10 +4,12 @@ official anthropic client, batch chat, /tokenizer_info, the dev routes and sleep
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import httpx
+import jsonschema
 import pytest
 
 from tests.server.conftest import API_KEY, API_STORE_ENTRIES
@@ -124,7 +126,9 @@ def test_background_cancel(oai):
 def test_responses_refusals(oai):
     from openai import BadRequestError
 
-    for kw, param in ((dict(text={"format": {"type": "json_schema", "name": "x", "schema": {}}}), "text.format"),
+    for kw, param in ((dict(text={"format": {"type": "json_schema", "name": "x"}}), "text.format.schema"),
+                      (dict(text={"format": {"type": "json_object"}},
+                            extra_body={"structured_outputs": {"regex": "a"}}), "structured_outputs"),
                       (dict(tools=[{"type": "web_search_preview"}]), "tools.0"),
                       (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
                        "input.0.content.0"),
@@ -133,6 +137,20 @@ def test_responses_refusals(oai):
         with pytest.raises(BadRequestError) as e:
             oai.responses.create(**{"model": M, "input": "x", "max_output_tokens": 2, **kw})
         assert e.value.body["param"] == param, e.value.body
+
+
+SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "n": {"enum": [1, 2, 3]}},
+          "required": ["kind", "n"], "additionalProperties": False}
+
+
+def test_responses_json_schema(oai):
+    """A random model at temperature 1 obeys only if text.format is enforced."""
+    fmt = {"type": "json_schema", "name": "pet", "schema": SCHEMA, "strict": True}
+    for seed in range(3):
+        r = oai.responses.create(model=M, input="A pet?", text={"format": fmt}, temperature=1.0,
+                                 max_output_tokens=40, extra_body={"seed": seed})
+        assert r.status == "completed" and r.text.format.type == "json_schema"
+        jsonschema.validate(json.loads(r.output_text), SCHEMA)
 
 
 # ---------------------------------------------------------------------- anthropic
@@ -151,6 +169,14 @@ def test_messages_create_and_stream(claude):
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
     count = claude.messages.count_tokens(model=M, system="Be brief.", messages=msgs)
     assert count.input_tokens == m.usage.input_tokens
+
+
+def test_messages_output_format(claude):
+    m = claude.messages.create(model=M, max_tokens=40, messages=[{"role": "user", "content": "A pet?"}],
+                               output_config={"format": {"type": "json_schema", "schema": SCHEMA}},
+                               extra_body={"temperature": 1.0})
+    assert m.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(m.content[0].text), SCHEMA)
 
 
 # ---------------------------------------------------------------------- batch, tokenizer info
@@ -183,7 +209,11 @@ def test_tokenizer_info(http, tiny_model_dir):
 # ---------------------------------------------------------------------- dev routes
 def test_dev_routes_and_sleep(http):
     assert http.post("/reset_prefix_cache").json() == {"success": True}
+    assert http.post("/reset_mm_cache").status_code == 200 and http.post("/reset_encoder_cache").status_code == 200
+    assert http.post("/collective_rpc", json={"method": "x"}).status_code == 400
     info = http.get("/server_info").json()
+    as_json = http.get("/server_info", params={"config_format": "json"}).json()["vllm_config"]
+    assert as_json["scheduler_config"]["max_num_seqs"] == 16 and isinstance(info["vllm_config"], str)
     assert set(info) == {"vllm_config", "vllm_env", "system_env"} and "VLLM_SERVER_DEV_MODE" in info["vllm_env"]
     assert http.get("/is_sleeping").json() == {"is_sleeping": False}
     assert http.post("/sleep", params={"level": 2}).status_code == 400

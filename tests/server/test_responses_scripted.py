@@ -94,3 +94,24 @@ async def test_input_items_and_stop_sequence(tokenizer):
     assert "<|im_start|>system\ndev says" in prompt and "part one\npart two" in prompt and "rainy" in prompt
     extra = r.model_extra or {}
     assert extra["input_messages"][0]["message"] == prompt and extra["output_messages"][0]["message"] == "Done"
+
+
+async def test_background_stream_and_replay(tokenizer):
+    app, _ = scripted_app(tokenizer, "One two three four.")
+    async with openai_client(app) as c:
+        stream = await c.responses.create(model="fake", input="count", background=True, stream=True)
+        events = [e async for e in stream]
+        assert events[0].type == "response.created" and events[-1].type == "response.completed"
+        rid = events[0].response.id
+        assert events[-1].response.background is True
+        replay = await c.responses.retrieve(rid, stream=True, starting_after=3)
+        again = [e async for e in replay]
+        assert [e.sequence_number for e in again] == list(range(4, len(events)))
+        assert [e.type for e in again] == [e.type for e in events[4:]]
+        done = await c.responses.retrieve(rid)
+        assert done.status == "completed" and done.output_text == "One two three four."
+        plain = await c.responses.create(model="fake", input="x")
+        import openai
+
+        with pytest.raises(openai.BadRequestError):
+            await c.responses.retrieve(plain.id, stream=True)

@@ -7,7 +7,7 @@ are its ``tool_calls`` (``input`` serialized as the JSON arguments); a user's
 ``tool_result`` blocks are ``tool`` messages placed before the rest of that user turn.
 Images are refused (text-only models); so are ``thinking`` blocks and thinking itself
 (lmserve has no reasoning parser) and anything that needs structured outputs
-(``tool_choice`` any/tool, ``output_config.format``).
+(``tool_choice`` any/tool, not implemented yet). ``output_config.format`` is a JSON-schema structured output.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, find_lone
 from lmserve.errors import InvalidRequestError
 
 DISABLED_THINKING_EFFORTS = ("auto", "none", "low", "medium", "high", "xhigh", "max")
-_NO_STRUCTURED = "structured outputs are not available in this build of lmserve"
 
 
 class _Base(BaseModel):
@@ -83,15 +82,26 @@ class _ConversationRequest(_Base):
             raise InvalidRequestError(f"thinking {{'type': {kind!r}}} is not supported: lmserve has no reasoning "
                                       "parser; omit thinking or send {'type': 'disabled'}.", "thinking")
         config = self.output_config or {}
-        if config.get("format") is not None:
-            raise InvalidRequestError(f"output_config.format: {_NO_STRUCTURED}.", "output_config.format")
+        self.response_format()
         if config.get("effort") is not None:
             raise InvalidRequestError("output_config.effort is not supported: lmserve has no reasoning parser.",
                                       "output_config.effort")
         if self.tool_choice is not None and self.tool_choice.type in ("any", "tool"):
-            raise InvalidRequestError(f"tool_choice {{'type': {self.tool_choice.type!r}}} is not supported: forcing "
-                                      f"a tool call needs structured outputs ({_NO_STRUCTURED}); use 'auto' or "
-                                      "'none'.", "tool_choice")
+            raise InvalidRequestError(f"tool_choice {{'type': {self.tool_choice.type!r}}} is not supported yet: a "
+                                      "forced tool call is not implemented on /v1/messages; use 'auto' or 'none'.",
+                                      "tool_choice")
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``output_config.format`` ({"type": "json_schema", "schema": ...}) as the chat request's
+        ``response_format``, as vLLM maps it."""
+        fmt = (self.output_config or {}).get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type", "json_schema") != "json_schema" or \
+                not isinstance(fmt.get("schema"), dict):
+            raise InvalidRequestError("output_config.format must be {'type': 'json_schema', 'schema': {...}}.",
+                                      "output_config.format")
+        return {"type": "json_schema", "json_schema": {"name": "json_schema", "schema": fmt["schema"]}}
 
     def tools_offered(self) -> list[dict[str, Any]]:
         """The tools in chat-completions form; none when tool_choice is 'none'."""
@@ -189,16 +199,14 @@ class AnthropicMessagesRequest(_ConversationRequest):
 
     def to_chat_request(self, request_id: str, reasoning_effort: str | None) -> ChatCompletionRequest:
         self.check_supported()
-        if self.kv_transfer_params:
-            raise InvalidRequestError("kv_transfer_params: disaggregated serving is not supported.",
-                                      "kv_transfer_params")
         kwargs = dict(self.chat_template_kwargs or {})
         if reasoning_effort is not None:
             kwargs.setdefault("reasoning_effort", reasoning_effort)
         body: dict[str, Any] = {
             "model": self.model, "messages": self.chat_messages(), "tools": self.tools_offered() or None,
             "max_tokens": self.max_tokens, "stop": self.stop_sequences or [], "request_id": request_id,
-            "cache_salt": self.cache_salt, "vllm_xargs": self.vllm_xargs, "chat_template_kwargs": kwargs or None}
+            "cache_salt": self.cache_salt, "vllm_xargs": self.vllm_xargs, "chat_template_kwargs": kwargs or None,
+            "response_format": self.response_format(), "kv_transfer_params": self.kv_transfer_params}
         for name in ("temperature", "top_k", "top_p"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)

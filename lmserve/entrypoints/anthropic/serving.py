@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -30,10 +30,11 @@ from lmserve.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, 
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_engine import Prompt, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
-from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, extract_tool_calls
+from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import LMServeError
 
 logger = logging.getLogger("lmserve.server")
+_Extract = Callable[[str], ExtractedToolCalls]
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -97,12 +98,11 @@ class AnthropicServingMessages:
         """A message body (dict), an SSEResponse when streaming, or None when the client left."""
         message_id = f"msg_{uuid.uuid4().hex}"
         chat_request = request.to_chat_request(message_id, await self._effort_for(request))
-        tools = chat_request.tools or []
-        tool_names = frozenset(t["function"]["name"] for t in tools)
+        extract = tool_call_extractor(self.chat, chat_request) if chat_request.tools else None
         prompt, _, merger = await self.chat.start_generation(chat_request, message_id)
         if request.stream:
-            return SSEResponse(self._stream(request, message_id, prompt, merger, tool_names), cleanup=merger)
-        return await until_disconnected(raw_request, self._full(request, message_id, prompt, merger, tool_names),
+            return SSEResponse(self._stream(request, message_id, prompt, merger, extract), cleanup=merger)
+        return await until_disconnected(raw_request, self._full(request, message_id, prompt, merger, extract),
                                         cleanup=merger)
 
     def _usage(self, prompt: Prompt, output_tokens: int, cached: int) -> dict[str, int]:
@@ -112,9 +112,8 @@ class AnthropicServingMessages:
             usage["cache_read_input_tokens"] = cached
         return usage
 
-    def _calls(self, request: AnthropicMessagesRequest, text: str, tool_names: frozenset[str]
-               ) -> ExtractedToolCalls:
-        extracted = extract_tool_calls(text, tool_names)
+    def _calls(self, request: AnthropicMessagesRequest, text: str, extract: _Extract | None) -> ExtractedToolCalls:
+        extracted = extract(text) if extract is not None else ExtractedToolCalls(text)
         if extracted.calls and request.tool_choice is not None and request.tool_choice.disable_parallel_tool_use:
             return ExtractedToolCalls(extracted.content, extracted.calls[:1])
         return extracted
@@ -143,9 +142,9 @@ class AnthropicServingMessages:
         return text, n_out, finish, stop_reason, cached
 
     async def _full(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt, merger: OutputMerger,
-                    tool_names: frozenset[str]) -> dict[str, Any]:
+                    extract: _Extract | None) -> dict[str, Any]:
         text, n_out, finish, stop_reason, cached = await self._collect(merger)
-        extracted = self._calls(request, text, tool_names)
+        extracted = self._calls(request, text, extract)
         content: list[dict[str, Any]] = []
         if extracted.content:
             content.append({"type": "text", "text": extracted.content})
@@ -159,7 +158,7 @@ class AnthropicServingMessages:
                 "usage": self._usage(prompt, n_out, cached)}
 
     async def _stream(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt,
-                      merger: OutputMerger, tool_names: frozenset[str]) -> AsyncIterator[str]:
+                      merger: OutputMerger, extract: _Extract | None) -> AsyncIterator[str]:
         try:
             yield _event("message_start", {"message": {
                 "id": message_id, "type": "message", "role": "assistant", "content": [],
@@ -167,7 +166,7 @@ class AnthropicServingMessages:
                 "usage": self._usage(prompt, 0, 0)}})
             yield _event("ping", {})
             text, n_out, finish, stop_reason, cached = "", 0, None, None, 0
-            live = not tool_names
+            live = extract is None
             if live:
                 yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
             async for _, out in merger:
@@ -180,7 +179,7 @@ class AnthropicServingMessages:
                     if live and o.text:
                         yield _event("content_block_delta", {"index": 0,
                                                              "delta": {"type": "text_delta", "text": o.text}})
-            extracted = self._calls(request, text, tool_names) if not live else ExtractedToolCalls(text)
+            extracted = self._calls(request, text, extract)
             index = 0
             if live:
                 yield _event("content_block_stop", {"index": 0})

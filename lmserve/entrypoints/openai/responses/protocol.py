@@ -23,8 +23,6 @@ from lmserve.entrypoints.openai.protocol import (INT64_MAX, INT64_MIN, ChatCompl
 from lmserve.errors import InvalidRequestError
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
-_STRUCTURED = ("structured outputs are not available in this build of lmserve, so text.format {kind!r} cannot "
-               "be enforced; use text.format {{'type': 'text'}} and describe the format in the instructions")
 
 
 class ResponsesRequest(OpenAIBaseModel):
@@ -80,12 +78,12 @@ class ResponsesRequest(OpenAIBaseModel):
     # ------------------------------------------------------------------ checks
     def check_supported(self) -> None:
         """Refuses, with a 400 naming the field, what this server cannot do."""
-        fmt = (self.text or {}).get("format") or {"type": "text"}
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        if kind != "text":
-            raise InvalidRequestError(_STRUCTURED.format(kind=kind), "text.format")
-        if self.structured_outputs:
-            raise InvalidRequestError(_STRUCTURED.format(kind="structured_outputs"), "structured_outputs")
+        self.response_format()
+        if not self.input:
+            raise InvalidRequestError("input must not be empty: send a string or at least one input item.", "input")
+        if (self.model_extra or {}).get("conversation") is not None:
+            raise InvalidRequestError("conversation is not supported: there is no Conversations API; chain "
+                                      "responses with previous_response_id.", "conversation")
         if self.reasoning and any(v is not None for v in self.reasoning.values()):
             raise InvalidRequestError("reasoning is not supported: lmserve has no reasoning parser; leave "
                                       "reasoning unset.", "reasoning")
@@ -112,18 +110,35 @@ class ResponsesRequest(OpenAIBaseModel):
             raise InvalidRequestError("previous_input_messages is for harmony (gpt-oss) models only; use "
                                       "previous_response_id or send the earlier turns as input items.",
                                       "previous_input_messages")
-        if self.kv_transfer_params:
-            raise InvalidRequestError("kv_transfer_params: disaggregated serving is not supported.",
-                                      "kv_transfer_params")
-        if self.background and self.stream:
-            raise InvalidRequestError("background=true with stream=true is not supported: create the response "
-                                      "in the background and poll GET /v1/responses/{id}.", "stream")
         if self.background and self.store is False:
             raise InvalidRequestError("background=true needs store=true: a background response is fetched from "
                                       "the store.", "background")
         if isinstance(self.tool_choice, dict) or self.tool_choice not in ("auto", "none"):
-            raise InvalidRequestError(f"tool_choice {self.tool_choice!r} is not supported: forcing a tool call "
-                                      "needs structured outputs; use 'auto' or 'none'.", "tool_choice")
+            raise InvalidRequestError(f"tool_choice {self.tool_choice!r} is not supported yet: a forced tool "
+                                      "call is not implemented on /v1/responses; use 'auto' or 'none'.", "tool_choice")
+
+    def text_format(self) -> dict[str, Any]:
+        fmt = (self.text or {}).get("format")
+        return fmt if isinstance(fmt, dict) else {"type": "text"}
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` as the chat request's ``response_format`` (None for plain text), as
+        vLLM maps it: ``json_object``, or ``json_schema`` with its ``schema``."""
+        fmt = self.text_format()
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if self.structured_outputs is not None:
+            raise InvalidRequestError("Cannot specify both structured_outputs and text.format", "structured_outputs")
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            if not isinstance(fmt.get("schema"), (dict, bool)):
+                raise InvalidRequestError("text.format of type 'json_schema' needs its 'schema'.", "text.format.schema")
+            return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema",
+                                                                                 "strict") if k in fmt}}
+        raise InvalidRequestError(f"text.format type {kind!r} is not supported (text, json_object and json_schema "
+                                  "are).", "text.format.type")
 
     def function_tools(self) -> list[dict[str, Any]]:
         """The tools in chat-completions form ({"type": "function", "function": {...}})."""
@@ -183,7 +198,9 @@ class ResponsesRequest(OpenAIBaseModel):
             "skip_special_tokens": self.skip_special_tokens, "ignore_eos": self.ignore_eos,
             "include_stop_str_in_output": self.include_stop_str_in_output, "stop": self.stop,
             "chat_template_kwargs": self.chat_template_kwargs, "vllm_xargs": self.vllm_xargs,
-            "logit_bias": self.logit_bias}
+            "kv_transfer_params": self.kv_transfer_params,
+            "logit_bias": self.logit_bias, "response_format": self.response_format(),
+            "structured_outputs": self.structured_outputs}
         for name in ("max_output_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "seed"):
             value = getattr(self, name)

@@ -15,7 +15,10 @@ Text streams as it is generated, except when function tools are offered: then th
 held until generation ends, since only the whole text tells a call from a message.
 
 Background responses (``background=true``) are stored as ``queued`` and run as a task;
-cancelling one cancels the task, which aborts its engine request.
+cancelling one cancels the task, which aborts its engine request. A streamed background
+response writes its events to an ``EventLog``: the creating request follows it, and
+``GET /v1/responses/{id}?stream=true&starting_after=N`` replays and follows it (vLLM's
+behaviour); the task runs on when the client goes away.
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 
+from lmserve.entrypoints.openai.responses.event_log import EventLog, EventLogs
 from lmserve.entrypoints.openai.responses.protocol import ResponsesRequest
 from lmserve.entrypoints.openai.responses.store import ResponseStore
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_engine import Prompt, error_body, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
-from lmserve.entrypoints.tool_call_extraction import extract_tool_calls
+from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.sampling_params import SamplingParams
 
@@ -73,7 +77,8 @@ class _Turn:
     conversation: list[dict[str, Any]]  # earlier turns + this input (no instructions)
     prompt: Prompt
     params: SamplingParams
-    tool_names: frozenset[str]
+    extract: Callable[[str], ExtractedToolCalls]  # the output's tool calls (tool_call_extraction)
+    tools_offered: bool
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -90,6 +95,7 @@ class OpenAIServingResponses:
         self.chat = chat
         self.store = store
         self._background: dict[str, asyncio.Task] = {}
+        self._event_logs = EventLogs(max(store.max_entries, 1), store.max_bytes)
 
     # ------------------------------------------------------------------ create
     async def create_responses(self, request: ResponsesRequest, raw_request: Request | None) -> Any:
@@ -106,22 +112,27 @@ class OpenAIServingResponses:
             if stored is None:
                 raise NotFoundError(f"Response with id '{request.previous_response_id}' not found.",
                                     "previous_response_id")
+            if stored.response["status"] in ("queued", "in_progress"):
+                raise InvalidRequestError(f"Response '{request.previous_response_id}' is still in progress: wait "
+                                          "for it to finish (GET /v1/responses/{id}) before continuing it.",
+                                          "previous_response_id")
             history = [dict(m) for m in stored.conversation]
         tools = request.function_tools() if request.tool_choice != "none" else []
         conversation = history + request.input_messages()
         messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) \
             + conversation
         chat_request = request.to_chat_request(messages, tools)
+        extract = tool_call_extractor(self.chat, chat_request)  # before the engine request starts
         prompt, params, merger = await self.chat.start_generation(chat_request, request.request_id)
-        turn = _Turn(request, conversation, prompt, params,
-                     frozenset(t["function"]["name"] for t in tools))
+        turn = _Turn(request, conversation, prompt, params, extract, bool(tools))
         if request.background:
             queued = self._body(turn, [], "queued", None)
             self.store.put(turn.response_id, queued, conversation)
-            task = asyncio.ensure_future(self._run_background(turn, merger))
+            log = self._event_logs.new(turn.response_id) if request.stream else None
+            task = asyncio.ensure_future(self._run_background(turn, merger, log))
             self._background[turn.response_id] = task
             task.add_done_callback(lambda _: self._background.pop(turn.response_id, None))
-            return queued
+            return SSEResponse(log.follow()) if log is not None else queued
         if request.stream:
             return SSEResponse(self._stream(turn, merger), cleanup=merger)
         return await until_disconnected(raw_request, self._full(turn, merger), cleanup=merger)
@@ -132,13 +143,17 @@ class OpenAIServingResponses:
             gen.add(out)
         return self._finish(turn, gen)
 
-    async def _run_background(self, turn: _Turn, merger: OutputMerger) -> None:
+    async def _run_background(self, turn: _Turn, merger: OutputMerger, log: EventLog | None) -> None:
         try:
             async with merger:
                 entry = self.store.get(turn.response_id)
                 if entry is not None:
                     entry.response["status"] = "in_progress"
-                await self._full(turn, merger)
+                if log is None:
+                    await self._full(turn, merger)
+                else:
+                    async for event in self._stream(turn, merger):
+                        log.append(event)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - recorded on the stored response
@@ -149,12 +164,15 @@ class OpenAIServingResponses:
                 entry.response["error"] = {"code": err.err_type, "message": err.message}
             if not isinstance(e, LMServeError):
                 logger.error("Background response %r failed", turn.response_id, exc_info=e)
+        finally:
+            if log is not None:
+                log.close()
 
     # ------------------------------------------------------------------ output
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        extracted = extract_tool_calls(gen.text, turn.tool_names)
+        extracted = turn.extract(gen.text)
         items: list[dict[str, Any]] = []
         if extracted.content or not extracted.calls:
             items.append(_message_item(_new_id("msg"), extracted.content, status))
@@ -197,10 +215,12 @@ class OpenAIServingResponses:
             "instructions": r.instructions, "max_output_tokens": p.max_tokens, "max_tool_calls": None,
             "model": self.chat.model_name, "output": output, "parallel_tool_calls": bool(r.parallel_tool_calls),
             "previous_response_id": r.previous_response_id, "reasoning": None, "service_tier": r.service_tier,
-            "store": bool(r.store), "temperature": p.temperature, "text": {"format": {"type": "text"}},
+            "store": bool(r.store), "temperature": p.temperature, "text": {"format": r.text_format()},
             "tool_choice": r.tool_choice, "tools": r.tools, "top_logprobs": r.top_logprobs, "top_p": p.top_p,
             "truncation": r.truncation or "disabled", "usage": usage, "user": r.user, "metadata": r.metadata,
-            "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty}
+            "presence_penalty": r.presence_penalty, "frequency_penalty": r.frequency_penalty,
+            # vLLM's disaggregated-serving hand-off: null, as on the other routes (no KV connector here)
+            "kv_transfer_params": None}
         if r.enable_response_messages and gen is not None:
             body["input_messages"] = [{"message": turn.prompt.text or "", "tokens": turn.prompt.token_ids,
                                        "type": "raw_message_tokens"}]
@@ -223,7 +243,7 @@ class OpenAIServingResponses:
         try:
             yield event("response.created", response=self._body(turn, [], "in_progress", None))
             yield event("response.in_progress", response=self._body(turn, [], "in_progress", None))
-            if not turn.tool_names:
+            if not turn.tools_offered:
                 live_id = _new_id("msg")
                 yield event("response.output_item.added", output_index=0,
                             item={"id": live_id, "type": "message", "role": "assistant", "status": "in_progress",
@@ -271,13 +291,18 @@ class OpenAIServingResponses:
             yield event("error", code=info.type, message=info.message, param=info.param)
 
     # ------------------------------------------------------------------ retrieve, cancel
-    def retrieve(self, response_id: str, stream: bool | None) -> dict[str, Any]:
-        if stream:
-            raise InvalidRequestError("stream=true is not supported on GET /v1/responses/{id}: background "
-                                      "responses are not streamed; retrieve without stream.", "stream")
+    def retrieve(self, response_id: str, stream: bool | None, starting_after: int | None = None) -> Any:
+        """The stored response, or with ``stream`` the events of a streamed background one."""
         entry = self.store.get(response_id)
         if entry is None:
             raise NotFoundError(f"Response with id '{response_id}' not found.", "response_id")
+        if stream:
+            log = self._event_logs.get(response_id)
+            if log is None:
+                raise InvalidRequestError("stream=true needs a response created with background=true and "
+                                          "stream=true (its events are kept); retrieve this one without stream.",
+                                          "stream")
+            return SSEResponse(log.follow(-1 if starting_after is None else starting_after))
         return entry.response
 
     async def cancel(self, response_id: str) -> dict[str, Any]:

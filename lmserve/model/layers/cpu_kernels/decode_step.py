@@ -82,6 +82,12 @@ class LlamaDecodeStep:
         self._model.block_size = block_size
         self._bound = kv_caches
 
+    def unbind(self) -> None:
+        """Forget the KV caches (sleep mode frees them); the next call binds the ones it gets."""
+        for layer in self._layers:
+            layer.kv_cache, layer.num_blocks = 0, 0
+        self._bound = None
+
     def takes(self, meta: AttentionMetadata) -> bool:
         """Whether a step runs here: decode-only, 1 to ``max_rows`` sequences (the policy the
         model's forward applies; every other step runs layer by layer)."""
