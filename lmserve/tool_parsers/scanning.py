@@ -107,7 +107,7 @@ class ScanningToolParser(ToolParser):
         self._sent_content = max(self._sent_content, len(s.content))
         pieces: list[DeltaToolCall] = []
         for i, call in enumerate(s.calls):
-            if call.name is None:
+            if call.name is None or call.error:
                 break
             if i >= len(self._sent_ids):
                 self._sent_ids.append(make_tool_call_id())
