@@ -25,6 +25,7 @@ from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
 from lmserve.entrypoints.frontend_flags import add_frontend_args
+from lmserve.entrypoints.tool_reasoning_flags import add_tool_reasoning_args, check_tool_reasoning_args
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
 
@@ -54,7 +55,6 @@ def _unsupported(flag: str, why: str, accepted: Callable[[Any], bool] = lambda v
 _LORA = "LoRA adapters are not supported by lmserve"
 _SPEC = "speculative decoding is not supported by lmserve"
 _MM = "lmserve serves text-only models"
-_TOOLS = "tool calling / reasoning parsers are not supported by lmserve yet"
 for _f in ("--enable-lora", "--enable-lora-bias", "--fully-sharded-loras", "--enable-prompt-adapter"):
     _unsupported(_f, _LORA, action="store_const", const=True)
 for _f in ("--lora-modules", "--prompt-adapters"):
@@ -74,10 +74,8 @@ _unsupported("--speculative-disable-mqa-scorer", _SPEC, action="store_const", co
 for _f in ("--limit-mm-per-prompt", "--mm-processor-kwargs", "--allowed-local-media-path"):
     _unsupported(_f, _MM)
 _unsupported("--disable-mm-preprocessor-cache", _MM, action="store_const", const=True)
-_unsupported("--enable-auto-tool-choice", _TOOLS, action="store_const", const=True)
-_unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
-for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
-    _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
+_unsupported("--enable-reasoning", "removed in vLLM too: --reasoning-parser alone turns reasoning parsing on",
+             action="store_const", const=True)
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
 _unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
 _unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
@@ -200,6 +198,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
     add_frontend_args(g)
+    add_tool_reasoning_args(parser)
     n = parser.add_argument_group("vllm flags that change nothing on this build (accepted, logged at start-up)")
     for flag, kwargs, why in NOOP_FLAGS:
         n.add_argument(flag, default=None, help=f"No-op here: {why}.", **kwargs)
@@ -305,6 +304,10 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
             ok = False
         if not ok:
             parser.error(f"{flag} {'' if value is True else value!s} is not supported: {why}.".replace("  ", " "))
+    try:
+        check_tool_reasoning_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     notes, errors = check_foreign_flags(args, getattr(args, "foreign_flags", None) or {})
     if errors:
         parser.error(" ".join(errors))

@@ -65,6 +65,11 @@ class ServerOptions:
     trust_request_chat_template: bool = False
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
     force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with a usage chunk
+    tool_call_parser: str | None = None  # --tool-call-parser (a ToolParserManager name)
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is parsed
+    exclude_tools_when_tool_choice_none: bool = False
+    reasoning_parser: str | None = None  # --reasoning-parser (a ReasoningParserManager name)
+    reasoning_config: Any = None  # lmserve.reasoning.config.ReasoningConfig, token ids resolved
     executor: Any = field(default=None, compare=False, repr=False)
     template_sandbox: Any = field(default=None, compare=False, repr=False)
 
