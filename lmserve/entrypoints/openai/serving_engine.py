@@ -258,11 +258,25 @@ class OpenAIServing:
             if limit != -1 and 2 * params.n > limit:
                 raise InvalidRequestError(f"Beam search with n={params.n} needs {2 * params.n} logprobs per step; "
                                           f"the server allows {limit} (--max-logprobs).", "n")
+        self._thinking_budget(request, params)
         try:
             params.verify_against_vocab(self.model_config.vocab_size)
         except ValueError as e:
             raise InvalidRequestError(str(e), str(e).split(" ", 1)[0]) from e
         return params
+
+    def _thinking_budget(self, request: Any, params: SamplingParams) -> None:
+        """Carries ``thinking_token_budget`` and the thinking markers' token ids into ``params``."""
+        budget = getattr(request, "thinking_token_budget", None)
+        if budget is None or budget == -1:
+            return
+        config = self.options.reasoning_config
+        if config is None or not config.enabled:
+            raise InvalidRequestError("thinking_token_budget is set but reasoning_config is not configured. Please "
+                                      "set --reasoning-parser and/or --reasoning-config to use "
+                                      "thinking_token_budget.", "thinking_token_budget")
+        params.thinking_token_budget = budget
+        params._thinking_token_ids = (list(config.start_token_ids), list(config.end_token_ids))
 
     # ------------------------------------------------------------------ engine calls
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
