@@ -166,7 +166,7 @@ class OpenAIServingChat(OpenAIServing):
                 'outputs), which this build lacks. Use tool_choice="auto" with --enable-auto-tool-choice.',
                 "tool_choice")
         if mode == "auto":
-            self._tool_parser_cls().adjust_request(request)
+            self._tool_parser_cls()(self.tokenizer, request.tools).adjust_request(request)
         return mode
 
     def _tool_parser_cls(self) -> Any:
