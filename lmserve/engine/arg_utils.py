@@ -179,6 +179,7 @@ class EngineArgs:
                              "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
         if self.kv_cache_dtype != "auto":
             raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
+        self._check_executor_backend()
         runner, task = self._runner_and_task()
         model = self.model or (default_embedding_model() if runner == "pooling" else default_model())
         model_dir, gguf_file = resolve_model(model, self.revision, self.download_dir)
@@ -258,6 +259,17 @@ class EngineArgs:
             logits_processors=tuple(self.logits_processors or ()),
             enforce_eager=self.enforce_eager)
 
+
+    def _check_executor_backend(self) -> None:
+        """With one rank the worker runs in the engine's process: ``uni`` is what runs, ``mp`` names
+        the same single worker (said in the log), ``ray`` is refused (no Ray executor in this build)."""
+        backend = self.distributed_executor_backend
+        if backend == "ray":
+            raise ValueError("--distributed-executor-backend ray: this build has no Ray executor; with one "
+                             "worker leave the flag unset (or 'uni'), the worker runs in the engine's process")
+        if backend == "mp":
+            logger.info("--distributed-executor-backend mp: one rank, so its one worker runs in the engine's "
+                        "process (as 'uni')")
 
     def _runner_and_task(self) -> tuple[str, str | None]:
         """(--runner after --task, the pooling task --task asks for). Conflicts are a ValueError."""

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # --help, --version, or an error naming the unknown command: exits
         return 2
     command, rest = argv[0], argv[1:]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    # The chat and complete clients print only the conversation: no INFO lines (httpx logs each request).
+    level = logging.WARNING if command in ("complete", "chat") else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     if command == "bench":
         return _run_bench(rest)
     if command == "serve":

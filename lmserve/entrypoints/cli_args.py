@@ -25,6 +25,7 @@ from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
 from lmserve.entrypoints.frontend_flags import add_frontend_args
+from lmserve.entrypoints.help_groups import filtered_help, help_keyword, regroup_as_vllm
 from lmserve.entrypoints.tool_reasoning_flags import add_tool_reasoning_args, check_tool_reasoning_args
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
@@ -85,7 +86,6 @@ _unsupported("--worker-cls", "custom worker classes are not supported", accepted
 _unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
 _unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)
 _unsupported("--cpu-offload-gb", "weight offloading is not supported", accepted=lambda v: float(v) == 0)
-_unsupported("--swap-space", "preemption recomputes; KV blocks are never swapped", accepted=lambda v: float(v) == 0)
 _unsupported("--preemption-mode", "preemption recomputes; KV blocks are never swapped",
              accepted=lambda v: v == "recompute")
 _unsupported("--num-scheduler-steps", "multi-step scheduling is not supported", accepted=lambda v: int(v) == 1)
@@ -118,6 +118,8 @@ _unsupported("--disable-sliding-window", "sliding-window attention is not config
 # (``finalize_serve_args`` puts the lines in ``args.noop_flags``).
 NOOP_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("--use-v2-block-manager", dict(action="store_const", const=True), "there is one block manager"),
+    ("--swap-space", dict(type=float), "preemption recomputes (as vLLM's V1 engine); no KV block is swapped "
+     "to CPU memory, so no swap space is reserved"),
     ("--disable-custom-all-reduce", dict(action="store_const", const=True), "there is no custom all-reduce"),
     ("--disable-async-output-proc", dict(action="store_const", const=True), "outputs are processed synchronously"),
     ("--async-scheduling", dict(action=argparse.BooleanOptionalAction),
@@ -209,7 +211,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if flag not in known:  # the engine may learn a flag later: then its definition wins
             u.add_argument(flag, default=None, help=argparse.SUPPRESS, **kwargs)
     parser.set_defaults(foreign_flags=register_foreign_flags(parser))
-    return parser
+    return regroup_as_vllm(parser)
 
 
 def _dest_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -388,6 +390,10 @@ def parse_serve_args(argv: list[str], parser: argparse.ArgumentParser | None = N
     Long flags may be spelled as vLLM's parser takes them (``normalize_argv``)."""
     if parser is None:
         parser = add_server_args(make_serve_parser(prog="lmserve serve"))
+    keyword = help_keyword(argv)
+    if keyword is not None:
+        print(filtered_help(parser, keyword), end="")
+        raise SystemExit(0)
     try:
         argv = normalize_argv(argv)
     except ValueError as e:

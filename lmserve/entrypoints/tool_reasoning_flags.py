@@ -23,11 +23,6 @@ def add_tool_reasoning_args(parser: argparse.ArgumentParser) -> None:
                    help="A Python file registering tool parsers with @ToolParserManager.register_module(name).")
     g.add_argument("--exclude-tools-when-tool-choice-none", action=argparse.BooleanOptionalAction, default=False,
                    help="Leave the tools out of the prompt when tool_choice is \"none\".")
-    g.add_argument("--tool-server", default=None,
-                   help="Refused: lmserve has no built-in or remote tool server (tools run on the client).")
-    g.add_argument("--tool-strict-level", default="auto",
-                   help="Only \"auto\" (vLLM's default): required/named tool_choice are enforced by constrained "
-                        "decoding; auto tool calls are parsed, not constrained.")
     g.add_argument("--reasoning-parser", default="",
                    help="The reasoning parser: qwen3, deepseek_r1, deepseek_v3, mistral, or one a "
                         "--reasoning-parser-plugin registers.")
@@ -41,12 +36,6 @@ def add_tool_reasoning_args(parser: argparse.ArgumentParser) -> None:
 
 def check_tool_reasoning_args(args: argparse.Namespace) -> None:
     """Loads the plugins and checks the names; ValueError (a start-up error) when wrong."""
-    if getattr(args, "tool_server", None):
-        raise ValueError("--tool-server is not supported: lmserve has no tool server (neither the demo tools nor "
-                         "MCP servers); run tools on the client and send their results as role \"tool\" messages.")
-    if getattr(args, "tool_strict_level", "auto") != "auto":
-        raise ValueError(f"--tool-strict-level {args.tool_strict_level} is not supported: only \"auto\" (auto tool "
-                         "calls are parsed, not constrained; required/named ones are constrained).")
     if args.tool_parser_plugin:
         ToolParserManager.import_tool_parser(args.tool_parser_plugin)
     if args.reasoning_parser_plugin:

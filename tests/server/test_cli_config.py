@@ -72,8 +72,6 @@ def test_missing_config_file(capsys):
     (["--speculative-model", "x"], "speculative"),
     (["--num-speculative-tokens", "3"], "speculative"),
     (["--quantization", "awq"], "quantization"),
-    (["--tool-server", "demo"], "tool server"),
-    (["--tool-strict-level", "parameter"], "auto"),
     (["--cpu-offload-gb", "4"], "offloading"),
     (["--limit-mm-per-prompt", "image=2"], "text-only"),
     (["--kv-transfer-config", "{}"], "disaggregated"),

@@ -72,7 +72,9 @@ def checkpoint_dtype(hf_config: Any, model_dir: str | None = None, gguf_file: st
     """
     if gguf_file:
         return torch.float32
-    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # ``dtype`` only: transformers maps a config.json's ``torch_dtype`` onto it, and reading the
+    # ``torch_dtype`` attribute logs a deprecation warning (the raw file is read below instead).
+    value = getattr(hf_config, "dtype", None)
     if value is None and model_dir and os.path.isfile(os.path.join(model_dir, "config.json")):
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
