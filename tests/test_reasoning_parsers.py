@@ -99,3 +99,19 @@ def test_thinking_budget_needs_markers() -> None:
     with pytest.raises(ValueError, match="--reasoning-parser"):
         ThinkingBudgetLogitsProcessor.validate_params(SamplingParams(thinking_token_budget=5))
     ThinkingBudgetLogitsProcessor.validate_params(SamplingParams(thinking_token_budget=-1))
+
+
+def test_thinking_budget_in_the_engine(tiny_text_model) -> None:
+    """Through the whole engine: the prompt's last token opens the section, so after 3 generated
+    tokens the two end-marker tokens are forced, then decoding goes on freely."""
+    from lmserve import LLM
+
+    llm = LLM(tiny_text_model, dtype="float32", block_size=4, kv_cache_memory=16 * 2**20, max_model_len=128)
+    prompt = llm.get_tokenizer().encode("The history of the city begins")
+    free = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=8,
+                                                                       ignore_eos=True))[0].outputs[0].token_ids
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, thinking_token_budget=3)
+    params._thinking_token_ids = ([prompt[-1]], [11, 12])
+    out = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
+    assert list(out[:3]) == list(free[:3]) and list(out[3:5]) == [11, 12]
+    assert len(out) == 8

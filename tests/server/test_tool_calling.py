@@ -35,9 +35,11 @@ class ScriptedLLM(FakeAsyncLLM):
 
     script: str = ""
     prompts: list = []
+    params: list = []
 
     async def generate(self, prompt, sampling_params, request_id, priority=0, cache_salt=None):
         self.prompts.append(prompt.get("prompt"))
+        self.params.append(sampling_params)
         ids = self.tokenizer.encode(self.script, add_special_tokens=False)
         for k, tid in enumerate(ids):
             await asyncio.sleep(0)
@@ -56,7 +58,7 @@ def tokenizer():
 def make_client(tokenizer, argv, script=""):
     _, serve = make_parser()
     engine = ScriptedLLM(tokenizer, max_model_len=4096)
-    engine.script, engine.prompts = script, []
+    engine.script, engine.prompts, engine.params = script, [], []
     app = build_app(parse_serve_args(list(argv), serve), engine)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/v1")
     return openai.AsyncOpenAI(api_key="x", base_url="http://t/v1", http_client=http, max_retries=0), engine
@@ -166,3 +168,16 @@ async def test_refusals_name_the_flags(tokenizer):
         with pytest.raises(openai.BadRequestError) as e:
             await client.chat.completions.create(model="fake", messages=USER, **bad)
         assert e.value.body["param"] == param
+
+
+@pytest.mark.anyio
+async def test_thinking_token_budget_reaches_the_engine(tokenizer):
+    client, engine = make_client(tokenizer, SERVE + ["--reasoning-config", '{"reasoning_end_str": "Done.</think>"}'],
+                                 "x</think>y")
+    await client.chat.completions.create(model="fake", messages=USER, extra_body={"thinking_token_budget": 5})
+    params = engine.params[-1]
+    assert params.thinking_token_budget == 5
+    assert params._thinking_token_ids == (tokenizer.encode("<think>", add_special_tokens=False),
+                                          tokenizer.encode("Done.</think>", add_special_tokens=False))
+    await client.chat.completions.create(model="fake", messages=USER)
+    assert engine.params[-1].thinking_token_budget is None
