@@ -10,6 +10,7 @@ choices; then ``[DONE]``. The non-streaming body is that same sequence accumulat
 from __future__ import annotations
 
 import functools
+import importlib.util
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from starlette.requests import Request
 
 from lmserve.chat_template import TemplateLimitError, apply_chat_template, special_tokens_of
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
-from lmserve.entrypoints.openai.chat_output import ChoiceParser, merge_deltas, tool_mode
+from lmserve.entrypoints.openai.chat_output import ChoiceParser, merge_deltas, tool_choice_schema, tool_mode
 from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageParam
 from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                           ChatCompletionLogProbsContent, ChatCompletionResponse,
@@ -138,6 +139,7 @@ class OpenAIServingChat(OpenAIServing):
         mode = self.check_tool_choice(request)
         prompt = await self.prepare_prompt(request)
         params = self.sampling_params(request, len(prompt.token_ids))
+        self.constrain_tool_call(request, mode, params)
         created = int(time.time())
         merger = OutputMerger([self.generate(prompt, params, request_id, request)])
         await merger.start()
@@ -160,14 +162,32 @@ class OpenAIServingChat(OpenAIServing):
             desc = f'function "{choice["function"]["name"]}"' if isinstance(choice, dict) else f'"{choice}"'
             raise InvalidRequestError(f"tool_choice={desc} requires --tool-call-parser to be set", "tool_choice")
         mode = tool_mode(choice, opts.enable_auto_tool_choice, has_parser)
-        if mode in ("required", "named"):
+        if mode in ("required", "named") and importlib.util.find_spec("lmserve.structured_output") is None:
             raise InvalidRequestError(
-                f"tool_choice={choice!r} is not supported yet: it needs constrained decoding (structured "
-                'outputs), which this build lacks. Use tool_choice="auto" with --enable-auto-tool-choice.',
-                "tool_choice")
+                f"tool_choice={choice!r} is not supported by this build: it needs constrained decoding "
+                '(structured outputs), which is not installed. Use tool_choice="auto" with '
+                "--enable-auto-tool-choice.", "tool_choice")
         if mode == "auto":
             self._tool_parser_cls()(self.tokenizer, request.tools).adjust_request(request)
         return mode
+
+    @staticmethod
+    def constrain_tool_call(request: ChatCompletionRequest, mode: str, params: Any) -> None:
+        """For "required" / a named function: the output is constrained to vLLM's tool-call JSON
+        (``chat_output.tool_choice_schema``). A named call excludes any other constraint of the
+        request (vLLM's 400); "required" overrides one."""
+        if mode not in ("required", "named"):
+            return
+        from lmserve.structured_output import json_schema_constraint
+        if mode == "named" and params.structured_outputs is not None:
+            raise InvalidRequestError("You can only either use constraints for structured outputs or tools, not "
+                                      "both.", "tool_choice")
+        try:
+            schema = tool_choice_schema(request.tools or [], request.tool_choice, request.parallel_tool_calls)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "tools") from e
+        assert schema is not None
+        params.structured_outputs = json_schema_constraint(schema)
 
     def _tool_parser_cls(self) -> Any:
         return ToolParserManager.get_tool_parser(self.options.tool_call_parser or "")
@@ -178,7 +198,8 @@ class OpenAIServingChat(OpenAIServing):
         if opts.reasoning_parser is None and mode == "none":
             return None
         reasoning = None
-        if opts.reasoning_parser is not None:
+        # required/named: the grammar holds from the first token, so there is no thinking section.
+        if opts.reasoning_parser is not None and mode not in ("required", "named"):
             kwargs = {**(opts.default_chat_template_kwargs or {}), **(request.chat_template_kwargs or {})}
             reasoning = ReasoningParserManager.get_reasoning_parser(opts.reasoning_parser)(
                 self.tokenizer, chat_template_kwargs=kwargs)
