@@ -15,7 +15,9 @@ from tests.tool_parser_utils import check_all_splits, streamed, whole
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
-                                     "opts": {"type": "object"}}}}}]
+                                     "opts": {"type": "object"}, "flag": {"type": "boolean"},
+                                     "ratio": {"type": "number"}, "maybe": {"type": ["integer", "null"]},
+                                     "free": {}}}}}]
 W = ("get_weather", '{"city": "Paris", "days": 3}')
 B = '<｜tool▁calls▁begin｜>'
 C, S, E, X = '<｜tool▁call▁begin｜>', '<｜tool▁sep｜>', '<｜tool▁call▁end｜>', '<｜tool▁calls▁end｜>'
@@ -59,10 +61,12 @@ CASES = [
     ("deepseek_v3", "text only", "text only", []),
     ("deepseek_v3", B + _ds("bad name", "{}") + X, B + _ds("bad name", "{}") + X, []),
     ("qwen3_xml", "Checking.\n" + _qx("get_weather", {"city": "Paris", "days": "3"}) + "\n" + _qx("other", {}),
-     "Checking.\n", [W, ("other", "{}")]),
+     "Checking.", [W, ("other", "{}")]),
     ("qwen3_coder", _qx("get_weather", {"city": 'multi\nline "q"', "opts": '{"a": [1]}'}), None,
      [("get_weather", '{"city": "multi\\nline \\"q\\"", "opts": {"a": [1]}}')]),
     ("qwen3_xml", "no call <tool", "no call <tool", []),
+    ("qwen3_xml", _qx("get_weather", {"flag": "True", "ratio": "3.0", "maybe": "null", "free": "[1]", "days": "x"}),
+     None, [("get_weather", '{"flag": true, "ratio": 3, "maybe": null, "free": "[1]", "days": "x"}')]),
 ]
 
 

@@ -12,15 +12,17 @@
     </tool_call>
 
 A value loses one leading and one trailing newline (the template's). Values are typed by the
-tool's parameter schema: a parameter whose schema allows "string", or has no type, or is not in
-the schema, stays text; any other is read as JSON when it parses (3 -> 3, true -> true, {...}),
-else kept as text. The content is the text before the first ``<tool_call>``. String values
-stream as they grow; typed ones are sent once their ``</parameter>`` arrives.
+tool's parameter schema as vLLM does (``_typed``): a parameter without a type in the schema, or
+whose types include "string", stays text; otherwise null, integer, number, boolean, object, array
+are tried in that order (text when none fits). The content is the text before the first
+``<tool_call>``, less trailing whitespace. String values stream as they grow; typed ones are sent
+once their ``</parameter>`` arrives.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from lmserve.tool_parsers.partial_json import canonical_json
@@ -33,25 +35,71 @@ PARAM_START, PARAM_END = "<parameter=", "</parameter>"
 _WS = " \t\r\n"
 
 
-def _is_text(schema: Any) -> bool:
+def _types(schema: Any) -> set[str]:
+    """The JSON types a parameter schema allows (``type``, or the ``type`` of anyOf/oneOf members)."""
     if not isinstance(schema, dict):
-        return True
+        return set()
     kinds = schema.get("type")
-    if kinds is None:
-        options = schema.get("anyOf") or schema.get("oneOf")
-        if isinstance(options, list):
-            return any(_is_text(o) for o in options)
-        return "enum" not in schema and "const" not in schema
-    return kinds == "string" or (isinstance(kinds, list) and "string" in kinds)
+    if isinstance(kinds, str):
+        return {kinds.strip().lower()}
+    if isinstance(kinds, list):
+        return {k.strip().lower() for k in kinds if isinstance(k, str)}
+    out: set[str] = set()
+    for option in (schema.get("anyOf") or schema.get("oneOf") or []):
+        out |= _types(option)
+    return out
 
 
-def _typed(value: str, text: bool) -> Any:
-    if text:
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+def _typed(value: str, types: set[str]) -> Any:
+    """vLLM's coercion of a parameter's text by its schema types, tried in the order null,
+    integer, number, boolean, object, array, string; text when nothing fits (or no types)."""
+    if not types:
         return value
+    for kind in ("null", "integer", "number", "boolean", "object", "array", "string"):
+        if kind not in types:
+            continue
+        if kind == "string":
+            return value
+        if kind == "null" and value.lower() == "null":
+            return None
+        if kind == "integer":
+            try:
+                return int(value)
+            except ValueError:
+                continue
+        if kind == "number":
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                return int(number) if number == int(number) else number
+        if kind == "boolean":
+            word = value.strip().lower()
+            if word in ("true", "1", "false", "0"):
+                return word in ("true", "1")
+        if kind in ("object", "array"):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                continue
+            if _finite(parsed):
+                return parsed
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except ValueError:
         return value
+    return parsed if _finite(parsed) else value
 
 
 def _expect(text: str, pos: int, token: str, final: bool) -> int | None:
@@ -76,6 +124,8 @@ class Qwen3XMLToolParser(ScanningToolParser):
 
     def scan(self, text: str, final: bool) -> Scan:
         content, at = content_before(text, TOOL_START, final)
+        if at >= 0 or not final:
+            content = content.rstrip()  # the template's newline before <tool_call> (kept if no call follows)
         out = Scan(content=content)
         while at >= 0:
             call, pos = self._one_call(text, at + len(TOOL_START), final)
@@ -141,7 +191,8 @@ class Qwen3XMLToolParser(ScanningToolParser):
             key = text[nxt:close].strip()
             value_end = text.find(PARAM_END, close + 1)
             raw = text[close + 1:value_end if value_end >= 0 else len(text)]
-            is_text = _is_text(props.get(key))
+            types = _types(props.get(key))
+            is_text = not types or "string" in types
             sep = ", " if parts else ""
             if value_end < 0:
                 if final:
@@ -160,5 +211,5 @@ class Qwen3XMLToolParser(ScanningToolParser):
             value = value[:-1] if value.endswith("\n") else value
             if key not in seen:  # a repeated parameter keeps its first value
                 seen.add(key)
-                parts.append(canonical_json(key) + ": " + canonical_json(_typed(value, is_text)))
+                parts.append(canonical_json(key) + ": " + canonical_json(_typed(value, types)))
             pos = value_end + len(PARAM_END)
