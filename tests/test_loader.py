@@ -230,8 +230,8 @@ def test_gguf_names():
     assert gguf_to_hf_name("blk.12.attn_q.bias") == "model.layers.12.self_attn.q_proj.bias"
     assert gguf_to_hf_name("blk.0.attn_k_norm.weight") == "model.layers.0.self_attn.k_norm.weight"
     assert gguf_to_hf_name("output.weight") == "lm_head.weight"
-    with pytest.raises(ValueError, match="blk.0.ffn_gate_exps.weight"):
-        gguf_to_hf_name("blk.0.ffn_gate_exps.weight")
+    with pytest.raises(ValueError, match="blk.0.ffn_gate_shexp.weight"):  # a shared expert: not supported
+        gguf_to_hf_name("blk.0.ffn_gate_shexp.weight")
 
 
 def _smollm2_path() -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmserve.sampling_params import SamplingParams
+from lmserve.worker.logits_processors.per_request import RequestLogitsProcessorsAdapter
 from lmserve.worker.logits_processors import (
     BatchUpdate,
     LogitBiasLogitsProcessor,
@@ -178,7 +179,8 @@ def test_build_logitsprocs_splits_by_argmax_invariance():
     assert [type(p) for p in procs.argmax_invariant] == [MinPLogitsProcessor]
     from lmserve.worker.logits_processors.thinking_budget import ThinkingBudgetLogitsProcessor
     assert [type(p) for p in procs.non_argmax_invariant] == [
-        MinTokensLogitsProcessor, LogitBiasLogitsProcessor, ThinkingBudgetLogitsProcessor, Recording]
+        MinTokensLogitsProcessor, LogitBiasLogitsProcessor, RequestLogitsProcessorsAdapter,
+        ThinkingBudgetLogitsProcessor, Recording]
     assert seen == [(config, torch.device("cpu"), False)]
 
 

@@ -37,7 +37,7 @@ class ScriptedLLM(FakeAsyncLLM):
     prompts: list = []
     params: list = []
 
-    async def generate(self, prompt, sampling_params, request_id, priority=0, cache_salt=None):
+    async def generate(self, prompt, sampling_params, request_id, priority=0, cache_salt=None, **_):
         self.prompts.append(prompt.get("prompt"))
         self.params.append(sampling_params)
         ids = self.tokenizer.encode(self.script, add_special_tokens=False)

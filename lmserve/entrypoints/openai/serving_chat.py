@@ -10,7 +10,6 @@ choices; then ``[DONE]``. The non-streaming body is that same sequence accumulat
 from __future__ import annotations
 
 import functools
-import importlib.util
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, s
 from lmserve.errors import InvalidRequestError, LMServeError
 from lmserve.outputs import CompletionOutput, Logprob
 from lmserve.reasoning import ReasoningParserManager
+from lmserve.sampling_params import SamplingParams
 from lmserve.tool_parsers import ToolParserManager
 
 def _named_template(tokenizer: Any, name: str) -> bool:
@@ -75,7 +75,7 @@ class OpenAIServingChat(OpenAIServing):
         --trust-request-chat-template, as vLLM; when trusted it renders in the sandbox
         processes (time and memory limits). The server's own templates render on the worker
         thread. Either way the event loop never runs a template."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("messages", "Chat messages (rendered by the chat template)")
         if self.options.default_chat_template_kwargs:  # --default-chat-template-kwargs; the request's win
             chat_template_kwargs = {**self.options.default_chat_template_kwargs, **(chat_template_kwargs or {})}
         if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:
@@ -134,15 +134,9 @@ class OpenAIServingChat(OpenAIServing):
                                      raw_request: Request | None):
         """Returns a ChatCompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        self.check_model(request.model)
-        request.validate_request()
-        mode = self.check_tool_choice(request)
-        prompt = await self.prepare_prompt(request)
-        params = self.sampling_params(request, len(prompt.token_ids))
-        self.constrain_tool_call(request, mode, params)
+        prompt, _, merger = await self.start_generation(request, request_id, tool_calling=True)
+        mode = self.tool_mode(request)
         created = int(time.time())
-        merger = OutputMerger([self.generate(prompt, params, request_id, request)])
-        await merger.start()
         if request.stream:
             return SSEResponse(self._stream(request, request_id, created, prompt, merger, mode), cleanup=merger)
         return await until_disconnected(raw_request, self._full(request, request_id, created, prompt, merger, mode),
@@ -161,15 +155,15 @@ class OpenAIServingChat(OpenAIServing):
                                           "--tool-call-parser to be set", "tool_choice")
             desc = f'function "{choice["function"]["name"]}"' if isinstance(choice, dict) else f'"{choice}"'
             raise InvalidRequestError(f"tool_choice={desc} requires --tool-call-parser to be set", "tool_choice")
-        mode = tool_mode(choice, opts.enable_auto_tool_choice, has_parser)
-        if mode in ("required", "named") and importlib.util.find_spec("lmserve.structured_output") is None:
-            raise InvalidRequestError(
-                f"tool_choice={choice!r} is not supported by this build: it needs constrained decoding "
-                '(structured outputs), which is not installed. Use tool_choice="auto" with '
-                "--enable-auto-tool-choice.", "tool_choice")
+        mode = self.tool_mode(request)
         if mode == "auto":
             self._tool_parser_cls()(self.tokenizer, request.tools).adjust_request(request)
         return mode
+
+    def tool_mode(self, request: ChatCompletionRequest) -> str:
+        """The chat_output mode of a validated request under the server's tool flags."""
+        opts = self.options
+        return tool_mode(request.tool_choice, opts.enable_auto_tool_choice, opts.tool_call_parser is not None)
 
     @staticmethod
     def constrain_tool_call(request: ChatCompletionRequest, mode: str, params: Any) -> None:
@@ -206,20 +200,41 @@ class OpenAIServingChat(OpenAIServing):
         tools = self._tool_parser_cls()(self.tokenizer, request.tools) if mode == "auto" else None
         return ChoiceParser(request, mode, reasoning, tools, include_reasoning=request.include_reasoning)
 
+    async def start_generation(self, request: ChatCompletionRequest, request_id: str, tool_calling: bool = False
+                               ) -> tuple[Prompt, SamplingParams, OutputMerger]:
+        """Validates ``request``, renders and tokenizes it and starts its engine request(s).
+
+        The one generation path of every chat-shaped API (chat completions, the Responses and
+        Anthropic Messages APIs, batch chat): each translates its body into a
+        ``ChatCompletionRequest`` and builds its own answer from the merger's outputs. Its
+        ``model`` may name a LoRA adapter (``--enable-lora``), which the generation then runs with. A
+        refusal (bad request, overload) raises here, before any response starts; the caller
+        owns the merger and must ``aclose()`` it. ``tool_calling``: the chat completions API's
+        ``tool_choice`` rules apply (``check_tool_choice``; required/named constrain the output)."""
+        lora = self.resolve_model(request.model)  # the adapter ``model`` names, if any
+        request.validate_request()
+        mode = self.check_tool_choice(request) if tool_calling else "none"
+        prompt = await self.prepare_prompt(request)
+        params = self.sampling_params(request, len(prompt.token_ids))
+        self.constrain_tool_call(request, mode, params)
+        merger = OutputMerger([self.generate(prompt, params, request_id, request, lora)])
+        await merger.start()
+        return prompt, params, merger
+
     # ------------------------------------------------------------------ logprobs
     def _logprobs(self, request: ChatCompletionRequest, o: CompletionOutput
                   ) -> list[ChatCompletionLogProbsContent] | None:
         if not request.logprobs or o.logprobs is None:
             return None
         as_ids = self.as_ids(request)
-        k = request.top_logprobs or 0
+        k = -1 if request.logprob_token_ids else (request.top_logprobs or 0)
         out = []
         for tid, d in zip(o.token_ids, o.logprobs):
             chosen: Logprob | None = d.get(tid)
             text = self.token_text(tid, chosen, as_ids)
             tops = [ChatCompletionLogProb(token=(t2 := self.token_text(t, e, as_ids)),
                                           logprob=self.safe_logprob(e.logprob), bytes=list(t2.encode()))
-                    for t, e in self.ranked(d, k)] if k else []
+                    for t, e in self.listed(d, request, k)] if k else []
             out.append(ChatCompletionLogProbsContent(
                 token=text, logprob=self.safe_logprob(chosen.logprob) if chosen else -9999.0,
                 bytes=list(text.encode()), top_logprobs=tops))
@@ -237,7 +252,7 @@ class OpenAIServingChat(OpenAIServing):
         parsers = [self.choice_parser(request, mode) for _ in range(request.n)]
 
         def chunk(choice: ChatCompletionResponseStreamChoice, first: bool = False) -> str:
-            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                              choices=[choice])
             if first and request.return_token_ids:
                 c.prompt_token_ids = prompt.token_ids
@@ -279,7 +294,7 @@ class OpenAIServingChat(OpenAIServing):
                         finish_reason=finish, stop_reason=o.stop_reason,
                         token_ids=list(o.token_ids) if request.return_token_ids else None))
             if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                        choices=[], usage=self.usage(prompt_len, sum(generated),
                                                                                     cached)))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
@@ -287,6 +302,11 @@ class OpenAIServingChat(OpenAIServing):
         yield SSE_DONE
 
     # ------------------------------------------------------------------ non-streaming
+    async def full_response(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
+                            merger: OutputMerger) -> ChatCompletionResponse:
+        """The whole ``chat.completion`` of a started generation (batch chat answers with these)."""
+        return await self._full(request, request_id, created, prompt, merger)
+
     async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
                     merger: OutputMerger, mode: str = "none") -> ChatCompletionResponse:
         role = self.response_role(request)
@@ -314,7 +334,7 @@ class OpenAIServingChat(OpenAIServing):
             token_ids=st.token_ids if request.return_token_ids else None)
             for i, st in enumerate(choices) for message, finish in [self._message(request, mode, role, echo, st)]]
         return ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=result,
+            id=request_id, created=created, model=self.response_model(request), choices=result,
             usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached),
             prompt_logprobs=self.prompt_logprobs_json(prompt_lps) if request.prompt_logprobs is not None else None,
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None,

@@ -1,0 +1,125 @@
+"""Mixture-of-experts feed-forward: top-k routing and a batched expert dispatch over stacked weights.
+
+Contracts:
+- Expert weights are stacked at load time: ``w13`` [E, 2*I, H] (each expert's gate rows, then its up
+  rows, as transformers' ``experts.gate_up_proj``) and ``w2`` [E, H, I] (``experts.down_proj``).
+  Expert e computes ``w2[e] @ (silu(w13[e][:I] @ x) * w13[e][I:] @ x)``.
+- Routing (``select_experts``) is transformers': softmax over the router logits in float32, top-k,
+  and (``renormalize``) the k weights divided by their sum. Weights stay float32 until they scale
+  an expert's output, cast to the activation dtype there (as transformers multiplies).
+- ``fused_moe`` never loops over tokens. It sorts the T*k (token, expert) pairs by expert id,
+  runs one GEMM pair per expert over that expert's contiguous group of rows, scales each row by
+  its routing weight and ``index_add_``s the rows back to their tokens (**grouped** path). For a
+  step of few rows (decode at small batch, ``T * k <= gather_max_rows``) it instead gathers only
+  the selected experts' weights and runs one batched matmul over all T*k pairs (**gathered**
+  path): no per-expert Python loop and no weights of unselected experts touched.
+  Both paths compute the same sums; they differ only in float rounding order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmserve.model.layers.activation import SiluAndMul
+from lmserve.model.layers.linear import Linear
+
+# (token, expert) pairs per step up to which the gathered (bmm) path runs; see the module docstring.
+DEFAULT_GATHER_MAX_ROWS = 8
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights float32 [T, k], expert ids int64 [T, k]), as transformers
+    routes: softmax in float32, top-k (ties to the lower id, as torch.topk), optional renormalization."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _silu_mul(h: torch.Tensor, act: nn.Module | None) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> [..., I]."""
+    if act is not None and h.dim() == 2:
+        return act(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+             act: nn.Module | None) -> torch.Tensor:
+    T, k = ids.shape
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)  # pair positions grouped by expert, token order kept
+    token_of = order // k  # [T*k] the token of each sorted pair
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    rows = x.index_select(0, token_of)  # [T*k, H]
+    out = torch.empty(T * k, w2.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        group = rows[start:start + n]
+        out[start:start + n] = F.linear(_silu_mul(F.linear(group, w13[e]), act), w2[e])
+        start += n
+    out.mul_(weights.reshape(-1)[order].to(x.dtype).unsqueeze(1))
+    result = torch.zeros(T, w2.shape[1], dtype=x.dtype, device=x.device)
+    return result.index_add_(0, token_of, out)
+
+
+def _gathered(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    T, k = ids.shape
+    flat_ids = ids.reshape(-1)
+    rows = x.repeat_interleave(k, dim=0).unsqueeze(2)  # [T*k, H, 1], pair p = token p // k
+    h = torch.bmm(w13.index_select(0, flat_ids), rows).squeeze(2)  # [T*k, 2I]
+    y = torch.bmm(w2.index_select(0, flat_ids), _silu_mul(h, None).unsqueeze(2)).squeeze(2)  # [T*k, H]
+    y = y * weights.reshape(-1).to(x.dtype).unsqueeze(1)
+    return y.view(T, k, -1).sum(dim=1)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+              gather_max_rows: int = DEFAULT_GATHER_MAX_ROWS, act: nn.Module | None = None) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k] (float32) and ids [T, k] from
+    ``select_experts`` -> [T, H] in x's dtype: sum over j of weights[t, j] * expert_{ids[t, j]}(x[t]).
+    ``act`` (a ``SiluAndMul`` layer) computes silu(gate) * up on 2-D rows where given."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w2.shape[1])
+    if ids.numel() <= gather_max_rows:
+        return _gathered(x, w13, w2, weights, ids)
+    return _grouped(x, w13, w2, weights, ids, act)
+
+
+class FusedMoE(nn.Module):
+    """A sparse MoE feed-forward block: ``gate`` (the router, [E, H] without bias) and the stacked
+    expert weights ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I] (the
+    parameter names of transformers' fused experts, so such checkpoints load as they are).
+    ``forward(x [T, H], decode_only)`` -> [T, H]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
+                 dtype: torch.dtype, gather_max_rows: int = DEFAULT_GATHER_MAX_ROWS) -> None:
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} must be in 1..num_experts={num_experts}")
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.gather_max_rows = gather_max_rows
+        self.gate = Linear(hidden_size, num_experts, bias=False, dtype=dtype)
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False)
+        self.experts.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(x, decode_only), self.top_k, self.renormalize)
+        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids,
+                         self.gather_max_rows, self.act_fn)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}, dispatch=grouped GEMM "
+                f"per expert (torch), gathered bmm for <= {self.gather_max_rows} (token, expert) pairs")
