@@ -168,12 +168,13 @@ class OpenAIServingChat(OpenAIServing):
     @staticmethod
     def constrain_tool_call(request: ChatCompletionRequest, mode: str, params: Any) -> None:
         """For "required" / a named function: the output is constrained to vLLM's tool-call JSON
-        (``chat_output.tool_choice_schema``). A named call excludes any other constraint of the
-        request (vLLM's 400); "required" overrides one."""
+        (``chat_output.tool_choice_schema``), replacing any response_format (as vLLM). A named call
+        with a json/regex/choice ``structured_outputs`` is vLLM's 400."""
         if mode not in ("required", "named"):
             return
         from lmserve.structured_output import json_schema_constraint
-        if mode == "named" and params.structured_outputs is not None:
+        given = request.structured_outputs or {}
+        if mode == "named" and any(given.get(k) is not None for k in ("json", "regex", "choice")):
             raise InvalidRequestError("You can only either use constraints for structured outputs or tools, not "
                                       "both.", "tool_choice")
         try:
