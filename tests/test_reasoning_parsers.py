@@ -101,6 +101,7 @@ def test_thinking_budget_needs_markers() -> None:
     ThinkingBudgetLogitsProcessor.validate_params(SamplingParams(thinking_token_budget=-1))
 
 
+@pytest.mark.slow
 def test_thinking_budget_in_the_engine(tiny_text_model) -> None:
     """Through the whole engine: the prompt's last token opens the section, so after 3 generated
     tokens the two end-marker tokens are forced, then decoding goes on freely."""
