@@ -1,8 +1,10 @@
 """The seam between the APIs that return tool calls (Responses ``function_call`` items,
 Anthropic ``tool_use`` blocks) and whatever turns model text into tool calls.
 
-``extract_tool_calls(text, tool_names)`` is the only entry point. Today it understands the
-two formats small instruction-tuned models use when no model-specific parser is configured:
+``extract_tool_calls(text, tool_names, parser)`` is the only entry point. With ``parser`` (the
+server's ``--tool-call-parser``, when ``--enable-auto-tool-choice`` is on: see
+``OpenAIServingChat.auto_tool_parser``) that parser reads the text. Without one it understands the
+two formats small instruction-tuned models use:
 
 - Hermes style: one or more ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks (text outside the blocks is the message content);
@@ -10,9 +12,7 @@ two formats small instruction-tuned models use when no model-specific parser is 
   that is the whole output.
 
 A call whose ``name`` is not one of the request's tools is not a call: the text stays
-content, so a model that merely talks JSON is never turned into a bogus call. When
-``lmserve.tool_parsers`` (model-specific parsers, selected by ``--tool-call-parser``) is
-wired in, it replaces this function behind the same contract.
+content, so a model that merely talks JSON is never turned into a bogus call.
 
 Contract: ``content + calls`` account for the whole ``text``; arguments are a JSON object
 serialized as a string (what both APIs carry).
@@ -24,6 +24,8 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -65,10 +67,30 @@ def _parse_json(text: str) -> object:
         return None
 
 
-def extract_tool_calls(text: str, tool_names: frozenset[str]) -> ExtractedToolCalls:
-    """Splits ``text`` into message content and the calls of tools named in ``tool_names``."""
+def _with_parser(text: str, tool_names: frozenset[str], parser: Any) -> ExtractedToolCalls:
+    request = SimpleNamespace(tools=parser.tools, tool_choice="auto", skip_special_tokens=False)
+    info = parser.extract_tool_calls(text, request)
+    if not info.tools_called or any(c.function.name not in tool_names for c in info.tool_calls):
+        return ExtractedToolCalls(text)
+    calls = []
+    for c in info.tool_calls:
+        try:
+            args = json.loads(c.function.arguments)
+        except ValueError:
+            return ExtractedToolCalls(text)
+        if not isinstance(args, dict):
+            return ExtractedToolCalls(text)
+        calls.append(ToolCall(name=c.function.name, arguments=json.dumps(args, ensure_ascii=False)))
+    return ExtractedToolCalls((info.content or "").strip(), tuple(calls))
+
+
+def extract_tool_calls(text: str, tool_names: frozenset[str], parser: Any = None) -> ExtractedToolCalls:
+    """Splits ``text`` into message content and the calls of tools named in ``tool_names``;
+    ``parser``: a ``lmserve.tool_parsers.ToolParser`` that reads the text instead."""
     if not tool_names:
         return ExtractedToolCalls(text)
+    if parser is not None:
+        return _with_parser(text, tool_names, parser)
     if "<tool_call>" in text:
         calls: list[ToolCall] = []
         for m in _HERMES.finditer(text):

@@ -27,7 +27,7 @@ class ScriptedAsyncLLM(FakeAsyncLLM):
         self.prompts: list[str] = []
 
     async def generate(self, prompt: dict, sampling_params: SamplingParams, request_id: str,
-                       priority: int = 0, cache_salt: str | None = None):
+                       priority: int = 0, cache_salt: str | None = None, lora_request: Any = None):
         self.prompts.append(prompt.get("prompt") or "")
         ids = list(self.tokenizer.encode(self.script, add_special_tokens=False))[:sampling_params.max_tokens]
         cut = len(ids) < len(self.tokenizer.encode(self.script, add_special_tokens=False))

@@ -114,7 +114,7 @@ class AnthropicServingMessages:
 
     def _calls(self, request: AnthropicMessagesRequest, text: str, tool_names: frozenset[str]
                ) -> ExtractedToolCalls:
-        extracted = extract_tool_calls(text, tool_names)
+        extracted = extract_tool_calls(text, tool_names, self.chat.auto_tool_parser(request.tools_offered()))
         if extracted.calls and request.tool_choice is not None and request.tool_choice.disable_parallel_tool_use:
             return ExtractedToolCalls(extracted.content, extracted.calls[:1])
         return extracted

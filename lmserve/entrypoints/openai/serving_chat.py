@@ -184,6 +184,14 @@ class OpenAIServingChat(OpenAIServing):
         assert schema is not None
         params.structured_outputs = json_schema_constraint(schema)
 
+    def auto_tool_parser(self, tools: list[dict[str, Any]] | None) -> Any:
+        """A fresh ``--tool-call-parser`` instance for ``tools`` when the server parses tool calls
+        (--enable-auto-tool-choice), else None: the Responses and Anthropic APIs read their tool
+        calls with it."""
+        if not (tools and self.options.enable_auto_tool_choice and self.options.tool_call_parser):
+            return None
+        return self._tool_parser_cls()(self.tokenizer, tools)
+
     def _tool_parser_cls(self) -> Any:
         return ToolParserManager.get_tool_parser(self.options.tool_call_parser or "")
 

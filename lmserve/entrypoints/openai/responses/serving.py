@@ -154,7 +154,8 @@ class OpenAIServingResponses:
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        extracted = extract_tool_calls(gen.text, turn.tool_names)
+        extracted = extract_tool_calls(gen.text, turn.tool_names,
+                                       self.chat.auto_tool_parser(turn.request.function_tools()))
         items: list[dict[str, Any]] = []
         if extracted.content or not extracted.calls:
             items.append(_message_item(_new_id("msg"), extracted.content, status))
