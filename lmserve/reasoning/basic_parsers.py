@@ -70,6 +70,10 @@ class BaseThinkingReasoningParser(ReasoningParser):
         return []
 
     def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
+        """Tokens inside the reasoning (markers excluded); from the first token when the output
+        starts inside it."""
+        if not self.thinking_enabled:
+            return 0
         start, end = self._ids(self.start_token), self._ids(self.end_token)
         ids = list(token_ids)
         count, inside, i = 0, self.starts_in_reasoning, 0

@@ -65,6 +65,8 @@ def make_client(tokenizer, argv, script=""):
 
 async def _stream(client, **kw):
     chunks = [c async for c in await client.chat.completions.create(model="fake", stream=True, **kw)]
+    if kw.get("stream_options"):
+        assert chunks[-1].usage.completion_tokens_details.reasoning_tokens > 0
     reasoning = content = ""
     calls: dict[int, dict] = {}
     finish = None
@@ -92,11 +94,14 @@ async def test_auto_tool_call_with_reasoning_whole_and_streamed(tokenizer):
     assert r.choices[0].finish_reason == "tool_calls"
     assert msg.model_extra["reasoning"] == "\nI should call the tool first.\n"
     assert msg.content == "\n\nLet me check."
+    think = tokenizer.encode("\nI should call the tool first.\n", add_special_tokens=False)
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(think)
     (call,) = msg.tool_calls
     assert isinstance(call, ChatCompletionMessageToolCall) and call.id.startswith("chatcmpl-tool-")
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris", "days": 3}
-    reasoning, content, calls, finish = await _stream(client, messages=USER, tools=TOOLS)
+    reasoning, content, calls, finish = await _stream(client, messages=USER, tools=TOOLS,
+                                                      stream_options={"include_usage": True})
     assert (reasoning, content, finish) == (msg.model_extra["reasoning"], msg.content, "tool_calls")
     assert [(c["name"], c["arguments"]) for c in calls] == [(call.function.name, call.function.arguments)]
 

@@ -41,12 +41,17 @@ class PromptTokensDetails(ResponseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(ResponseModel):
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(ResponseModel):
-    _omit_if_none = frozenset({"prompt_tokens_details"})
+    _omit_if_none = frozenset({"prompt_tokens_details", "completion_tokens_details"})
     prompt_tokens: int = 0
     total_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser (vLLM)
 
 
 class LogprobEntry(ResponseModel):

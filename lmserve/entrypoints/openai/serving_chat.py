@@ -192,6 +192,19 @@ class OpenAIServingChat(OpenAIServing):
             return None
         return self._tool_parser_cls()(self.tokenizer, tools)
 
+    def reasoning_tokens(self, request: ChatCompletionRequest, mode: str, outputs: list[list[int]]) -> int | None:
+        """The reasoning tokens of all choices for ``usage.completion_tokens_details`` (None without a
+        reasoning parser; 0 for required/named tool calls, whose grammar leaves no thinking)."""
+        opts = self.options
+        if opts.reasoning_parser is None:
+            return None
+        if mode in ("required", "named"):
+            return 0
+        kwargs = {**(opts.default_chat_template_kwargs or {}), **(request.chat_template_kwargs or {})}
+        parser = ReasoningParserManager.get_reasoning_parser(opts.reasoning_parser)(
+            self.tokenizer, chat_template_kwargs=kwargs)
+        return sum(parser.count_reasoning_tokens(ids) for ids in outputs)
+
     def _tool_parser_cls(self) -> Any:
         return ToolParserManager.get_tool_parser(self.options.tool_call_parser or "")
 
@@ -259,6 +272,7 @@ class OpenAIServingChat(OpenAIServing):
         generated = [0] * request.n
         cached = 0
         parsers = [self.choice_parser(request, mode) for _ in range(request.n)]
+        out_ids: list[list[int]] = [[] for _ in range(request.n)]
 
         def chunk(choice: ChatCompletionResponseStreamChoice, first: bool = False) -> str:
             c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
@@ -281,6 +295,7 @@ class OpenAIServingChat(OpenAIServing):
                 cached = out.num_cached_tokens
                 for o in out.outputs:
                     generated[o.index] += len(o.token_ids)
+                    out_ids[o.index].extend(o.token_ids)
                     if not o.text and not o.token_ids and o.finish_reason is None:
                         continue
                     lps = self._logprobs(request, o)
@@ -303,9 +318,9 @@ class OpenAIServingChat(OpenAIServing):
                         finish_reason=finish, stop_reason=o.stop_reason,
                         token_ids=list(o.token_ids) if request.return_token_ids else None))
             if include_usage:
+                usage = self.usage(prompt_len, sum(generated), cached, self.reasoning_tokens(request, mode, out_ids))
                 yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
-                                                       choices=[], usage=self.usage(prompt_len, sum(generated),
-                                                                                    cached)))
+                                                       choices=[], usage=usage))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
             yield stream_error(e)
         yield SSE_DONE
@@ -344,7 +359,8 @@ class OpenAIServingChat(OpenAIServing):
             for i, st in enumerate(choices) for message, finish in [self._message(request, mode, role, echo, st)]]
         return ChatCompletionResponse(
             id=request_id, created=created, model=self.response_model(request), choices=result,
-            usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached),
+            usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached,
+                             self.reasoning_tokens(request, mode, [c.token_ids for c in choices])),
             prompt_logprobs=self.prompt_logprobs_json(prompt_lps) if request.prompt_logprobs is not None else None,
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
             prompt_text=prompt.text if request.return_prompt_text else None)

@@ -25,8 +25,8 @@ from starlette.requests import Request
 
 from lmserve.entrypoints.openai.output_logging import OutputLogger, clip
 from lmserve.entrypoints.openai.protocol import SamplingRequest
-from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorResponse, LogprobEntry,
-                                                          PromptTokensDetails, UsageInfo)
+from lmserve.entrypoints.openai.protocol_responses import (CompletionTokensDetails, ErrorInfo, ErrorResponse,
+                                                          LogprobEntry, PromptTokensDetails, UsageInfo)
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.lora.request import LoRARequest
 from lmserve.metrics import EngineMetrics
@@ -438,11 +438,17 @@ class OpenAIServing:
                                                         decoded_token=lp.decoded_token)
                                         for t, lp in d.items()} for d in plps]
 
-    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+              reasoning_tokens: int | None = None) -> UsageInfo:
+        """``reasoning_tokens`` (chat with --reasoning-parser): reported as
+        ``completion_tokens_details.reasoning_tokens``, as vLLM."""
         details = PromptTokensDetails(cached_tokens=cached_tokens) \
             if self.options.enable_prompt_tokens_details else None
+        completion = CompletionTokensDetails(reasoning_tokens=reasoning_tokens) if reasoning_tokens is not None \
+            else None
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details,
+                         completion_tokens_details=completion)
 
 
 async def until_disconnected(raw_request: Request | None, work: Awaitable[T], cleanup: Any = None) -> T | None:
