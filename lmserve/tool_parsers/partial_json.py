@@ -20,12 +20,16 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from json.decoder import scanstring
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _WS = " \t\n\r"
 _NUMBER_CHARS = frozenset("0123456789+-.eE")
 _LITERALS = ("true", "false", "null")
-_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_STRING_BODY = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)  # up to the closing quote or a final backslash
+_UNFINISHED_U = re.compile(r"\\u[0-9a-fA-F]{0,3}$")
+_HIGH_SURROGATE_U = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -65,58 +69,35 @@ class Partial:
 
 
 def _read_string(text: str, i: int, node: Node) -> int:
-    """Reads string characters from ``text[i:]`` (just past the opening quote) into ``node``.
-    Returns the index past the closing quote (node closed), ``len(text)`` when the input ends
-    first, or -1 on an invalid escape or control character."""
+    """Reads a string body from ``text[i:]`` (just past the opening quote) into ``node``, with
+    json's C scanner. Returns the index past the closing quote (node closed), ``len(text)`` when
+    the input ends first (the decoded prefix, less an unfinished escape or a high surrogate still
+    waiting for its pair), or -1 on an invalid escape or control character."""
     n = len(text)
-    out = []
-    while i < n:
-        c = text[i]
-        if c == '"':
-            node.text += "".join(out)
+    j = _STRING_BODY.match(text, i).end()
+    try:
+        if j < n and text[j] == '"':
+            node.text, end = scanstring(text, i)
             node.closed = True
-            return i + 1
-        if c == "\\":
-            if i + 1 >= n:
-                break
-            e = text[i + 1]
-            if e in _ESCAPES:
-                out.append(_ESCAPES[e])
-                i += 2
-                continue
-            if e != "u":
-                return -1
-            hexa = text[i + 2:i + 6]
-            if len(hexa) < 4:
-                if not all(h in "0123456789abcdefABCDEF" for h in hexa):
-                    return -1
-                break
-            try:
-                code = int(hexa, 16)
-            except ValueError:
-                return -1
-            if 0xD800 <= code < 0xDC00:  # high surrogate: wait for its pair
-                nxt = text[i + 6:i + 12]
-                if len(nxt) < 6 and (nxt == "\\u"[:len(nxt)] or nxt.startswith("\\u")):
-                    break
-                if nxt.startswith("\\u"):
-                    try:
-                        low = int(nxt[2:], 16)
-                    except ValueError:
-                        low = -1
-                    if 0xDC00 <= low < 0xE000:
-                        out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
-                        i += 12
-                        continue
-            out.append(chr(code))
-            i += 6
-            continue
-        if ord(c) < 0x20:
-            return -1
-        out.append(c)
-        i += 1
-    node.text += "".join(out)
-    return n
+            return end
+        body = text[i:j]  # a lone backslash at the very end (j < n) is left out
+        for unfinished in (_UNFINISHED_U, _HIGH_SURROGATE_U):
+            tail = len(body) - 6  # both patterns are at most 6 characters, at the end
+            m = unfinished.search(body, max(tail, 0))
+            if m is not None and _odd_backslashes(body, m.start()):
+                body = body[:m.start()]
+        node.text, _ = scanstring(body + '"', 0)
+        return n
+    except ValueError:
+        return -1
+
+
+def _odd_backslashes(s: str, at: int) -> bool:
+    """Whether the backslash at ``s[at]`` starts an escape (an even number precedes it)."""
+    k = at
+    while k > 0 and s[k - 1] == "\\":
+        k -= 1
+    return (at - k) % 2 == 0
 
 
 def parse_partial(text: str, start: int = 0) -> Partial:
@@ -243,8 +224,8 @@ def finish_number(node: Node) -> bool:
 
 def _escape(s: str) -> str:
     out = json.dumps(s, ensure_ascii=False)[1:-1]
-    if any(0xD800 <= ord(c) < 0xE000 for c in out):  # lone surrogates: escaped, never raw
-        out = "".join(f"\\u{ord(c):04x}" if 0xD800 <= ord(c) < 0xE000 else c for c in out)
+    if _SURROGATE.search(out):  # lone surrogates: escaped, never raw
+        out = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", out)
     return out
 
 

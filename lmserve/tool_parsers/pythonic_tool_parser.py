@@ -11,12 +11,20 @@ once its closing parenthesis arrives.
 from __future__ import annotations
 
 import ast
+import re
 from typing import Any
 
 from lmserve.tool_parsers.partial_json import canonical_json
 from lmserve.tool_parsers.scanning import Scan, ScannedCall, ScanningToolParser
 
 _JSON_NAMES = {"null": None, "true": True, "false": False}
+# A whole Python string literal of each quote kind (escapes skipped; one-line kinds stop at a newline).
+_STRINGS = {
+    "'": re.compile(r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'", re.DOTALL),
+    '"': re.compile(r'"[^"\\\n]*(?:\\.[^"\\\n]*)*"', re.DOTALL),
+    "'''": re.compile(r"'''[^'\\]*(?:(?:\\.|'(?!''))[^'\\]*)*'''", re.DOTALL),
+    '"""': re.compile(r'"""[^"\\]*(?:(?:\\.|"(?!""))[^"\\]*)*"""', re.DOTALL),
+}
 _MAX_DEPTH = 64
 
 
@@ -63,22 +71,14 @@ def _segments(text: str, start: int) -> tuple[list[tuple[int, int]], int, bool]:
     begin = start + 1
     i = start + 1
     n = len(text)
-    quote = ""
     while i < n:
         c = text[i]
-        if quote:
-            if c == "\\":
-                i += 2
-                continue
-            if text.startswith(quote, i):
-                i += len(quote)
-                quote = ""
-                continue
-            i += 1
-            continue
         if c in "'\"":
             quote = c * 3 if text.startswith(c * 3, i) else c
-            i += len(quote)
+            m = _STRINGS[quote].match(text, i)
+            if m is None:
+                return items, -1, False  # the string is not finished yet
+            i = m.end()
             continue
         if c in "([{":
             depth += 1
