@@ -36,8 +36,8 @@ class ToolParser:
     ``finish_streaming(current_text, request)`` (lmserve's addition, default None): called once when
     the output ends, to send what was held back while it could still have become a tool call.
 
-    ``supports_required_and_named``: True when ``tool_choice`` "required"/named output (the JSON the
-    server constrains the model to) should be read by the server rather than by this parser.
+    ``supports_required_and_named`` is kept for vLLM plugins; lmserve reads every "required" / named
+    ``tool_choice`` output itself, as the JSON it constrains the model to, whatever the parser.
     """
 
     supports_required_and_named: bool = True
