@@ -32,6 +32,7 @@ from lmserve.entrypoints.openai.serving_engine import Prompt, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, extract_tool_calls
 from lmserve.errors import LMServeError
+from lmserve.reasoning import ReasoningParserManager
 
 logger = logging.getLogger("lmserve.server")
 
@@ -142,11 +143,24 @@ class AnthropicServingMessages:
                     on_text(o.text)
         return text, n_out, finish, stop_reason, cached
 
+    def _thinking(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, the rest) by the server's --reasoning-parser; (None, text) without one."""
+        name = self.chat.options.reasoning_parser
+        if name is None:
+            return None, text
+        parser = ReasoningParserManager.get_reasoning_parser(name)(
+            self.chat.tokenizer, chat_template_kwargs=dict(self.chat.options.default_chat_template_kwargs or {}))
+        reasoning, content = parser.extract_reasoning(text, None)
+        return reasoning, content or ""
+
     async def _full(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt, merger: OutputMerger,
                     tool_names: frozenset[str]) -> dict[str, Any]:
         text, n_out, finish, stop_reason, cached = await self._collect(merger)
+        reasoning, text = self._thinking(text)
         extracted = self._calls(request, text, tool_names)
         content: list[dict[str, Any]] = []
+        if reasoning:
+            content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
         if extracted.content:
             content.append({"type": "text", "text": extracted.content})
         content += [{"type": "tool_use", "id": _tool_use_id(c.call_id), "name": c.name,
@@ -167,7 +181,7 @@ class AnthropicServingMessages:
                 "usage": self._usage(prompt, 0, 0)}})
             yield _event("ping", {})
             text, n_out, finish, stop_reason, cached = "", 0, None, None, 0
-            live = not tool_names
+            live = not tool_names and self.chat.options.reasoning_parser is None  # else: read at the end
             if live:
                 yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
             async for _, out in merger:
@@ -180,18 +194,26 @@ class AnthropicServingMessages:
                     if live and o.text:
                         yield _event("content_block_delta", {"index": 0,
                                                              "delta": {"type": "text_delta", "text": o.text}})
+            reasoning, text = self._thinking(text) if not live else (None, text)
             extracted = self._calls(request, text, tool_names) if not live else ExtractedToolCalls(text)
             index = 0
+            if reasoning:
+                yield _event("content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": "",
+                                                                                   "signature": ""}})
+                yield _event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta",
+                                                                            "thinking": reasoning}})
+                yield _event("content_block_stop", {"index": 0})
+                index = 1
             if live:
                 yield _event("content_block_stop", {"index": 0})
                 index = 1
             elif extracted.content or not extracted.calls:
-                yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                yield _event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
                 if extracted.content:
-                    yield _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
-                                                                                "text": extracted.content}})
-                yield _event("content_block_stop", {"index": 0})
-                index = 1
+                    yield _event("content_block_delta", {"index": index, "delta": {"type": "text_delta",
+                                                                                    "text": extracted.content}})
+                yield _event("content_block_stop", {"index": index})
+                index += 1
             for call in extracted.calls:
                 yield _event("content_block_start", {"index": index, "content_block": {
                     "type": "tool_use", "id": _tool_use_id(call.call_id), "name": call.name, "input": {}}})
