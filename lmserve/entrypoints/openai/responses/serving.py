@@ -38,6 +38,7 @@ from lmserve.entrypoints.openai.serving_engine import Prompt, error_body, until_
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.entrypoints.tool_call_extraction import extract_tool_calls
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
+from lmserve.reasoning import ReasoningParserManager
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.server")
@@ -154,9 +155,12 @@ class OpenAIServingResponses:
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        extracted = extract_tool_calls(gen.text, turn.tool_names,
-                                       self.chat.auto_tool_parser(turn.request.function_tools()))
+        reasoning, text = self._thinking(gen.text)
+        extracted = extract_tool_calls(text, turn.tool_names, self.chat.auto_tool_parser(turn.request.function_tools()))
         items: list[dict[str, Any]] = []
+        if reasoning:
+            items.append({"id": _new_id("rs"), "type": "reasoning", "summary": [],
+                          "content": [{"type": "reasoning_text", "text": reasoning}], "status": status})
         if extracted.content or not extracted.calls:
             items.append(_message_item(_new_id("msg"), extracted.content, status))
         for call in extracted.calls:
@@ -168,6 +172,16 @@ class OpenAIServingResponses:
                                         "function": {"name": c.name, "arguments": c.arguments}}
                                        for c in extracted.calls]
         return items, assistant
+
+    def _thinking(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, the rest) by the server's --reasoning-parser; (None, text) without one."""
+        name = self.chat.options.reasoning_parser
+        if name is None:
+            return None, text
+        parser = ReasoningParserManager.get_reasoning_parser(name)(
+            self.chat.tokenizer, chat_template_kwargs=dict(self.chat.options.default_chat_template_kwargs or {}))
+        reasoning, content = parser.extract_reasoning(text, None)
+        return reasoning, content or ""
 
     def _finish(self, turn: _Turn, gen: _Generated, items: list[dict[str, Any]] | None = None,
                 assistant: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -224,7 +238,7 @@ class OpenAIServingResponses:
         try:
             yield event("response.created", response=self._body(turn, [], "in_progress", None))
             yield event("response.in_progress", response=self._body(turn, [], "in_progress", None))
-            if not turn.tool_names:
+            if not turn.tool_names and self.chat.options.reasoning_parser is None:  # else: read at the end
                 live_id = _new_id("msg")
                 yield event("response.output_item.added", output_index=0,
                             item={"id": live_id, "type": "message", "role": "assistant", "status": "in_progress",
@@ -254,6 +268,14 @@ class OpenAIServingResponses:
                                 content_index=0, text=text, logprobs=[])
                     yield event("response.content_part.done", item_id=item["id"], output_index=index,
                                 content_index=0, part=_text_part(text))
+                elif item["type"] == "reasoning":
+                    text = item["content"][0]["text"]
+                    yield event("response.output_item.added", output_index=index,
+                                item={**item, "status": "in_progress", "content": []})
+                    yield event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
+                                content_index=0, delta=text)
+                    yield event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                content_index=0, text=text)
                 else:
                     yield event("response.output_item.added", output_index=index,
                                 item={**item, "arguments": "", "status": "in_progress"})
