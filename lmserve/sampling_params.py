@@ -134,6 +134,11 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     repetition_detection: RepetitionDetectionParams | None = None
+    thinking_token_budget: int | None = None  # None or -1: unlimited
+
+    # Set by the API server from --reasoning-parser / --reasoning-config: the token ids that open a
+    # thinking section and those forced to close it when thinking_token_budget runs out.
+    _thinking_token_ids: tuple[list[int], list[int]] | None = field(default=None, repr=False)
     # Per-request logits processors (vLLM's v0 field): callables ``fn(output_ids, logits_row)`` or
     # ``fn(prompt_ids, output_ids, logits_row)`` returning the row, applied before penalties.
     logits_processors: list[Any] | None = None

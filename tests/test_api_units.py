@@ -138,19 +138,26 @@ def test_responses_request_refusals():
 def test_configured_parser_results_are_adapted():
     from types import SimpleNamespace as NS
 
-    from lmserve.entrypoints.tool_call_extraction import from_parser_result, tool_call_extractor
+    from lmserve.entrypoints.tool_call_extraction import tool_call_extractor
 
+    tools = [{"type": "function", "function": {"name": "add"}},
+             {"type": "function", "function": {"name": "get_weather"}}]
     info = NS(tools_called=True, content="pre", tool_calls=[
         NS(id="call_x", function=NS(name="add", arguments='{"a": 1}')),
-        NS(id=None, function=NS(name="get_weather", arguments=""))])
-    out = from_parser_result(info, "raw")
+        NS(id=None, function=NS(name="get_weather", arguments="{}"))])
+    parser = NS(tools=tools, extract_tool_calls=lambda text, request: info)
+    chat = NS(auto_tool_parser=lambda offered: parser)
+    out = tool_call_extractor(chat, tools)("raw")
     assert out.content == "pre" and [c.call_id for c in out.calls][0] == "call_x"
     assert out.calls[1].call_id.startswith("call_") and out.calls[1].arguments == "{}"
-    assert from_parser_result(NS(tools_called=False, tool_calls=[], content=None), "raw").content == "raw"
+    info.tools_called = False
+    assert tool_call_extractor(chat, tools)("raw").content == "raw"
+    # a call to a tool that was not offered: all of it stays text
+    info.tools_called, info.tool_calls[1].function.name = True, "rm_rf"
+    assert tool_call_extractor(chat, tools)("raw").calls == ()
     # no --tool-call-parser: the Hermes/JSON fallback over the request's tools
-    chat = NS(options=NS(), tokenizer=None)
-    request = NS(tools=[{"type": "function", "function": {"name": "add"}}])
-    assert tool_call_extractor(chat, request)('{"name": "add", "arguments": {}}').calls[0].name == "add"
+    chat = NS(auto_tool_parser=lambda offered: None)
+    assert tool_call_extractor(chat, tools)('{"name": "add", "arguments": {}}').calls[0].name == "add"
 
 
 def test_event_logs_bounded():

@@ -177,8 +177,10 @@ def test_build_logitsprocs_splits_by_argmax_invariance():
     config = object()
     procs = build_logitsprocs(config, "cpu", [Recording])  # type: ignore[arg-type]
     assert [type(p) for p in procs.argmax_invariant] == [MinPLogitsProcessor]
+    from lmserve.worker.logits_processors.thinking_budget import ThinkingBudgetLogitsProcessor
     assert [type(p) for p in procs.non_argmax_invariant] == [
-        MinTokensLogitsProcessor, LogitBiasLogitsProcessor, RequestLogitsProcessorsAdapter, Recording]
+        MinTokensLogitsProcessor, LogitBiasLogitsProcessor, RequestLogitsProcessorsAdapter,
+        ThinkingBudgetLogitsProcessor, Recording]
     assert seen == [(config, torch.device("cpu"), False)]
 
 

@@ -89,3 +89,30 @@ def test_ray_executor_is_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="no Ray executor"):
         EngineArgs(model="unused", distributed_executor_backend="ray").create_engine_config()
+
+
+def test_tool_server_and_strict_level_are_refused_with_reasons(capsys: pytest.CaptureFixture) -> None:
+    err = _refused(["--tool-server", "demo"], capsys)
+    assert "--tool-server demo is not supported" in err and "role" in err
+    err = _refused(["--tool-strict-level", "parameter"], capsys)
+    assert "--tool-strict-level parameter is not supported" in err
+    parse_serve_args(["--tool-strict-level", "auto"])
+
+
+def test_tool_and_reasoning_flags(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    args = parse_serve_args(["--enable-auto-tool-choice", "--tool-call-parser", "qwen3_xml", "--reasoning-parser",
+                             "deepseek_r1", "--reasoning-config", '{"reasoning_end_str": "Answer:</think>"}',
+                             "--exclude-tools-when-tool-choice-none"])
+    assert (args.tool_call_parser, args.reasoning_parser) == ("qwen3_xml", "deepseek_r1")
+    assert args.reasoning_config.reasoning_end_str == "Answer:</think>" and args.exclude_tools_when_tool_choice_none
+    assert "requires --tool-call-parser" in _refused(["--enable-auto-tool-choice"], capsys)
+    assert "invalid tool call parser: nope" in _refused(["--tool-call-parser", "nope"], capsys)
+    assert "invalid reasoning parser: nope" in _refused(["--reasoning-parser", "nope"], capsys)
+    assert "unknown key" in _refused(["--reasoning-config", '{"x": 1}'], capsys)
+    plugin = tmp_path / "cli_plugin.py"
+    plugin.write_text("from lmserve.reasoning import ReasoningParser, ReasoningParserManager\n"
+                      "@ReasoningParserManager.register_module('cli_plugin_test')\n"
+                      "class P(ReasoningParser):\n    pass\n")
+    args = parse_serve_args(["--reasoning-parser-plugin", str(plugin), "--reasoning-parser", "cli_plugin_test"])
+    assert args.reasoning_parser == "cli_plugin_test"
+    assert "no such file" in _refused(["--tool-parser-plugin", str(tmp_path / "x.py")], capsys)

@@ -29,6 +29,7 @@ from lmserve.entrypoints.api_flags import add_api_args
 from lmserve.entrypoints.openai.serving_lora import parse_lora_module
 from lmserve.entrypoints.frontend_flags import add_frontend_args
 from lmserve.entrypoints.help_groups import filtered_help, help_keyword, regroup_as_vllm
+from lmserve.entrypoints.tool_reasoning_flags import add_tool_reasoning_args, check_tool_reasoning_args
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
 
@@ -57,7 +58,6 @@ def _unsupported(flag: str, why: str, accepted: Callable[[Any], bool] = lambda v
 
 _SPEC = "speculative decoding is not supported by lmserve"
 _MM = "lmserve serves text-only models"
-_TOOLS = "tool calling / reasoning parsers are not supported by lmserve yet"
 _unsupported("--enable-lora-bias", "LoRA adapters with biases are not supported", action="store_const", const=True)
 _unsupported("--enable-prompt-adapter", "prompt adapters are not supported", action="store_const", const=True)
 _unsupported("--prompt-adapters", "prompt adapters are not supported", nargs="+")
@@ -78,10 +78,8 @@ _unsupported("--speculative-disable-mqa-scorer", _SPEC, action="store_const", co
 for _f in ("--limit-mm-per-prompt", "--mm-processor-kwargs", "--allowed-local-media-path"):
     _unsupported(_f, _MM)
 _unsupported("--disable-mm-preprocessor-cache", _MM, action="store_const", const=True)
-_unsupported("--enable-auto-tool-choice", _TOOLS, action="store_const", const=True)
-_unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
-for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
-    _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
+_unsupported("--enable-reasoning", "removed in vLLM too: --reasoning-parser alone turns reasoning parsing on",
+             action="store_const", const=True)
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
 _unsupported("--guided-decoding-backend", "removed in vLLM; use --structured-outputs-config.backend (lmserve runs "
              "xgrammar)", accepted=lambda v: v in ("auto", "xgrammar"))
@@ -212,6 +210,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
     add_frontend_args(g)
+    add_tool_reasoning_args(parser)
     add_api_args(g)
     n = parser.add_argument_group("vllm flags that change nothing on this build (accepted, logged at start-up)")
     for flag, kwargs, why in NOOP_FLAGS:
@@ -338,6 +337,10 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
     problem = generation_config_problem(args.generation_config)
     if problem is not None:
         parser.error(problem)
+    try:
+        check_tool_reasoning_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     notes, errors = check_foreign_flags(args, getattr(args, "foreign_flags", None) or {})
     if errors:
         parser.error(" ".join(errors))

@@ -1,11 +1,11 @@
 """The seam between the APIs that return tool calls (Responses ``function_call`` items,
 Anthropic ``tool_use`` blocks) and whatever turns model text into tool calls.
 
-``tool_call_extractor(chat, chat_request)`` gives the function to apply to a finished output.
-With ``--tool-call-parser`` (``ServerOptions.tool_call_parser``, a ``lmserve.tool_parsers``
-name, vLLM's parser interface) it is that parser's ``extract_tool_calls``; otherwise
-``extract_tool_calls(text, tool_names)``, which understands the two formats small
-instruction-tuned models use when no model-specific parser is configured:
+``tool_call_extractor(chat, tools)`` gives the function to apply to a finished output. With
+``--tool-call-parser`` and ``--enable-auto-tool-choice`` (``OpenAIServingChat.auto_tool_parser``, vLLM's
+parser interface) it is that parser's ``extract_tool_calls``; otherwise ``extract_tool_calls(text,
+tool_names)``, which understands the two formats small instruction-tuned models use when no
+model-specific parser is configured:
 
 - Hermes style: one or more ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks (text outside the blocks is the message content);
@@ -21,12 +21,12 @@ serialized as a string (what both APIs carry).
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -69,10 +69,33 @@ def _parse_json(text: str) -> object:
         return None
 
 
-def extract_tool_calls(text: str, tool_names: frozenset[str]) -> ExtractedToolCalls:
-    """Splits ``text`` into message content and the calls of tools named in ``tool_names``."""
+def _with_parser(text: str, tool_names: frozenset[str], parser: Any) -> ExtractedToolCalls:
+    """The calls a ``lmserve.tool_parsers.ToolParser`` reads in ``text``; all of the text as content
+    when it finds none, names a tool not offered, or gives arguments that are not a JSON object."""
+    request = SimpleNamespace(tools=parser.tools, tool_choice="auto", skip_special_tokens=False)
+    info = parser.extract_tool_calls(text, request)
+    if not info.tools_called or any(c.function.name not in tool_names for c in info.tool_calls):
+        return ExtractedToolCalls(text)
+    calls = []
+    for c in info.tool_calls:
+        try:
+            args = json.loads(c.function.arguments)
+        except ValueError:
+            return ExtractedToolCalls(text)
+        if not isinstance(args, dict):
+            return ExtractedToolCalls(text)
+        calls.append(ToolCall(name=c.function.name, arguments=json.dumps(args, ensure_ascii=False),
+                              **({"call_id": c.id} if getattr(c, "id", None) else {})))
+    return ExtractedToolCalls((info.content or "").strip(), tuple(calls))
+
+
+def extract_tool_calls(text: str, tool_names: frozenset[str], parser: Any = None) -> ExtractedToolCalls:
+    """Splits ``text`` into message content and the calls of tools named in ``tool_names``;
+    ``parser``: a ``lmserve.tool_parsers.ToolParser`` that reads the text instead."""
     if not tool_names:
         return ExtractedToolCalls(text)
+    if parser is not None:
+        return _with_parser(text, tool_names, parser)
     if "<tool_call>" in text:
         calls: list[ToolCall] = []
         for m in _HERMES.finditer(text):
@@ -91,24 +114,11 @@ def extract_tool_calls(text: str, tool_names: frozenset[str]) -> ExtractedToolCa
     return ExtractedToolCalls(text)
 
 
-def from_parser_result(info: Any, text: str) -> ExtractedToolCalls:
-    """A vLLM-style ``ExtractedToolCallInformation`` (tools_called, tool_calls, content) as ours."""
-    if not getattr(info, "tools_called", False):
-        return ExtractedToolCalls(text)
-    calls = tuple(ToolCall(name=c.function.name, arguments=c.function.arguments or "{}",
-                           **({"call_id": c.id} if getattr(c, "id", None) else {}))
-                  for c in info.tool_calls)
-    return ExtractedToolCalls(info.content or "", calls)
-
-
-def tool_call_extractor(chat: Any, chat_request: Any) -> Callable[[str], ExtractedToolCalls]:
-    """The extraction for one request's output: the server's configured tool parser when there is
-    one, else the Hermes/JSON fallback over the request's tool names."""
-    tools = chat_request.tools or []
+def tool_call_extractor(chat: Any, tools: list[dict[str, Any]] | None) -> Callable[[str], ExtractedToolCalls]:
+    """The extraction for one request's output, built before its engine request starts: the
+    server's ``--tool-call-parser`` when it parses tool calls (``--enable-auto-tool-choice``,
+    ``OpenAIServingChat.auto_tool_parser``), else the Hermes/JSON fallback over the tool names."""
+    tools = tools or []
     names = frozenset(t["function"]["name"] for t in tools)
-    parser_name = getattr(chat.options, "tool_call_parser", None)
-    if names and parser_name:
-        manager = importlib.import_module("lmserve.tool_parsers").ToolParserManager
-        parser = manager.get_tool_parser(parser_name)(chat.tokenizer, tools)
-        return lambda text: from_parser_result(parser.extract_tool_calls(text, chat_request), text)
-    return lambda text: extract_tool_calls(text, names)
+    parser = chat.auto_tool_parser(tools) if names else None
+    return lambda text: extract_tool_calls(text, names, parser)

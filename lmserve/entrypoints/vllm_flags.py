@@ -85,6 +85,10 @@ FOREIGN_FLAGS: tuple[ForeignFlag, ...] = (
            "/metrics have them", switches={"--enable-per-request-metrics": False}),
     *_many("refused", "only whole tokens are streamed as they come", values={"--stream-interval": 1}),
     *_many("refused", _COHERE, values={"--cohere-format": "cmd4"}, switches={"--cohere-is-reasoning-model": True}),
+    *_many("refused", "lmserve has no tool server (neither the demo tools nor MCP servers): tools run on the client, "
+           "which sends their results back as role \"tool\" messages", values={"--tool-server": None}),
+    *_many("refused", "structural-tag tool calling is not supported: auto tool calls are parsed from the text, "
+           "required and named ones are constrained to JSON", values={"--tool-strict-level": "auto"}),
     *_many("refused", "every route of the API server is served (there is no tokens-only or scale-out mode)",
            switches={"--tokens-only": False, "--enable-scale-out": False}),
     *_many("refused", "system_fingerprint is not set on responses", values={"--fingerprint-mode": "full",

@@ -100,3 +100,33 @@ async def test_anthropic_errors(tokenizer):
         for content in (b"{not json", b'{"model": "fake", "messages": []}'):
             r = await h.post("/v1/messages", content=content, headers={"content-type": "application/json"})
             assert r.status_code == 400 and r.json()["type"] == "error", r.text
+
+
+async def test_tool_use_read_by_the_configured_tool_parser(tokenizer):
+    """With --enable-auto-tool-choice --tool-call-parser, /v1/messages reads tool calls with that
+    parser (here Qwen3-Coder's XML, with the parameter typed by the tool's schema)."""
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}}}}]
+    xml = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n" \
+          "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+    app, _ = scripted_app(tokenizer, "Let me see.\n" + xml,
+                          ["--enable-auto-tool-choice", "--tool-call-parser", "qwen3_xml"], max_model_len=1024)
+    async with anthropic_client(app) as c:
+        m = await c.messages.create(model="fake", max_tokens=200, messages=HI, tools=tools)
+    assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["text", "tool_use"]
+    assert m.content[0].text == "Let me see." and m.content[1].input == {"city": "Paris", "days": 3}
+
+
+async def test_thinking_blocks_from_the_reasoning_parser(tokenizer):
+    """With --reasoning-parser, the thinking comes back as a ``thinking`` block before the text,
+    whole and streamed."""
+    app, _ = scripted_app(tokenizer, "<think>plan it</think>The answer.", ["--reasoning-parser", "deepseek_r1"],
+                          max_model_len=1024)
+    async with anthropic_client(app) as c:
+        m = await c.messages.create(model="fake", max_tokens=200, messages=HI)
+        assert [b.type for b in m.content] == ["thinking", "text"]
+        assert m.content[0].thinking == "plan it" and m.content[1].text == "The answer."
+        async with c.messages.stream(model="fake", max_tokens=200, messages=HI) as s:
+            final = await s.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "plan it" and final.content[1].text == "The answer."

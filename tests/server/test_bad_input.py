@@ -96,7 +96,9 @@ CASES = [
     ("image-content", CH, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), 400, "messages", "not supported"),
     ("tool-choice-auto", CH, chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto"),
-     400, "tool_choice", "not supported yet"),
+     400, "tool_choice", "--enable-auto-tool-choice"),
+    ("tools-empty", CH, chat(tools=[]), 400, "tools", "empty"),
+    ("tool-without-name", CH, chat(tools=[{"type": "function", "function": {}}]), 400, "tools.0.function.name", ""),
     ("continue-and-generation-prompt", CH, chat(continue_final_message=True), 400, "continue_final_message", ""),
     ("template-syntax-error", CH, chat(chat_template="{% for %}"), 400, "messages", ""),
     ("template-raises", CH, chat(chat_template="{{ raise_exception('nope') }}"), 400, "messages", "nope"),

@@ -115,3 +115,19 @@ async def test_background_stream_and_replay(tokenizer):
 
         with pytest.raises(openai.BadRequestError):
             await c.responses.retrieve(plain.id, stream=True)
+async def test_reasoning_item_from_the_reasoning_parser(tokenizer):
+    """With --reasoning-parser the thinking is a ``reasoning`` output item before the message,
+    whole and streamed."""
+    app, _ = scripted_app(tokenizer, "<think>plan it</think>The answer.", ["--reasoning-parser", "deepseek_r1"],
+                          max_model_len=1024)
+    async with openai_client(app) as c:
+        r = await c.responses.create(model="fake", input="hi")
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == "plan it" and r.output_text == "The answer."
+        events = [e async for e in await c.responses.create(model="fake", input="hi", stream=True)]
+    kinds = [e.type for e in events]
+    assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    done = events[-1].response
+    assert [o.type for o in done.output] == ["reasoning", "message"] and done.output_text == "The answer."
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert deltas == "plan it"

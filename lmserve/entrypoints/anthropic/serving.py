@@ -32,6 +32,7 @@ from lmserve.entrypoints.openai.serving_engine import Prompt, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import LMServeError
+from lmserve.reasoning import ReasoningParserManager
 
 logger = logging.getLogger("lmserve.server")
 _Extract = Callable[[str], ExtractedToolCalls]
@@ -98,7 +99,7 @@ class AnthropicServingMessages:
         """A message body (dict), an SSEResponse when streaming, or None when the client left."""
         message_id = f"msg_{uuid.uuid4().hex}"
         chat_request = request.to_chat_request(message_id, await self._effort_for(request))
-        extract = tool_call_extractor(self.chat, chat_request) if chat_request.tools else None
+        extract = tool_call_extractor(self.chat, chat_request.tools) if chat_request.tools else None
         prompt, _, merger = await self.chat.start_generation(chat_request, message_id)
         if request.stream:
             return SSEResponse(self._stream(request, message_id, prompt, merger, extract), cleanup=merger)
@@ -141,11 +142,24 @@ class AnthropicServingMessages:
                     on_text(o.text)
         return text, n_out, finish, stop_reason, cached
 
+    def _thinking(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, the rest) by the server's --reasoning-parser; (None, text) without one."""
+        name = self.chat.options.reasoning_parser
+        if name is None:
+            return None, text
+        parser = ReasoningParserManager.get_reasoning_parser(name)(
+            self.chat.tokenizer, chat_template_kwargs=dict(self.chat.options.default_chat_template_kwargs or {}))
+        reasoning, content = parser.extract_reasoning(text, None)
+        return reasoning, content or ""
+
     async def _full(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt, merger: OutputMerger,
                     extract: _Extract | None) -> dict[str, Any]:
         text, n_out, finish, stop_reason, cached = await self._collect(merger)
+        reasoning, text = self._thinking(text)
         extracted = self._calls(request, text, extract)
         content: list[dict[str, Any]] = []
+        if reasoning:
+            content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
         if extracted.content:
             content.append({"type": "text", "text": extracted.content})
         content += [{"type": "tool_use", "id": _tool_use_id(c.call_id), "name": c.name,
@@ -166,7 +180,7 @@ class AnthropicServingMessages:
                 "usage": self._usage(prompt, 0, 0)}})
             yield _event("ping", {})
             text, n_out, finish, stop_reason, cached = "", 0, None, None, 0
-            live = extract is None
+            live = extract is None and self.chat.options.reasoning_parser is None  # else: read at the end
             if live:
                 yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
             async for _, out in merger:
@@ -179,18 +193,26 @@ class AnthropicServingMessages:
                     if live and o.text:
                         yield _event("content_block_delta", {"index": 0,
                                                              "delta": {"type": "text_delta", "text": o.text}})
+            reasoning, text = (None, text) if live else self._thinking(text)
             extracted = self._calls(request, text, extract)
             index = 0
+            if reasoning:
+                yield _event("content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": "",
+                                                                                   "signature": ""}})
+                yield _event("content_block_delta", {"index": 0, "delta": {"type": "thinking_delta",
+                                                                            "thinking": reasoning}})
+                yield _event("content_block_stop", {"index": 0})
+                index = 1
             if live:
                 yield _event("content_block_stop", {"index": 0})
                 index = 1
             elif extracted.content or not extracted.calls:
-                yield _event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+                yield _event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
                 if extracted.content:
-                    yield _event("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
-                                                                                "text": extracted.content}})
-                yield _event("content_block_stop", {"index": 0})
-                index = 1
+                    yield _event("content_block_delta", {"index": index, "delta": {"type": "text_delta",
+                                                                                    "text": extracted.content}})
+                yield _event("content_block_stop", {"index": index})
+                index += 1
             for call in extracted.calls:
                 yield _event("content_block_start", {"index": index, "content_block": {
                     "type": "tool_use", "id": _tool_use_id(call.call_id), "name": call.name, "input": {}}})

@@ -98,6 +98,24 @@ class _Handlers:
         return handler
 
 
+def tool_reasoning_options(args: Any, tokenizer: Any) -> dict[str, Any]:
+    """The ServerOptions fields of the tool-calling and reasoning flags (checked by cli_args)."""
+    from lmserve.reasoning import ReasoningParserManager
+    from lmserve.reasoning.config import ReasoningConfig
+    reasoning = getattr(args, "reasoning_parser", "") or None
+    config = getattr(args, "reasoning_config", None)
+    if isinstance(config, (str, dict)):
+        config = ReasoningConfig.from_flag(config)
+    if reasoning is not None or config is not None:
+        config = config or ReasoningConfig(reasoning_parser=reasoning or "")
+        parser = ReasoningParserManager.get_reasoning_parser(reasoning)(tokenizer) if reasoning else None
+        config.resolve(tokenizer, parser)
+    return dict(tool_call_parser=getattr(args, "tool_call_parser", None) or None,
+                enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+                exclude_tools_when_tool_choice_none=bool(getattr(args, "exclude_tools_when_tool_choice_none", False)),
+                reasoning_parser=reasoning, reasoning_config=config)
+
+
 class ServerState:
     """Per-app state. ``handlers`` is None until the engine is set."""
 
@@ -119,6 +137,8 @@ class ServerState:
             self.chat_template = load_chat_template(args.chat_template)
 
     def set_engine(self, engine: Any) -> None:
+        """Builds the handlers for ``engine``; raises ValueError when the tool/reasoning flags do
+        not fit its tokenizer (--reasoning-config strings that tokenize to nothing)."""
         args = self.args
         mc = engine.model_config
         names = tuple(getattr(args, "served_model_name", None) or [mc.served_model_name])
@@ -139,6 +159,7 @@ class ServerState:
             trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
             max_stop_strings=int(getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS)),
             force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
+            **tool_reasoning_options(args, engine.tokenizer),
             executor=self.executor, template_sandbox=self.template_sandbox, loras=self._served_loras(engine, names))
         handlers = _Handlers(models=OpenAIServingModels(options, mc.max_model_len),
                              tokenization=OpenAIServingTokenization(engine, options, self.metrics))

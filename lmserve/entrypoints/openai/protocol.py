@@ -252,9 +252,9 @@ class SamplingRequest(OpenAIBaseModel):
         if self.structured_outputs_params() is not None and self.use_beam_search:
             raise InvalidRequestError("structured outputs (structured_outputs, response_format, guided_*) cannot "
                                       "be combined with use_beam_search.", "use_beam_search")
-        if self.thinking_token_budget not in (None, -1):
-            raise InvalidRequestError("thinking_token_budget is not supported: no reasoning parser is "
-                                      "available in lmserve yet.", "thinking_token_budget")
+        if self.thinking_token_budget is not None and self.thinking_token_budget < -1:
+            raise InvalidRequestError("thinking_token_budget must be -1 (unlimited) or at least 0.",
+                                      "thinking_token_budget")
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         """The request's one grammar constraint, from ``structured_outputs``, ``response_format``
@@ -538,6 +538,7 @@ class ChatCompletionRequest(SamplingRequest):
     return_prompt_text: bool | None = None
     media_io_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
 
     def validate_request(self) -> None:
         super().validate_request()
@@ -551,10 +552,49 @@ class ChatCompletionRequest(SamplingRequest):
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` "
                                       "to True.", "continue_final_message")
-        if self.tool_choice not in (None, "none"):
-            raise InvalidRequestError(f"tool_choice {self.tool_choice!r} is not supported yet: lmserve has no "
-                                      "tool-call parser (only 'none' is accepted; tools are still passed to "
-                                      "the chat template).", "tool_choice")
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        """vLLM's rules for ``tools`` / ``tool_choice`` (``tool_choice`` defaults to "auto" when
+        tools are given, to "none" otherwise)."""
+        usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+        if self.tools == []:
+            raise InvalidRequestError("`tools` must not be an empty array. Either provide at least one tool or "
+                                      "omit the field entirely.", "tools")
+        for k, tool in enumerate(self.tools or []):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+                raise InvalidRequestError(f"tools[{k}] must be {{'type': 'function', 'function': {{...}}}}.",
+                                          f"tools.{k}")
+            if not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise InvalidRequestError(f"tools[{k}].function.name must be a non-empty string.",
+                                          f"tools.{k}.function.name")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise InvalidRequestError(f"tools[{k}].function.parameters must be a JSON schema object.",
+                                          f"tools.{k}.function.parameters")
+        if self.tool_choice is None:
+            self.tool_choice = "auto" if self.tools else "none"
+            return
+        if self.tool_choice == "none":
+            return
+        if not self.tools:
+            raise InvalidRequestError("When using `tool_choice`, `tools` must be set.", "tool_choice")
+        if isinstance(self.tool_choice, str):
+            if self.tool_choice not in ("auto", "required"):
+                raise InvalidRequestError(f"Invalid value for `tool_choice`: {self.tool_choice}! Only named tools, "
+                                          '"none", "auto" or "required" are supported.', "tool_choice")
+            return
+        function = self.tool_choice.get("function")
+        if not isinstance(function, dict):
+            raise InvalidRequestError(f"Invalid value for `function`: `{function}` in `tool_choice`! {usage}",
+                                      "tool_choice.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! {usage}",
+                                      "tool_choice.function.name")
+        if not any(t["function"]["name"] == name for t in self.tools):
+            raise InvalidRequestError(f"The tool specified in `tool_choice` does not match any of the specified "
+                                      f"`tools`: {name}", "tool_choice")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

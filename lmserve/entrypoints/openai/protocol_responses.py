@@ -9,7 +9,7 @@ when unset, so a plain request gets a plain OpenAI body.
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
 from lmserve.entrypoints.openai.protocol import random_uuid
 
@@ -53,12 +53,17 @@ class PromptTokensDetails(ResponseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(ResponseModel):
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(ResponseModel):
-    _omit_if_none = frozenset({"prompt_tokens_details"})
+    _omit_if_none = frozenset({"prompt_tokens_details", "completion_tokens_details"})
     prompt_tokens: int = 0
     total_tokens: int = 0
     completion_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None  # with a reasoning parser (vLLM)
 
 
 class LogprobEntry(ResponseModel):
@@ -141,11 +146,65 @@ class ChatCompletionLogProbs(ResponseModel):
     content: list[ChatCompletionLogProbsContent] | None = None
 
 
+def make_tool_call_id() -> str:
+    """A tool call id as vLLM makes them."""
+    return f"chatcmpl-tool-{random_uuid()}"
+
+
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    id: str = Field(default_factory=make_tool_call_id)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(ResponseModel):
+    _omit_if_none = frozenset({"name", "arguments"})
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(ResponseModel):
+    """One tool call's piece of a stream delta: the first carries id, type and the function
+    name; later ones carry argument text only (``index`` says which call)."""
+
+    _omit_if_none = frozenset({"id", "type", "function"})
+    id: str | None = None
+    type: Literal["function"] | None = None
+    index: int
+    function: DeltaFunctionCall | None = None
+
+
+class ExtractedToolCallInformation(BaseModel):
+    """What a tool parser makes of a whole output (vLLM's shape)."""
+
+    tools_called: bool
+    tool_calls: list[ToolCall]
+    content: str | None = None
+
+
 class ChatMessage(ResponseModel):
+    """An answer message; ``tool_calls`` and ``reasoning`` are left out when empty/unset (as vLLM)."""
+
+    _omit_if_none = frozenset({"reasoning"})
     role: str
     content: str | None = None
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        if data.get("reasoning") is None:
+            data.pop("reasoning", None)
+        return data
 
 
 class ChatCompletionResponseChoice(ResponseModel):
@@ -177,9 +236,23 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class DeltaMessage(ResponseModel):
-    _omit_if_none = frozenset({"role", "content"})
+    """A stream delta (vLLM's shape): unset role/content/reasoning and empty tool_calls are left out."""
+
+    _omit_if_none = frozenset({"role", "content", "reasoning"})
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("role", "content", "reasoning"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionResponseStreamChoice(ResponseModel):

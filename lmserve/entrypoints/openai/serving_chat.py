@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from lmserve.chat_template import TemplateLimitError, apply_chat_template, special_tokens_of
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
+from lmserve.entrypoints.openai.chat_output import ChoiceParser, merge_deltas, tool_choice_schema, tool_mode
 from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageParam
 from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                           ChatCompletionLogProbsContent, ChatCompletionResponse,
@@ -31,7 +32,9 @@ from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, 
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError, LMServeError
 from lmserve.outputs import CompletionOutput, Logprob, VocabLogprobs
+from lmserve.reasoning import ReasoningParserManager
 from lmserve.sampling_params import SamplingParams
+from lmserve.tool_parsers import ToolParserManager
 
 def _named_template(tokenizer: Any, name: str) -> bool:
     """Whether ``name`` names one of the tokenizer's own (trusted) templates."""
@@ -52,6 +55,7 @@ def _content_text(content: Any) -> str:
 @dataclass
 class _ChatChoice:
     content: str = ""
+    text: str = ""  # the generated text alone (without an echo)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[ChatCompletionLogProbsContent] | None = None
     finish_reason: str | None = None
@@ -105,8 +109,11 @@ class OpenAIServingChat(OpenAIServing):
         return sandbox
 
     async def prepare_prompt(self, request: ChatCompletionRequest) -> Prompt:
+        tools = request.tools
+        if request.tool_choice == "none" and self.options.exclude_tools_when_tool_choice_none:
+            tools = None
         text = await self.render(request.template_messages(), add_generation_prompt=request.add_generation_prompt,
-                                 continue_final_message=request.continue_final_message, tools=request.tools,
+                                 continue_final_message=request.continue_final_message, tools=tools,
                                  documents=request.documents, chat_template=request.chat_template,
                                  chat_template_kwargs=request.chat_template_kwargs)
         ids = await self.off_loop(self.tokenize, text, request.add_special_tokens, "messages")
@@ -127,14 +134,95 @@ class OpenAIServingChat(OpenAIServing):
                                      raw_request: Request | None):
         """Returns a ChatCompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        prompt, _, merger = await self.start_generation(request, request_id)
+        prompt, _, merger = await self.start_generation(request, request_id, tool_calling=True)
+        mode = self.tool_mode(request)
         created = int(time.time())
         if request.stream:
-            return SSEResponse(self._stream(request, request_id, created, prompt, merger), cleanup=merger)
-        return await until_disconnected(raw_request, self._full(request, request_id, created, prompt, merger),
+            return SSEResponse(self._stream(request, request_id, created, prompt, merger, mode), cleanup=merger)
+        return await until_disconnected(raw_request, self._full(request, request_id, created, prompt, merger, mode),
                                         cleanup=merger)
 
-    async def start_generation(self, request: ChatCompletionRequest, request_id: str
+    # ------------------------------------------------------------------ tools and reasoning
+    def check_tool_choice(self, request: ChatCompletionRequest) -> str:
+        """The request's tool mode (chat_output.TOOL_MODES), after vLLM's checks against the
+        server's flags; lets the tool parser adjust the request (it may keep special tokens)."""
+        opts = self.options
+        has_parser = opts.tool_call_parser is not None
+        choice = request.tool_choice
+        if not has_parser and choice not in (None, "none"):
+            if choice == "auto":
+                raise InvalidRequestError('"auto" tool choice requires --enable-auto-tool-choice and '
+                                          "--tool-call-parser to be set", "tool_choice")
+            desc = f'function "{choice["function"]["name"]}"' if isinstance(choice, dict) else f'"{choice}"'
+            raise InvalidRequestError(f"tool_choice={desc} requires --tool-call-parser to be set", "tool_choice")
+        mode = self.tool_mode(request)
+        if mode == "auto":
+            self._tool_parser_cls()(self.tokenizer, request.tools).adjust_request(request)
+        return mode
+
+    def tool_mode(self, request: ChatCompletionRequest) -> str:
+        """The chat_output mode of a validated request under the server's tool flags."""
+        opts = self.options
+        return tool_mode(request.tool_choice, opts.enable_auto_tool_choice, opts.tool_call_parser is not None)
+
+    @staticmethod
+    def constrain_tool_call(request: ChatCompletionRequest, mode: str, params: Any) -> None:
+        """For "required" / a named function: the output is constrained to vLLM's tool-call JSON
+        (``chat_output.tool_choice_schema``), replacing any response_format (as vLLM). A named call
+        with a json/regex/choice ``structured_outputs`` is vLLM's 400."""
+        if mode not in ("required", "named"):
+            return
+        from lmserve.structured_output import json_schema_constraint
+        given = request.structured_outputs or {}
+        if mode == "named" and any(given.get(k) is not None for k in ("json", "regex", "choice")):
+            raise InvalidRequestError("You can only either use constraints for structured outputs or tools, not "
+                                      "both.", "tool_choice")
+        try:
+            schema = tool_choice_schema(request.tools or [], request.tool_choice, request.parallel_tool_calls)
+        except ValueError as e:
+            raise InvalidRequestError(str(e), "tools") from e
+        assert schema is not None
+        params.structured_outputs = json_schema_constraint(schema)
+
+    def auto_tool_parser(self, tools: list[dict[str, Any]] | None) -> Any:
+        """A fresh ``--tool-call-parser`` instance for ``tools`` when the server parses tool calls
+        (--enable-auto-tool-choice), else None: the Responses and Anthropic APIs read their tool
+        calls with it."""
+        if not (tools and self.options.enable_auto_tool_choice and self.options.tool_call_parser):
+            return None
+        return self._tool_parser_cls()(self.tokenizer, tools)
+
+    def reasoning_tokens(self, request: ChatCompletionRequest, mode: str, outputs: list[list[int]]) -> int | None:
+        """The reasoning tokens of all choices for ``usage.completion_tokens_details`` (None without a
+        reasoning parser; 0 for required/named tool calls, whose grammar leaves no thinking)."""
+        opts = self.options
+        if opts.reasoning_parser is None:
+            return None
+        if mode in ("required", "named"):
+            return 0
+        kwargs = {**(opts.default_chat_template_kwargs or {}), **(request.chat_template_kwargs or {})}
+        parser = ReasoningParserManager.get_reasoning_parser(opts.reasoning_parser)(
+            self.tokenizer, chat_template_kwargs=kwargs)
+        return sum(parser.count_reasoning_tokens(ids) for ids in outputs)
+
+    def _tool_parser_cls(self) -> Any:
+        return ToolParserManager.get_tool_parser(self.options.tool_call_parser or "")
+
+    def choice_parser(self, request: ChatCompletionRequest, mode: str) -> ChoiceParser | None:
+        """A fresh parser for one choice, or None when the text is plain content."""
+        opts = self.options
+        if opts.reasoning_parser is None and mode == "none":
+            return None
+        reasoning = None
+        # required/named: the grammar holds from the first token, so there is no thinking section.
+        if opts.reasoning_parser is not None and mode not in ("required", "named"):
+            kwargs = {**(opts.default_chat_template_kwargs or {}), **(request.chat_template_kwargs or {})}
+            reasoning = ReasoningParserManager.get_reasoning_parser(opts.reasoning_parser)(
+                self.tokenizer, chat_template_kwargs=kwargs)
+        tools = self._tool_parser_cls()(self.tokenizer, request.tools) if mode == "auto" else None
+        return ChoiceParser(request, mode, reasoning, tools, include_reasoning=request.include_reasoning)
+
+    async def start_generation(self, request: ChatCompletionRequest, request_id: str, tool_calling: bool = False
                                ) -> tuple[Prompt, SamplingParams, OutputMerger]:
         """Validates ``request``, renders and tokenizes it and starts its engine request(s).
 
@@ -143,11 +231,14 @@ class OpenAIServingChat(OpenAIServing):
         ``ChatCompletionRequest`` and builds its own answer from the merger's outputs. Its
         ``model`` may name a LoRA adapter (``--enable-lora``), which the generation then runs with. A
         refusal (bad request, overload) raises here, before any response starts; the caller
-        owns the merger and must ``aclose()`` it."""
+        owns the merger and must ``aclose()`` it. ``tool_calling``: the chat completions API's
+        ``tool_choice`` rules apply (``check_tool_choice``; required/named constrain the output)."""
         lora = self.resolve_model(request.model)  # the adapter ``model`` names, if any
         request.validate_request()
+        mode = self.check_tool_choice(request) if tool_calling else "none"
         prompt = await self.prepare_prompt(request)
         params = self.sampling_params(request, len(prompt.token_ids))
+        self.constrain_tool_call(request, mode, params)
         merger = OutputMerger([self.generate(prompt, params, request_id, request, lora)])
         await merger.start()
         return prompt, params, merger
@@ -179,13 +270,15 @@ class OpenAIServingChat(OpenAIServing):
 
     # ------------------------------------------------------------------ streaming
     async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
-                      merger: OutputMerger) -> AsyncIterator[str]:
+                      merger: OutputMerger, mode: str = "none") -> AsyncIterator[str]:
         role = self.response_role(request)
         echo = self.echo_text(request, role)
         include_usage, continuous = should_include_usage(request.stream_options, self.options.force_include_usage)
         prompt_len = len(prompt.token_ids)
         generated = [0] * request.n
         cached = 0
+        parsers = [self.choice_parser(request, mode) for _ in range(request.n)]
+        out_ids: list[list[int]] = [[] for _ in range(request.n)]
 
         def chunk(choice: ChatCompletionResponseStreamChoice, first: bool = False) -> str:
             c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
@@ -208,19 +301,32 @@ class OpenAIServingChat(OpenAIServing):
                 cached = out.num_cached_tokens
                 for o in out.outputs:
                     generated[o.index] += len(o.token_ids)
+                    out_ids[o.index].extend(o.token_ids)
                     if not o.text and not o.token_ids and o.finish_reason is None:
                         continue
                     lps = self._logprobs(request, o)
-                    delta = DeltaMessage(content=o.text) if o.text or o.finish_reason is None else DeltaMessage()
+                    parser = parsers[o.index]
+                    finish = o.finish_reason
+                    if parser is None:
+                        delta = DeltaMessage(content=o.text) if o.text or finish is None else DeltaMessage()
+                    else:
+                        parsed = parser.stream(o.text, list(o.token_ids))
+                        if finish is not None:
+                            parsed = merge_deltas(parsed, parser.finish())
+                            if parser.tools_streamed and mode != "named" and finish == "stop":
+                                finish = "tool_calls"
+                        if parsed is None and finish is None and lps is None and not request.return_token_ids:
+                            continue  # held back (a marker may be starting): nothing to send yet
+                        delta = parsed or DeltaMessage()
                     yield chunk(ChatCompletionResponseStreamChoice(
                         index=o.index, delta=delta,
                         logprobs=ChatCompletionLogProbs(content=lps) if lps is not None else None,
-                        finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                        finish_reason=finish, stop_reason=o.stop_reason,
                         token_ids=list(o.token_ids) if request.return_token_ids else None))
             if include_usage:
+                usage = self.usage(prompt_len, sum(generated), cached, self.reasoning_tokens(request, mode, out_ids))
                 yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
-                                                       choices=[], usage=self.usage(prompt_len, sum(generated),
-                                                                                    cached)))
+                                                       choices=[], usage=usage))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
             yield stream_error(e)
         yield SSE_DONE
@@ -232,7 +338,7 @@ class OpenAIServingChat(OpenAIServing):
         return await self._full(request, request_id, created, prompt, merger)
 
     async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
-                    merger: OutputMerger) -> ChatCompletionResponse:
+                    merger: OutputMerger, mode: str = "none") -> ChatCompletionResponse:
         role = self.response_role(request)
         echo = self.echo_text(request, role)
         choices = [_ChatChoice(content=echo) for _ in range(request.n)]
@@ -245,6 +351,7 @@ class OpenAIServingChat(OpenAIServing):
             for o in out.outputs:
                 st = choices[o.index]
                 st.content += o.text
+                st.text += o.text
                 st.token_ids.extend(o.token_ids)
                 lps = self._logprobs(request, o)
                 if lps is not None:
@@ -252,13 +359,33 @@ class OpenAIServingChat(OpenAIServing):
                 if o.finish_reason is not None:
                     st.finish_reason, st.stop_reason = o.finish_reason, o.stop_reason
         result = [ChatCompletionResponseChoice(
-            index=i, message=ChatMessage(role=role, content=st.content),
-            logprobs=ChatCompletionLogProbs(content=st.logprobs or []) if request.logprobs else None,
-            finish_reason=st.finish_reason, stop_reason=st.stop_reason,
-            token_ids=st.token_ids if request.return_token_ids else None) for i, st in enumerate(choices)]
+            index=i, message=message, logprobs=ChatCompletionLogProbs(content=st.logprobs or []) if request.logprobs
+            else None, finish_reason=finish, stop_reason=st.stop_reason,
+            token_ids=st.token_ids if request.return_token_ids else None)
+            for i, st in enumerate(choices) for message, finish in [self._message(request, mode, role, echo, st)]]
         return ChatCompletionResponse(
             id=request_id, created=created, model=self.response_model(request), choices=result,
-            usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached),
+            usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached,
+                             self.reasoning_tokens(request, mode, [c.token_ids for c in choices])),
             prompt_logprobs=self.prompt_logprobs_json(prompt_lps) if request.prompt_logprobs is not None else None,
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None,
             prompt_text=prompt.text if request.return_prompt_text else None)
+
+    def _message(self, request: ChatCompletionRequest, mode: str, role: str, echo: str,
+                 st: _ChatChoice) -> tuple[ChatMessage, str | None]:
+        """A whole choice's message and finish reason (vLLM's rules: "tool_calls" when auto found
+        calls, or "required" stopped normally; a named call keeps "stop")."""
+        parser = self.choice_parser(request, mode)
+        if parser is None:
+            return ChatMessage(role=role, content=st.content), st.finish_reason
+        parsed = parser.full(st.text)
+        content = parsed.content
+        if mode in ("required", "named"):
+            content = content or ""
+        if echo:
+            content = echo + (content or "")
+        finish = st.finish_reason
+        if (mode == "auto" and parsed.tool_calls) or (mode == "required" and finish == "stop"):
+            finish = "tool_calls"
+        return ChatMessage(role=role, content=content, reasoning=parsed.reasoning,
+                           tool_calls=parsed.tool_calls), finish

@@ -25,8 +25,8 @@ from starlette.requests import Request
 
 from lmserve.entrypoints.openai.output_logging import OutputLogger, clip
 from lmserve.entrypoints.openai.protocol import SamplingRequest
-from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorResponse, LogprobEntry,
-                                                          PromptTokensDetails, UsageInfo)
+from lmserve.entrypoints.openai.protocol_responses import (CompletionTokensDetails, ErrorInfo, ErrorResponse,
+                                                          LogprobEntry, PromptTokensDetails, UsageInfo)
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.lora.request import LoRARequest
 from lmserve.metrics import EngineMetrics
@@ -66,6 +66,11 @@ class ServerOptions:
     trust_request_chat_template: bool = False
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
     force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with a usage chunk
+    tool_call_parser: str | None = None  # --tool-call-parser (a ToolParserManager name)
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: tool_choice "auto" is parsed
+    exclude_tools_when_tool_choice_none: bool = False
+    reasoning_parser: str | None = None  # --reasoning-parser (a ReasoningParserManager name)
+    reasoning_config: Any = None  # lmserve.reasoning.config.ReasoningConfig, token ids resolved
     loras: Any = field(default=None, compare=False, repr=False)  # ServedLoRAs with --enable-lora, else None
     executor: Any = field(default=None, compare=False, repr=False)
     template_sandbox: Any = field(default=None, compare=False, repr=False)
@@ -277,6 +282,7 @@ class OpenAIServing:
             if limit != -1 and 2 * params.n > limit:
                 raise InvalidRequestError(f"Beam search with n={params.n} needs {2 * params.n} logprobs per step; "
                                           f"the server allows {limit} (--max-logprobs).", "n")
+        self._thinking_budget(request, params)
         if self.tokenizer is None:  # --skip-tokenizer-init: vLLM's detokenize=False
             for name in ("stop", "bad_words"):
                 if getattr(params, name):
@@ -289,6 +295,19 @@ class OpenAIServing:
         except ValueError as e:
             raise InvalidRequestError(str(e), str(e).split(" ", 1)[0]) from e
         return params
+
+    def _thinking_budget(self, request: Any, params: SamplingParams) -> None:
+        """Carries ``thinking_token_budget`` and the thinking markers' token ids into ``params``."""
+        budget = getattr(request, "thinking_token_budget", None)
+        if budget is None or budget == -1:
+            return
+        config = self.options.reasoning_config
+        if config is None or not config.enabled:
+            raise InvalidRequestError("thinking_token_budget is set but reasoning_config is not configured. Please "
+                                      "set --reasoning-parser and/or --reasoning-config to use "
+                                      "thinking_token_budget.", "thinking_token_budget")
+        params.thinking_token_budget = budget
+        params._thinking_token_ids = (list(config.start_token_ids), list(config.end_token_ids))
 
     # ------------------------------------------------------------------ engine calls
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
@@ -452,11 +471,17 @@ class OpenAIServing:
                     "decoded_token": None if texts is None else texts[t]}
                 for i, (t, lp) in enumerate(zip(ids, d.lps.tolist()))}
 
-    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+              reasoning_tokens: int | None = None) -> UsageInfo:
+        """``reasoning_tokens`` (chat with --reasoning-parser): reported as
+        ``completion_tokens_details.reasoning_tokens``, as vLLM."""
         details = PromptTokensDetails(cached_tokens=cached_tokens) \
             if self.options.enable_prompt_tokens_details else None
+        completion = CompletionTokensDetails(reasoning_tokens=reasoning_tokens) if reasoning_tokens is not None \
+            else None
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+                         total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details,
+                         completion_tokens_details=completion)
 
 
 async def until_disconnected(raw_request: Request | None, work: Awaitable[T], cleanup: Any = None) -> T | None:

@@ -145,9 +145,15 @@ class MinTokensLogitsProcessor(LogitsProcessor):
         return logits
 
 
+def _thinking_budget() -> type[LogitsProcessor]:
+    from lmserve.worker.logits_processors.thinking_budget import ThinkingBudgetLogitsProcessor
+    return ThinkingBudgetLogitsProcessor
+
+
 BUILTIN_LOGITS_PROCESSORS: tuple[type[LogitsProcessor], ...] = (
     MinTokensLogitsProcessor,
     LogitBiasLogitsProcessor,
     MinPLogitsProcessor,
     RequestLogitsProcessorsAdapter,  # a request's own ``logits_processors`` (--logits-processor-pattern)
+    _thinking_budget(),  # last: its forced token must win over biases
 )

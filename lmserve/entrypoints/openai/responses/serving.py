@@ -42,6 +42,7 @@ from lmserve.entrypoints.openai.serving_engine import Prompt, error_body, until_
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
+from lmserve.reasoning import ReasoningParserManager
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.server")
@@ -122,7 +123,7 @@ class OpenAIServingResponses:
         messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) \
             + conversation
         chat_request = request.to_chat_request(messages, tools)
-        extract = tool_call_extractor(self.chat, chat_request)  # before the engine request starts
+        extract = tool_call_extractor(self.chat, chat_request.tools)  # before the engine request starts
         prompt, params, merger = await self.chat.start_generation(chat_request, request.request_id)
         turn = _Turn(request, conversation, prompt, params, extract, bool(tools))
         if request.background:
@@ -172,8 +173,12 @@ class OpenAIServingResponses:
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        extracted = turn.extract(gen.text)
+        reasoning, text = self._thinking(gen.text)
+        extracted = turn.extract(text)
         items: list[dict[str, Any]] = []
+        if reasoning:
+            items.append({"id": _new_id("rs"), "type": "reasoning", "summary": [],
+                          "content": [{"type": "reasoning_text", "text": reasoning}], "status": status})
         if extracted.content or not extracted.calls:
             items.append(_message_item(_new_id("msg"), extracted.content, status))
         for call in extracted.calls:
@@ -185,6 +190,16 @@ class OpenAIServingResponses:
                                         "function": {"name": c.name, "arguments": c.arguments}}
                                        for c in extracted.calls]
         return items, assistant
+
+    def _thinking(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, the rest) by the server's --reasoning-parser; (None, text) without one."""
+        name = self.chat.options.reasoning_parser
+        if name is None:
+            return None, text
+        parser = ReasoningParserManager.get_reasoning_parser(name)(
+            self.chat.tokenizer, chat_template_kwargs=dict(self.chat.options.default_chat_template_kwargs or {}))
+        reasoning, content = parser.extract_reasoning(text, None)
+        return reasoning, content or ""
 
     def _finish(self, turn: _Turn, gen: _Generated, items: list[dict[str, Any]] | None = None,
                 assistant: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -243,7 +258,7 @@ class OpenAIServingResponses:
         try:
             yield event("response.created", response=self._body(turn, [], "in_progress", None))
             yield event("response.in_progress", response=self._body(turn, [], "in_progress", None))
-            if not turn.tools_offered:
+            if not turn.tools_offered and self.chat.options.reasoning_parser is None:  # else: read at the end
                 live_id = _new_id("msg")
                 yield event("response.output_item.added", output_index=0,
                             item={"id": live_id, "type": "message", "role": "assistant", "status": "in_progress",
@@ -273,6 +288,14 @@ class OpenAIServingResponses:
                                 content_index=0, text=text, logprobs=[])
                     yield event("response.content_part.done", item_id=item["id"], output_index=index,
                                 content_index=0, part=_text_part(text))
+                elif item["type"] == "reasoning":
+                    text = item["content"][0]["text"]
+                    yield event("response.output_item.added", output_index=index,
+                                item={**item, "status": "in_progress", "content": []})
+                    yield event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
+                                content_index=0, delta=text)
+                    yield event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                content_index=0, text=text)
                 else:
                     yield event("response.output_item.added", output_index=index,
                                 item={**item, "arguments": "", "status": "in_progress"})

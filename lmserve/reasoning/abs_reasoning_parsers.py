@@ -1,0 +1,111 @@
+"""``ReasoningParser`` (splits a model's output into reasoning and content) and
+``ReasoningParserManager`` (the registry behind ``--reasoning-parser``), with vLLM's interface:
+a vLLM reasoning parser ports by changing ``vllm.reasoning`` to ``lmserve.reasoning`` in its
+imports. Like ``ToolParserManager``, the registry is class-level so that a
+``--reasoning-parser-plugin`` file's ``@ReasoningParserManager.register_module("name")`` reaches
+it; it only grows, before serving starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+from lmserve.entrypoints.openai.protocol_responses import DeltaMessage
+from lmserve.tool_parsers.abstract_tool_parser import _names, import_plugin_file
+
+
+class ReasoningParser:
+    """Base class (vLLM's contract): ``extract_reasoning(model_output, request) -> (reasoning,
+    content)``; ``extract_reasoning_streaming(previous_text, current_text, delta_text,
+    previous_token_ids, current_token_ids, delta_token_ids) -> DeltaMessage | None``;
+    ``is_reasoning_end(ids)``; ``extract_content_ids(ids)``; ``count_reasoning_tokens(ids)``;
+    ``reasoning_start_str`` / ``reasoning_end_str`` (what a thinking budget forces).
+    ``finish_streaming(current_text)`` (lmserve's addition, default None) sends what was held back."""
+
+    def __init__(self, tokenizer: Any, *args: Any, **kwargs: Any) -> None:
+        self.model_tokenizer = tokenizer
+
+    @cached_property
+    def vocab(self) -> dict[str, int]:
+        return self.model_tokenizer.get_vocab() if self.model_tokenizer is not None else {}
+
+    @property
+    def reasoning_start_str(self) -> str | None:
+        return None
+
+    @property
+    def reasoning_end_str(self) -> str | None:
+        return None
+
+    def is_reasoning_end(self, input_ids: Sequence[int]) -> bool:
+        return False
+
+    def extract_content_ids(self, input_ids: list[int]) -> list[int]:
+        return list(input_ids)
+
+    def count_reasoning_tokens(self, token_ids: Sequence[int]) -> int:
+        return 0
+
+    def adjust_request(self, request: Any) -> Any:
+        return request
+
+    def extract_reasoning(self, model_output: str, request: Any) -> tuple[str | None, str | None]:
+        raise NotImplementedError("ReasoningParser.extract_reasoning has not been implemented")
+
+    def extract_reasoning_streaming(self, previous_text: str, current_text: str, delta_text: str,
+                                    previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
+                                    delta_token_ids: Sequence[int]) -> DeltaMessage | None:
+        raise NotImplementedError("ReasoningParser.extract_reasoning_streaming has not been implemented")
+
+    def finish_streaming(self, current_text: str) -> DeltaMessage | None:
+        return None
+
+
+class ReasoningParserManager:
+    reasoning_parsers: dict[str, type[ReasoningParser]] = {}
+    lazy_parsers: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def get_reasoning_parser(cls, name: str) -> type[ReasoningParser]:
+        if name in cls.reasoning_parsers:
+            return cls.reasoning_parsers[name]
+        if name in cls.lazy_parsers:
+            module_path, class_name = cls.lazy_parsers[name]
+            parser_cls = getattr(importlib.import_module(module_path), class_name)
+            if not (isinstance(parser_cls, type) and issubclass(parser_cls, ReasoningParser)):
+                raise TypeError(f"{class_name} in {module_path} is not a ReasoningParser subclass")
+            cls.reasoning_parsers[name] = parser_cls
+            return parser_cls
+        raise KeyError(f"reasoning parser '{name}' not found. Registered: {', '.join(cls.list_registered())}")
+
+    @classmethod
+    def register_lazy_module(cls, name: str, module_path: str, class_name: str) -> None:
+        cls.lazy_parsers[name] = (module_path, class_name)
+
+    @classmethod
+    def register_module(cls, name: str | list[str] | None = None, force: bool = True,
+                        module: type[ReasoningParser] | None = None) -> Any:
+        if not isinstance(force, bool):
+            raise TypeError(f"force must be a boolean, but got {type(force)}")
+
+        def register(obj: type[ReasoningParser]) -> type[ReasoningParser]:
+            if not (isinstance(obj, type) and issubclass(obj, ReasoningParser)):
+                raise TypeError(f"module must be a subclass of ReasoningParser, but got {obj!r}")
+            for n in _names(name, obj.__name__):
+                if not force and (n in cls.reasoning_parsers or n in cls.lazy_parsers):
+                    raise KeyError(f"{n} is already registered")
+                cls.reasoning_parsers[n] = obj
+            return obj
+
+        return register(module) if module is not None else register
+
+    @classmethod
+    def list_registered(cls) -> list[str]:
+        return sorted(set(cls.reasoning_parsers) | set(cls.lazy_parsers))
+
+    @classmethod
+    def import_reasoning_parser(cls, plugin_path: str) -> None:
+        import_plugin_file(plugin_path, "--reasoning-parser-plugin")
