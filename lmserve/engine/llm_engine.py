@@ -195,7 +195,7 @@ class LLMEngine:
     def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         priority: int = 0, cache_salt: str | None = None,
                         arrival_time: float | None = None,
-                        add_special_tokens: bool = True, compiled_grammar: Any = None,
+                        add_special_tokens: bool = True, *, compiled_grammar: Any = None,
                         lora_request: LoRARequest | None = None) -> "PreparedRequest":
         """Tokenizes and validates without touching engine state (safe from any thread);
         raises ValueError for anything wrong with the request. With ``structured_outputs``,
@@ -313,7 +313,7 @@ class LLMEngine:
                     arrival_time: float | None = None, add_special_tokens: bool = True,
                     lora_request: LoRARequest | None = None) -> None:
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority, cache_salt,
-                                               arrival_time, add_special_tokens, lora_request))
+                                               arrival_time, add_special_tokens, lora_request=lora_request))
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         if isinstance(request_ids, str):

@@ -114,7 +114,10 @@ class FusedMoE(nn.Module):
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False, lora: object = None) -> torch.Tensor:
+        """``lora`` (the step's LoRA batch, as every MLP takes it) is unused: experts take no LoRA
+        delta, and an adapter that targets the MLP of an MoE model is refused when it loads."""
+        del lora
         weights, ids = select_experts(self.gate(x, decode_only), self.top_k, self.renormalize)
         return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids,
                          self.gather_max_rows, self.act_fn)
