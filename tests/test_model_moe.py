@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmserve.config import ModelConfig
+from lmserve.model.backends.plan import BackendPlan
 from lmserve.model.layers.fused_moe import FusedMoE, fused_moe, select_experts
 from lmserve.model.loader import get_model
 from lmserve.model.loader.gguf_loader import gguf_to_hf_name
@@ -116,6 +117,9 @@ def test_safetensors_logits_equal_transformers(tmp_path, kind):
     hf.save_pretrained(str(tmp_path))
     model = get_model(_model_config(str(tmp_path)), "cpu")  # per-expert tensors, backends bound
     assert isinstance(model, MoeForCausalLM)
+    packs = BackendPlan.for_device("cpu", torch.float32).linear(torch.float32, 64).backend != "torch"
+    moe_layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert moe_layers and all((m.packed_experts is not None) == packs for m in moe_layers)
     got = _prefill_then_decode_logits(model, TOKENS[:9], TOKENS[9:])
     torch.testing.assert_close(got, hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
 

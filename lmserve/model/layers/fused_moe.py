@@ -18,10 +18,13 @@ Contracts:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.model.backends.linear import PrepackedWeight
 from lmserve.model.layers.activation import SiluAndMul
 from lmserve.model.layers.linear import Linear
 
@@ -48,25 +51,31 @@ def _silu_mul(h: torch.Tensor, act: nn.Module | None) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-             act: nn.Module | None) -> torch.Tensor:
+def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                     expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The grouped path over any expert implementation: ``expert_mlp(e, rows [n, H])`` -> [n, H] is
+    expert e's feed-forward; it is called once per expert hit, with all of that expert's rows."""
     T, k = ids.shape
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # pair positions grouped by expert, token order kept
     token_of = order // k  # [T*k] the token of each sorted pair
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     rows = x.index_select(0, token_of)  # [T*k, H]
-    out = torch.empty(T * k, w2.shape[1], dtype=x.dtype, device=x.device)
+    out = torch.empty_like(rows)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        group = rows[start:start + n]
-        out[start:start + n] = F.linear(_silu_mul(F.linear(group, w13[e]), act), w2[e])
+        out[start:start + n] = expert_mlp(e, rows[start:start + n])
         start += n
     out.mul_(weights.reshape(-1)[order].to(x.dtype).unsqueeze(1))
-    result = torch.zeros(T, w2.shape[1], dtype=x.dtype, device=x.device)
-    return result.index_add_(0, token_of, out)
+    return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def _grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+             act: nn.Module | None) -> torch.Tensor:
+    return grouped_dispatch(x, weights, ids, w13.shape[0],
+                            lambda e, rows: F.linear(_silu_mul(F.linear(rows, w13[e]), act), w2[e]))
 
 
 def _gathered(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -96,7 +105,15 @@ class FusedMoE(nn.Module):
     """A sparse MoE feed-forward block: ``gate`` (the router, [E, H] without bias) and the stacked
     expert weights ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I] (the
     parameter names of transformers' fused experts, so such checkpoints load as they are).
-    ``forward(x [T, H], decode_only)`` -> [T, H]."""
+    ``forward(x [T, H], decode_only)`` -> [T, H].
+
+    ``bind_backends`` may give each expert its two matrices in the plan's dense CPU layout
+    (``set_packed_experts``): the stacked parameters are then freed and every step takes the
+    grouped path, one packed GEMM pair per expert hit. Otherwise ``fused_moe`` runs on the stacked
+    torch weights."""
+
+    # per expert: (gate|up [2I, H], down [H, I]) packed, or None (the stacked torch weights)
+    packed_experts: list[tuple[PrepackedWeight, PrepackedWeight]] | None = None
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
                  dtype: torch.dtype, gather_max_rows: int = DEFAULT_GATHER_MAX_ROWS) -> None:
@@ -116,10 +133,29 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
         weights, ids = select_experts(self.gate(x, decode_only), self.top_k, self.renormalize)
+        packed = self.packed_experts
+        if packed is not None:
+            return grouped_dispatch(x, weights, ids, self.num_experts,
+                                    lambda e, rows: packed[e][1].linear(self.act_fn(packed[e][0].linear(rows, None)),
+                                                                        None))
         return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids,
                          self.gather_max_rows, self.act_fn)
 
+    def set_packed_experts(self, packed: list[tuple[PrepackedWeight, PrepackedWeight]]) -> None:
+        """Install one (gate|up, down) packed pair per expert and free the stacked parameters."""
+        if len(packed) != self.num_experts:
+            raise ValueError(f"{len(packed)} packed experts for num_experts={self.num_experts}")
+        self.packed_experts = packed
+        for name in ("gate_up_proj", "down_proj"):
+            old = getattr(self.experts, name)
+            setattr(self.experts, name, nn.Parameter(old.new_empty(0), requires_grad=False))
+
+    def dispatch(self) -> str:
+        """What computes the experts (``extra_repr`` and the start-up table say it)."""
+        if self.packed_experts is not None:
+            return f"grouped, {self.packed_experts[0][0].backend} GEMM pair per expert hit"
+        return f"torch: grouped GEMM per expert, gathered bmm for <= {self.gather_max_rows} (token, expert) pairs"
+
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}, dispatch=grouped GEMM "
-                f"per expert (torch), gathered bmm for <= {self.gather_max_rows} (token, expert) pairs")
+                f"intermediate={self.intermediate_size}, renormalize={self.renormalize}, dispatch={self.dispatch()}")
