@@ -199,3 +199,21 @@ def test_gguf_roundtrip_equals_transformers(tmp_path, kind, arch, overrides):
     model = get_model(mc, "cpu")
     got = _prefill_then_decode_logits(model, TOKENS[:9], TOKENS[9:])
     torch.testing.assert_close(got, hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_packed_experts_match_stacked_torch_experts():
+    """The experts on the plan's bf16 backend (AMX / oneDNN panels where this CPU has them) give the
+    logits of the same model on torch's stacked weights, up to bf16 rounding."""
+    from lmserve.model.loader.binding import bind_backends
+
+    hf = make_hf_model(tiny_moe_config("mixtral"), seed=8)
+    state = {n: t.bfloat16() for n, t in hf.state_dict().items()}
+    ref_model, packed_model = (MoeForCausalLM(hf.config, torch.bfloat16) for _ in range(2))
+    for m in (ref_model, packed_model):
+        m.load_weights(state.items())
+    table = bind_backends(packed_model, BackendPlan.for_device("cpu", torch.bfloat16))
+    assert len(table.backends("moe_experts")) == 1
+    ref = _prefill_then_decode_logits(ref_model, TOKENS[:9], TOKENS[9:])
+    got = _prefill_then_decode_logits(packed_model, TOKENS[:9], TOKENS[9:])
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(got, ref, atol=0.15 * ref.abs().max().item(), rtol=0)
