@@ -113,6 +113,17 @@ def layer_bench(dtype: torch.dtype, rows: list[int], iters: int) -> list[dict]:
     return out
 
 
+def busy_cpu_s() -> tuple[float, float]:
+    """(CPU seconds all processes used, CPU seconds this process used) so far; their deltas give the
+    CPU that other processes took during a run (the machine is shared)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    tick = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (sum(fields[:8]) - idle) / tick, own.user + own.system
+
+
 def decode_steps(engine: LLMEngine, batch: int, tag: str, max_tokens: int) -> tuple[list[float], list[list[int]]]:
     """Wall times (s) of one batch's decode steps, and the requests' tokens."""
     sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0, detokenize=False)
@@ -157,6 +168,7 @@ def main() -> None:
                                                   dense_inter=TOP_K * EXPERT_INTER),
                "max_tokens": args.max_tokens, "rounds": args.rounds, "batches": {}}
     rows = []
+    start_busy, start_load = busy_cpu_s(), os.getloadavg()[0]
     for batch in (int(b) for b in args.batches.split(",")):
         variants = ["dense", "dense-eager", "moe"]
         if native_step is None:
@@ -175,7 +187,8 @@ def main() -> None:
         dense_model.decode_step = native_step
         med = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
         p10 = {v: statistics.quantiles(ts, n=10)[0] * 1e3 for v, ts in times.items()}
-        results["batches"][str(batch)] = {"median_ms": med, "p10_ms": p10, "steps": {v: len(t) for v, t in times.items()}}
+        results["batches"][str(batch)] = {"median_ms": med, "p10_ms": p10,
+                                          "steps": {v: len(t) for v, t in times.items()}}
         for v in variants:
             rows.append((batch, v, med[v], p10[v], med[v] / med["dense-eager"]))
             print(f"  batch {batch:>3} {v:<13} median {med[v]:8.2f} ms  p10 {p10[v]:8.2f} ms  "
@@ -183,6 +196,11 @@ def main() -> None:
     table = [header, "", "| batch | variant | step median ms | step p10 ms | median / dense-eager |",
              "|---:|---|---:|---:|---:|"]
     table += [f"| {b} | {v} | {m:.2f} | {p:.2f} | {x:.2f} |" for b, v, m, p, x in rows]
+    end_busy = busy_cpu_s()
+    other = (end_busy[0] - start_busy[0]) - (end_busy[1] - start_busy[1])
+    results["other_cpu_s_during_decode_runs"] = other
+    table += ["", f"CPU used by other processes during the decode runs: {other:.1f} s (1-minute load average "
+              f"{start_load:.1f} at their start, {os.getloadavg()[0]:.1f} at their end)."]
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     layer = layer_bench(dtype, [int(r) for r in args.layer_rows.split(",")], args.layer_iters)
     results["layer"] = layer

@@ -136,7 +136,8 @@ def test_transformers_fused_expert_layout_loads(tmp_path):
 def test_incomplete_or_stray_experts_are_refused(tmp_path):
     hf = make_hf_model(tiny_moe_config("mixtral"), seed=5)
     hf.save_pretrained(str(tmp_path))
-    weights = [(n, t) for n, t in iter_checkpoint_weights(str(tmp_path)) if n != "model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    dropped = "model.layers.1.block_sparse_moe.experts.5.w3.weight"
+    weights = [(n, t) for n, t in iter_checkpoint_weights(str(tmp_path)) if n != dropped]
     model = MoeForCausalLM(hf.config, torch.float32)
     with pytest.raises(ValueError, match=r"incomplete.*model\.layers\.1 gate.*model\.layers\.1 up \(5 experts\)"):
         model.load_weights(weights)

@@ -9,11 +9,12 @@ Contracts:
   an expert's output, cast to the activation dtype there (as transformers multiplies).
 - ``fused_moe`` never loops over tokens. It sorts the T*k (token, expert) pairs by expert id,
   runs one GEMM pair per expert over that expert's contiguous group of rows, scales each row by
-  its routing weight and ``index_add_``s the rows back to their tokens (**grouped** path). For a
-  step of few rows (decode at small batch, ``T * k <= gather_max_rows``) it instead gathers only
-  the selected experts' weights and runs one batched matmul over all T*k pairs (**gathered**
-  path): no per-expert Python loop and no weights of unselected experts touched.
-  Both paths compute the same sums; they differ only in float rounding order.
+  its routing weight and ``index_add_``s the rows back to their tokens (**grouped** path; only the
+  experts hit are read, so a decode step of batch 1 reads k experts' weights). For a step of few
+  pairs (``T * k <= gather_max_rows``, by device: ``GATHER_MAX_ROWS``) it instead gathers the
+  selected experts' weights and runs one batched matmul over all T*k pairs (**gathered** path: no
+  per-expert loop, at the cost of copying those weights). Both paths compute the same sums; they
+  differ only in float rounding order.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from lmserve.model.backends.linear import PrepackedWeight
 from lmserve.model.layers.activation import SiluAndMul
 from lmserve.model.layers.linear import Linear
 
-# (token, expert) pairs per step up to which the gathered (bmm) path runs; see the module docstring.
-DEFAULT_GATHER_MAX_ROWS = 8
+# (token, expert) pairs per step up to which the gathered (bmm) path runs on torch's stacked weights,
+# by device type: on CPU it measured slower than the grouped path at every batch (copying the selected
+# experts' weights costs more than it saves; benchmarks/README.md, "Mixture-of-experts decode"), so
+# never; on CUDA it replaces up to 2 * k small GEMM launches by two bmm calls.
+GATHER_MAX_ROWS = {"cpu": 0, "cuda": 8}
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -90,7 +94,7 @@ def _gathered(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-              gather_max_rows: int = DEFAULT_GATHER_MAX_ROWS, act: nn.Module | None = None) -> torch.Tensor:
+              gather_max_rows: int = 0, act: nn.Module | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; weights [T, k] (float32) and ids [T, k] from
     ``select_experts`` -> [T, H] in x's dtype: sum over j of weights[t, j] * expert_{ids[t, j]}(x[t]).
     ``act`` (a ``SiluAndMul`` layer) computes silu(gate) * up on 2-D rows where given."""
@@ -116,17 +120,18 @@ class FusedMoE(nn.Module):
     packed_experts: list[tuple[PrepackedWeight, PrepackedWeight]] | None = None
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, renormalize: bool,
-                 dtype: torch.dtype, gather_max_rows: int = DEFAULT_GATHER_MAX_ROWS) -> None:
+                 dtype: torch.dtype, gather_max_rows: int | None = None) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok={top_k} must be in 1..num_experts={num_experts}")
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.gather_max_rows = gather_max_rows
         self.gate = Linear(hidden_size, num_experts, bias=False, dtype=dtype)
         self.experts = nn.Module()
         self.experts.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False)
+        device = self.experts.gate_up_proj.device.type  # built under the model's device
+        self.gather_max_rows = GATHER_MAX_ROWS.get(device, 0) if gather_max_rows is None else gather_max_rows
         self.experts.down_proj = nn.Parameter(
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
         self.act_fn = SiluAndMul()
