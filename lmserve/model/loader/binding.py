@@ -20,7 +20,8 @@ from torch import nn
 from lmserve.model.backends.attention import NativePagedAttention
 from lmserve.model.backends.decode_step import build_decode_step
 from lmserve.model.backends.elementwise import NativeRMSNorm, NativeRope, NativeSiluAndMul
-from lmserve.model.backends.linear import LinearBackend, PrepackedLinear, TorchLinear, pack_dense
+from lmserve.model.backends.linear import (ONEDNN_BATCH_HINT, LinearBackend, PrepackedLinear, TorchLinear,
+                                           pack_dense)
 from lmserve.model.backends.plan import BackendPlan, Choice
 from lmserve.model.backends.quantized import BlockQuantLinear, pack_int_weight, vnni_takes
 from lmserve.model.layers.activation import SiluAndMul
@@ -107,12 +108,17 @@ def _bind_linear(module: nn.Module, op: str, plan: BackendPlan, table: BackendTa
 
 
 def _bind_experts(module: FusedMoE, plan: BackendPlan, apply: bool) -> Choice:
-    """A MoE layer's experts: each expert's two matrices packed for the plan's dense CPU backend
-    (``FusedMoE.set_packed_experts``), or the stacked weights left to torch where the plan says torch."""
+    """A MoE layer's experts: each expert's two matrices packed for the plan's dense CPU backend where
+    that is one of lmserve's panel GEMMs (``FusedMoE.set_packed_experts``); else the stacked weights
+    stay on torch (where the plan says torch, and where it says oneDNN, which measured slower than
+    torch for the few rows an expert gets in a decode step)."""
     w13, w2 = module.experts.gate_up_proj, module.experts.down_proj
     c13, c2 = plan.linear(w13.dtype, w13.shape[2]), plan.linear(w2.dtype, w2.shape[2])
     if plan.device_type != "cpu" or "torch" in (c13.backend, c2.backend):
         return Choice("torch", f"stacked experts, grouped GEMM per expert; {c13.reason}")
+    if "onednn" in (c13.backend, c2.backend):  # measured: benchmarks/README.md, "Mixture-of-experts decode"
+        return Choice("torch", "stacked experts, grouped GEMM per expert: oneDNN's blocked layout is tuned for "
+                               f"{ONEDNN_BATCH_HINT} rows and an expert sees a few per decode step")
     if apply:
         packed = []
         for e in range(module.num_experts):
