@@ -82,6 +82,8 @@ def test_qwen3_moe_sparse_layers_follow_mlp_only_layers_and_step():
     assert mixtral.sparse_layers == (True,) * 3 and mixtral.renormalize and mixtral.top_k == 2
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         MoeForCausalLM(tiny_moe_config("mixtral", num_experts_per_tok=7), torch.float32)
+    with pytest.raises(ValueError, match="LoRA adapters on mixture-of-experts"):
+        model.model.layers[0].mlp(torch.zeros(1, 64), False, object())
 
 
 def test_registry_resolves_moe_architectures():

@@ -136,7 +136,13 @@ class FusedMoE(nn.Module):
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False, lora: object | None = None) -> torch.Tensor:
+        """x [T, H] -> [T, H]. ``decode_only`` as ``Linear.forward``; ``lora`` (a step's LoRA
+        mapping, passed by the decoder layer as to a dense MLP) must be None: adapters on experts
+        are not supported, and a step that carries them is refused rather than run without them."""
+        if lora is not None:
+            raise ValueError("LoRA adapters on mixture-of-experts layers are not supported "
+                             "(serve this model without --enable-lora)")
         weights, ids = select_experts(self.gate(x, decode_only), self.top_k, self.renormalize)
         packed = self.packed_experts
         if packed is not None:
