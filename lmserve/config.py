@@ -10,6 +10,7 @@ not stored here; the engine keeps them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,10 +131,13 @@ class ModelConfig:
     served_model_name: str
     seed: int = 0
     revision: str | None = None
-    generation_config: str = "auto"  # "auto" | "vllm" | a directory
+    # "auto": the model's generation_config.json; "vllm": no sampling defaults from it (its EOS ids
+    # still count); a directory: that directory's generation_config.json for both (vLLM 0.32).
+    generation_config: str = "auto"
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False
+    tokenizer_mode: str = "auto"  # "auto" | "hf" | "slow" (see lmserve.tokenizer.check_tokenizer_mode)
     load_format: str = "auto"  # "auto" | "safetensors" | "gguf" | "dummy"
     # "generate": a causal LM sampling tokens; "pooling": embed/classify/score requests only.
     runner_type: str = "generate"
@@ -144,6 +148,8 @@ class ModelConfig:
     # A GGUF file on CPU keeps its Q4_0/Q4_1/Q8_0 weights quantized and runs them with int4 kernels:
     # None in bf16, "gguf" in bf16 and fp32 (``keeps_gguf_quantized``); "none" dequantizes every weight.
     quantization: str | None = None
+    # passed to transformers when loading the config and the tokenizer (never runs remote modeling code)
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "gguf", "none"):
@@ -155,6 +161,15 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.max_logprobs < -1:
             raise ValueError("max_logprobs must be >= -1")
+        from lmserve.tokenizer import check_tokenizer_mode
+        check_tokenizer_mode(self.tokenizer_mode)
+        if self.generation_config not in ("auto", "vllm"):
+            if not os.path.isdir(self.generation_config):
+                raise ValueError(f"--generation-config {self.generation_config!r}: not a directory (give 'auto', "
+                                 "'vllm' or a directory holding generation_config.json)")
+            if not os.path.isfile(os.path.join(self.generation_config, "generation_config.json")):
+                raise ValueError(f"--generation-config {self.generation_config!r}: the directory has no "
+                                 "generation_config.json")
         if self.runner_type not in ("generate", "pooling"):
             raise ValueError(f"runner must be 'generate' or 'pooling', got {self.runner_type!r}")
         if (self.runner_type == "pooling") != (self.pooler_config is not None):
@@ -248,6 +263,30 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (``--enable-lora``): at most ``max_loras`` distinct adapters in one step,
+    ranks up to ``max_lora_rank``, an LRU of ``max_cpu_loras`` loaded adapters, their weights in
+    ``lora_dtype`` (None: the model dtype)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
+    lora_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    @property
+    def cache_size(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -256,3 +295,8 @@ class EngineConfig:
     device_config: DeviceConfig
     logits_processors: tuple[Any, ...] = ()  # classes or "module:Class" strings
     enforce_eager: bool = True
+    # lmserve.structured_output.StructuredOutputsConfig (None: the defaults)
+    structured_outputs_config: Any = None
+    # --logits-processor-pattern: qualified names a request's ``logits_processors`` may name (None: none)
+    logits_processor_pattern: str | None = None
+    lora_config: LoRAConfig | None = None  # None: LoRA adapters are not enabled

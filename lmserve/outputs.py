@@ -4,12 +4,19 @@
 token id -> ``Logprob``; each dict holds the top-k tokens and always the sampled one.
 ``prompt_logprobs`` has one entry per prompt token, the first being None (nothing
 predicts the first token).
+
+A whole-vocabulary entry (``logprobs``/``prompt_logprobs`` of -1) is a ``VocabLogprobs``: a
+read-only mapping over two arrays (ids by descending logprob, and their logprobs), 8 bytes a
+token instead of a ``Logprob`` object each; ``Logprob`` objects are made as they are read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -17,6 +24,51 @@ class Logprob:
     logprob: float
     rank: int | None = None  # 1 = the most likely token
     decoded_token: str | None = None
+
+
+class VocabLogprobs(Mapping):
+    """{token id: Logprob} over the whole vocabulary, iterated best first.
+
+    ``ids`` (int) are the vocabulary sorted by descending ``lps`` (float32); entry i has rank
+    i + 1, except ``chosen`` (the sampled or prompt token), whose rank is ``chosen_rank``
+    (1 + the number of tokens strictly more likely, as for top-k entries). ``texts[id]`` is
+    the decoded token (None: no tokenizer)."""
+
+    __slots__ = ("ids", "lps", "chosen", "chosen_rank", "texts", "_pos")
+
+    def __init__(self, ids: np.ndarray, lps: np.ndarray, chosen: int, chosen_rank: int,
+                 texts: Sequence[str] | None) -> None:
+        self.ids, self.lps, self.chosen, self.chosen_rank, self.texts = ids, lps, chosen, chosen_rank, texts
+        self._pos: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids.tolist())
+
+    def __contains__(self, token_id: object) -> bool:
+        return isinstance(token_id, int) and 0 <= token_id < len(self.ids)
+
+    def _entry(self, token_id: int, pos: int, lp: float) -> Logprob:
+        rank = self.chosen_rank if token_id == self.chosen else pos + 1
+        return Logprob(lp, rank, None if self.texts is None else self.texts[token_id])
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        if token_id not in self:
+            raise KeyError(token_id)
+        if self._pos is None:
+            self._pos = np.empty(len(self.ids), dtype=np.int64)
+            self._pos[self.ids] = np.arange(len(self.ids))
+        pos = int(self._pos[token_id])
+        return self._entry(token_id, pos, float(self.lps[pos]))
+
+    def ranked_items(self) -> list[tuple[int, Logprob]]:
+        """Every (id, Logprob), best first (one pass over the arrays, no sort)."""
+        return [(t, self._entry(t, i, lp)) for i, (t, lp) in enumerate(zip(self.ids.tolist(), self.lps.tolist()))]
+
+    def items(self):  # type: ignore[override]
+        return self.ranked_items()
 
 
 SampleLogprobs = list[dict[int, Logprob]]

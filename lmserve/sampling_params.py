@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _SAMPLING_EPS = 1e-5
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM 0.32's bound on ``logprob_token_ids``
 
 
 def _valid_unicode(text: str) -> bool:
@@ -47,21 +48,38 @@ class SamplingType(enum.IntEnum):
 
 @dataclass
 class StructuredOutputsParams:
-    """Grammar constraints (json schema, regex, choice, grammar, json_object)."""
+    """One grammar constraint on the output (vLLM's ``StructuredOutputsParams``, same fields).
+
+    Exactly one of ``json`` (a JSON schema, dict or JSON text), ``regex``, ``choice`` (a list of
+    strings), ``grammar`` (EBNF/GBNF, or Lark when it has no ``::=``), ``json_object`` (any JSON
+    object) and ``structural_tag`` (JSON text, xgrammar's structural tag) must be given; the
+    others are options. ``lmserve.structured_output`` compiles it (xgrammar).
+    """
 
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
-    structural_tag: str | None = None
+    # Options.
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-                 if getattr(self, k) not in (None, False)]
+        given = self.constraint_kinds()
         if len(given) > 1:
-            raise ValueError(f"structured_outputs takes exactly one constraint, got {given}")
+            raise ValueError(f"structured_outputs takes exactly one kind of constraint, but several are given: "
+                             f"{given}")
+        if not given:
+            raise ValueError("structured_outputs needs one kind of constraint (json, regex, choice, grammar, "
+                             "json_object or structural_tag), but none is given")
+
+    def constraint_kinds(self) -> list[str]:
+        """The constraint fields that are set (``json_object=False`` counts as unset)."""
+        return [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                if getattr(self, k) is not None and not (k == "json_object" and self.json_object is False)]
 
 
 @dataclass
@@ -116,6 +134,12 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     repetition_detection: RepetitionDetectionParams | None = None
+    # Per-request logits processors (vLLM's v0 field): callables ``fn(output_ids, logits_row)`` or
+    # ``fn(prompt_ids, output_ids, logits_row)`` returning the row, applied before penalties.
+    logits_processors: list[Any] | None = None
+    # Logprobs of exactly these token ids (plus the sampled one) at every generated position,
+    # instead of the top-k (vLLM 0.32's ``logprob_token_ids``; at most 128 ids).
+    logprob_token_ids: list[int] | None = None
 
     # Filled by the engine, not by users: token ids of ``bad_words`` and the EOS ids.
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
@@ -222,15 +246,39 @@ class SamplingParams:
                 bad("beam search needs n (the beam width) >= 1.")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             bad("extra_args must be a dict.")
+        if self.logits_processors is not None and not all(callable(p) for p in self.logits_processors):
+            bad("logits_processors must hold callables fn(output_ids, logits) or fn(prompt_ids, output_ids, logits).")
+        if self.logprob_token_ids is not None:
+            ids = self.logprob_token_ids
+            if not isinstance(ids, list) or any(type(t) is not int for t in ids):
+                bad("logprob_token_ids must be a list of integer token ids.")
+            if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+                bad(f"Requested logprob_token_ids of length {len(ids)}, which is greater than max allowed: "
+                    f"{MAX_LOGPROB_TOKEN_IDS}")
+            if self.logprobs is not None and self.logprobs != len(ids):
+                bad(f"When both logprobs and logprob_token_ids are set, logprobs must equal "
+                    f"len(logprob_token_ids). Got logprobs={self.logprobs}, len(logprob_token_ids)={len(ids)}.")
+            if self.use_beam_search:
+                bad("logprob_token_ids is not supported with beam search.")
 
     def verify_against_vocab(self, vocab_size: int) -> None:
-        """Token ids given by the user must exist in the model's vocabulary."""
+        """Token ids given by the user must exist in the model's vocabulary. Each message names
+        every bad id of its field."""
         for name, ids in (("allowed_token_ids", self.allowed_token_ids),
                           ("stop_token_ids", self.stop_token_ids),
-                          ("logit_bias", list(self.logit_bias or ()))):
-            for t in ids or ():
-                if not 0 <= t < vocab_size:
-                    raise ValueError(f"{name} contains out-of-vocab token id {t} (vocab size {vocab_size}).")
+                          ("logit_bias", list(self.logit_bias or ())),
+                          ("logprob_token_ids", self.logprob_token_ids)):
+            bad_ids = [t for t in ids or () if not 0 <= t < vocab_size]
+            if bad_ids:
+                raise ValueError(f"{name} contains out-of-vocab token id(s) {bad_ids} (vocab size {vocab_size}).")
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Logprobs wanted per generated token (-1: the whole vocabulary), or None. With
+        ``logprob_token_ids`` and no ``logprobs``: their count (as vLLM)."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     # ------------------------------------------------------------------ derived
     @property

@@ -30,6 +30,33 @@ logger = logging.getLogger(__name__)
 
 _CACHE_MARKER = "lmserve_gguf_tokenizer.json"
 _TOKENIZER_MODES = ("auto", "hf", "slow")
+# vLLM 0.32's other --tokenizer-mode values, and why each cannot apply here.
+_FOREIGN_TOKENIZER_MODES = {
+    "mistral": "the mistral_common tokenizer is not supported; use the model's Hugging Face tokenizer files "
+               "(tokenizer.json) with --tokenizer-mode auto",
+    "deepseek_v32": "DeepSeek's Python prompt encoder is not supported; the Hugging Face tokenizer and chat "
+                    "template are used with --tokenizer-mode auto",
+    "deepseek_v4": "DeepSeek's Python prompt encoder is not supported; the Hugging Face tokenizer and chat "
+                   "template are used with --tokenizer-mode auto",
+    "deepseek_v41": "DeepSeek's Python prompt encoder is not supported; the Hugging Face tokenizer and chat "
+                    "template are used with --tokenizer-mode auto",
+    "kimi_k3": "Kimi K3's Python prompt encoding is not supported; the Hugging Face tokenizer and chat template "
+               "are used with --tokenizer-mode auto",
+    "inkling": "the inkling tokenizer is not supported; use --tokenizer-mode auto",
+    "cohere": "cohere_melody chat rendering is not supported; the Hugging Face chat template is used with "
+              "--tokenizer-mode auto",
+    "custom": "tokenizer plugins are not supported; use --tokenizer-mode auto, hf or slow",
+}
+
+
+def check_tokenizer_mode(tokenizer_mode: str) -> None:
+    """Raises ``ValueError`` with the reason for a mode this build cannot load: "auto"/"hf"
+    (the fast tokenizer) and "slow" (transformers' ``use_fast=False``) are the ones it can."""
+    if tokenizer_mode in _TOKENIZER_MODES:
+        return
+    why = _FOREIGN_TOKENIZER_MODES.get(tokenizer_mode, "tokenizer plugins are not supported")
+    raise ValueError(f"--tokenizer-mode {tokenizer_mode!r} is not supported: {why}. Supported: "
+                     f"{', '.join(_TOKENIZER_MODES)}.")
 
 
 # ----------------------------------------------------------------------------- paths
@@ -73,12 +100,12 @@ def get_tokenizer(
     """Loads the tokenizer of a model directory, or of a GGUF file (``gguf_file`` inside
     ``tokenizer_path``, or ``tokenizer_path`` itself naming a ``.gguf`` file).
 
-    ``tokenizer_mode``: "auto"/"hf" (fast tokenizer) or "slow" (a Python tokenizer where one exists).
+    ``tokenizer_mode``: "auto"/"hf" (fast tokenizer) or "slow" (a Python tokenizer, ``use_fast=False``;
+    a ``ValueError`` when the model has none).
     ``cache_dir`` overrides ``tokenizer_cache_dir()`` for converted GGUF tokenizers.
     Raises ``ValueError`` for an unknown mode and ``FileNotFoundError`` for a missing GGUF file.
     """
-    if tokenizer_mode not in _TOKENIZER_MODES:
-        raise ValueError(f"Unsupported tokenizer_mode {tokenizer_mode!r}; expected one of {_TOKENIZER_MODES}.")
+    check_tokenizer_mode(tokenizer_mode)
     from transformers import AutoTokenizer
 
     use_fast = tokenizer_mode != "slow"
@@ -88,7 +115,13 @@ def get_tokenizer(
                                             trust_remote_code=trust_remote_code)
         if use_fast and not getattr(tok, "is_fast", False):
             logger.warning("Using a slow tokenizer for %s; incremental detokenization will be slower.", path)
+        if not use_fast and getattr(tok, "is_fast", False):
+            raise ValueError(f"--tokenizer-mode slow: the tokenizer of {path} has no slow (Python) implementation "
+                             f"in transformers ({type(tok).__name__} is a fast tokenizer); use --tokenizer-mode auto")
         return tok
+    if not use_fast:
+        raise ValueError("--tokenizer-mode slow: a GGUF file's tokenizer is converted to a fast tokenizer; use "
+                         "--tokenizer-mode auto")
     return _get_gguf_tokenizer(os.path.join(path, gguf_name), Path(cache_dir) if cache_dir else None)
 
 

@@ -100,3 +100,29 @@ class NotAProcessor:
 
 
 NOT_A_CLASS = 42
+
+
+class ForceTokenProcessor:
+    """A per-request processor (a request's ``logits_processors`` field, vLLM v0 style): only
+    ``token_id`` may be sampled, from the ``after``-th output token on."""
+
+    def __init__(self, token_id: int, after: int = 0) -> None:
+        self.token_id = token_id
+        self.after = after
+
+    def __call__(self, output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(output_token_ids) >= self.after:
+            keep = logits[self.token_id].clone()
+            logits.fill_(float("-inf"))
+            logits[self.token_id] = keep
+        return logits
+
+
+def forbid_prompt_tokens(prompt_token_ids: list[int], output_token_ids: list[int], logits: torch.Tensor):
+    """A three-argument per-request processor: bans every prompt token."""
+    logits[list(set(prompt_token_ids))] = float("-inf")
+    return logits
+
+
+def make_forbid_prompt_tokens():
+    return forbid_prompt_tokens

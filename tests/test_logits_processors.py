@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmserve.sampling_params import SamplingParams
+from lmserve.worker.logits_processors.per_request import RequestLogitsProcessorsAdapter
 from lmserve.worker.logits_processors import (
     BatchUpdate,
     LogitBiasLogitsProcessor,
@@ -177,7 +178,7 @@ def test_build_logitsprocs_splits_by_argmax_invariance():
     procs = build_logitsprocs(config, "cpu", [Recording])  # type: ignore[arg-type]
     assert [type(p) for p in procs.argmax_invariant] == [MinPLogitsProcessor]
     assert [type(p) for p in procs.non_argmax_invariant] == [
-        MinTokensLogitsProcessor, LogitBiasLogitsProcessor, Recording]
+        MinTokensLogitsProcessor, LogitBiasLogitsProcessor, RequestLogitsProcessorsAdapter, Recording]
     assert seen == [(config, torch.device("cpu"), False)]
 
 

@@ -369,11 +369,15 @@ def test_logprobs_widths_and_ranks():
 
 
 def test_logprobs_whole_vocabulary():
-    batch, _ = make_batch([SamplingParams(logprobs=-1)], vocab=10)
-    lp = sample(batch, LOGITS.unsqueeze(0)).logprobs
-    assert lp is not None and lp.token_ids.shape == (1, 11)
-    assert lp.token_ids[0, 1:].tolist() == list(range(10))
-    assert torch.allclose(lp.logprobs[0, 1:].exp().sum(), torch.tensor(1.0))
+    """A whole-vocabulary row costs no top-k: the runner reads it from ``raw_logprobs``; the
+    top-k is only as wide as the top-k rows need."""
+    batch, _ = make_batch([SamplingParams(logprobs=-1), SamplingParams(logprobs=2)], vocab=10)
+    out = sample(batch, torch.stack([LOGITS, LOGITS]))
+    assert out.logprobs is not None and out.logprobs.token_ids.shape == (2, 3)
+    assert out.raw_logprobs is not None and out.raw_logprobs.shape == (2, 10)
+    assert torch.allclose(out.raw_logprobs[0].exp().sum(), torch.tensor(1.0))
+    only_topk = sample(make_batch([SamplingParams(logprobs=2)], vocab=10)[0], LOGITS.unsqueeze(0))
+    assert only_topk.raw_logprobs is None
 
 
 def test_compute_logprobs_tensors_ranks_with_ties():

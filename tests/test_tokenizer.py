@@ -165,7 +165,7 @@ def test_unwritable_cache_still_loads(tmp_path, monkeypatch):
 
 
 def test_get_tokenizer_errors(tmp_path):
-    with pytest.raises(ValueError, match="tokenizer_mode"):
+    with pytest.raises(ValueError, match="tokenizer-mode 'mistral' is not supported: the mistral_common"):
         get_tokenizer(str(tmp_path), tokenizer_mode="mistral")
     with pytest.raises(FileNotFoundError):
         get_tokenizer(str(tmp_path), gguf_file="absent.gguf", cache_dir=tmp_path)

@@ -80,3 +80,12 @@ def test_access_log_filter_drops_listed_paths_only() -> None:
     assert not keep.filter(record("/health")) and not keep.filter(record("/metrics?x=1"))
     assert keep.filter(record("/v1/models"))
     assert isinstance(argparse.Namespace(), argparse.Namespace)
+
+
+def test_ray_executor_is_refused_with_the_reason():
+    import pytest
+
+    from lmserve.engine.arg_utils import EngineArgs
+
+    with pytest.raises(ValueError, match="no Ray executor"):
+        EngineArgs(model="unused", distributed_executor_backend="ray").create_engine_config()

@@ -1,7 +1,7 @@
 """Writes the flags of ``vllm serve`` as JSON (run with vLLM's own interpreter, never lmserve's).
 
     VLLM_TARGET_DEVICE=cpu ~/.cache/lmserve-anchors/vllm-cpu/bin/python tools/dump_vllm_serve_flags.py \
-        > docs/vllm_serve_flags.json
+        > lmserve/entrypoints/vllm_serve_flags.json
 
 The output is the reference list that ``tools/flag_table.py`` compares lmserve's parser against. It is
 committed, so the comparison (and its test) runs where vLLM is not installed.

@@ -3,7 +3,7 @@
     python3 tools/flag_table.py            # rewrites the table in README.md
     python3 tools/flag_table.py --check    # exits 1 if README.md's table is stale
 
-The vLLM side is ``docs/vllm_serve_flags.json`` (from vLLM's own parser, see
+The vLLM side is ``lmserve/entrypoints/vllm_serve_flags.json`` (from vLLM's own parser, see
 ``tools/dump_vllm_serve_flags.py``); the lmserve side is ``lmserve serve``'s parser. A flag's
 answer is ``works`` (lmserve implements it), ``no-op here`` (accepted, named in the start-up log)
 or ``refused`` (accepted while it keeps vLLM's default or asks for what lmserve does anyway,
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS_JSON = ROOT / "docs" / "vllm_serve_flags.json"
+FLAGS_JSON = ROOT / "lmserve" / "entrypoints" / "vllm_serve_flags.json"
 README = ROOT / "README.md"
 START, END = "<!-- vllm-flags:start -->", "<!-- vllm-flags:end -->"
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, PoolerConfig,
-                            SchedulerConfig, parse_memory_size, resolve_dtype)
+from lmserve.config import (CacheConfig, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig,
+                            PoolerConfig, SchedulerConfig, parse_memory_size, resolve_dtype)
+from lmserve.structured_output.config import StructuredOutputsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,18 @@ def _json_or_none(value: str | dict | None) -> dict | None:
     if value is None or isinstance(value, dict):
         return value
     return json.loads(value)
+
+
+def _compile_pattern(pattern: str | None) -> str | None:
+    """--logits-processor-pattern must be a valid regex (checked at start-up)."""
+    if pattern is None:
+        return None
+    import re
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"--logits-processor-pattern {pattern!r} is not a valid regular expression: {e}") from None
+    return pattern
 
 
 def default_token_budget(device: str) -> int:
@@ -90,8 +103,17 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     device: str = "auto"
     logits_processors: list[Any] | None = None
+    structured_outputs_config: Any = None  # dict, JSON text or StructuredOutputsConfig
+    logits_processor_pattern: str | None = None
     enforce_eager: bool = True
     disable_log_stats: bool = False
+    # LoRA (vLLM's LoRAConfig flags)
+    enable_lora: bool | None = None
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    fully_sharded_loras: bool = False
 
     # ------------------------------------------------------------------ CLI
     @staticmethod
@@ -118,7 +140,10 @@ class EngineArgs:
         g.add_argument("--revision", default=None)
         g.add_argument("--tokenizer-revision", default=None)
         g.add_argument("--download-dir", default=None)
-        g.add_argument("--tokenizer-mode", default=d.tokenizer_mode, choices=["auto", "hf", "slow"])
+        g.add_argument("--tokenizer-mode", default=d.tokenizer_mode,
+                       help="auto / hf: the fast Hugging Face tokenizer; slow: transformers' Python tokenizer "
+                            "(use_fast=False). vLLM's other modes (mistral, deepseek_v32, kimi_k3, cohere, ...) "
+                            "are refused at start-up with the reason.")
         g.add_argument("--trust-remote-code", action="store_true")
         g.add_argument("--skip-tokenizer-init", action="store_true")
         g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"])
@@ -159,8 +184,31 @@ class EngineArgs:
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
+        g.add_argument("--structured-outputs-config", default=None,
+                       help='Structured outputs (xgrammar), as JSON or dotted keys, e.g. '
+                       '\'{"backend": "xgrammar", "disable_any_whitespace": true}\' or '
+                       '--structured-outputs-config.backend xgrammar. Keys: backend (auto|xgrammar), '
+                       'disable_any_whitespace, disable_additional_properties, enable_in_reasoning, '
+                       'compile_timeout_s (lmserve).')
+        g.add_argument("--logits-processor-pattern", default=None,
+                       help="A regex of the qualified names a request's logits_processors field may name "
+                       "(None: the field is refused).")
         g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=d.enforce_eager)
         g.add_argument("--disable-log-stats", action="store_true")
+        lg = parser.add_argument_group("LoRA")
+        lg.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="Serve LoRA adapters (PEFT checkpoints of the q/k/v/o/gate/up/down projections).")
+        lg.add_argument("--max-loras", type=int, default=d.max_loras,
+                        help="The most distinct adapters in one step (batch). Default: %(default)s.")
+        lg.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                        help="The largest adapter rank accepted. Default: %(default)s.")
+        lg.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="How many loaded adapters stay in memory (LRU); >= --max-loras. Default: --max-loras.")
+        lg.add_argument("--lora-dtype", default=d.lora_dtype, choices=["auto", "float16", "bfloat16", "float32"],
+                        help="dtype of the adapter weights and of their delta; auto: the model dtype.")
+        lg.add_argument("--fully-sharded-loras", action=argparse.BooleanOptionalAction, default=d.fully_sharded_loras,
+                        help="Accepted: with one device (no tensor parallelism) there is nothing to shard, so both "
+                             "settings compute the same thing.")
         return parser
 
     @classmethod
@@ -179,12 +227,13 @@ class EngineArgs:
                              "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
         if self.kv_cache_dtype != "auto":
             raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
+        self._check_executor_backend()
         runner, task = self._runner_and_task()
         model = self.model or (default_embedding_model() if runner == "pooling" else default_model())
         model_dir, gguf_file = resolve_model(model, self.revision, self.download_dir)
         if self.load_format == "gguf" and gguf_file is None:
             raise ValueError(f"--load-format gguf, but {model} is not a GGUF file")
-        hf_config = load_hf_config(model_dir, gguf_file)
+        hf_config = load_hf_config(model_dir, gguf_file, trust_remote_code=self.trust_remote_code)
         for k, v in (_json_or_none(self.hf_overrides) or {}).items():
             setattr(hf_config, k, v)
         model_cls, runner_type, convert_type = resolve_model_class(hf_config, runner, self.convert)
@@ -226,9 +275,11 @@ class EngineArgs:
             seed=self.seed, revision=self.revision, generation_config=self.generation_config,
             override_generation_config=_json_or_none(self.override_generation_config) or {},
             max_logprobs=self.max_logprobs, skip_tokenizer_init=self.skip_tokenizer_init,
+            tokenizer_mode=self.tokenizer_mode,
             load_format=self.load_format, runner_type=runner_type, convert_type=convert_type,
             pooler_config=pooler, supported_pooling_tasks=tasks,
-            quantization=None if self.quantization in (None, "None") else str(self.quantization).lower())
+            quantization=None if self.quantization in (None, "None") else str(self.quantization).lower(),
+            trust_remote_code=self.trust_remote_code)
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_memory=parse_memory_size(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -251,13 +302,37 @@ class EngineArgs:
             memory_bound_tokens=(default_memory_bound_tokens(device) if self.memory_bound_tokens is None
                                  else self.memory_bound_tokens))
         return EngineConfig(
+            lora_config=self._lora_config(pooler is not None),
             model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
             parallel_config=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
                                            self.distributed_executor_backend),
             device_config=DeviceConfig(device),
             logits_processors=tuple(self.logits_processors or ()),
-            enforce_eager=self.enforce_eager)
+            enforce_eager=self.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig.from_cli(self.structured_outputs_config),
+            logits_processor_pattern=_compile_pattern(self.logits_processor_pattern))
 
+
+    def _check_executor_backend(self) -> None:
+        """With one rank the worker runs in the engine's process: ``uni`` is what runs, ``mp`` names
+        the same single worker (said in the log), ``ray`` is refused (no Ray executor in this build)."""
+        backend = self.distributed_executor_backend
+        if backend == "ray":
+            raise ValueError("--distributed-executor-backend ray: this build has no Ray executor; with one "
+                             "worker leave the flag unset (or 'uni'), the worker runs in the engine's process")
+        if backend == "mp":
+            logger.info("--distributed-executor-backend mp: one rank, so its one worker runs in the engine's "
+                        "process (as 'uni')")
+    def _lora_config(self, is_pooling: bool) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        if is_pooling:
+            raise ValueError("--enable-lora: LoRA adapters apply to generative models; this is a pooling model")
+        dtypes = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+        if self.lora_dtype not in dtypes:
+            raise ValueError(f"--lora-dtype must be one of {', '.join(dtypes)}, got {self.lora_dtype!r}")
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras, lora_dtype=dtypes[self.lora_dtype])
 
     def _runner_and_task(self) -> tuple[str, str | None]:
         """(--runner after --task, the pooling task --task asks for). Conflicts are a ValueError."""

@@ -15,6 +15,9 @@ Invariants:
   runs each request under its own unique id (``{caller id}-{sequence number}``), so two
   requests with the same caller id never collide, and an abort reaches only the request
   whose iterator was closed (``abort(id)`` reaches every live request with that caller id);
+- ``call_in_engine(fn)`` runs ``fn(engine)`` on the engine thread between steps (dev routes:
+  prefix-cache reset, sleep, wake-up); while ``sleeping`` no step runs: requests are accepted
+  and wait until ``wake_up``;
 - ``abort_all(error)`` ends every live request (each iterator raises ``error``) and refuses every
   later one with the same error (the server is shutting down).
 """
@@ -35,6 +38,7 @@ from typing import Any
 
 from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.llm_engine import LLMEngine, PreparedRequest, PromptType
+from lmserve.lora.request import LoRARequest
 from lmserve.errors import EngineDeadError, OverloadedError
 from lmserve.outputs import PoolingRequestOutput, RequestOutput
 from lmserve.pooling_params import PoolingParams
@@ -61,6 +65,9 @@ class AsyncLLM:
         self._cond = threading.Condition()
         self._adds: deque[_Pending] = deque()
         self._aborts: deque[str] = deque()
+        self._calls: deque[tuple[Any, asyncio.Future, asyncio.AbstractEventLoop]] = deque()
+        self.sleeping = False  # set and cleared on the engine thread only (see sleep_mode)
+        self.kv_released = False  # the KV cache tensors are freed (sleep level 1)
         self._streams: dict[str, _Pending] = {}  # engine-thread view of live requests
         self._num_live = 0  # requests accepted and not yet finished (guarded by _cond)
         self._by_caller: dict[str, set[str]] = {}  # caller id -> engine ids of live requests (event loop)
@@ -89,13 +96,21 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str | None = None, priority: int = 0,
                        cache_salt: str | None = None,
-                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+                       add_special_tokens: bool = True,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs per ``sampling_params.output_kind`` until the request
-        finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError."""
+        finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError.
+        ``lora_request``: the adapter to run with (read from disk in a worker thread if not cached)."""
         self._raise_if_dead()
         request_id = request_id or uuid.uuid4().hex
+        grammar = None
+        if sampling_params.structured_outputs is not None and not sampling_params.use_beam_search:
+            grammar = await self.engine.compile_structured_outputs_async(sampling_params)
+        if lora_request is not None:
+            await asyncio.to_thread(self.engine.get_lora, lora_request)  # disk reads stay off the event loop
         prepared = self.engine.prepare_request(self._engine_id(request_id), prompt, sampling_params, priority,
-                                               cache_salt, add_special_tokens=add_special_tokens)
+                                               cache_salt, add_special_tokens=add_special_tokens,
+                                               compiled_grammar=grammar, lora_request=lora_request)
         async for out in self._submit(prepared, request_id):
             yield out
 
@@ -212,6 +227,8 @@ class AsyncLLM:
             self._adds.clear()
             aborts = list(self._aborts)
             self._aborts.clear()
+            calls = list(self._calls)
+            self._calls.clear()
             abort_all, self._abort_all_error = self._abort_all_error, None
         for p in adds:
             rid = p.prepared.request_id
@@ -230,6 +247,28 @@ class AsyncLLM:
                 continue
             self.engine.abort_request(rid)
             self._finish_stream(rid, p, copy.copy(abort_all) if abort_all is not None else None)
+        for fn, future, loop in calls:
+            try:
+                result, error = fn(self), None
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    async def call_in_engine(self, fn: Any) -> Any:
+        """``fn(self)`` on the engine thread, between two steps; its result or exception."""
+        self._raise_if_dead()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            self._calls.append((fn, future, loop))
+            self._cond.notify()
+        return await future
+
+    def abort_live(self, error: BaseException) -> None:
+        """Engine thread only: ends every live request (each caller's iterator raises ``error``)."""
+        for rid, p in list(self._streams.items()):
+            self.engine.abort_request(rid)
+            self._finish_stream(rid, p, copy.copy(error))
 
     def _finish_stream(self, rid: str, p: _Pending, item: Any) -> None:
         if self._streams.get(rid) is p:
@@ -243,13 +282,14 @@ class AsyncLLM:
         try:
             while True:
                 with self._cond:
-                    while not self._stopped and not self._adds and not self._aborts \
-                            and self._abort_all_error is None and not self.engine.has_unfinished_requests():
+                    while not self._stopped and not self._adds and not self._aborts and not self._calls \
+                            and self._abort_all_error is None \
+                            and (self.sleeping or not self.engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopped:
                         break
                 self._drain_commands()
-                if not self.engine.has_unfinished_requests():
+                if self.sleeping or not self.engine.has_unfinished_requests():
                     continue
                 for out in self.engine.step():
                     p = self._streams.get(out.request_id)
@@ -269,3 +309,15 @@ class AsyncLLM:
                 for p in self._adds:
                     self._deliver(p, err)
                 self._adds.clear()
+                for _, future, loop in self._calls:
+                    loop.call_soon_threadsafe(_settle, future, None, err)
+                self._calls.clear()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

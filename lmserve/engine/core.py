@@ -17,6 +17,7 @@ from lmserve.engine.kv_cache import KVCacheManager
 from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sched_output import SchedulerStats
 from lmserve.engine.scheduler import Scheduler
+from lmserve.model.layers.attention import cache_sliding_window
 from lmserve.worker.model_runner import LogprobsRow, ModelRunner
 
 
@@ -55,14 +56,26 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config, logitsprocs_classes)
         cc = config.cache_config
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler_config, self.kv_manager)
-        # The longest sequence the KV pool can hold at all (alone).
-        self.max_seq_len = min(config.scheduler_config.max_model_len, self.runner.num_blocks * cc.block_size)
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                         sliding_window=cache_sliding_window(self.runner.model))
+        lora = config.lora_config
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_manager,
+                                   max_loras=lora.max_loras if lora is not None else None)
+        # The longest sequence the KV pool can hold at all (alone). With a sliding window on every
+        # layer a sequence holds at most the window plus one step's tokens (older blocks are freed).
+        pool_tokens = self.runner.num_blocks * cc.block_size
+        window = self.kv_manager.sliding_window
+        if window is not None and pool_tokens >= window + config.scheduler_config.max_num_batched_tokens + \
+                2 * cc.block_size:
+            pool_tokens = config.scheduler_config.max_model_len
+        self.max_seq_len = min(config.scheduler_config.max_model_len, pool_tokens)
         self.step_count = 0
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
+        if request.lora_request is not None and (self.config.lora_config is None or request.lora is None):
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True "
+                             "(--enable-lora)")
         if request.is_pooling != self.config.model_config.is_pooling:
             raise ValueError("This model does not support pooling requests" if request.is_pooling
                              else "This model is a pooling model: it does not generate text")
@@ -126,6 +139,8 @@ class EngineCore:
                 if rid in result.logprobs:
                     out.new_logprobs = [result.logprobs[rid]]
                 status = self._check_stop(req, token)
+                if req.grammar is not None:
+                    status = self._advance_grammar(req, token, status)
                 if status is not None:
                     req.status = status
                     finished.append(req)
@@ -136,6 +151,18 @@ class EngineCore:
         for req in finished:
             self.scheduler.finish_request(req.request_id, req.status)
         return outputs
+
+    @staticmethod
+    def _advance_grammar(req: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
+        """Advance the sequence's matcher past ``token``. Once the grammar has accepted its stop
+        token, or if the token left the grammar (every allowed token was banned by another
+        constraint), the sequence stops: nothing after it could be valid."""
+        ok = req.grammar.accept(token)
+        if status is not None:
+            return status
+        if not ok or req.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED
+        return None
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         params = req.sampling_params

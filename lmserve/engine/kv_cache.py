@@ -4,17 +4,27 @@ model runner.
 
 Prefix caching (vLLM v1's scheme):
 - a *full* block of a request's token ids has hash ``H(parent_hash, token ids, salt)``,
-  so equal hashes mean equal whole prefixes; ``cache_salt`` is mixed into the first
-  block so tenants with different salts never share blocks;
+  so equal hashes mean equal whole prefixes; ``cache_salt`` and the LoRA adapter id are mixed
+  into the first block so tenants with different salts, and requests under different adapters
+  (or an adapter and the base model), never share blocks;
 - a freed block keeps its hash and stays reusable until it is evicted; free blocks are
   evicted least-recently-freed first (a request's blocks are freed tail first, so the
   end of a prefix goes before its start);
 - a cache hit never covers a request's last known token (it must be computed to
   produce logits).
 
+Sliding window (``sliding_window`` set only when *every* attention layer has one; an
+interleaved model with global layers needs every block and keeps them): before a request
+gets new slots, its blocks whose tokens all lie outside the window of every token still to
+be computed are freed (they keep their hash, so they stay prefix-cache hits until evicted)
+and replaced in its block list by the manager's ``null_block``, which keeps positions
+aligned. A null entry's id in ``block_ids`` is 0: attention masks those positions, never
+using what block 0 holds.
+
 Invariants (``check_invariants``): every block is either free (ref_cnt == 0, in the
 free queue) or used (ref_cnt > 0, not in the queue); free + used == total; a block's
-ref_cnt equals the number of requests that hold it; no request holds a block twice.
+ref_cnt equals the number of requests that hold it; no request holds a block twice
+(null entries aside).
 """
 
 from __future__ import annotations
@@ -34,12 +44,16 @@ class KVCacheBlock:
     block_hash: bytes | None = None
 
 
-def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], salt: str | None) -> bytes:
-    """SHA-256 over (parent hash, token ids, salt): collision resistant, so one tenant
-    cannot craft a prompt that aliases another's cached prefix."""
+def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...], salt: str | None,
+               lora_id: int | None = None) -> bytes:
+    """SHA-256 over (parent hash, token ids, LoRA adapter id, salt): collision resistant, so one
+    tenant cannot craft a prompt that aliases another's cached prefix, and the same tokens under
+    two adapters (or an adapter and the base model) never share a block."""
     h = hashlib.sha256()
     h.update(parent or b"\0")
     h.update(array("q", token_ids).tobytes())
+    if lora_id is not None:
+        h.update(b"lora:%d\0" % lora_id)
     if salt is not None:
         h.update(b"salt:" + salt.encode("utf-8", "surrogatepass"))
     return h.digest()[:16]
@@ -128,9 +142,14 @@ class PrefixCacheStats:
 class KVCacheManager:
     """Maps requests to their blocks. The scheduler is its only caller."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
+                 sliding_window: int | None = None) -> None:
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {sliding_window}")
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
+        self.null_block = KVCacheBlock(-1)  # stands for a block freed out of the window
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
         self.stats = PrefixCacheStats()
@@ -145,7 +164,8 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """The request's block table row (0 for blocks freed out of the sliding window)."""
+        return [0 if b is self.null_block else b.block_id for b in self.req_blocks.get(request_id, ())]
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -159,8 +179,9 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            salt = request.cache_salt if i == 0 else None
-            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], salt))
+            first = i == 0  # the salt and adapter enter the first block; the chain carries them on
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs], request.cache_salt if first else None,
+                                     request.lora_id if first else None))
 
     # ------------------------------------------------------------------ allocation
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
@@ -187,6 +208,7 @@ class KVCacheManager:
         ``new_computed_blocks``, cache hits that the request takes over now).
         Returns False, changing nothing, when the free blocks do not suffice."""
         new_computed_blocks = new_computed_blocks or []
+        self._free_out_of_window(request)
         held = self.req_blocks.get(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total_needed = self.blocks_needed(num_computed + num_new_tokens)
@@ -204,6 +226,24 @@ class KVCacheManager:
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
+    def _free_out_of_window(self, request: Request) -> None:
+        """Frees the request's blocks that no token from ``num_computed_tokens`` on can see: a
+        token at position p sees keys at positions > p - sliding_window, so a block whose last
+        position is <= num_computed_tokens - sliding_window is never read again."""
+        if self.sliding_window is None:
+            return
+        blocks = self.req_blocks.get(request.request_id)
+        if not blocks:
+            return
+        num_skipped = max(0, request.num_computed_tokens - self.sliding_window + 1) // self.block_size
+        freed = []
+        for i in range(min(num_skipped, len(blocks))):
+            if blocks[i] is not self.null_block:
+                freed.append(blocks[i])
+                blocks[i] = self.null_block
+        if freed:
+            self.pool.free(list(reversed(freed)))
+
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Registers the hashes of blocks that are full once ``num_tokens`` are computed.
         Within one step every layer writes all new K/V before attending, so a block
@@ -214,12 +254,12 @@ class KVCacheManager:
         blocks = self.req_blocks[request.request_id]
         num_full = min(num_tokens // self.block_size, len(request.block_hashes))
         for i in range(num_full):
-            if blocks[i].block_hash is None:
+            if blocks[i].block_hash is None and blocks[i] is not self.null_block:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, tail first (so the tail is evicted first)."""
-        blocks = self.req_blocks.pop(request.request_id, None)
+        blocks = [b for b in self.req_blocks.pop(request.request_id, ()) if b is not self.null_block]
         if blocks:
             self.pool.free(list(reversed(blocks)))
 
@@ -232,7 +272,7 @@ class KVCacheManager:
         pool = self.pool
         holders: dict[int, int] = {}
         for req_id, blocks in self.req_blocks.items():
-            ids = [b.block_id for b in blocks]
+            ids = [b.block_id for b in blocks if b is not self.null_block]
             assert len(ids) == len(set(ids)), f"request {req_id} holds a block twice"
             for i in ids:
                 holders[i] = holders.get(i, 0) + 1

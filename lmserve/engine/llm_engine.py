@@ -17,9 +17,14 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.core import EngineCore
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.engine.request import Request, RequestStatus
+from lmserve.lora.cache import LoRACache
+from lmserve.lora.checkpoint import LoRAAdapter
+from lmserve.lora.request import LoRARequest
 from lmserve.outputs import PoolingOutput, PoolingRequestOutput, RequestOutput
 from lmserve.pooling_params import PoolingParams, resolve_encode_task
 from lmserve.sampling_params import SamplingParams
+from lmserve.structured_output.config import StructuredOutputsConfig
+from lmserve.structured_output.manager import StructuredOutputManager
 from lmserve.worker.logits_processors.loading import validate_all
 
 logger = logging.getLogger(__name__)
@@ -59,14 +64,26 @@ class LLMEngine:
             if tok_path.endswith(".gguf"):
                 import os
                 tok_path, tok_gguf = os.path.dirname(tok_path), os.path.basename(tok_path)
-            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision)
-        self.generation_config: dict[str, Any] = load_generation_config(mc.model_path, mc.gguf_file) or {}
+            self.tokenizer = get_tokenizer(tok_path, gguf_file=tok_gguf, revision=mc.revision,
+                                           tokenizer_mode=mc.tokenizer_mode, trust_remote_code=mc.trust_remote_code)
+        # --generation-config: "auto"/"vllm" read the model's file, a directory its own (vLLM 0.32).
+        gen_dir, gen_gguf = ((mc.model_path, mc.gguf_file) if mc.generation_config in ("auto", "vllm")
+                             else (mc.generation_config, None))
+        self.generation_config: dict[str, Any] = load_generation_config(gen_dir, gen_gguf) or {}
         eos_ids = get_eos_token_ids(self.tokenizer, mc.hf_config, self.generation_config) \
             if self.tokenizer is not None else []
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else getattr(mc.hf_config, "eos_token_id", None)
         self.extra_eos_ids = {"eos_token_id": eos_ids}
         self.logitsprocs_classes = load_custom_logitsprocs(list(config.logits_processors))
         self.core = EngineCore(config, self.logitsprocs_classes)
+        self.structured_outputs: StructuredOutputManager | None = None
+        if not mc.is_pooling and self.tokenizer is not None:
+            self.structured_outputs = StructuredOutputManager(
+                config.structured_outputs_config or StructuredOutputsConfig(), self.tokenizer, mc.vocab_size,
+                stop_token_ids=sorted(set(eos_ids)) or None)
+        self.lora_cache: LoRACache | None = None
+        if config.lora_config is not None:
+            self.lora_cache = LoRACache(config.lora_config, mc.hf_config, mc.dtype, config.device_config.torch_device)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pooling: dict[str, Request] = {}  # live pooling requests (they bypass the output processor)
 
@@ -138,10 +155,11 @@ class LLMEngine:
         """Validates and completes ``params`` in place; returns the resolved max_tokens."""
         mc = self.model_config
         params.verify_against_vocab(mc.vocab_size)
-        limit = mc.max_logprobs
+        # vLLM 0.32: -1 counts as the whole vocabulary; --max-logprobs -1 allows up to it.
+        limit = mc.vocab_size if mc.max_logprobs == -1 else mc.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
-            if k is not None and limit != -1 and (k == -1 or k > limit):
+            if k and (mc.vocab_size if k == -1 else k) > limit:
                 raise ValueError(f"Requested {name} of {k}, which is greater than max allowed: {limit}")
         validate_all(self.logitsprocs_classes, params)  # custom processors' checks, as ValueError
         params.update_from_generation_config(self.extra_eos_ids, self.eos_token_id)
@@ -154,20 +172,47 @@ class LLMEngine:
                 f"prompt has {prompt_len} tokens, which leaves no room for the completion.")
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
+    # ------------------------------------------------------------------ LoRA
+    def get_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """The loaded adapter (read from disk and checked on first use; safe from any thread).
+        ValueError when LoRA is not enabled or the adapter cannot be used."""
+        if self.lora_cache is None:
+            raise ValueError("LoRA adapters are not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora_cache.get(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads an adapter into the cache ahead of its requests (vLLM's ``add_lora``)."""
+        self.get_lora(lora_request)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Drops the cached adapter; requests running with it keep their reference and finish."""
+        return self.lora_cache.remove(lora_id) if self.lora_cache is not None else False
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora_cache.loaded_ids()) if self.lora_cache is not None else set()
+
     def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         priority: int = 0, cache_salt: str | None = None,
                         arrival_time: float | None = None,
-                        add_special_tokens: bool = True) -> "PreparedRequest":
+                        add_special_tokens: bool = True, compiled_grammar: Any = None,
+                        lora_request: LoRARequest | None = None) -> "PreparedRequest":
         """Tokenizes and validates without touching engine state (safe from any thread);
-        raises ValueError for anything wrong with the request."""
+        raises ValueError for anything wrong with the request. With ``structured_outputs``,
+        ``compiled_grammar`` is its grammar from ``compile_structured_outputs_async`` (None: it is
+        compiled here, blocking); each of the n sequences gets its own grammar state.
+        ``lora_request``: the adapter it runs with (loaded here on first use)."""
         if self.model_config.is_pooling:
             raise ValueError("This model is a pooling model (embeddings, scores, classification): "
                              "it does not generate text.")
+        adapter = self.get_lora(lora_request) if lora_request is not None else None
         text, ids = self.process_prompt(prompt, params, add_special_tokens)
         params = params.clone()
         max_tokens = self._prepare_params(params, len(ids))
         if params.use_beam_search:
             raise ValueError("use_beam_search runs through LLM.beam_search / the server's beam search path")
+        if params.structured_outputs is not None and compiled_grammar is None:
+            compiled_grammar = self.compile_structured_outputs(params)
         if self.config.scheduler_config.policy != "priority" and priority != 0:
             raise ValueError("priority scheduling is not enabled: a request's priority must be 0 "
                              "unless the server runs with --scheduling-policy priority")
@@ -183,11 +228,29 @@ class LLMEngine:
                 if cp.seed is not None:
                     cp.seed = cp.seed + i
             req = Request(child_id, ids, cp, eos_token_id=self.eos_token_id, priority=priority,
-                          cache_salt=cache_salt, arrival_time=arrival, prompt=text)
+                          cache_salt=cache_salt, arrival_time=arrival, prompt=text,
+                          lora_request=lora_request, lora=adapter)
             req.max_tokens = max_tokens
+            if compiled_grammar is not None and params.structured_outputs is not None:
+                req.grammar = self.structured_outputs.new_state(compiled_grammar)  # type: ignore[union-attr]
             children.append((child_id, cp))
             requests.append(req)
         return PreparedRequest(request_id, text, ids, children, requests, arrival)
+
+    def _structured_manager(self) -> StructuredOutputManager:
+        if self.structured_outputs is None:
+            raise ValueError("structured_outputs need a generative model with a tokenizer (not available with "
+                             "--skip-tokenizer-init)")
+        return self.structured_outputs
+
+    def compile_structured_outputs(self, params: SamplingParams) -> Any:
+        """The compiled grammar of ``params.structured_outputs`` (blocking, bounded by the compile
+        timeout). Raises InvalidRequestError (a ValueError) for a bad or too-slow constraint."""
+        return self._structured_manager().compile(params.structured_outputs)  # type: ignore[arg-type]
+
+    async def compile_structured_outputs_async(self, params: SamplingParams) -> Any:
+        """As ``compile_structured_outputs``, on the manager's threads (the event loop stays free)."""
+        return await self._structured_manager().compile_async(params.structured_outputs)  # type: ignore[arg-type]
 
     def prepare_pooling_request(self, request_id: str, prompt: PromptType, params: PoolingParams,
                                 priority: int = 0, arrival_time: float | None = None,
@@ -247,9 +310,10 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None,
-                    arrival_time: float | None = None, add_special_tokens: bool = True) -> None:
+                    arrival_time: float | None = None, add_special_tokens: bool = True,
+                    lora_request: LoRARequest | None = None) -> None:
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority, cache_salt,
-                                               arrival_time, add_special_tokens))
+                                               arrival_time, add_special_tokens, lora_request))
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         if isinstance(request_ids, str):

@@ -14,13 +14,18 @@ from typing import Any
 
 from lmserve.engine.core import CoreOutput
 from lmserve.engine.request import RequestStatus
-from lmserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from lmserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, VocabLogprobs
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
-from lmserve.worker.model_runner import LogprobsRow
+from lmserve.worker.model_runner import LogprobsRow, VocabLogprobsRow
 
 
-def make_logprob_dict(row: LogprobsRow, decode) -> dict[int, Logprob]:
-    """{token: Logprob} with the chosen token first (with its true rank), then the top-k."""
+def make_logprob_dict(row: LogprobsRow, decode, vocab_texts=None) -> dict[int, Logprob]:
+    """{token: Logprob} with the chosen token first (with its true rank), then the top-k (or
+    the asked-for ids, ranked by position as vLLM does). A whole-vocabulary row becomes a
+    ``VocabLogprobs`` over its arrays; ``vocab_texts()`` gives the decoded-token table."""
+    if isinstance(row, VocabLogprobsRow):
+        return VocabLogprobs(row.ids, row.lps, row.chosen, row.rank,  # type: ignore[return-value]
+                             vocab_texts(len(row.ids)) if vocab_texts is not None else None)
     ids, lps, rank = row
     out: dict[int, Logprob] = {ids[0]: Logprob(lps[0], rank, decode(ids[0]))}
     for i, (tid, lp) in enumerate(zip(ids[1:], lps[1:])):
@@ -70,6 +75,17 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
         self.child_to_parent: dict[str, str] = {}
+        self._vocab_texts: list[str] | None = None
+
+    def vocab_texts(self, size: int) -> list[str] | None:
+        """Every token id below ``size`` decoded alone (as in logprobs), made once on the
+        first whole-vocabulary logprobs request; None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        if self._vocab_texts is None or len(self._vocab_texts) < size:
+            from lmserve.engine.detokenizer import decode_logprob_token
+            self._vocab_texts = [decode_logprob_token(self.tokenizer, i, False) for i in range(size)]
+        return self._vocab_texts
 
     def _decode_token(self, token_id: int) -> str | None:
         if self.tokenizer is None:
@@ -87,8 +103,8 @@ class OutputProcessor:
             if self.tokenizer is not None and params.detokenize:
                 detok = IncrementalDetokenizer(self.tokenizer, params, prompt_token_ids)
             kids.append(_Child(child_id, index, params, detok,
-                               logprobs=[] if params.logprobs is not None else None,
-                               cumulative_logprob=0.0 if params.logprobs is not None else None))
+                               logprobs=[] if params.num_logprobs is not None else None,
+                               cumulative_logprob=0.0 if params.num_logprobs is not None else None))
             self.child_to_parent[child_id] = parent_id
         first = children[0][1]
         prompt_lps = [None] if first.prompt_logprobs is not None else None
@@ -138,7 +154,7 @@ class OutputProcessor:
             if co.prompt_logprobs is not None and child.index == 0 and p.prompt_logprobs is not None:
                 start, rows = co.prompt_logprobs
                 assert len(p.prompt_logprobs) == start, "prompt logprobs chunks arrive in order"
-                p.prompt_logprobs.extend(make_logprob_dict(r, self._decode_token) for r in rows)
+                p.prompt_logprobs.extend(make_logprob_dict(r, self._decode_token, self.vocab_texts) for r in rows)
             if not co.new_token_ids and not co.finished:
                 continue
             if p.metrics.first_token_time is None and co.new_token_ids:
@@ -147,8 +163,10 @@ class OutputProcessor:
             child.token_ids.extend(co.new_token_ids)
             if co.new_logprobs and child.logprobs is not None:
                 for row in co.new_logprobs:
-                    child.logprobs.append(make_logprob_dict(row, self._decode_token))
-                    child.cumulative_logprob += row[1][0]
+                    entry = make_logprob_dict(row, self._decode_token, self.vocab_texts)
+                    child.logprobs.append(entry)
+                    chosen = row.chosen if isinstance(row, VocabLogprobsRow) else row[0][0]
+                    child.cumulative_logprob += entry[chosen].logprob
             stop_terminated = co.status == RequestStatus.FINISHED_STOPPED
             if child.detokenizer is not None and co.new_token_ids:
                 stop_str = child.detokenizer.update(co.new_token_ids, stop_terminated)

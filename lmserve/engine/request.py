@@ -15,9 +15,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from lmserve.lora.checkpoint import LoRAAdapter
+from lmserve.lora.request import LoRARequest
 from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
@@ -76,6 +79,13 @@ class Request:
     prompt_logprobs_done: int = 0
     pooling_params: PoolingParams | None = None  # set for embed/classify/score requests
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
+    # structured outputs: this sequence's grammar state (lmserve.structured_output.GrammarState), or None.
+    # Invariant: it has accepted exactly ``output_token_ids`` (the engine advances it on every append).
+    grammar: Any = None
+    # The LoRA adapter it runs with (``lmserve/lora``): the request, and the loaded weights, held
+    # until the request finishes so that unloading the adapter never frees them under it.
+    lora_request: LoRARequest | None = None
+    lora: LoRAAdapter | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -98,6 +108,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def is_finished(self) -> bool:

@@ -15,6 +15,9 @@ Invariants:
   both get their first token when the pair is done, one after the other the first gets it a step
   sooner, for the same work; and prompts that arrive together then finish apart, so later
   arrivals spread over steps instead of piling into one;
+- with LoRA, the running requests use at most ``max_loras`` distinct adapters (so every step
+  does): a waiting request whose adapter would be one too many waits, in order, until a running
+  adapter's last request finishes;
 - when KV blocks run out, the lowest-priority running request (fcfs: the latest) is
   preempted: its blocks are freed and it returns to the front of ``waiting`` to be
   recomputed (its generated tokens are kept and become part of the recomputed prefix).
@@ -72,9 +75,10 @@ class _WaitingQueue:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, max_loras: int | None = None) -> None:
         self.config = config
         self.kv = kv_manager
+        self.max_loras = max_loras  # None: LoRA disabled
         self.waiting = _WaitingQueue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -166,8 +170,11 @@ class Scheduler:
         if not out.preempted_ids:
             admitted = 0
             knee = self.config.memory_bound_tokens
+            loras = {r.lora_id for r in self.running if r.lora_id is not None}
             while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting.peek()
+                if req.lora_id is not None and req.lora_id not in loras and len(loras) >= (self.max_loras or 0):
+                    break  # one adapter too many for a step: it waits for a running adapter to finish
                 hits, num_hit_tokens = ([], 0)
                 if req.num_computed_tokens == 0:
                     hits, num_hit_tokens = self.kv.get_computed_blocks(req)
@@ -187,6 +194,8 @@ class Scheduler:
                     req.first_scheduled_time = time.time()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
+                if req.lora_id is not None:
+                    loras.add(req.lora_id)
                 grants[req.request_id] = n
                 budget -= n
                 admitted += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,10 @@ from lmserve.engine.arg_utils import EngineArgs
 from lmserve.entrypoints.openai.limits import (DEFAULT_H11_MAX_INCOMPLETE_EVENT_SIZE, DEFAULT_MAX_BODY_BYTES,
                                                DEFAULT_MAX_HEADER_COUNT)
 from lmserve.entrypoints.openai.serving_engine import DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS
+from lmserve.entrypoints.api_flags import add_api_args
+from lmserve.entrypoints.openai.serving_lora import parse_lora_module
 from lmserve.entrypoints.frontend_flags import add_frontend_args
+from lmserve.entrypoints.help_groups import filtered_help, help_keyword, regroup_as_vllm
 from lmserve.entrypoints.vllm_flags import check_foreign_flags, register_foreign_flags
 
 
@@ -51,18 +55,18 @@ def _unsupported(flag: str, why: str, accepted: Callable[[Any], bool] = lambda v
     _UNSUPPORTED[flag] = (kwargs, accepted, why)
 
 
-_LORA = "LoRA adapters are not supported by lmserve"
 _SPEC = "speculative decoding is not supported by lmserve"
 _MM = "lmserve serves text-only models"
 _TOOLS = "tool calling / reasoning parsers are not supported by lmserve yet"
-for _f in ("--enable-lora", "--enable-lora-bias", "--fully-sharded-loras", "--enable-prompt-adapter"):
-    _unsupported(_f, _LORA, action="store_const", const=True)
-for _f in ("--lora-modules", "--prompt-adapters"):
-    _unsupported(_f, _LORA, nargs="+")
-for _f in ("--max-loras", "--max-lora-rank", "--lora-extra-vocab-size", "--max-cpu-loras",
-           "--max-prompt-adapters", "--max-prompt-adapter-token", "--lora-dtype", "--long-lora-scaling-factors",
-           "--qlora-adapter-name-or-path"):
-    _unsupported(_f, _LORA)
+_unsupported("--enable-lora-bias", "LoRA adapters with biases are not supported", action="store_const", const=True)
+_unsupported("--enable-prompt-adapter", "prompt adapters are not supported", action="store_const", const=True)
+_unsupported("--prompt-adapters", "prompt adapters are not supported", nargs="+")
+_unsupported("--lora-extra-vocab-size", "LoRA adapters cannot extend the vocabulary")
+_unsupported("--long-lora-scaling-factors", "long-context LoRA scaling is not supported")
+_unsupported("--qlora-adapter-name-or-path", "QLoRA adapters are not supported: serve a PEFT LoRA adapter with "
+             "--enable-lora --lora-modules")
+for _f in ("--max-prompt-adapters", "--max-prompt-adapter-token"):
+    _unsupported(_f, "prompt adapters are not supported")
 for _f in ("--speculative-model", "--speculative-model-quantization", "--num-speculative-tokens",
            "--speculative-draft-tensor-parallel-size", "--speculative-max-model-len",
            "--speculative-disable-by-batch-size", "--ngram-prompt-lookup-max", "--ngram-prompt-lookup-min",
@@ -79,15 +83,14 @@ _unsupported("--enable-reasoning", _TOOLS, action="store_const", const=True)
 for _f in ("--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser"):
     _unsupported(_f, _TOOLS, accepted=lambda v: v == "")
 _unsupported("--config-format", "only Hugging Face configs are read", accepted=lambda v: v in ("auto", "hf"))
-_unsupported("--guided-decoding-backend", "structured outputs are not supported yet")
-_unsupported("--logits-processor-pattern", "per-request logits processors are not supported; use "
-             "--logits-processors")
-_unsupported("--kv-transfer-config", "disaggregated serving is not supported")
+_unsupported("--guided-decoding-backend", "removed in vLLM; use --structured-outputs-config.backend (lmserve runs "
+             "xgrammar)", accepted=lambda v: v in ("auto", "xgrammar"))
+_unsupported("--kv-transfer-config", "this build has no KV connector (no disaggregated prefill/decode or KV "
+             "offload to another instance); requests may still carry kv_transfer_params, which are answered with "
+             "null and run the whole request locally")
 _unsupported("--worker-cls", "custom worker classes are not supported", accepted=lambda v: v == "auto")
-_unsupported("--enable-sleep-mode", "sleep mode is not supported", action="store_const", const=True)
 _unsupported("--calculate-kv-scales", "fp8 KV caches are not supported", action="store_const", const=True)
 _unsupported("--cpu-offload-gb", "weight offloading is not supported", accepted=lambda v: float(v) == 0)
-_unsupported("--swap-space", "preemption recomputes; KV blocks are never swapped", accepted=lambda v: float(v) == 0)
 _unsupported("--preemption-mode", "preemption recomputes; KV blocks are never swapped",
              accepted=lambda v: v == "recompute")
 _unsupported("--num-scheduler-steps", "multi-step scheduling is not supported", accepted=lambda v: int(v) == 1)
@@ -120,6 +123,8 @@ _unsupported("--disable-sliding-window", "sliding-window attention is not config
 # (``finalize_serve_args`` puts the lines in ``args.noop_flags``).
 NOOP_FLAGS: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("--use-v2-block-manager", dict(action="store_const", const=True), "there is one block manager"),
+    ("--swap-space", dict(type=float), "preemption recomputes (as vLLM's V1 engine); no KV block is swapped "
+     "to CPU memory, so no swap space is reserved"),
     ("--disable-custom-all-reduce", dict(action="store_const", const=True), "there is no custom all-reduce"),
     ("--disable-async-output-proc", dict(action="store_const", const=True), "outputs are processed synchronously"),
     ("--async-scheduling", dict(action=argparse.BooleanOptionalAction),
@@ -197,9 +202,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Every streamed completion ends with a usage chunk, as if the request had asked with "
                         "stream_options.include_usage.")
     g.add_argument("--served-model-name", nargs="+", default=None)
+    g.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=None,
+                   help="LoRA adapters to serve (needs --enable-lora): name=path, or JSON "
+                        '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "base"}\' (or a JSON list).')
+    g.add_argument("--lora-allowed-dirs", nargs="+", default=None,
+                   help="lmserve: directories from which POST /v1/load_lora_adapter may load adapters (paths are "
+                        "resolved, '..' and symbolic links included, and must stay inside one). Without it, "
+                        "adapters cannot be loaded by path at run time.")
     g.add_argument("--rope-scaling", type=json.loads, default=None, help="Applied as an --hf-overrides entry.")
     g.add_argument("--rope-theta", type=float, default=None, help="Applied as an --hf-overrides entry.")
     add_frontend_args(g)
+    add_api_args(g)
     n = parser.add_argument_group("vllm flags that change nothing on this build (accepted, logged at start-up)")
     for flag, kwargs, why in NOOP_FLAGS:
         n.add_argument(flag, default=None, help=f"No-op here: {why}.", **kwargs)
@@ -210,7 +223,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if flag not in known:  # the engine may learn a flag later: then its definition wins
             u.add_argument(flag, default=None, help=argparse.SUPPRESS, **kwargs)
     parser.set_defaults(foreign_flags=register_foreign_flags(parser))
-    return parser
+    return regroup_as_vllm(parser)
 
 
 def _dest_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -287,6 +300,17 @@ def finalize_serve_args(args: argparse.Namespace, parser: argparse.ArgumentParse
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.shutdown_timeout < 0:
         parser.error("--shutdown-timeout must be 0 or more")
+    if getattr(args, "structured_outputs_config", None) is not None:
+        from lmserve.structured_output.config import StructuredOutputsConfig
+        try:
+            args.structured_outputs_config = StructuredOutputsConfig.from_cli(args.structured_outputs_config)
+        except (TypeError, ValueError) as e:
+            parser.error(str(e))
+    if getattr(args, "logits_processor_pattern", None) is not None:
+        try:
+            re.compile(args.logits_processor_pattern)
+        except re.error as e:
+            parser.error(f"--logits-processor-pattern is not a valid regular expression: {e}")
     if args.api_key is None:
         args.api_key = os.environ.get("VLLM_API_KEY") or os.environ.get("LMSERVE_API_KEY") or None
     if isinstance(args.served_model_name, str):
@@ -385,6 +409,10 @@ def parse_serve_args(argv: list[str], parser: argparse.ArgumentParser | None = N
     Long flags may be spelled as vLLM's parser takes them (``normalize_argv``)."""
     if parser is None:
         parser = add_server_args(make_serve_parser(prog="lmserve serve"))
+    keyword = help_keyword(argv)
+    if keyword is not None:
+        print(filtered_help(parser, keyword), end="")
+        raise SystemExit(0)
     try:
         argv = normalize_argv(argv)
     except ValueError as e:

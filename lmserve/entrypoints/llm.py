@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from lmserve.engine.arg_utils import EngineArgs
 from lmserve.engine.llm_engine import LLMEngine, PromptType
+from lmserve.lora.request import LoRARequest
 from lmserve.entrypoints.score_utils import (cross_encoder_prompt, dedup_inputs, embedding_pair_scores,
                                              ensure_text, score_mode, truncation_length,
                                              validate_score_input)
@@ -45,7 +46,10 @@ class LLM:
     # ------------------------------------------------------------------ generate
     def generate(self, prompts: PromptType | Sequence[PromptType] | Sequence[int] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = False, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """``lora_request``: one adapter for every prompt, or one (or None: the base model) per
+        prompt, as vLLM; needs ``LLM(enable_lora=True)``."""
         self._require_generate("LLM.generate()")
         prompt_list = _normalize_prompts(prompts)
         if sampling_params is None:
@@ -56,13 +60,17 @@ class LLM:
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError("The lengths of prompts and priority must be the same.")
+        loras = _lora_list(lora_request, len(prompt_list))
         if any(p.use_beam_search for p in params_list):
+            if any(loras):
+                raise ValueError("beam search with LoRA adapters is not supported")
             return self._beam_search_generate(prompt_list, params_list)
-        return self._run(prompt_list, params_list, priority, use_tqdm)
+        return self._run(prompt_list, params_list, priority, use_tqdm, loras=loras)
 
     def _run(self, prompt_list: list[PromptType], params_list: list[SamplingParams],
              priority: Sequence[int] | None, use_tqdm: bool,
-             add_special_tokens: bool = True) -> list[RequestOutput]:
+             add_special_tokens: bool = True, loras: list[LoRARequest | None] | None = None
+             ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
         try:
@@ -71,7 +79,7 @@ class LLM:
                 params.output_kind = RequestOutputKind.FINAL_ONLY
                 rid = str(next(self._counter))
                 engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0,
-                                   add_special_tokens=add_special_tokens)
+                                   add_special_tokens=add_special_tokens, lora_request=loras[i] if loras else None)
                 ids.append(rid)
             finished: dict[str, RequestOutput] = {}
             bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
@@ -256,6 +264,21 @@ class LLM:
             outs = embedding_pair_scores([embeds[i] for i in pos_1], [embeds[j] for j in pos_2],
                                          getattr(tok, "pad_token_id", None))
         return [ScoringRequestOutput.from_base(o) for o in outs]
+
+def _lora_list(lora_request: Any, n: int) -> list[LoRARequest | None]:
+    """One ``LoRARequest`` (or None) per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    if isinstance(lora_request, Sequence) and not isinstance(lora_request, str):
+        loras = list(lora_request)
+        if len(loras) != n:
+            raise ValueError("The lengths of prompts and lora_request must be the same.")
+        for lr in loras:
+            if lr is not None and not isinstance(lr, LoRARequest):
+                raise ValueError(f"lora_request entries must be LoRARequest or None, got {type(lr).__name__}")
+        return loras
+    raise ValueError(f"lora_request must be a LoRARequest or a list of them, got {type(lora_request).__name__}")
+
 
 def _normalize_prompts(prompts: Any) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):

@@ -9,7 +9,7 @@ part of lmserve defines it: then that definition wins). Its answer is one of:
   any other value exits at start-up with the reason, which names what to use instead where
   there is something.
 
-``docs/vllm_serve_flags.json`` (written from vLLM's own parser by
+``lmserve/entrypoints/vllm_serve_flags.json`` (written from vLLM's own parser by
 ``tools/dump_vllm_serve_flags.py``) is the reference list; ``tools/flag_table.py`` writes the
 README's table from it and from lmserve's parser, and ``tests/test_flag_table.py`` keeps the
 two from drifting: a vLLM flag that lmserve's parser does not know fails that test.

@@ -223,8 +223,12 @@ class InputBatch:
         generators = {i: r.generator for i, r in enumerate(rows)
                       if r.generator is not None and r.params.sampling_type == SamplingType.RANDOM_SEED}
 
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        wanted = [p.num_logprobs for p in params if p.num_logprobs is not None]
         max_num_logprobs = None if not wanted else (-1 if -1 in wanted else max(wanted))
+        logprob_token_ids = {i: list(p.logprob_token_ids) for i, p in enumerate(params) if p.logprob_token_ids}
+        topk_num_logprobs = max((p.logprobs for i, p in enumerate(params)
+                                 if p.logprobs is not None and p.logprobs >= 0 and i not in logprob_token_ids),
+                                default=0)
 
         pen_rows = [i for i, p in enumerate(params) if p.presence_penalty != 0.0
                     or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0]
@@ -259,4 +263,5 @@ class InputBatch:
             presence_penalties=presence, frequency_penalties=frequency, repetition_penalties=repetition,
             penalty_rows=pen_rows, prompt_token_mask=prompt_mask, allowed_token_ids_mask=allowed_mask,
             bad_words_token_ids=bad_words, output_token_ids=[r.output_token_ids for r in rows],
-            prompt_token_ids=[r.prompt_token_ids for r in rows], logitsprocs=self.logitsprocs)
+            prompt_token_ids=[r.prompt_token_ids for r in rows], logitsprocs=self.logitsprocs,
+            topk_num_logprobs=topk_num_logprobs, logprob_token_ids=logprob_token_ids)

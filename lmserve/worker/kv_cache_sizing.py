@@ -11,7 +11,8 @@ from lmserve.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
-_CPU_DEFAULT_KV_BYTES = 4 * 2**30  # vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4)
+_CPU_MAX_DEFAULT_KV_BYTES = 4 * 2**30  # vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4)
+_CPU_DEFAULT_KV_TOKENS = 32 * 1024  # enough for far more concurrent tokens than a CPU decodes at once
 
 
 def available_host_memory() -> int:
@@ -35,11 +36,29 @@ def pooling_num_blocks(config: EngineConfig) -> int:
     return -(-sc.max_num_batched_tokens // cc.block_size) + sc.max_num_seqs
 
 
+def cpu_default_kv_bytes(config: EngineConfig, bytes_per_token: int) -> int:
+    """The CPU KV budget when no flag sets one: ``$VLLM_CPU_KVCACHE_SPACE`` GiB where set (vLLM's
+    variable), else the smallest of 4 GiB (vLLM's default), utilisation x half the available RAM,
+    and the KV of max(32 Ki, 2 x max_model_len) tokens, so a small model's server on a small
+    machine does not reserve gigabytes it cannot use (SmolLM2-135M: 0.7 GiB)."""
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip()
+    if space:
+        try:
+            gib = float(space)
+        except ValueError:
+            raise ValueError(f"VLLM_CPU_KVCACHE_SPACE must be a number of GiB, not {space!r}") from None
+        if gib > 0:
+            return int(gib * 2**30)
+    tokens = max(_CPU_DEFAULT_KV_TOKENS, 2 * config.scheduler_config.max_model_len)
+    utilisation = int(config.cache_config.gpu_memory_utilization * available_host_memory() / 2)
+    return min(_CPU_MAX_DEFAULT_KV_BYTES, utilisation, tokens * bytes_per_token)
+
+
 def determine_num_blocks(config: EngineConfig, kv_spec, device: torch.device) -> int:
     """Blocks for ``--num-gpu-blocks-override``, else ``--kv-cache-memory`` bytes, else
-    (CPU) min(4 GiB, utilisation x half the available RAM) or (CUDA) utilisation x
-    device memory minus what is already used. Never more than all sequences at full
-    length could use, never fewer than one full-length sequence needs."""
+    (CPU) ``cpu_default_kv_bytes`` or (CUDA) utilisation x device memory minus what is
+    already used. Never more than all sequences at full length could use, never fewer
+    than one full-length sequence needs."""
     cc, sc = config.cache_config, config.scheduler_config
     per_block = kv_spec.bytes_per_block(cc.block_size)
     blocks_per_seq = -(-sc.max_model_len // cc.block_size)
@@ -55,7 +74,7 @@ def determine_num_blocks(config: EngineConfig, kv_spec, device: torch.device) ->
         activations = sc.max_num_batched_tokens * (hidden * 32 + 4) * 4 + sc.max_num_seqs * vocab * 4 * 4
         budget = int(total * cc.gpu_memory_utilization) - (total - free) - activations
     else:
-        budget = min(_CPU_DEFAULT_KV_BYTES, int(cc.gpu_memory_utilization * available_host_memory() / 2))
+        budget = cpu_default_kv_bytes(config, max(1, per_block // cc.block_size))
     num_blocks = min(budget // per_block, blocks_per_seq * sc.max_num_seqs + 1)
     if config.model_config.is_pooling:
         num_blocks = min(num_blocks, pooling_num_blocks(config))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lmserve.config import EngineConfig
@@ -21,8 +22,27 @@ from lmserve.worker.kv_cache_sizing import determine_num_blocks
 
 logger = logging.getLogger(__name__)
 
-# (token ids with the chosen token first then the top-k, their logprobs, rank of the chosen token)
-LogprobsRow = tuple[list[int], list[float], int]
+@dataclass(frozen=True)
+class VocabLogprobsRow:
+    """The whole vocabulary at one position: ``ids`` by descending ``lps`` (numpy arrays, which
+    may be views of one array for a whole prompt chunk), and the chosen token and its rank."""
+
+    chosen: int
+    rank: int
+    ids: np.ndarray  # [V] int64
+    lps: np.ndarray  # [V] float32
+
+
+# (token ids with the chosen token first then the top-k or the asked-for ids, their logprobs,
+# rank of the chosen token), or the whole vocabulary (logprobs of -1).
+LogprobsRow = tuple[list[int], list[float], int] | VocabLogprobsRow
+
+
+def vocab_rows(logprobs: torch.Tensor, chosen: list[int], ranks: list[int]) -> list[VocabLogprobsRow]:
+    """One sort per row of ``logprobs`` [N, V]: no Python object per vocabulary entry."""
+    values, order = logprobs.float().sort(dim=-1, descending=True)
+    values_np, order_np = values.cpu().numpy(), order.cpu().numpy()
+    return [VocabLogprobsRow(c, r, order_np[i], values_np[i]) for i, (c, r) in enumerate(zip(chosen, ranks))]
 
 
 @dataclass
@@ -52,6 +72,19 @@ class ModelRunner:
         torch.manual_seed(config.model_config.seed)
         self.model = get_model(config.model_config, self.device)
         self.uses_token_type_ids = bool(getattr(self.model, "uses_token_type_ids", False))
+        self.lora_builder = None
+        if config.lora_config is not None:
+            from lmserve.lora.batch import LoRABatchBuilder
+            from lmserve.model.models.llama import enable_lora
+
+            if self.is_pooling or not hasattr(getattr(self.model, "model", None), "layers"):
+                raise ValueError("LoRA adapters (--enable-lora) apply to generative Llama-family models only, "
+                                 f"not to {type(self.model).__name__}")
+            n = enable_lora(self.model)
+            self.lora_builder = LoRABatchBuilder()
+            logger.info("LoRA: %d projection modules take adapters (up to %d per step, rank <= %d); a step with "
+                        "adapters runs layer by layer (the native decode step has no LoRA delta)", n,
+                        config.lora_config.max_loras, config.lora_config.max_lora_rank)
         self.kv_spec = self.model.kv_cache_spec() if getattr(self.model, "needs_kv_cache", True) else None
         if self.kv_spec is None:  # an encoder: block ids are scheduler bookkeeping only
             self.num_blocks = pooling_num_blocks(config)
@@ -64,6 +97,7 @@ class ModelRunner:
                         self.num_blocks * self.kv_spec.bytes_per_block(self.block_size) / 2**20)
         self.vocab_size = config.model_config.vocab_size
         self.input_batch = None
+        self._bitmask = None  # structured outputs' GrammarBitmask, allocated on first use
         if not self.is_pooling:
             self.logitsprocs = build_logitsprocs(config, self.device, logitsprocs_classes)
             self.input_batch = InputBatch(max_num_reqs=config.scheduler_config.max_num_seqs,
@@ -124,6 +158,8 @@ class ModelRunner:
             block_size=bs, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             decode_only=all(s.num_computed_before >= s.request.num_prompt_tokens for s in order))
+        if self.lora_builder is not None:
+            meta.lora = self.lora_builder.build([s.request.lora for s in order], query_lens, dev)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
         return ids_t, pos_t, meta, starts, order
@@ -151,21 +187,49 @@ class ModelRunner:
         sched_by_id = {s.request.request_id: s for s in sampling}
         last = [starts[r] + sched_by_id[r].num_new_tokens - 1 for r in req_ids]
         logits = self.model.compute_logits(hidden[last])  # [B, vocab] float32
-        result = self.sampler(logits, self.input_batch.make_sampling_metadata())
+        grammar_mask = self._grammar_mask([sched_by_id[r].request for r in req_ids])
+        result = self.sampler(logits, self.input_batch.make_sampling_metadata(), grammar_mask)
         tokens = result.sampled_token_ids.tolist()
         for req_id, tok in zip(req_ids, tokens):
             out.sampled[req_id] = tok
         if result.logprobs is not None:
-            ids = result.logprobs.token_ids.tolist()
-            lps = result.logprobs.logprobs.tolist()
-            ranks = result.logprobs.ranks.tolist()
-            for row, req_id in enumerate(req_ids):
-                k = sched_by_id[req_id].request.sampling_params.logprobs
-                if k is None:
-                    continue
-                width = (self.vocab_size if k == -1 else k) + 1
-                out.logprobs[req_id] = (ids[row][:width], lps[row][:width], ranks[row])
+            self._sample_logprobs(req_ids, sched_by_id, tokens, result, out)
         return out
+
+    def _grammar_mask(self, requests: list):
+        """This step's token bitmask of the constrained rows (structured outputs), or None.
+        Row i is ``requests[i]``; each grammar state is first synced to its sequence's tokens."""
+        constrained = [(row, r.grammar) for row, r in enumerate(requests) if r.grammar is not None]
+        if not constrained:
+            return None
+        if self._bitmask is None:
+            from lmserve.structured_output.bitmask import GrammarBitmask
+            self._bitmask = GrammarBitmask(self.config.scheduler_config.max_num_seqs, self.vocab_size)
+        for row, state in constrained:
+            state.sync(requests[row].output_token_ids)
+        return self._bitmask.fill(constrained)
+    @staticmethod
+    def _sample_logprobs(req_ids: list[str], sched_by_id: dict[str, ScheduledRequest], tokens: list[int],
+                         result, out: RunnerOutput) -> None:
+        """Each row as its request asked: the top-k, the whole vocabulary (one sort of that row)
+        or its ``logprob_token_ids`` (one gather; they keep the requested order)."""
+        ids = result.logprobs.token_ids.tolist()
+        lps = result.logprobs.logprobs.tolist()
+        ranks = result.logprobs.ranks.tolist()
+        raw = result.raw_logprobs
+        for row, req_id in enumerate(req_ids):
+            params = sched_by_id[req_id].request.sampling_params
+            k = params.num_logprobs
+            if k is None:
+                continue
+            if params.logprob_token_ids:
+                wanted = [tokens[row], *params.logprob_token_ids]
+                values = raw[row, torch.tensor(wanted, device=raw.device)].tolist()
+                out.logprobs[req_id] = (wanted, values, ranks[row])
+            elif k == -1:
+                out.logprobs[req_id] = vocab_rows(raw[row:row + 1], [tokens[row]], [ranks[row]])[0]
+            else:
+                out.logprobs[req_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
 
     def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, flat_start: int,
                          out: RunnerOutput) -> None:
@@ -178,12 +242,16 @@ class ModelRunner:
         if last <= first:
             return
         k = r.sampling_params.prompt_logprobs
-        k = self.vocab_size if k == -1 else k
         rows = hidden[flat_start:flat_start + (last - first)]
         logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
-        targets = torch.tensor(r.prompt_token_ids[first + 1:last + 1], device=logprobs.device)
-        t = compute_logprobs_tensors(logprobs, targets, k)
-        ids, lps, ranks = t.token_ids.tolist(), t.logprobs.tolist(), t.ranks.tolist()
+        target_ids = r.prompt_token_ids[first + 1:last + 1]
+        targets = torch.tensor(target_ids, device=logprobs.device)
+        t = compute_logprobs_tensors(logprobs, targets, 0 if k == -1 else k)
+        ranks = t.ranks.tolist()
+        if k == -1:
+            out.prompt_logprobs[r.request_id] = (first + 1, vocab_rows(logprobs, target_ids, ranks))
+            return
+        ids, lps = t.token_ids.tolist(), t.logprobs.tolist()
         out.prompt_logprobs[r.request_id] = (first + 1, list(zip(ids, lps, ranks)))
 
     def _execute_pooling(self, sched: SchedulerOutput) -> RunnerOutput:

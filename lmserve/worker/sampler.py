@@ -2,6 +2,7 @@
 
 ``Sampler.forward(logits [B, V], metadata)``:
  1. raw logprobs (log_softmax of the model's logits) if any row wants logprobs;
+ 1b. the structured-output grammar bitmask of the constrained rows (banned tokens -> -inf);
  2. allowed_token_ids mask; 3. bad words; 4. non-argmax-invariant processors
     (min_tokens, logit_bias, custom); 5. penalties (repetition, frequency, presence);
  6. greedy rows: argmax; 7. temperature; 8. argmax-invariant processors (min_p);
@@ -14,11 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lmserve.worker.sampling_metadata import SamplingMetadata
+
+if TYPE_CHECKING:
+    from lmserve.structured_output.bitmask import StepGrammarMask
 
 _SAMPLING_EPS = 1e-5
 
@@ -38,6 +43,9 @@ class LogprobsTensors:
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [B] int64
     logprobs: LogprobsTensors | None  # None when no row asked for logprobs
+    # [B, V] raw logprobs, kept only when a row wants the whole vocabulary or logprob_token_ids
+    # (the runner reads those rows from it; the top-k of the others is in ``logprobs``).
+    raw_logprobs: torch.Tensor | None = None
 
 
 def compute_logprobs_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
@@ -184,7 +192,10 @@ class Sampler(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata,
+                grammar_mask: StepGrammarMask | None = None) -> SamplerOutput:
+        """``grammar_mask``: this step's structured-output bitmask (None: no row is constrained);
+        applied before every other stage, after the raw logprobs are taken."""
         md = metadata
         if logits.dim() != 2 or logits.shape[0] != md.num_reqs:
             raise ValueError(f"logits must be [num_reqs={md.num_reqs}, vocab], got {tuple(logits.shape)}")
@@ -192,12 +203,17 @@ class Sampler(nn.Module):
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V], a new tensor
+        if grammar_mask is not None:
+            logits = grammar_mask.apply(logits)
         logits = self.apply_logits_processors(logits, md)
         sampled = self.sample(logits, md)  # [B] int64
         lp = None
         if raw_logprobs is not None:
-            lp = compute_logprobs_tensors(raw_logprobs, sampled, md.max_num_logprobs)  # type: ignore[arg-type]
-        return SamplerOutput(sampled, lp)
+            # Top-k only as wide as the top-k rows need: whole-vocabulary and logprob_token_ids
+            # rows are read from ``raw_logprobs`` by the runner (one sort or gather of their row).
+            lp = compute_logprobs_tensors(raw_logprobs, sampled, md.topk_num_logprobs)
+        keep_raw = md.max_num_logprobs == -1 or bool(md.logprob_token_ids)
+        return SamplerOutput(sampled, lp, raw_logprobs if keep_raw else None)
 
     @staticmethod
     def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

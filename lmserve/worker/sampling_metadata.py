@@ -49,3 +49,8 @@ class SamplingMetadata:
     # Per-row prompt token ids (None where not given).
     prompt_token_ids: list[list[int] | None]
     logitsprocs: LogitsProcessors = field(default_factory=LogitsProcessors)
+    # The largest top-k of the rows that want top-k logprobs (0 when only whole-vocabulary or
+    # ``logprob_token_ids`` rows want logprobs); the sampler gathers this many for every row.
+    topk_num_logprobs: int = 0
+    # row -> the token ids whose logprobs that row wants (vLLM's ``logprob_token_ids``).
+    logprob_token_ids: dict[int, list[int]] = field(default_factory=dict)

@@ -196,3 +196,24 @@ def tiny_embed_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFact
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------- extra API routes
+API_STORE_ENTRIES = 4
+
+
+@pytest.fixture(scope="session")
+def api_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny model with the dev routes (VLLM_SERVER_DEV_MODE=1), sleep mode, /tokenizer_info
+    and a response store of API_STORE_ENTRIES entries."""
+    log = str(tmp_path_factory.mktemp("logs") / "api-server.log")
+    server = ServerProcess([tiny_model_dir, "--served-model-name", "tiny", "--api-key", API_KEY,
+                            "--kv-cache-memory", "16MiB", "--max-num-seqs", "16", "--dtype", "float32",
+                            "--enable-sleep-mode", "--enable-tokenizer-info-endpoint",
+                            "--responses-store-max-entries", str(API_STORE_ENTRIES)], log,
+                           env={"VLLM_SERVER_DEV_MODE": "1"})
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

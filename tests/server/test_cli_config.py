@@ -67,8 +67,9 @@ def test_missing_config_file(capsys):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--enable-lora"], "LoRA"),
-    (["--lora-modules", "a=b"], "LoRA"),
+    (["--enable-lora-bias"], "LoRA"),
+    (["--lora-extra-vocab-size", "256"], "LoRA"),
+    (["--lora-target-modules", '["o_proj"]'], "LoRA"),
     (["--speculative-model", "x"], "speculative"),
     (["--num-speculative-tokens", "3"], "speculative"),
     (["--quantization", "awq"], "quantization"),
@@ -100,8 +101,21 @@ def test_harmless_vllm_flags_are_accepted(argv):
 
 def test_refused_flag_in_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        parse(["--config", write(tmp_path, "enable-lora: true\n")])
-    assert "--enable-lora" in capsys.readouterr().err
+        parse(["--config", write(tmp_path, "enable-lora-bias: true\n")])
+    assert "--enable-lora-bias" in capsys.readouterr().err
+
+
+def test_lora_flags_parse_as_vllm():
+    from lmserve.entrypoints.openai.serving_lora import LoRAModulePath
+
+    args = parse(["--enable-lora", "--max-loras", "4", "--max-lora-rank", "64", "--max-cpu-loras", "8",
+                  "--lora-dtype", "bfloat16", "--fully-sharded-loras", "--lora-modules", "a=/x/a",
+                  '{"name": "b", "path": "/x/b", "base_model_name": "m"}',
+                  '[{"name": "c", "path": "/x/c"}]', "--lora-allowed-dirs", "/x"])
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (True, 4, 64, 8)
+    assert [m for g in args.lora_modules for m in g] == [LoRAModulePath("a", "/x/a"), LoRAModulePath("b", "/x/b", "m"),
+                                                         LoRAModulePath("c", "/x/c")]
+    assert args.lora_allowed_dirs == ["/x"]
 
 
 def test_api_key_from_environment(monkeypatch):

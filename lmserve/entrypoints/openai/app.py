@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from lmserve.entrypoints.api_routes import add_api_routes
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
 from lmserve.entrypoints.openai.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_COUNT,
                                                RequestLimitsMiddleware)
@@ -34,12 +35,18 @@ from lmserve.entrypoints.openai.protocol_pooling import (ClassificationChatReque
                                                          ClassificationCompletionRequest, EmbeddingChatRequest,
                                                          EmbeddingCompletionRequest, PoolingChatRequest,
                                                          PoolingCompletionRequest, RerankRequest, ScoreRequest)
+from lmserve.entrypoints.anthropic.serving import AnthropicServingMessages
+from lmserve.entrypoints.openai.responses.serving import OpenAIServingResponses
+from lmserve.entrypoints.openai.responses.store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, ResponseStore
+from lmserve.entrypoints.openai.serving_batch_chat import OpenAIServingChatBatch
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_classification import OpenAIServingClassification
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from lmserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from lmserve.entrypoints.openai.serving_engine import (DEFAULT_MAX_LOG_LEN, DEFAULT_MAX_STOP_STRINGS, ServerOptions,
                                                        clip, error_body)
+from lmserve.entrypoints.openai.serving_lora import (RUNTIME_UPDATE_ENVS, LoadLoRAAdapterRequest, ServedLoRAs,
+                                                    UnloadLoRAAdapterRequest, runtime_updates_allowed)
 from lmserve.entrypoints.openai.serving_models import OpenAIServingModels
 from lmserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from lmserve.entrypoints.openai.serving_score import ServingScores
@@ -53,7 +60,8 @@ logger = logging.getLogger("lmserve.server")
 UNAUTHENTICATED_PATHS = frozenset({"/health", "/ping", "/metrics"})
 # Requests counted by GET /load (as vLLM's ``load_aware_call`` routes).
 LOAD_TRACKED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/pooling",
-                                "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"})
+                                "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                                "/v1/responses", "/v1/messages", "/v1/chat/completions/batch"})
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -79,6 +87,9 @@ class _Handlers:
     pooling: OpenAIServingPooling | None = None
     classification: OpenAIServingClassification | None = None
     score: ServingScores | None = None
+    responses: OpenAIServingResponses | None = None
+    messages: AnthropicServingMessages | None = None
+    batch_chat: OpenAIServingChatBatch | None = None
 
     def get(self, name: str, api: str) -> Any:
         handler = getattr(self, name)
@@ -99,6 +110,9 @@ class ServerState:
         self.metrics = EngineMetrics(names[0] if names else (getattr(args, "model", None) or DEFAULT_MODEL_NAME))
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="lmserve-prep")  # see ServerOptions
         self.template_sandbox = TemplateSandbox()
+        self.response_store = ResponseStore(
+            int(getattr(args, "responses_store_max_entries", DEFAULT_MAX_ENTRIES)),
+            int(getattr(args, "responses_store_max_bytes", DEFAULT_MAX_BYTES)))
         self.chat_template: str | None = None  # --chat-template, read once (a bad path fails at start)
         if getattr(args, "chat_template", None) is not None:
             from lmserve.chat_template import load_chat_template
@@ -125,7 +139,7 @@ class ServerState:
             trust_request_chat_template=bool(getattr(args, "trust_request_chat_template", False)),
             max_stop_strings=int(getattr(args, "max_stop_strings", DEFAULT_MAX_STOP_STRINGS)),
             force_include_usage=bool(getattr(args, "enable_force_include_usage", False)),
-            executor=self.executor, template_sandbox=self.template_sandbox)
+            executor=self.executor, template_sandbox=self.template_sandbox, loras=self._served_loras(engine, names))
         handlers = _Handlers(models=OpenAIServingModels(options, mc.max_model_len),
                              tokenization=OpenAIServingTokenization(engine, options, self.metrics))
         if getattr(mc, "runner_type", "generate") == "pooling":
@@ -143,8 +157,25 @@ class ServerState:
         else:
             handlers.completion = OpenAIServingCompletion(engine, options, self.metrics)
             handlers.chat = OpenAIServingChat(engine, options, self.metrics)
+            handlers.responses = OpenAIServingResponses(handlers.chat, self.response_store)
+            handlers.messages = AnthropicServingMessages(
+                handlers.chat, getattr(args, "anthropic_disabled_thinking_effort", "auto"))
+            handlers.batch_chat = OpenAIServingChatBatch(handlers.chat)
         self.handlers = handlers
         self.engine = engine
+
+    def _served_loras(self, engine: Any, names: tuple[str, ...]) -> ServedLoRAs | None:
+        """The adapters served by name (None without --enable-lora); --lora-modules are loaded here."""
+        args = self.args
+        modules = [m for group in getattr(args, "lora_modules", None) or [] for m in group]
+        inner = getattr(engine, "engine", None)
+        if getattr(getattr(inner, "config", None), "lora_config", None) is None:
+            if modules:
+                raise ValueError("--lora-modules needs --enable-lora")
+            return None
+        loras = ServedLoRAs(engine, names, getattr(args, "lora_allowed_dirs", None))
+        loras.add_static(modules)
+        return loras
 
     def log_ignored(self, request: Any) -> None:
         ignored = request.ignored_fields()
@@ -440,6 +471,33 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return JSONResponse((await state.ready().tokenization.detokenize_request(request)).model_dump())
 
     _add_pooling_routes(app, state)
+    add_api_routes(app, state, _parse, _base_request_id)
+    if runtime_updates_allowed():
+        _add_lora_routes(app, state)
+
+
+def _add_lora_routes(app: FastAPI, state: ServerState) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (only with runtime updates allowed:
+    ``serving_lora.RUNTIME_UPDATE_ENVS``); 200 with vLLM's plain-text success line."""
+    logger.warning("LoRA adapters may be loaded and unloaded at run time (%s is set); loads read only from "
+                   "--lora-allowed-dirs", " or ".join(RUNTIME_UPDATE_ENVS))
+
+    def served() -> ServedLoRAs:
+        loras = state.ready().models.options.loras
+        if loras is None:
+            raise InvalidRequestError("LoRA adapters are not enabled: start the server with --enable-lora")
+        return loras
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+        if request.is_3d_lora_weight:
+            raise InvalidRequestError("is_3d_lora_weight concerns MoE adapters; lmserve's models have no experts",
+                                      "is_3d_lora_weight")
+        return Response(await served().load(request.lora_name, request.lora_path, request.load_inplace))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+        return Response(await served().unload(request.lora_name, request.lora_int_id))
 
 
 def _parse(body: dict[str, Any], model: type) -> Any:

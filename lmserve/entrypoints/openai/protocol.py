@@ -15,16 +15,19 @@ Invariants:
 Response models live in ``protocol_responses``.
 """
 
+import dataclasses
+import json
 import re
 import time
 import unicodedata
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmserve.errors import InvalidRequestError
-from lmserve.sampling_params import (RepetitionDetectionParams, RequestOutputKind, SamplingParams)
+from lmserve.sampling_params import (MAX_LOGPROB_TOKEN_IDS, RepetitionDetectionParams, RequestOutputKind,
+                                     SamplingParams, StructuredOutputsParams)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # The OpenAPI schema of a prompt / input field (validated by hand, for vLLM's messages): text, texts,
@@ -34,7 +37,6 @@ PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type
                            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
                             "minItems": 1}]}
 MAX_N = 128  # choices per prompt
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat top_logprobs
 MAX_STOP_CHARS = 65536  # characters in all of a request's stop strings (and, apart, its bad_words)
 
 # vLLM's fallbacks when neither the request nor generation_config.json sets a value.
@@ -102,8 +104,60 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False
 
 
+class JsonSchemaResponseFormat(OpenAIBaseModel):
+    """OpenAI's ``response_format.json_schema``. ``strict`` is accepted either way: xgrammar
+    always generates exactly the schema (no undeclared properties)."""
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
-    type: str = "text"
+    """``text``, ``json_object``, ``json_schema`` (OpenAI) or ``structural_tag`` (vLLM: xgrammar's
+    ``format``, or the legacy ``structures`` + ``triggers``)."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"] = "text"
+    json_schema: JsonSchemaResponseFormat | None = None
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[str] | None = None
+    format: Any = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The ``StructuredOutputsParams`` field this format sets ({} for text)."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.json_schema is None:
+                raise InvalidRequestError("When response_format type is 'json_schema', the 'json_schema' field "
+                                          "(with its 'schema') must be provided.", "response_format.json_schema")
+            return {"json": self.json_schema.json_schema}
+        if self.type == "structural_tag":
+            if self.format is not None:
+                tag: dict[str, Any] = {"type": "structural_tag", "format": self.format}
+            elif self.structures is not None and self.triggers is not None:
+                tag = {"structures": self.structures, "triggers": self.triggers}
+            else:
+                raise InvalidRequestError("A structural_tag response_format needs 'format' (or the legacy "
+                                          "'structures' and 'triggers').", "response_format")
+            return {"structural_tag": json.dumps(tag)}
+        return {}
+
+
+# The legacy guided-decoding fields (removed in vLLM, documented by seed 002) and what they map to.
+LEGACY_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                        "guided_grammar": "grammar", "guided_whitespace_pattern": "whitespace_pattern"}
+_STRUCTURED_OUTPUTS_KEYS = {f.name for f in dataclasses.fields(StructuredOutputsParams)}
+
+
+class LogitsProcessorConstructor(BaseModel):
+    """A per-request logits processor: ``qualname(*args, **kwargs)`` gives the callable."""
+
+    model_config = ConfigDict(extra="forbid")
+    qualname: str
+    args: list[Any] | None = None
+    kwargs: dict[str, Any] | None = None
 
 
 class RepetitionDetection(OpenAIBaseModel):
@@ -148,10 +202,18 @@ class SamplingRequest(OpenAIBaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=-1, le=INT64_MAX)
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=-1)
+    # Logprobs of exactly these ids at each generated position (vLLM 0.32); needs logprobs set.
+    logprob_token_ids: list[int] | None = None
     bad_words: list[str] = Field(default_factory=list)
     # vLLM request extras
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
     request_id: str = Field(default_factory=random_uuid, max_length=256)
     return_tokens_as_token_ids: bool | None = None
@@ -161,6 +223,8 @@ class SamplingRequest(OpenAIBaseModel):
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     repetition_detection: RepetitionDetection | None = None
     thinking_token_budget: int | None = None
+    # qualified names or {"qualname", "args", "kwargs"}: allowed by --logits-processor-pattern
+    logits_processors: list[str | LogitsProcessorConstructor] | None = None
 
     @field_validator("request_id")
     @classmethod
@@ -183,24 +247,89 @@ class SamplingRequest(OpenAIBaseModel):
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequestError("`prompt_logprobs` are not available when `stream=True`.",
                                       "prompt_logprobs")
-        if self.logit_bias:
-            for key, bias in self.logit_bias.items():
-                if not re.fullmatch(r"\s*-?\d+\s*", key):
-                    raise InvalidRequestError(f"logit_bias keys must be token ids (integers as strings), "
-                                              f"got {key!r}.", "logit_bias")
-                if not -100.0 <= bias <= 100.0:
-                    raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias} for "
-                                              f"token {key}.", "logit_bias")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequestError(f"response_format of type {self.response_format.type!r} is not "
-                                      "supported yet: structured outputs come in a later release; only "
-                                      "{'type': 'text'} is accepted.", "response_format")
-        if self.structured_outputs:
-            raise InvalidRequestError("structured_outputs are not supported yet (a later release).",
-                                      "structured_outputs")
+        self.check_logit_bias()
+        if self.structured_outputs_params() is not None and self.use_beam_search:
+            raise InvalidRequestError("structured outputs (structured_outputs, response_format, guided_*) cannot "
+                                      "be combined with use_beam_search.", "use_beam_search")
         if self.thinking_token_budget not in (None, -1):
             raise InvalidRequestError("thinking_token_budget is not supported: no reasoning parser is "
                                       "available in lmserve yet.", "thinking_token_budget")
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's one grammar constraint, from ``structured_outputs``, ``response_format``
+        or the legacy ``guided_*`` fields (None: unconstrained). Raises InvalidRequestError."""
+        kwargs: dict[str, Any] = {}
+        source = None
+        if self.structured_outputs is not None:
+            unknown = sorted(set(self.structured_outputs) - _STRUCTURED_OUTPUTS_KEYS - {"_backend"})
+            if unknown:
+                raise InvalidRequestError(f"structured_outputs has unknown key(s) {unknown}; known keys: "
+                                          f"{sorted(_STRUCTURED_OUTPUTS_KEYS)}.", "structured_outputs")
+            kwargs = {k: v for k, v in self.structured_outputs.items() if v is not None and k != "_backend"}
+            source = "structured_outputs"
+        legacy = {dst: getattr(self, src) for src, dst in LEGACY_GUIDED_FIELDS.items() if getattr(self, src) is not None}
+        if legacy:
+            if source is not None:
+                raise InvalidRequestError("Give the constraint either in structured_outputs or in the legacy "
+                                          "guided_* fields, not both.", "structured_outputs")
+            kwargs, source = legacy, "guided_*"
+        backend = self.guided_decoding_backend
+        if backend is not None:
+            name, _, options = backend.partition(":")
+            if name not in ("auto", "xgrammar", ""):
+                raise InvalidRequestError(f"guided_decoding_backend {name!r} is not available: lmserve constrains "
+                                          "decoding with xgrammar ('xgrammar' or 'auto').", "guided_decoding_backend")
+            for option in filter(None, options.split(",")):
+                if option == "disable-any-whitespace":
+                    kwargs["disable_any_whitespace"] = True
+                elif option not in ("no-fallback", "no-additional-properties"):
+                    raise InvalidRequestError(f"guided_decoding_backend option {option!r} is not known (known: "
+                                              "disable-any-whitespace, no-fallback, no-additional-properties).",
+                                              "guided_decoding_backend")
+        if self.response_format is not None:
+            override = self.response_format.constraint()
+            if override:
+                given = [k for k in ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+                         if k in kwargs]
+                if given:
+                    raise InvalidRequestError(f"response_format and {source} ({given[0]}) both constrain the "
+                                              "output; use one.", "response_format")
+                kwargs.update(override)
+                source = source or "response_format"
+        if source is None:
+            return None
+        if "whitespace_pattern" in kwargs and kwargs["whitespace_pattern"] is None:
+            del kwargs["whitespace_pattern"]
+        try:
+            return StructuredOutputsParams(**kwargs)
+        except (TypeError, ValueError) as e:
+            param = source if source != "guided_*" else next(iter(sorted(
+                src for src in LEGACY_GUIDED_FIELDS if getattr(self, src) is not None)))
+            raise InvalidRequestError(f"{param}: {e}", param) from None
+    def check_logit_bias(self, vocab_size: int | None = None) -> None:
+        """One 400 naming every bad entry of ``logit_bias``: keys that are not integer token ids,
+        ids outside the vocabulary (when ``vocab_size`` is known) and biases outside [-100, 100]."""
+        if not self.logit_bias:
+            return
+        not_ids: list[str] = []
+        out_of_vocab: list[int] = []
+        out_of_range: dict[str, float] = {}
+        for key, bias in self.logit_bias.items():
+            if not re.fullmatch(r"\s*-?\d{1,20}\s*", key):
+                not_ids.append(key)
+            elif vocab_size is not None and not 0 <= int(key) < vocab_size:
+                out_of_vocab.append(int(key))
+            if not -100.0 <= bias <= 100.0:
+                out_of_range[key] = bias
+        problems = []
+        if not_ids:
+            problems.append(f"key(s) that are not integer token ids: {not_ids!r}")
+        if out_of_vocab:
+            problems.append(f"out-of-vocab token id(s) {out_of_vocab} (vocabulary size: {vocab_size})")
+        if out_of_range:
+            problems.append(f"bias value(s) outside [-100, 100]: {out_of_range!r}")
+        if problems:
+            raise InvalidRequestError("logit_bias contains " + "; ".join(problems) + ".", "logit_bias")
 
     def check_list_limits(self, max_stop_strings: int) -> None:
         """``stop`` and ``bad_words`` hold at most ``max_stop_strings`` entries and
@@ -217,12 +346,35 @@ class SamplingRequest(OpenAIBaseModel):
                 raise InvalidRequestError(f"{name} holds {chars} characters in all; at most {MAX_STOP_CHARS} are "
                                           "allowed.", name)
 
-    def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int) -> None:
-        if value is None or max_logprobs == -1:
+    def check_logprobs_limit(self, value: int | None, name: str, max_logprobs: int,
+                             vocab_size: int | None = None) -> None:
+        """vLLM 0.32's rule: -1 (the whole vocabulary) counts as ``vocab_size`` logprobs, and
+        ``--max-logprobs -1`` allows up to ``vocab_size``; more than the limit is a 400."""
+        if not value:
             return
-        if value == -1 or value > max_logprobs:
-            raise InvalidRequestError(f"Requested {name} of {value}, which is greater than max allowed: "
-                                      f"{max_logprobs}. Start the server with a larger --max-logprobs.", name)
+        if vocab_size is None:  # the vocabulary is unknown here: -1 only passes an unbounded server
+            if max_logprobs == -1 or (value != -1 and value <= max_logprobs):
+                return
+            wanted, limit = value, max_logprobs
+        else:
+            wanted = vocab_size if value == -1 else value
+            limit = vocab_size if max_logprobs == -1 else max_logprobs
+            if wanted <= limit:
+                return
+        shown = "-1 (the whole vocabulary)" if value == -1 else str(wanted)
+        raise InvalidRequestError(f"Requested {name} of {shown}, which is greater than max allowed: {limit}. "
+                                  "Start the server with a larger --max-logprobs (-1: no bound).", name)
+
+    def check_logprob_token_ids(self) -> None:
+        """vLLM's rules for ``logprob_token_ids`` that need only the request."""
+        ids = self.logprob_token_ids  # type: ignore[attr-defined]
+        if not ids:
+            return
+        if self.use_beam_search:
+            raise InvalidRequestError("`logprob_token_ids` is not supported with beam search.", "logprob_token_ids")
+        if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise InvalidRequestError(f"Requested logprob_token_ids of length {len(ids)}, which is greater than "
+                                      f"max allowed: {MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids")
 
     # ------------------------------------------------------------------ translation
     def _sampling_kwargs(self, max_tokens: int, default_sampling_params: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +409,7 @@ class SamplingRequest(OpenAIBaseModel):
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             allowed_token_ids=self.allowed_token_ids, extra_args=extra_args,
             use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
-            repetition_detection=rep)
+            repetition_detection=rep, structured_outputs=self.structured_outputs_params())
 
     def requested_max_tokens(self) -> int | None:
         """The max_tokens the client asked for explicitly (None: not set)."""
@@ -290,7 +442,7 @@ class CompletionRequest(SamplingRequest):
     prompt: Any = Field(..., json_schema_extra=PROMPT_SCHEMA)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=-1)  # -1: the whole vocabulary (bounded by --max-logprobs)
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     suffix: str | None = None
     prompt_embeds: Any = None
@@ -332,17 +484,24 @@ class CompletionRequest(SamplingRequest):
             raise InvalidRequestError("prompt_embeds is not supported by lmserve", "prompt_embeds")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError("best_of different from n is not supported (as vLLM v1).", "best_of")
+        if self.logprob_token_ids and self.logprobs is None:
+            raise InvalidRequestError("when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+        self.check_logprob_token_ids()
 
     def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
-                           max_logprobs: int) -> SamplingParams:
-        self.check_logprobs_limit(self.logprobs, "logprobs", max_logprobs)
+                           max_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
+        """As vLLM: ``logprob_token_ids`` replaces the top-k ``logprobs`` (then only needed set)."""
+        self.check_logit_bias(vocab_size)
+        if not self.logprob_token_ids:
+            self.check_logprobs_limit(self.logprobs, "logprobs", max_logprobs, vocab_size)
         prompt_logprobs = self.prompt_logprobs
         if prompt_logprobs is None and self.echo and self.logprobs is not None:
             prompt_logprobs = self.logprobs
-        self.check_logprobs_limit(prompt_logprobs, "prompt_logprobs", max_logprobs)
+        self.check_logprobs_limit(prompt_logprobs, "prompt_logprobs", max_logprobs, vocab_size)
         kwargs = self._sampling_kwargs(self.resolve_max_tokens(default_max_tokens, default_sampling_params),
                                        default_sampling_params)
-        kwargs.update(logprobs=self.logprobs, prompt_logprobs=prompt_logprobs)
+        kwargs.update(logprobs=None if self.logprob_token_ids else self.logprobs, prompt_logprobs=prompt_logprobs,
+                      logprob_token_ids=self.logprob_token_ids or None)
         return self._build(kwargs)
 
 
@@ -361,7 +520,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessageParam] = Field(min_length=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # null is 0 (as vLLM); -1: the whole vocabulary (bounded by --max-logprobs, not OpenAI's 20).
+    top_logprobs: int | None = Field(0, ge=-1)
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     tools: list[dict[str, Any]] | None = None
@@ -380,9 +540,13 @@ class ChatCompletionRequest(SamplingRequest):
 
     def validate_request(self) -> None:
         super().validate_request()
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("when using `top_logprobs`, `logprobs` must be set to true.",
                                       "top_logprobs")
+        if self.logprob_token_ids and not self.logprobs:
+            raise InvalidRequestError("when using `logprob_token_ids`, `logprobs` must be set to true.",
+                                      "logprob_token_ids")
+        self.check_logprob_token_ids()
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidRequestError("Cannot set both `continue_final_message` and `add_generation_prompt` "
                                       "to True.", "continue_final_message")
@@ -400,15 +564,18 @@ class ChatCompletionRequest(SamplingRequest):
         return max(1, min(c for c in candidates if c is not None))
 
     def to_sampling_params(self, default_max_tokens: int, default_sampling_params: dict[str, Any],
-                           max_logprobs: int) -> SamplingParams:
+                           max_logprobs: int, vocab_size: int | None = None) -> SamplingParams:
+        """As vLLM: ``logprob_token_ids`` replaces the top-k ``top_logprobs``."""
+        self.check_logit_bias(vocab_size)
         logprobs = None
-        if self.logprobs:
+        if self.logprobs and not self.logprob_token_ids:
             logprobs = self.top_logprobs or 0
-        self.check_logprobs_limit(logprobs, "top_logprobs", max_logprobs)
-        self.check_logprobs_limit(self.prompt_logprobs, "prompt_logprobs", max_logprobs)
+        self.check_logprobs_limit(logprobs, "top_logprobs", max_logprobs, vocab_size)
+        self.check_logprobs_limit(self.prompt_logprobs, "prompt_logprobs", max_logprobs, vocab_size)
         kwargs = self._sampling_kwargs(self.resolve_max_tokens(default_max_tokens, default_sampling_params),
                                        default_sampling_params)
-        kwargs.update(logprobs=logprobs, prompt_logprobs=self.prompt_logprobs)
+        kwargs.update(logprobs=logprobs, prompt_logprobs=self.prompt_logprobs,
+                      logprob_token_ids=self.logprob_token_ids or None)
         return self._build(kwargs)
 
     def template_messages(self) -> list[dict[str, Any]]:

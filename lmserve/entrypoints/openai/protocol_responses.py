@@ -78,7 +78,6 @@ class CompletionResponseChoice(ResponseModel):
 
 
 class CompletionResponse(ResponseModel):
-    _omit_if_none = frozenset({"kv_transfer_params"})
     id: str = Field(default_factory=lambda: f"cmpl-{random_uuid()}")
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -86,6 +85,8 @@ class CompletionResponse(ResponseModel):
     choices: list[CompletionResponseChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    # vLLM's disaggregated-serving hand-off: always present, null here (no KV connector on this
+    # build: a request's kv_transfer_params are accepted and the request runs locally, in full).
     kv_transfer_params: dict[str, Any] | None = None
 
 
@@ -143,7 +144,7 @@ class ChatCompletionResponseChoice(ResponseModel):
 
 
 class ChatCompletionResponse(ResponseModel):
-    _omit_if_none = frozenset({"prompt_logprobs", "prompt_token_ids", "prompt_text", "kv_transfer_params"})
+    _omit_if_none = frozenset({"prompt_logprobs", "prompt_token_ids", "prompt_text"})
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -154,6 +155,8 @@ class ChatCompletionResponse(ResponseModel):
     prompt_logprobs: list[dict[int, LogprobEntry] | None] | None = None
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
+    # vLLM's disaggregated-serving hand-off: always present, null here (no KV connector on this
+    # build: a request's kv_transfer_params are accepted and the request runs locally, in full).
     kv_transfer_params: dict[str, Any] | None = None
 
 

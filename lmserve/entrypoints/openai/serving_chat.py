@@ -31,6 +31,7 @@ from lmserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, 
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse, should_include_usage
 from lmserve.errors import InvalidRequestError, LMServeError
 from lmserve.outputs import CompletionOutput, Logprob
+from lmserve.sampling_params import SamplingParams
 
 def _named_template(tokenizer: Any, name: str) -> bool:
     """Whether ``name`` names one of the tokenizer's own (trusted) templates."""
@@ -70,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
         --trust-request-chat-template, as vLLM; when trusted it renders in the sandbox
         processes (time and memory limits). The server's own templates render on the worker
         thread. Either way the event loop never runs a template."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("messages", "Chat messages (rendered by the chat template)")
         if self.options.default_chat_template_kwargs:  # --default-chat-template-kwargs; the request's win
             chat_template_kwargs = {**self.options.default_chat_template_kwargs, **(chat_template_kwargs or {})}
         if chat_template is not None or (chat_template_kwargs or {}).get("chat_template") is not None:
@@ -126,17 +127,30 @@ class OpenAIServingChat(OpenAIServing):
                                      raw_request: Request | None):
         """Returns a ChatCompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        self.check_model(request.model)
-        request.validate_request()
-        prompt = await self.prepare_prompt(request)
-        params = self.sampling_params(request, len(prompt.token_ids))
+        prompt, _, merger = await self.start_generation(request, request_id)
         created = int(time.time())
-        merger = OutputMerger([self.generate(prompt, params, request_id, request)])
-        await merger.start()
         if request.stream:
             return SSEResponse(self._stream(request, request_id, created, prompt, merger), cleanup=merger)
         return await until_disconnected(raw_request, self._full(request, request_id, created, prompt, merger),
                                         cleanup=merger)
+
+    async def start_generation(self, request: ChatCompletionRequest, request_id: str
+                               ) -> tuple[Prompt, SamplingParams, OutputMerger]:
+        """Validates ``request``, renders and tokenizes it and starts its engine request(s).
+
+        The one generation path of every chat-shaped API (chat completions, the Responses and
+        Anthropic Messages APIs, batch chat): each translates its body into a
+        ``ChatCompletionRequest`` and builds its own answer from the merger's outputs. Its
+        ``model`` may name a LoRA adapter (``--enable-lora``), which the generation then runs with. A
+        refusal (bad request, overload) raises here, before any response starts; the caller
+        owns the merger and must ``aclose()`` it."""
+        lora = self.resolve_model(request.model)  # the adapter ``model`` names, if any
+        request.validate_request()
+        prompt = await self.prepare_prompt(request)
+        params = self.sampling_params(request, len(prompt.token_ids))
+        merger = OutputMerger([self.generate(prompt, params, request_id, request, lora)])
+        await merger.start()
+        return prompt, params, merger
 
     # ------------------------------------------------------------------ logprobs
     def _logprobs(self, request: ChatCompletionRequest, o: CompletionOutput
@@ -144,14 +158,14 @@ class OpenAIServingChat(OpenAIServing):
         if not request.logprobs or o.logprobs is None:
             return None
         as_ids = self.as_ids(request)
-        k = request.top_logprobs or 0
+        k = -1 if request.logprob_token_ids else (request.top_logprobs or 0)
         out = []
         for tid, d in zip(o.token_ids, o.logprobs):
             chosen: Logprob | None = d.get(tid)
             text = self.token_text(tid, chosen, as_ids)
             tops = [ChatCompletionLogProb(token=(t2 := self.token_text(t, e, as_ids)),
                                           logprob=self.safe_logprob(e.logprob), bytes=list(t2.encode()))
-                    for t, e in self.ranked(d, k)] if k else []
+                    for t, e in self.listed(d, request, k)] if k else []
             out.append(ChatCompletionLogProbsContent(
                 token=text, logprob=self.safe_logprob(chosen.logprob) if chosen else -9999.0,
                 bytes=list(text.encode()), top_logprobs=tops))
@@ -168,7 +182,7 @@ class OpenAIServingChat(OpenAIServing):
         cached = 0
 
         def chunk(choice: ChatCompletionResponseStreamChoice, first: bool = False) -> str:
-            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+            c = ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                              choices=[choice])
             if first and request.return_token_ids:
                 c.prompt_token_ids = prompt.token_ids
@@ -198,7 +212,7 @@ class OpenAIServingChat(OpenAIServing):
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                         token_ids=list(o.token_ids) if request.return_token_ids else None))
             if include_usage:
-                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                        choices=[], usage=self.usage(prompt_len, sum(generated),
                                                                                     cached)))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
@@ -206,6 +220,11 @@ class OpenAIServingChat(OpenAIServing):
         yield SSE_DONE
 
     # ------------------------------------------------------------------ non-streaming
+    async def full_response(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
+                            merger: OutputMerger) -> ChatCompletionResponse:
+        """The whole ``chat.completion`` of a started generation (batch chat answers with these)."""
+        return await self._full(request, request_id, created, prompt, merger)
+
     async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: Prompt,
                     merger: OutputMerger) -> ChatCompletionResponse:
         role = self.response_role(request)
@@ -232,7 +251,7 @@ class OpenAIServingChat(OpenAIServing):
             finish_reason=st.finish_reason, stop_reason=st.stop_reason,
             token_ids=st.token_ids if request.return_token_ids else None) for i, st in enumerate(choices)]
         return ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=result,
+            id=request_id, created=created, model=self.response_model(request), choices=result,
             usage=self.usage(len(prompt.token_ids), sum(len(c.token_ids) for c in choices), cached),
             prompt_logprobs=self.prompt_logprobs_json(prompt_lps) if request.prompt_logprobs is not None else None,
             prompt_token_ids=prompt.token_ids if request.return_token_ids else None,

@@ -57,13 +57,13 @@ class OpenAIServingCompletion(OpenAIServing):
                                 raw_request: Request | None):
         """Returns a CompletionResponse, an SSEResponse when streaming, or None when the
         client went away first."""
-        self.check_model(request.model)
+        lora = self.resolve_model(request.model)
         request.validate_request()
         self.check_fanout(len(request.prompts()) * request.n, "prompt")
         prompts = await self.off_loop(self.prepare_prompts, request)
         params = [self.sampling_params(request, len(p.token_ids)) for p in prompts]
         created = int(time.time())
-        merger = OutputMerger([self.generate(p, sp, f"{request_id}-{i}", request)
+        merger = OutputMerger([self.generate(p, sp, f"{request_id}-{i}", request, lora)
                                for i, (p, sp) in enumerate(zip(prompts, params))])
         await merger.start()
         if request.stream:
@@ -75,13 +75,14 @@ class OpenAIServingCompletion(OpenAIServing):
     def _prompt_echo(self, prompt: Prompt) -> str:
         if prompt.text is not None:
             return prompt.text
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("echo", "echo of a token-id prompt")
         return tok.decode(prompt.token_ids)
 
     def _append_logprobs(self, lp: CompletionLogProbs, token_ids: list[int],
                          entries: list[dict[int, Logprob] | None], offset: int, as_ids: bool,
-                         first_prompt_token: bool = False) -> int:
-        """Appends one entry per token; returns the text offset after them."""
+                         first_prompt_token: bool = False, keep_order: bool = False) -> int:
+        """Appends one entry per token; returns the text offset after them. ``keep_order``
+        (``logprob_token_ids``): every entry in the engine's order, not by rank (as vLLM)."""
         for j, (tid, d) in enumerate(zip(token_ids, entries)):
             chosen = d.get(tid) if d is not None else None
             text = self.token_text(tid, chosen, as_ids)
@@ -94,7 +95,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 continue
             lp.token_logprobs.append(self.safe_logprob(chosen.logprob))
             lp.top_logprobs.append({self.token_text(t, e, as_ids): self.safe_logprob(e.logprob)
-                                    for t, e in self.ranked(d)})
+                                    for t, e in (d.items() if keep_order else self.ranked(d))})
         return offset
 
     def _delta(self, request: CompletionRequest, prompt: Prompt, out: RequestOutput, o: CompletionOutput,
@@ -120,7 +121,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     st.offset = len(text)
         text += o.text
         if lp is not None and o.logprobs is not None:
-            st.offset = self._append_logprobs(lp, o.token_ids, list(o.logprobs), st.offset, as_ids)
+            st.offset = self._append_logprobs(lp, o.token_ids, list(o.logprobs), st.offset, as_ids,
+                                              keep_order=bool(request.logprob_token_ids))
         return text, lp, prompt_ids
 
     # ------------------------------------------------------------------ streaming
@@ -146,7 +148,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=idx, text=text, logprobs=lp, finish_reason=o.finish_reason,
                         stop_reason=o.stop_reason, prompt_token_ids=prompt_ids,
                         token_ids=list(o.token_ids) if request.return_token_ids else None)
-                    chunk = CompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                    chunk = CompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                      choices=[choice])
                     if continuous:
                         chunk.usage = self.usage(len(prompts[i].token_ids), num_generated[idx], cached[i])
@@ -154,7 +156,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if include_usage:
                 usage = self.usage(sum(len(p.token_ids) for p in prompts), sum(num_generated.values()),
                                    sum(cached))
-                yield sse(CompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                yield sse(CompletionStreamResponse(id=request_id, created=created, model=self.response_model(request),
                                                    choices=[], usage=usage))
         except Exception as e:  # noqa: BLE001 - the stream already started: report in-band
             yield stream_error(e)
@@ -198,5 +200,5 @@ class OpenAIServingCompletion(OpenAIServing):
                 token_ids=st.token_ids if request.return_token_ids else None))
         usage = self.usage(sum(len(p.token_ids) for p in prompts), sum(len(s.token_ids) for s in states.values()),
                            sum(cached))
-        return CompletionResponse(id=request_id, created=created, model=self.model_name, choices=choices,
+        return CompletionResponse(id=request_id, created=created, model=self.response_model(request), choices=choices,
                                   usage=usage)

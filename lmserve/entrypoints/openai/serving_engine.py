@@ -28,8 +28,9 @@ from lmserve.entrypoints.openai.protocol import SamplingRequest
 from lmserve.entrypoints.openai.protocol_responses import (ErrorInfo, ErrorResponse, LogprobEntry,
                                                           PromptTokensDetails, UsageInfo)
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
+from lmserve.lora.request import LoRARequest
 from lmserve.metrics import EngineMetrics
-from lmserve.outputs import Logprob, RequestOutput
+from lmserve.outputs import Logprob, RequestOutput, VocabLogprobs
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.server")
@@ -65,6 +66,7 @@ class ServerOptions:
     trust_request_chat_template: bool = False
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
     force_include_usage: bool = False  # --enable-force-include-usage: every stream ends with a usage chunk
+    loras: Any = field(default=None, compare=False, repr=False)  # ServedLoRAs with --enable-lora, else None
     executor: Any = field(default=None, compare=False, repr=False)
     template_sandbox: Any = field(default=None, compare=False, repr=False)
 
@@ -144,16 +146,32 @@ class OpenAIServing:
     def model_name(self) -> str:
         return self.options.served_model_names[0]
 
-    def check_model(self, model: str | None) -> None:
+    def resolve_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None: the base model); 404 for unknown names."""
         if model is None or model == "" or model in self.options.served_model_names:
-            return
-        raise NotFoundError(f"The model `{model}` does not exist.", "model")
+            return None
+        lora = self.options.loras.get(model) if self.options.loras is not None else None
+        if lora is None:
+            raise NotFoundError(f"The model `{model}` does not exist.", "model")
+        return lora
+
+    def response_model(self, request: Any) -> str:
+        """The ``model`` a response reports: the adapter's name for an adapter request (as vLLM),
+        else the first served name. Call after ``resolve_model`` accepted ``request.model``."""
+        model = getattr(request, "model", None)
+        return model if model and model not in self.options.served_model_names else self.model_name
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` is a served name, an adapter's, or empty."""
+        self.resolve_model(model)
 
     # ------------------------------------------------------------------ prompts
-    def require_tokenizer(self) -> Any:
+    def require_tokenizer(self, param: str = "prompt", what: str = "Text prompts") -> Any:
+        """The tokenizer, or a 400 naming ``param`` when the server runs with --skip-tokenizer-init."""
         if self.tokenizer is None:
-            raise InvalidRequestError("The server runs with --skip-tokenizer-init: send prompts as token ids.",
-                                      "prompt")
+            raise InvalidRequestError(f"{what}: not available, as this server does not load the tokenizer "
+                                      "(--skip-tokenizer-init). Send prompts as token ids; outputs come back as "
+                                      "token ids (token_ids, and logprobs as 'token_id:N').", param)
         return self.tokenizer
 
     def _longest_token_bytes(self) -> int:
@@ -171,7 +189,7 @@ class OpenAIServing:
     def tokenize(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
         """Tokenizes ``text``; a text that certainly holds more tokens than the context is
         refused before tokenizing (a 10 MB prompt costs nothing)."""
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer(param)
         self.check_text(text, param)
         return list(tok.encode(text, add_special_tokens=add_special_tokens))
 
@@ -244,7 +262,12 @@ class OpenAIServing:
     def sampling_params(self, request: Any, prompt_len: int) -> SamplingParams:
         request.check_list_limits(self.options.max_stop_strings)
         room = self.check_context(prompt_len, request.requested_max_tokens())
-        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs)
+        params = request.to_sampling_params(room, self.default_sampling_params, self.model_config.max_logprobs,
+                                            self.model_config.vocab_size)
+        if getattr(request, "logits_processors", None):
+            from lmserve.worker.logits_processors.per_request import resolve_request_logits_processors
+            params.logits_processors = resolve_request_logits_processors(
+                request.logits_processors, self.engine.engine_config.logits_processor_pattern)
         if request.priority != 0 and self.engine.engine_config.scheduler_config.policy != "priority":
             raise InvalidRequestError("Priority scheduling is not enabled: a request's priority must be 0 "
                                       "unless the server runs with --scheduling-policy priority.", "priority")
@@ -253,6 +276,13 @@ class OpenAIServing:
             if limit != -1 and 2 * params.n > limit:
                 raise InvalidRequestError(f"Beam search with n={params.n} needs {2 * params.n} logprobs per step; "
                                           f"the server allows {limit} (--max-logprobs).", "n")
+        if self.tokenizer is None:  # --skip-tokenizer-init: vLLM's detokenize=False
+            for name in ("stop", "bad_words"):
+                if getattr(params, name):
+                    self.require_tokenizer(name, f"{name} strings")
+            params.detokenize = False
+            if request.return_token_ids is None:  # the only way to see the output: token ids
+                request.return_token_ids = True
         try:
             params.verify_against_vocab(self.model_config.vocab_size)
         except ValueError as e:
@@ -261,8 +291,10 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ engine calls
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
-                       request: SamplingRequest) -> AsyncIterator[RequestOutput]:
-        """The engine's output stream for one prompt, with metrics; closing it aborts."""
+                       request: SamplingRequest, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """The engine's output stream for one prompt (under ``lora_request``'s adapter, if any),
+        with metrics; closing it aborts."""
         self.log_request(request_id, prompt, params)
         engine_prompt: dict[str, Any] = {"prompt_token_ids": prompt.token_ids}
         if prompt.text is not None:
@@ -274,12 +306,14 @@ class OpenAIServing:
         finish = "abort"
         queue_s = None
         try:
+            if params.use_beam_search and lora_request is not None:
+                raise InvalidRequestError("use_beam_search is not supported with LoRA adapters", "use_beam_search")
             if params.use_beam_search:
                 from lmserve.entrypoints.openai.beam_search import beam_search_stream
                 stream = beam_search_stream(self.engine, prompt, params, request_id, self.max_model_len)
             else:
                 stream = self.engine.generate(engine_prompt, params, request_id, priority=request.priority,
-                                              cache_salt=request.cache_salt)
+                                              cache_salt=request.cache_salt, lora_request=lora_request)
             out_log = OutputLogger(request_id, params, self.options.max_log_len, self.options.log_deltas) \
                 if self.options.log_requests and self.options.log_outputs else None
             async with aclosing(stream) as outputs:
@@ -357,10 +391,21 @@ class OpenAIServing:
 
     @staticmethod
     def ranked(entries: dict[int, Logprob], k: int | None = None) -> list[tuple[int, Logprob]]:
-        """The entries by rank (best first); ``k`` keeps the k best."""
-        items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
-                                                        -kv[1].logprob))
-        return items if k is None else items[:k]
+        """The entries by rank (best first); ``k`` keeps the k best (None or -1: all). A
+        whole-vocabulary entry is already in rank order (no sort)."""
+        if isinstance(entries, VocabLogprobs):
+            items = entries.ranked_items()
+        else:
+            items = sorted(entries.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 62,
+                                                            -kv[1].logprob))
+        return items if k is None or k == -1 else items[:k]
+
+    def listed(self, entries: dict[int, Logprob], request: Any, k: int | None = None) -> list[tuple[int, Logprob]]:
+        """The entries a response lists for one token: with ``logprob_token_ids`` all of them in
+        the engine's order (the sampled token, then the asked-for ids, as vLLM), else ``ranked``."""
+        if getattr(request, "logprob_token_ids", None):
+            return list(entries.items())
+        return self.ranked(entries, k)
 
     @staticmethod
     def safe_logprob(lp: float) -> float:

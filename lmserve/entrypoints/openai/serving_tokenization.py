@@ -7,6 +7,8 @@ count and the context size. /detokenize turns ids back into text.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lmserve.entrypoints.openai.protocol import (DetokenizeRequest, TokenizeChatRequest,
                                                  TokenizeCompletionRequest)
 from lmserve.entrypoints.openai.protocol_responses import DetokenizeResponse, TokenizeResponse
@@ -34,15 +36,41 @@ class OpenAIServingTokenization(OpenAIServingChat):
         ids = await self.off_loop(self.tokenize, text, request.add_special_tokens, param)
         strs = None
         if request.return_token_strs:
-            strs = list(self.require_tokenizer().convert_ids_to_tokens(ids))
+            strs = list(self.require_tokenizer("return_token_strs", "Token strings").convert_ids_to_tokens(ids))
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids, token_strs=strs)
 
     async def detokenize_request(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
-        tok = self.require_tokenizer()
+        tok = self.require_tokenizer("tokens", "/detokenize")
 
         def decode() -> str:
             self.check_token_ids(request.tokens, "tokens")
             return tok.decode(request.tokens)
 
         return DetokenizeResponse(prompt=await self.off_loop(decode))
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """GET /tokenizer_info (--enable-tokenizer-info-endpoint), vLLM's shape: the tokenizer's
+        init kwargs (special tokens as their text), ``tokenizer_class`` and, when the server
+        has one, ``chat_template``. File paths on the server (vocab, merges, tokenizer file)
+        are left out."""
+        tok = self.require_tokenizer()
+        config = {k: v for k, v in dict(getattr(tok, "init_kwargs", None) or {}).items()
+                  if k not in ("vocab_file", "merges_file", "tokenizer_file", "tokenizer_object")}
+        info = _json_safe(config)
+        info["tokenizer_class"] = type(tok).__name__
+        if self.options.chat_template:
+            info["chat_template"] = self.options.chat_template
+        return info
+
+
+def _json_safe(obj: Any) -> Any:
+    if hasattr(obj, "content") and isinstance(getattr(obj, "content"), str):  # AddedToken
+        return obj.content
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)

@@ -2,7 +2,8 @@
 
 A backend's ``forward(layer, q, k, v, kv_cache, meta)`` first writes the new K/V at
 ``meta.slot_mapping`` (slots < 0 skipped), then each new token at position p attends to keys at
-positions <= p of its own sequence (and > p - sliding_window when the layer has a window).
+positions <= p of its own sequence (and > p - sliding_window when the layer has a window); a
+layer's ``logits_soft_cap`` caps the scores (``cap * tanh(s / cap)``), which only the reference runs.
 Decodes (the first ``meta.num_decodes`` sequences, one token each) come first in the batch.
 The KV cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (0 = keys,
 1 = values); a token's K/V lives at slot ``block_id * block_size + offset``.
@@ -115,6 +116,7 @@ class TorchPagedAttention(AttentionBackend):
         g = layer.num_heads // hkv
         qg = q.reshape(nd, hkv, g, d)  # [nd, Hkv, G, D]
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * layer.scale  # [nd, Hkv, G, L] fp32
+        scores = soft_cap(scores, layer.logits_soft_cap)
         scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [nd, Hkv, G, L]
         out = torch.matmul(probs, values)  # [nd, Hkv, G, D]
@@ -144,6 +146,8 @@ class TorchPagedAttention(AttentionBackend):
             mask = k_pos <= q_pos  # [qlen, seq_len]
             if window is not None:
                 mask &= k_pos > q_pos - window
+        if layer.logits_soft_cap is not None:
+            return _capped_attention(layer, q, keys, values, mask, ctx_len)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),  # [1, Hq, qlen, D]
             keys.to(q.dtype).transpose(0, 1).unsqueeze(0),  # [1, Hkv, seq_len, D]
@@ -154,6 +158,31 @@ class TorchPagedAttention(AttentionBackend):
             enable_gqa=layer.num_heads != hkv,
         )  # [1, Hq, qlen, D]
         return out.squeeze(0).transpose(0, 1)
+
+
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-capping: ``cap * tanh(scores / cap)`` (identity without a cap)."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
+def _capped_attention(layer: nn.Module, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor | None, ctx_len: int) -> torch.Tensor:
+    """Prefill attention with soft-capped scores (SDPA cannot cap): q [qlen, Hq, D], keys/values
+    [seq_len, Hkv, D] -> [qlen, Hq, D]; scores and softmax in fp32 as HF's eager attention."""
+    qlen, seq_len = q.shape[0], keys.shape[0]
+    if mask is None:
+        q_pos = torch.arange(ctx_len, seq_len, device=q.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [qlen, seq_len]
+    g = layer.num_heads // layer.num_kv_heads
+    k = keys.to(q.dtype).transpose(0, 1)  # [Hkv, seq_len, D]
+    v = values.to(q.dtype).transpose(0, 1)
+    qg = q.transpose(0, 1).reshape(layer.num_kv_heads, g * qlen, -1)  # [Hkv, G*qlen, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * layer.scale  # [Hkv, G*qlen, seq_len]
+    scores = soft_cap(scores, layer.logits_soft_cap).view(layer.num_kv_heads, g, qlen, seq_len)
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(layer.num_kv_heads, g * qlen, seq_len)
+    out = torch.matmul(probs, v)  # [Hkv, G*qlen, D]
+    return out.view(layer.num_heads, qlen, -1).transpose(0, 1)
 
 
 def _output_for(q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

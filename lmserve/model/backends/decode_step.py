@@ -62,6 +62,8 @@ def build_decode_step(model: nn.Module, plan: BackendPlan) -> tuple[LlamaDecodeS
     if dtype not in DTYPE_CODES or inner.embed_tokens.weight.device.type != "cpu" or \
             inner.rotary_emb.cos_sin_cache.dtype != dtype:
         return None, Choice("eager", f"{dtype} weights")
+    if inner.rotary_emb.head_dim != inner.layers[0].self_attn.head_dim:
+        return None, Choice("eager", "partial rotary embedding")
     eps = inner.norm.variance_epsilon
     layers, kinds = [], set()
     for layer in inner.layers:

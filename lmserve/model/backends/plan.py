@@ -212,11 +212,15 @@ class BackendPlan:
     def silu_and_mul(self, dtype: torch.dtype) -> Choice:
         return self._fused("silu_mul", dtype, 0)
 
-    def attention(self, dtype: torch.dtype, head_dim: int, sliding_window: int | None) -> Choice:
+    def attention(self, dtype: torch.dtype, head_dim: int, sliding_window: int | None,
+                  logits_soft_cap: float | None = None) -> Choice:
         """Native paged attention for fp32/bf16; its AMX chunk kernel for bf16 with head dim % 64 == 0
-        and no sliding window (backend ``native + AMX chunks``)."""
+        and no sliding window (backend ``native + AMX chunks``). Soft-capped scores (Gemma 2): the
+        torch reference, which alone caps them."""
         if (off := self._off()) is not None:
             return off
+        if logits_soft_cap is not None:
+            return Choice("torch", "attention logit soft-capping (the native kernels do not cap)")
         if "paged_attention" not in self.kernels or dtype not in _ATTENTION_DTYPES:
             return Choice("torch", "no native paged attention for this dtype here")
         if "paged_attention_amx" in self.kernels and dtype == torch.bfloat16 and head_dim % 64 == 0 \

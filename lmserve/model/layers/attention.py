@@ -54,12 +54,13 @@ class PagedAttention(nn.Module):
     ``forward`` first writes the new K/V at ``meta.slot_mapping``, then each new token at
     position p attends to keys at positions <= p of its own sequence (and > p - sliding_window
     when a window is set). ``backend`` does both (``model/backends/attention.py``).
+    ``logits_soft_cap`` (Gemma 2): scores become ``cap * tanh(scores / cap)`` before the softmax.
     """
 
     backend: AttentionBackend
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -68,13 +69,25 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None
         self.backend = TorchPagedAttention()
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"scale={self.scale:.4g}, sliding_window={self.sliding_window}, backend={self.backend.name}")
+                f"scale={self.scale:.4g}, sliding_window={self.sliding_window}, "
+                f"logits_soft_cap={self.logits_soft_cap}, backend={self.backend.name}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D], kv_cache: [2, num_blocks, block_size, Hkv, D] -> [T, Hq, D]."""
         return self.backend.forward(self, q, k, v, kv_cache, meta)
+
+
+def cache_sliding_window(model: nn.Module) -> int | None:
+    """The window past which a sequence's KV blocks may be freed (``KVCacheManager``): the largest
+    window when every ``PagedAttention`` layer of ``model`` has one; None when any layer is global
+    (it reads every block) or the model has no paged attention."""
+    windows = [m.sliding_window for m in model.modules() if isinstance(m, PagedAttention)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)

@@ -18,8 +18,12 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lmserve.lora.batch import LoRAStepMapping
 
 
 @dataclass
@@ -39,6 +43,8 @@ class AttentionMetadata:
     # 1-token chunk after a prefix-cache hit). Quantized layers take their few-row int kernels
     # only then, so a prompt is computed the same way whether or not its prefix was cached.
     decode_only: bool = False
+    # The step's LoRA adapters per row (``lmserve/lora/batch.py``); None when no row has one.
+    lora: LoRAStepMapping | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -12,12 +12,16 @@ of the weight, with a collective after ``forward``); the backend only computes t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmserve.model.backends.linear import LinearBackend, TorchLinear
+
+if TYPE_CHECKING:
+    from lmserve.lora.batch import LoRAStepMapping
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -35,6 +39,9 @@ class Linear(nn.Module):
     ``weight`` an empty Parameter (``dense_weight()`` still gives it)."""
 
     backend: LinearBackend
+    # The module's name for LoRA adapters (``lmserve/lora``), set when the engine enables LoRA and
+    # the layer is a projection adapters may target; None: adapters never touch it.
+    lora_key: str | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype | None = None) -> None:
@@ -49,11 +56,17 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"backend={self.backend.name}"
 
-    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_only: bool = False, lora: LoRAStepMapping | None = None
+                ) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]. ``decode_only``: the step has no prompt
         token (``AttentionMetadata.decode_only``); a block-quantized backend may then use its
-        few-row kernel, the others ignore it."""
-        return self.backend.apply(self, x, decode_only)
+        few-row kernel, the others ignore it. ``lora``: the step's adapters
+        (``AttentionMetadata.lora``); their deltas are added to whatever the backend computed,
+        so every backend (dense, packed, block-quantized) takes adapters the same way."""
+        y = self.backend.apply(self, x, decode_only)
+        if lora is not None and self.lora_key is not None:
+            y = lora.add_delta(self.lora_key, x, y)
+        return y
 
     def dense_weight(self) -> torch.Tensor:
         """The weight [out_features, in_features] as a plain tensor (a copy when packed)."""

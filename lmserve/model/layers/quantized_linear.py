@@ -82,6 +82,13 @@ class QuantizedMergedLinear(MergedLinear):
             self.blocks = None if any(p is None for p in parts) else parts
             self._pending = {}
 
+    def load_quantized(self, loaded: BlockQuantizedWeight, name: str = "weight") -> None:
+        """All shards at once: a checkpoint that stores them fused (GGUF ``attn_qkv`` of GPT-2
+        and Phi-3, Phi-3's ``ffn_up`` holding gate|up), rows in shard order."""
+        _load_dequantized(self.weight, loaded, name)
+        self.blocks = [loaded]
+        self._pending = {}
+
 
 class QuantizedEmbedding(VocabEmbedding):
     """A token embedding whose table arrived block-quantized. Lookups read ``weight`` (the

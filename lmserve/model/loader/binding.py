@@ -177,7 +177,7 @@ def bind_backends(model: nn.Module, plan: BackendPlan, apply: bool = True) -> Ba
             if apply and choice.backend == "native":
                 module.backend = NativeSiluAndMul(ops)
         elif isinstance(module, PagedAttention):
-            choice = plan.attention(plan.dtype, module.head_dim, module.sliding_window)
+            choice = plan.attention(plan.dtype, module.head_dim, module.sliding_window, module.logits_soft_cap)
             table.add("attention", choice)
             if apply and choice.backend != "torch":
                 module.backend = NativePagedAttention(plan.native.attention, amx_chunks="AMX" in choice.backend,

@@ -50,6 +50,26 @@ _BLOCK_NAMES = {
     "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
+# Other llama.cpp architectures: their block names, onto the names their model's ``load_weights``
+# takes (HF's for Gemma and Phi-3; for GPT-2 the internal ones of ``decoder_base``, because its
+# HF checkpoints hold Conv1D [in, out] weights and llama.cpp's hold torch's [out, in]).
+_GEMMA_BLOCK_NAMES = {**_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm",
+                      "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_ARCH_BLOCK_NAMES = {
+    "gpt2": {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.fc_in", "ffn_down": "mlp.fc_out"},
+    "gemma2": _GEMMA_BLOCK_NAMES,
+    "gemma3": _GEMMA_BLOCK_NAMES,
+    # fused Q|K|V and gate|up, as in HF's Phi-3 checkpoints
+    "phi3": {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
+_ARCH_GLOBAL_NAMES = {
+    "gpt2": {"token_embd.weight": "model.embed_tokens.weight", "position_embd.weight": "model.embed_positions.weight",
+             "output_norm.weight": "model.norm.weight", "output_norm.bias": "model.norm.bias",
+             "output.weight": "lm_head.weight"},
+}
+# llama.cpp stores Gemma's RMSNorm weights as 1 + w (HF's checkpoints hold w)
+_NORM_PLUS_ONE_ARCHS = ("gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # older llama.cpp Mixtral files: one tensor per expert, blk.N.ffn_gate.E.weight
 _EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
@@ -133,17 +153,24 @@ def read_gguf_header(path: str) -> GGUFHeader:
     return GGUFHeader(metadata, tensors, data_offset)
 
 
-def gguf_to_hf_name(name: str) -> str:
-    """llama.cpp tensor name -> Hugging Face parameter name; ValueError if unknown."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
+    """llama.cpp tensor name -> the name the model of ``arch`` loads (Hugging Face's, but for
+    GPT-2: ``_ARCH_BLOCK_NAMES``); ValueError if unknown."""
+    global_names = _ARCH_GLOBAL_NAMES.get(arch, _GLOBAL_NAMES)
+    if name in global_names:
+        return global_names[name]
+    block_names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     m = _BLOCK_RE.match(name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in block_names:
+        return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
     m = _EXPERT_RE.match(name)
     if m:
         return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
-    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for Llama-family or MoE models")
+    if name.startswith("rope_factors_"):
+        raise ValueError(f"GGUF tensor {name!r}: LongRoPE factors in GGUF files are not supported; "
+                         "serve the safetensors checkpoint of this model")
+    family = "Llama-family or MoE" if arch not in _ARCH_BLOCK_NAMES else arch
+    raise ValueError(f"GGUF tensor {name!r} has no Hugging Face equivalent for {family} models")
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -209,7 +236,7 @@ def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.data_offset)
     try:
         for info in tqdm(header.tensors, desc="Loading GGUF", delay=_PROGRESS_DELAY_S, leave=False):
-            hf_name = gguf_to_hf_name(info.name)
+            hf_name = gguf_to_hf_name(info.name, arch)
             weight: torch.Tensor | BlockQuantizedWeight | None = None
             if keep_quantized:
                 weight = block_quantized_tensor(data, info)
@@ -219,6 +246,8 @@ def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
                     rows = unpermute_qk(rows, n_head)
                 elif ".self_attn.k_proj." in hf_name:
                     rows = unpermute_qk(rows, n_kv)
+            if arch in _NORM_PLUS_ONE_ARCHS and hf_name.endswith("norm.weight"):
+                rows = rows.float() - 1.0
             yield hf_name, (BlockQuantizedWeight(weight.qtype, rows.contiguous()) if weight is not None else rows)
     finally:
         del data

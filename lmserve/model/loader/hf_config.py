@@ -31,6 +31,7 @@ def _fix_gguf_config(config: Any, path: str) -> Any:
         if cls_name:
             config.architectures = [cls_name]
     config.tie_word_embeddings = not has_output
+    _fix_gguf_architecture(config, arch, meta, {t.name: t.dims for t in header.tensors})
     # Qwen3's head_dim is not hidden_size / num_heads; GGUF keeps it as attention.key_length.
     key_length = meta.get("attention.key_length")
     if key_length and key_length != getattr(config, "head_dim", None):
@@ -54,16 +55,49 @@ def _fix_gguf_config(config: Any, path: str) -> Any:
     return moe_gguf_config(config, arch, meta, header.tensor_names)
 
 
-def load_hf_config(model_dir: str, gguf_file: str | None = None) -> Any:
+def _fix_gguf_architecture(config: Any, arch: str, meta: dict[str, Any], dims: dict[str, tuple[int, ...]]) -> None:
+    """What transformers' GGUF reader leaves out for the non-Llama architectures (``meta``: the
+    architecture's keys without their prefix; ``dims``: tensor name -> GGUF dims)."""
+    if "token_embd.weight" in dims:  # transformers may fall back to the config class's default
+        config.vocab_size = int(dims["token_embd.weight"][1])
+    if meta.get("attention.sliding_window") and hasattr(config, "sliding_window"):
+        config.sliding_window = int(meta["attention.sliding_window"])
+    rope_dims = meta.get("rope.dimension_count")
+    if arch == "phi3" and rope_dims:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if int(rope_dims) != head_dim:  # Phi-4-mini: partial rotary
+            from lmserve.model.layers.rotary import rope_parameters
+
+            params = rope_parameters(config)
+            params["partial_rotary_factor"] = int(rope_dims) / head_dim
+            config.rope_parameters = params
+    if arch == "gpt2":
+        config.n_positions = int(meta.get("context_length") or config.n_positions)
+        config.n_inner = int(meta.get("feed_forward_length") or 4 * config.n_embd)
+    elif arch in ("gemma2", "gemma3"):
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            setattr(config, key, float(meta[key]) if meta.get(key) else None)
+        # llama.cpp's attention scale: 1/sqrt(head_dim), but hidden/heads for the 27B models
+        # (46 layers for Gemma 2, 62 for Gemma 3), as their HF configs' query_pre_attn_scalar
+        big = config.num_hidden_layers == (46 if arch == "gemma2" else 62)
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if big else config.head_dim
+        if arch == "gemma3" and meta.get("rope.freq_base"):
+            params = getattr(config, "rope_parameters", None)
+            if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+                params["full_attention"]["rope_theta"] = float(meta["rope.freq_base"])
+
+
+def load_hf_config(model_dir: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
     """-> transformers.PretrainedConfig. For a GGUF file the config comes from its metadata,
     with ``architectures`` set (e.g. ["LlamaForCausalLM"]) and ``tie_word_embeddings`` true
-    exactly when the file has no ``output.weight``."""
+    exactly when the file has no ``output.weight``. ``trust_remote_code`` is transformers' (a
+    config class shipped with the checkpoint); the model itself is always lmserve's own."""
     from transformers import AutoConfig
 
     if gguf_file:
-        config = AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file)
+        config = AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
         return _fix_gguf_config(config, os.path.join(model_dir, gguf_file))
-    return AutoConfig.from_pretrained(model_dir)
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 def checkpoint_dtype(hf_config: Any, model_dir: str | None = None, gguf_file: str | None = None) -> torch.dtype | None:
@@ -74,7 +108,9 @@ def checkpoint_dtype(hf_config: Any, model_dir: str | None = None, gguf_file: st
     """
     if gguf_file:
         return torch.float32
-    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # ``dtype`` only: transformers maps a config.json's ``torch_dtype`` onto it, and reading the
+    # ``torch_dtype`` attribute logs a deprecation warning (the raw file is read below instead).
+    value = getattr(hf_config, "dtype", None)
     if value is None and model_dir and os.path.isfile(os.path.join(model_dir, "config.json")):
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)

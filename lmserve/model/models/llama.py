@@ -26,6 +26,7 @@ from lmserve.model.layers.quantized_linear import quantized_module_for
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
 
 if TYPE_CHECKING:
+    from lmserve.lora.batch import LoRAStepMapping
     from lmserve.model.layers.cpu_kernels.decode_step import LlamaDecodeStep
 
 # Checkpoint tensors that are derived state, never weights.
@@ -79,7 +80,7 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """hidden [T, hidden]; ``rope`` at the T positions -> [T, hidden]."""
         T = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, meta.decode_only))
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden, meta.decode_only, meta.lora))
         q = q.reshape(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.reshape(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -88,7 +89,7 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
         q, k = rope.rotate(q, k)
         out = self.attn(q, k, v, kv_cache, meta)  # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim), meta.decode_only)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim), meta.decode_only, meta.lora)
 
 
 class LlamaMLP(nn.Module):
@@ -103,9 +104,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; ``decode_only`` as ``Linear.forward``."""
-        return self.down_proj(self.act_fn(self.gate_up_proj(x, decode_only)), decode_only)
+    def forward(self, x: torch.Tensor, decode_only: bool = False, lora: LoRAStepMapping | None = None
+                ) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; ``decode_only`` and ``lora`` as ``Linear.forward``."""
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, decode_only, lora)), decode_only, lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -127,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, rope, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden, meta.decode_only), residual
+        return self.mlp(hidden, meta.decode_only, meta.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -136,7 +138,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.rotary_emb = RotaryEmbedding.from_config(config, _head_dim(config), dtype)
+        self.rotary_emb = RotaryEmbedding.from_config(config, _head_dim(config), dtype, allow_partial=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -147,6 +149,22 @@ class LlamaModel(nn.Module):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+
+# The projection modules LoRA adapters may target (``lmserve/lora/checkpoint.py`` names the same).
+LORA_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def enable_lora(model: nn.Module) -> int:
+    """Names every adaptable projection (``Linear.lora_key``) of a model holding a ``LlamaModel``
+    as ``model.model``, so a step's ``AttentionMetadata.lora`` reaches it. Returns their number."""
+    count = 0
+    for i, layer in enumerate(model.model.layers):
+        for sub in LORA_TARGETS:
+            module = layer.get_submodule(sub)
+            module.lora_key = f"model.layers.{i}.{sub}"
+            count += 1
+    return count
 
 
 class LlamaForCausalLM(nn.Module):
@@ -186,8 +204,9 @@ class LlamaForCausalLM(nn.Module):
                 attn_metadata: AttentionMetadata, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [T] (flat batch, laid out as ``attn_metadata`` says); one KV cache
         per layer -> hidden states [T, hidden] after the final norm. ``token_type_ids`` is ignored.
-        A step the native ``decode_step`` takes (decode-only, few enough sequences) runs there."""
-        if self.decode_step is not None and self.decode_step.takes(attn_metadata):
+        A step the native ``decode_step`` takes (decode-only, few enough sequences, no LoRA
+        adapter: it has no delta of its own) runs there."""
+        if self.decode_step is not None and attn_metadata.lora is None and self.decode_step.takes(attn_metadata):
             return self.decode_step(input_ids, positions, kv_caches, attn_metadata)
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 

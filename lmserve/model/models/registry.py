@@ -18,6 +18,13 @@ from torch import nn
 
 from lmserve.model.models.bert import BertForSequenceClassification, BertModel
 from lmserve.model.models.llama import LlamaForCausalLM, LlamaForSequenceClassification
+# dense decoders beyond the Llama family: one file per model
+from lmserve.model.models.gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
+from lmserve.model.models.gemma3 import Gemma3ForCausalLM, Gemma3ForSequenceClassification
+from lmserve.model.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel
+from lmserve.model.models.gpt_neox import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+from lmserve.model.models.opt import OPTForCausalLM, OPTForSequenceClassification
+from lmserve.model.models.phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from lmserve.model.models.moe import MoeForCausalLM, MoeForSequenceClassification
 
 _GENERATE_ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -25,6 +32,13 @@ _GENERATE_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    # dense decoders beyond the Llama family
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "OPTForCausalLM": OPTForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     "MixtralForCausalLM": MoeForCausalLM,
     "Qwen3MoeForCausalLM": MoeForCausalLM,
 }
@@ -35,6 +49,13 @@ _POOLING_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "MistralForSequenceClassification": LlamaForSequenceClassification,
     "Qwen2ForSequenceClassification": LlamaForSequenceClassification,
     "Qwen3ForSequenceClassification": LlamaForSequenceClassification,
+    # dense decoders beyond the Llama family
+    "GPT2ForSequenceClassification": GPT2ForSequenceClassification,
+    "OPTForSequenceClassification": OPTForSequenceClassification,
+    "Gemma2ForSequenceClassification": Gemma2ForSequenceClassification,
+    "Gemma3ForSequenceClassification": Gemma3ForSequenceClassification,
+    "Phi3ForSequenceClassification": Phi3ForSequenceClassification,
+    "GPTNeoXForSequenceClassification": GPTNeoXForSequenceClassification,
     "MixtralForSequenceClassification": MoeForSequenceClassification,
     "Qwen3MoeForSequenceClassification": MoeForSequenceClassification,
 }
@@ -47,6 +68,12 @@ _MODEL_TYPES: dict[str, str] = {
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "bert": "BertModel",
+    "gpt2": "GPT2LMHeadModel",
+    "opt": "OPTForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
 }
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify")
@@ -75,7 +102,12 @@ def _supported_architecture(hf_config: Any) -> str:
             return arch
     named = ", ".join(archs) or f"model_type={getattr(hf_config, 'model_type', None)!r}"
     raise ValueError(f"Model architecture {named} is not supported. "
-                     f"Supported architectures: {', '.join(supported_architectures())}.")
+                     f"Supported architectures: {', '.join(supported_architectures())}. "
+                     "lmserve runs only its own model implementations: --trust-remote-code lets transformers "
+                     "load a custom config and tokenizer, never remote modeling code. To add an architecture, "
+                     "write one file in lmserve/model/models/ (a model class with forward, compute_logits, "
+                     "kv_cache_spec and load_weights; decoder_base.py holds the shared pieces) and register "
+                     "it in lmserve/model/models/registry.py.")
 
 
 def resolve_model_class(hf_config: Any, runner: str = "auto",

@@ -1,4 +1,5 @@
-"""Built-in logits processors: min_p, logit_bias, min_tokens (as vLLM v1's).
+"""Built-in logits processors: min_p, logit_bias, min_tokens (as vLLM v1's), and the adapter of
+a request's own ``logits_processors`` (``per_request``).
 
 Each keeps a sparse ``batch index -> state`` dict updated with ``process_dict_updates``
 and rebuilds its small index tensors only when that dict changes.
@@ -13,6 +14,7 @@ import torch
 
 from lmserve.sampling_params import SamplingParams
 from lmserve.worker.logits_processors.interface import BatchUpdate, LogitsProcessor, process_dict_updates
+from lmserve.worker.logits_processors.per_request import RequestLogitsProcessorsAdapter
 
 if TYPE_CHECKING:
     from lmserve.config import EngineConfig
@@ -147,4 +149,5 @@ BUILTIN_LOGITS_PROCESSORS: tuple[type[LogitsProcessor], ...] = (
     MinTokensLogitsProcessor,
     LogitBiasLogitsProcessor,
     MinPLogitsProcessor,
+    RequestLogitsProcessorsAdapter,  # a request's own ``logits_processors`` (--logits-processor-pattern)
 )

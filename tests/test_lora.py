@@ -1,0 +1,212 @@
+"""LoRA adapters against PEFT: greedy tokens of a batch mixing three adapters and the base model
+equal PEFT's merged model in transformers (fp32) token for token, on the tiny Llama, Qwen2 and
+Qwen3 checkpoints, under chunked prefill and prefix caching; one step holds several adapters and
+base rows; the same prompt under two adapters never shares KV blocks; bad adapters are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lmserve import LLM, SamplingParams
+from lmserve.lora.batch import LoRABatchBuilder
+from lmserve.lora.request import LoRARequest
+from tests.lora_utils import ADAPTER_SPECS, greedy, make_peft_adapter
+
+MAX_TOKENS = 8
+PREFIX = list(range(100, 121))  # 21 tokens: 5 full blocks of 4, shared by every prompt
+PROMPTS = [PREFIX + [7, 8, 9], PREFIX + [10], PREFIX + [400, 401, 402, 403], [11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_models, tmp_path_factory):
+    """kind -> (adapter name -> (path, PEFT merged reference outputs)), and the base outputs."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for kind, base in tiny_models.items():
+        root = tmp_path_factory.mktemp(f"lora_{kind}")
+        made = {}
+        for seed, (name, spec) in enumerate(ADAPTER_SPECS.items(), start=1):
+            path = str(root / name)
+            merged = make_peft_adapter(base, path, seed, **spec)
+            made[name] = (path, greedy(merged, PROMPTS, MAX_TOKENS))
+        base_ref = greedy(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(), PROMPTS, MAX_TOKENS)
+        out[kind] = (made, base_ref)
+    return out
+
+
+def make_llm(path: str, **kw) -> LLM:
+    args = dict(skip_tokenizer_init=True, dtype="float32", block_size=4, kv_cache_memory=4 * 2**20,
+                enable_lora=True, max_loras=3, max_lora_rank=16)
+    args.update(kw)
+    return LLM(path, **args)
+
+
+def run(llm: LLM, prompts, loras):
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def record_steps(llm: LLM) -> list[tuple[int, bool]]:
+    """Records, per step with adapters, (number of adapters, whether base rows are present)."""
+    runner = llm.llm_engine.core.runner
+    seen: list[tuple[int, bool]] = []
+    build = runner.lora_builder.build
+
+    def spy(per_seq, query_lens, device):
+        mapping = build(per_seq, query_lens, device)
+        if mapping is not None:
+            seen.append((len(mapping.adapters), any(a is None for a in per_seq)))
+        return mapping
+
+    runner.lora_builder.build = spy
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_mixed_adapters_equal_peft_merged(tiny_models, adapters, kind):
+    made, base_ref = adapters[kind]
+    names = list(made)
+    requests = {n: LoRARequest(n, i + 1, made[n][0]) for i, n in enumerate(names)}
+    # every prompt under every adapter and the base model, all in one generate call: steps mix them
+    prompts, loras, expected = [], [], []
+    for j, p in enumerate(PROMPTS):
+        for n in names + [None]:
+            prompts.append(p)
+            loras.append(requests[n] if n else None)
+            expected.append(made[n][1][j] if n else base_ref[j])
+    # adapters must actually change the outputs, or this test could not fail
+    assert all(made[n][1] != base_ref for n in names)
+    # a small token budget chunks the 25-token prompts; prefix caching shares PREFIX within an adapter
+    llm = make_llm(tiny_models[kind], max_num_batched_tokens=16)
+    steps = record_steps(llm)
+    assert run(llm, prompts, loras) == expected
+    assert max(n for n, _ in steps) == 3 and any(n >= 2 and base for n, base in steps)
+    assert llm.llm_engine.core.kv_manager.stats.hits > 0
+    # a second pass reads PREFIX (and whole prompts) from the prefix cache, still exact
+    assert run(llm, prompts, loras) == expected
+
+
+def test_max_loras_one_serialises_adapters(tiny_models, adapters):
+    made, base_ref = adapters["llama"]
+    llm = make_llm(tiny_models["llama"], max_loras=1, max_cpu_loras=2)
+    steps = record_steps(llm)
+    names = list(made)
+    loras = [LoRARequest(n, i + 1, made[n][0]) for i, n in enumerate(names)] + [None]
+    got = run(llm, [PROMPTS[0]] * 4, loras)
+    assert got == [made[n][1][0] for n in names] + [base_ref[0]]
+    assert max(n for n, _ in steps) == 1
+
+
+def test_same_prompt_under_two_adapters_shares_no_blocks(tiny_models, adapters):
+    made, base_ref = adapters["qwen3"]
+    llm = make_llm(tiny_models["qwen3"])
+    core = llm.llm_engine.core
+    a1, a2 = LoRARequest("all", 1, made["all"][0]), LoRARequest("mlp", 2, made["mlp"][0])
+    prompt = PROMPTS[2]
+
+    def cached_and_blocks(lora):
+        llm.llm_engine.add_request("r", {"prompt_token_ids": prompt},
+                                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), lora_request=lora)
+        core.step()
+        req = core.scheduler.requests["r"]
+        cached, blocks = req.num_cached_tokens, set(core.kv_manager.block_ids("r"))
+        llm.llm_engine.abort_request("r")
+        return cached, blocks
+
+    c1, b1 = cached_and_blocks(a1)
+    c2, b2 = cached_and_blocks(a2)
+    c0, b0 = cached_and_blocks(None)
+    c1_again, b1_again = cached_and_blocks(a1)
+    assert c1 == c2 == c0 == 0  # nothing shared across adapters or with the base model
+    assert not (b1 & b2) and not (b1 & b0) and not (b2 & b0)
+    assert c1_again == 24 and b1_again & b1  # the same adapter does hit its own blocks
+
+
+def _write_adapter(path: str, config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **config}, f)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    return path
+
+
+def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
+    made, _ = adapters["llama"]
+    llm = make_llm(tiny_models["llama"], max_lora_rank=8)
+    params = SamplingParams(max_tokens=2)
+    prompt = {"prompt_token_ids": [1, 2, 3]}
+    with pytest.raises(ValueError, match="LoRA rank 16 .* greater than max_lora_rank 8"):
+        llm.generate(prompt, params, lora_request=LoRARequest("mlp", 3, made["mlp"][0]))
+    lm_head = _write_adapter(str(tmp_path / "head"), {"target_modules": ["q_proj"]},
+                             {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+                              "base_model.model.lm_head.lora_B.weight": torch.zeros(512, 4)})
+    with pytest.raises(ValueError, match="unsupported target module .*lm_head"):
+        llm.generate(prompt, params, lora_request=LoRARequest("head", 4, lm_head))
+    embed = _write_adapter(str(tmp_path / "emb"), {"target_modules": ["embed_tokens"]}, {})
+    with pytest.raises(ValueError, match=r"target modules \['embed_tokens'\] are not supported"):
+        llm.generate(prompt, params, lora_request=LoRARequest("emb", 5, embed))
+    dora = _write_adapter(str(tmp_path / "dora"), {"use_dora": True}, {})
+    with pytest.raises(ValueError, match="DoRA"):
+        llm.generate(prompt, params, lora_request=LoRARequest("dora", 6, dora))
+    with pytest.raises(ValueError, match="No adapter_config.json"):
+        llm.generate(prompt, params, lora_request=LoRARequest("missing", 7, str(tmp_path / "nowhere")))
+    plain = LLM(tiny_models["llama"], skip_tokenizer_init=True, dtype="float32", kv_cache_memory=2**22)
+    with pytest.raises(ValueError, match="not enabled.*--enable-lora"):
+        plain.generate(prompt, params, lora_request=LoRARequest("all", 1, made["all"][0]))
+    assert llm.llm_engine.core.scheduler.num_unfinished == 0  # a refused request leaves nothing behind
+
+
+def test_batched_delta_equals_per_row_reference():
+    """The masked shrink/expand over mixed rows equals each row's own x A^T B, base rows untouched."""
+    from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
+
+    gen = torch.Generator().manual_seed(0)
+    adapters = [LoRAAdapter(i + 1, f"a{i}", "", r, {"m": LayerDelta(torch.randn(r, 32, generator=gen),
+                                                                     torch.randn(r, 24, generator=gen))})
+                for i, r in enumerate((4, 8, 2))]
+    adapters.append(LoRAAdapter(9, "other", "", 4, {}))  # targets no module here
+    per_seq = [adapters[1], None, adapters[0], adapters[3], adapters[2], adapters[1]]
+    qlens = [1, 3, 2, 1, 4, 2]
+    mapping = LoRABatchBuilder().build(per_seq, qlens, torch.device("cpu"))
+    x = torch.randn(sum(qlens), 32, generator=gen)
+    y0 = torch.randn(sum(qlens), 24, generator=gen)
+    got = mapping.add_delta("m", x, y0.clone())
+    row = 0
+    for ad, q in zip(per_seq, qlens):
+        for _ in range(q):
+            d = ad.deltas.get("m") if ad is not None else None
+            want = y0[row] + (x[row] @ d.a.T @ d.b if d is not None else 0)
+            torch.testing.assert_close(got[row], want)
+            row += 1
+    assert mapping.add_delta("absent", x, y0.clone()).equal(y0)
+
+
+def test_unloading_an_adapter_in_use_keeps_its_running_requests_exact(tiny_models, adapters):
+    made, _ = adapters["llama"]
+    llm = make_llm(tiny_models["llama"], max_cpu_loras=3)
+    engine = llm.llm_engine
+    a1 = LoRARequest("all", 1, made["all"][0])
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, detokenize=False)
+    engine.add_request("r", {"prompt_token_ids": PROMPTS[0]}, params, lora_request=a1)
+    engine.step()
+    engine.step()
+    assert engine.remove_lora(1) and 1 not in engine.list_loras()
+    for i, n in enumerate(("qv-rslora", "mlp")):  # other adapters take the cache meanwhile
+        engine.add_lora(LoRARequest(n, 10 + i, made[n][0]))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert outs[0].outputs[0].token_ids == made["all"][1][0]
+
+
+def test_lora_on_a_pooling_model_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="--enable-lora.*pooling"):
+        LLM(tiny_models["llama"], runner="pooling", enable_lora=True, skip_tokenizer_init=True)
