@@ -110,3 +110,8 @@ def test_pooling_runner_embeds_and_classifies_like_transformers(moe_models, tmp_
         for out, p in zip(outs, prompts):
             ref = torch.softmax(cls(torch.tensor([p])).logits[0].float(), dim=-1)
             torch.testing.assert_close(out.outputs.data, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_enable_lora_is_refused_at_start_up(moe_models):
+    with pytest.raises(ValueError, match="--enable-lora.*mixture-of-experts"):
+        make_llm(moe_models["qwen3_moe"], enable_lora=True)
