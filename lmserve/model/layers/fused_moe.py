@@ -60,6 +60,12 @@ def grouped_dispatch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
     """The grouped path over any expert implementation: ``expert_mlp(e, rows [n, H])`` -> [n, H] is
     expert e's feed-forward; it is called once per expert hit, with all of that expert's rows."""
     T, k = ids.shape
+    if T == 1:  # one token (decode at batch 1): its k experts in id order, no sort or scatter
+        pairs = sorted(zip(ids[0].tolist(), weights[0].tolist()))
+        y = torch.zeros_like(x)
+        for e, w in pairs:
+            y += expert_mlp(e, x) * w
+        return y
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # pair positions grouped by expert, token order kept
     token_of = order // k  # [T*k] the token of each sorted pair
