@@ -38,6 +38,7 @@ def test_greedy_equals_hf(moe_models, moe_references, kind, mode):
     assert run_greedy(llm) == moe_references[kind]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_preemption_and_prefix_cache_keep_outputs_exact(moe_models, kind):
     # Four prompts sharing a 12-token prefix (3 full blocks of 4) fit at first, but growing by 10
@@ -78,3 +79,39 @@ def test_logprobs_match_hf(moe_models, kind):
         assert entry[tok].rank == 1 and len(entry) == 5
         for t, lp in entry.items():
             assert abs(lp.logprob - ref[pos, t].item()) < 1e-3
+
+
+def test_pooling_runner_embeds_and_classifies_like_transformers(moe_models, tmp_path):
+    """--runner pooling: a MoE causal LM as a LAST-pooling embedding model, and a
+    Qwen3MoeForSequenceClassification checkpoint as a classifier, both against transformers."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from lmserve.pooling_params import PoolingParams
+    from tests.model_utils import randomize_parameters
+    from tests.moe_utils import tiny_moe_config
+    from tests.test_engine_pooling import make_engine, run_all
+
+    prompts = PROMPTS[:3]
+    engine = make_engine(moe_models["mixtral"])
+    outs, _ = run_all(engine, prompts, PoolingParams(task="embed", normalize=False))
+    hf = AutoModel.from_pretrained(moe_models["mixtral"], dtype=torch.float32)
+    with torch.no_grad():
+        for out, p in zip(outs, prompts):
+            torch.testing.assert_close(out.outputs.data, hf(torch.tensor([p])).last_hidden_state[0, -1],
+                                       atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    cls = AutoModelForSequenceClassification.from_config(tiny_moe_config("qwen3_moe", num_labels=3, pad_token_id=0),
+                                                         dtype=torch.float32).eval()
+    randomize_parameters(cls, seed=9)
+    cls.save_pretrained(str(tmp_path))
+    engine = make_engine(str(tmp_path))
+    outs, _ = run_all(engine, prompts, PoolingParams(task="classify"))
+    with torch.no_grad():
+        for out, p in zip(outs, prompts):
+            ref = torch.softmax(cls(torch.tensor([p])).logits[0].float(), dim=-1)
+            torch.testing.assert_close(out.outputs.data, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_enable_lora_is_refused_at_start_up(moe_models):
+    with pytest.raises(ValueError, match="--enable-lora.*mixture-of-experts"):
+        make_llm(moe_models["qwen3_moe"], enable_lora=True)

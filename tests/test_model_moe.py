@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmserve.config import ModelConfig
+from lmserve.model.backends.plan import BackendPlan
 from lmserve.model.layers.fused_moe import FusedMoE, fused_moe, select_experts
 from lmserve.model.loader import get_model
 from lmserve.model.loader.gguf_loader import gguf_to_hf_name
@@ -81,6 +82,8 @@ def test_qwen3_moe_sparse_layers_follow_mlp_only_layers_and_step():
     assert mixtral.sparse_layers == (True,) * 3 and mixtral.renormalize and mixtral.top_k == 2
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         MoeForCausalLM(tiny_moe_config("mixtral", num_experts_per_tok=7), torch.float32)
+    with pytest.raises(ValueError, match="LoRA adapters on mixture-of-experts"):
+        model.model.layers[0].mlp(torch.zeros(1, 64), False, object())
 
 
 def test_registry_resolves_moe_architectures():
@@ -116,6 +119,9 @@ def test_safetensors_logits_equal_transformers(tmp_path, kind):
     hf.save_pretrained(str(tmp_path))
     model = get_model(_model_config(str(tmp_path)), "cpu")  # per-expert tensors, backends bound
     assert isinstance(model, MoeForCausalLM)
+    packs = BackendPlan.for_device("cpu", torch.float32).linear(torch.float32, 64).backend not in ("torch", "onednn")
+    moe_layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    assert moe_layers and all((m.packed_experts is not None) == packs for m in moe_layers)
     got = _prefill_then_decode_logits(model, TOKENS[:9], TOKENS[9:])
     torch.testing.assert_close(got, hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
 
@@ -132,7 +138,8 @@ def test_transformers_fused_expert_layout_loads(tmp_path):
 def test_incomplete_or_stray_experts_are_refused(tmp_path):
     hf = make_hf_model(tiny_moe_config("mixtral"), seed=5)
     hf.save_pretrained(str(tmp_path))
-    weights = [(n, t) for n, t in iter_checkpoint_weights(str(tmp_path)) if n != "model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    dropped = "model.layers.1.block_sparse_moe.experts.5.w3.weight"
+    weights = [(n, t) for n, t in iter_checkpoint_weights(str(tmp_path)) if n != dropped]
     model = MoeForCausalLM(hf.config, torch.float32)
     with pytest.raises(ValueError, match=r"incomplete.*model\.layers\.1 gate.*model\.layers\.1 up \(5 experts\)"):
         model.load_weights(weights)
@@ -195,3 +202,21 @@ def test_gguf_roundtrip_equals_transformers(tmp_path, kind, arch, overrides):
     model = get_model(mc, "cpu")
     got = _prefill_then_decode_logits(model, TOKENS[:9], TOKENS[9:])
     torch.testing.assert_close(got, hf_logits(hf, TOKENS), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_packed_experts_match_stacked_torch_experts():
+    """The experts on the plan's bf16 backend (AMX / oneDNN panels where this CPU has them) give the
+    logits of the same model on torch's stacked weights, up to bf16 rounding."""
+    from lmserve.model.loader.binding import bind_backends
+
+    hf = make_hf_model(tiny_moe_config("mixtral"), seed=8)
+    state = {n: t.bfloat16() for n, t in hf.state_dict().items()}
+    ref_model, packed_model = (MoeForCausalLM(hf.config, torch.bfloat16) for _ in range(2))
+    for m in (ref_model, packed_model):
+        m.load_weights(state.items())
+    table = bind_backends(packed_model, BackendPlan.for_device("cpu", torch.bfloat16))
+    assert len(table.backends("moe_experts")) == 1
+    ref = _prefill_then_decode_logits(ref_model, TOKENS[:9], TOKENS[9:])
+    got = _prefill_then_decode_logits(packed_model, TOKENS[:9], TOKENS[9:])
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(got, ref, atol=0.15 * ref.abs().max().item(), rtol=0)

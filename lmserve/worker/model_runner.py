@@ -78,9 +78,12 @@ class ModelRunner:
             from lmserve.lora.batch import LoRABatchBuilder
             from lmserve.model.models.llama import enable_lora
 
-            if self.is_pooling or not hasattr(getattr(self.model, "model", None), "layers"):
-                raise ValueError("LoRA adapters (--enable-lora) apply to generative Llama-family models only, "
-                                 f"not to {type(self.model).__name__}")
+            from lmserve.model.layers.fused_moe import FusedMoE
+
+            if self.is_pooling or not hasattr(getattr(self.model, "model", None), "layers") or \
+                    any(isinstance(m, FusedMoE) for m in self.model.modules()):
+                raise ValueError("LoRA adapters (--enable-lora) apply to generative Llama-family models without "
+                                 f"mixture-of-experts layers only, not to {type(self.model).__name__}")
             n = enable_lora(self.model)
             self.lora_builder = LoRABatchBuilder()
             logger.info("LoRA: %d projection modules take adapters (up to %d per step, rank <= %d); a step with "

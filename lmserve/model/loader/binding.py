@@ -20,11 +20,13 @@ from torch import nn
 from lmserve.model.backends.attention import NativePagedAttention
 from lmserve.model.backends.decode_step import build_decode_step
 from lmserve.model.backends.elementwise import NativeRMSNorm, NativeRope, NativeSiluAndMul
-from lmserve.model.backends.linear import LinearBackend, PrepackedLinear, TorchLinear, pack_dense
+from lmserve.model.backends.linear import (ONEDNN_BATCH_HINT, LinearBackend, PrepackedLinear, TorchLinear,
+                                           pack_dense)
 from lmserve.model.backends.plan import BackendPlan, Choice
 from lmserve.model.backends.quantized import BlockQuantLinear, pack_int_weight, vnni_takes
 from lmserve.model.layers.activation import GeluAndMul, SiluAndMul
 from lmserve.model.layers.attention import PagedAttention
+from lmserve.model.layers.fused_moe import FusedMoE
 from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.rotary import RotaryEmbedding
@@ -105,6 +107,29 @@ def _bind_linear(module: nn.Module, op: str, plan: BackendPlan, table: BackendTa
     return choice.backend
 
 
+def _bind_experts(module: FusedMoE, plan: BackendPlan, apply: bool) -> Choice:
+    """A MoE layer's experts: each expert's two matrices packed for the plan's dense CPU backend where
+    that is one of lmserve's panel GEMMs (``FusedMoE.set_packed_experts``); else the stacked weights
+    stay on torch (where the plan says torch, and where it says oneDNN, which measured slower than
+    torch for the few rows an expert gets in a decode step)."""
+    w13, w2 = module.experts.gate_up_proj, module.experts.down_proj
+    c13, c2 = plan.linear(w13.dtype, w13.shape[2]), plan.linear(w2.dtype, w2.shape[2])
+    if plan.device_type != "cpu" or "torch" in (c13.backend, c2.backend):
+        return Choice("torch", f"stacked experts, grouped GEMM per expert; {c13.reason}")
+    if "onednn" in (c13.backend, c2.backend):  # measured: benchmarks/README.md, "Mixture-of-experts decode"
+        return Choice("torch", "stacked experts, grouped GEMM per expert: oneDNN's blocked layout is tuned for "
+                               f"{ONEDNN_BATCH_HINT} rows and an expert sees a few per decode step")
+    if apply:
+        packed = []
+        for e in range(module.num_experts):
+            b13, _ = dense_backend(plan, w13[e], w13.shape[2])
+            b2, _ = dense_backend(plan, w2[e], w2.shape[2])
+            packed.append((b13.packed, b2.packed))
+        module.set_packed_experts(packed)
+    backend = c13.backend if c13.backend == c2.backend else f"{c13.backend} / {c2.backend}"
+    return Choice(f"{backend} per expert", f"grouped dispatch; {c13.reason}")
+
+
 def _simulated_decode_step(model: nn.Module, plan: BackendPlan, linear_names: dict[int, str]) -> Choice:
     """The decode step's row for a plan that is only read (``apply=False``)."""
     allowed = plan.decode_step()
@@ -161,6 +186,8 @@ def bind_backends(model: nn.Module, plan: BackendPlan, apply: bool = True) -> Ba
                                                       sdpa_on_amx=plan.sdpa_on_amx)
         elif isinstance(module, GeluAndMul):
             table.add("gelu_and_mul", Choice("torch", "no native GELU kernel"))
+        elif isinstance(module, FusedMoE):
+            table.add("moe_experts", _bind_experts(module, plan, apply))
         elif isinstance(module, nn.LayerNorm):
             table.add("layer_norm", Choice("torch", "torch's LayerNorm"))
     if hasattr(model, "decode_step"):
