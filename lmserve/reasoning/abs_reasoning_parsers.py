@@ -8,13 +8,12 @@ it; it only grows, before serving starts.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
 from lmserve.entrypoints.openai.protocol_responses import DeltaMessage
-from lmserve.tool_parsers.abstract_tool_parser import _names, import_plugin_file
+from lmserve.parser_registry import ParserRegistry, import_plugin_file
 
 
 class ReasoningParser:
@@ -64,47 +63,16 @@ class ReasoningParser:
         return None
 
 
-class ReasoningParserManager:
+class ReasoningParserManager(ParserRegistry):
     reasoning_parsers: dict[str, type[ReasoningParser]] = {}
     lazy_parsers: dict[str, tuple[str, str]] = {}
+    _registered = reasoning_parsers
+    _base = ReasoningParser
+    _label = "reasoning parser"
 
     @classmethod
     def get_reasoning_parser(cls, name: str) -> type[ReasoningParser]:
-        if name in cls.reasoning_parsers:
-            return cls.reasoning_parsers[name]
-        if name in cls.lazy_parsers:
-            module_path, class_name = cls.lazy_parsers[name]
-            parser_cls = getattr(importlib.import_module(module_path), class_name)
-            if not (isinstance(parser_cls, type) and issubclass(parser_cls, ReasoningParser)):
-                raise TypeError(f"{class_name} in {module_path} is not a ReasoningParser subclass")
-            cls.reasoning_parsers[name] = parser_cls
-            return parser_cls
-        raise KeyError(f"reasoning parser '{name}' not found. Registered: {', '.join(cls.list_registered())}")
-
-    @classmethod
-    def register_lazy_module(cls, name: str, module_path: str, class_name: str) -> None:
-        cls.lazy_parsers[name] = (module_path, class_name)
-
-    @classmethod
-    def register_module(cls, name: str | list[str] | None = None, force: bool = True,
-                        module: type[ReasoningParser] | None = None) -> Any:
-        if not isinstance(force, bool):
-            raise TypeError(f"force must be a boolean, but got {type(force)}")
-
-        def register(obj: type[ReasoningParser]) -> type[ReasoningParser]:
-            if not (isinstance(obj, type) and issubclass(obj, ReasoningParser)):
-                raise TypeError(f"module must be a subclass of ReasoningParser, but got {obj!r}")
-            for n in _names(name, obj.__name__):
-                if not force and (n in cls.reasoning_parsers or n in cls.lazy_parsers):
-                    raise KeyError(f"{n} is already registered")
-                cls.reasoning_parsers[n] = obj
-            return obj
-
-        return register(module) if module is not None else register
-
-    @classmethod
-    def list_registered(cls) -> list[str]:
-        return sorted(set(cls.reasoning_parsers) | set(cls.lazy_parsers))
+        return cls._lookup(name)
 
     @classmethod
     def import_reasoning_parser(cls, plugin_path: str) -> None:

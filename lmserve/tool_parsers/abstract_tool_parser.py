@@ -14,16 +14,13 @@ import, plugins at start-up), before any request is served.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import os
-import sys
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
 
 from lmserve.entrypoints.openai.protocol_responses import DeltaMessage, ExtractedToolCallInformation
+from lmserve.parser_registry import ParserRegistry, import_plugin_file
 
 
 class ToolParser:
@@ -80,83 +77,20 @@ class ToolParser:
         return None
 
 
-def _names(name: str | list[str] | None, default: str) -> list[str]:
-    if name is None:
-        return [default]
-    if isinstance(name, str):
-        return [name]
-    if isinstance(name, list) and all(isinstance(n, str) for n in name):
-        return list(name)
-    raise TypeError("name must be a str, a list of str, or None")
-
-
-def import_plugin_file(path: str, kind: str) -> None:
-    """Imports a plugin file (``--tool-parser-plugin`` / ``--reasoning-parser-plugin``) so that its
-    ``register_module`` decorators run. Raises ValueError naming the file when it cannot."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{kind} {path!r}: no such file")
-    module_name = "lmserve_plugin_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"{kind} {path!r}: not an importable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - reported with the file name
-        sys.modules.pop(module_name, None)
-        raise ValueError(f"{kind} {path!r} failed to import: {type(e).__name__}: {e}") from e
-
-
-class ToolParserManager:
+class ToolParserManager(ParserRegistry):
     """The registry of tool parsers: ``register_module`` (a decorator, or with ``module=``),
     ``register_lazy_module`` (imported on first use), ``get_tool_parser``, ``list_registered``,
     ``import_tool_parser`` (a plugin file)."""
 
     tool_parsers: dict[str, type[ToolParser]] = {}
     lazy_parsers: dict[str, tuple[str, str]] = {}
+    _registered = tool_parsers
+    _base = ToolParser
+    _label = "Tool parser"
 
     @classmethod
     def get_tool_parser(cls, name: str) -> type[ToolParser]:
-        if name in cls.tool_parsers:
-            return cls.tool_parsers[name]
-        if name in cls.lazy_parsers:
-            module_path, class_name = cls.lazy_parsers[name]
-            parser_cls = getattr(importlib.import_module(module_path), class_name)
-            if not (isinstance(parser_cls, type) and issubclass(parser_cls, ToolParser)):
-                raise TypeError(f"{class_name} in {module_path} is not a ToolParser subclass")
-            cls.tool_parsers[name] = parser_cls
-            return parser_cls
-        raise KeyError(f"Tool parser '{name}' not found. Registered: {', '.join(cls.list_registered())}")
-
-    @classmethod
-    def register_lazy_module(cls, name: str, module_path: str, class_name: str) -> None:
-        cls.lazy_parsers[name] = (module_path, class_name)
-
-    @classmethod
-    def register_module(cls, name: str | list[str] | None = None, force: bool = True,
-                        module: type[ToolParser] | None = None) -> Any:
-        """``@ToolParserManager.register_module("name")`` on a ToolParser subclass, or
-        ``register_module("name", module=Cls)``. ``force=False`` refuses a taken name."""
-        if not isinstance(force, bool):
-            raise TypeError(f"force must be a boolean, but got {type(force)}")
-
-        def register(obj: type[ToolParser]) -> type[ToolParser]:
-            if not (isinstance(obj, type) and issubclass(obj, ToolParser)):
-                raise TypeError(f"module must be a subclass of ToolParser, but got {obj!r}")
-            for n in _names(name, obj.__name__):
-                if not force and (n in cls.tool_parsers or n in cls.lazy_parsers):
-                    raise KeyError(f"{n} is already registered")
-                cls.tool_parsers[n] = obj
-            return obj
-
-        if module is not None:
-            return register(module)
-        return register
-
-    @classmethod
-    def list_registered(cls) -> list[str]:
-        return sorted(set(cls.tool_parsers) | set(cls.lazy_parsers))
+        return cls._lookup(name)
 
     @classmethod
     def import_tool_parser(cls, plugin_path: str) -> None:

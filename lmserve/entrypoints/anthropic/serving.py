@@ -32,7 +32,6 @@ from lmserve.entrypoints.openai.serving_engine import Prompt, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import LMServeError
-from lmserve.reasoning import ReasoningParserManager
 
 logger = logging.getLogger("lmserve.server")
 _Extract = Callable[[str], ExtractedToolCalls]
@@ -142,20 +141,10 @@ class AnthropicServingMessages:
                     on_text(o.text)
         return text, n_out, finish, stop_reason, cached
 
-    def _thinking(self, text: str) -> tuple[str | None, str]:
-        """(reasoning, the rest) by the server's --reasoning-parser; (None, text) without one."""
-        name = self.chat.options.reasoning_parser
-        if name is None:
-            return None, text
-        parser = ReasoningParserManager.get_reasoning_parser(name)(
-            self.chat.tokenizer, chat_template_kwargs=dict(self.chat.options.default_chat_template_kwargs or {}))
-        reasoning, content = parser.extract_reasoning(text, None)
-        return reasoning, content or ""
-
     async def _full(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt, merger: OutputMerger,
                     extract: _Extract | None) -> dict[str, Any]:
         text, n_out, finish, stop_reason, cached = await self._collect(merger)
-        reasoning, text = self._thinking(text)
+        reasoning, text = self.chat.split_reasoning(text)
         extracted = self._calls(request, text, extract)
         content: list[dict[str, Any]] = []
         if reasoning:
@@ -193,7 +182,7 @@ class AnthropicServingMessages:
                     if live and o.text:
                         yield _event("content_block_delta", {"index": 0,
                                                              "delta": {"type": "text_delta", "text": o.text}})
-            reasoning, text = (None, text) if live else self._thinking(text)
+            reasoning, text = (None, text) if live else self.chat.split_reasoning(text)
             extracted = self._calls(request, text, extract)
             index = 0
             if reasoning:

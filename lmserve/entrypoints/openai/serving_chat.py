@@ -192,6 +192,18 @@ class OpenAIServingChat(OpenAIServing):
             return None
         return self._tool_parser_cls()(self.tokenizer, tools)
 
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        """A finished output's (reasoning, the rest) by the server's ``--reasoning-parser``; (None,
+        text) without one. The Responses and Anthropic APIs turn the reasoning into their own
+        ``reasoning`` item / ``thinking`` block."""
+        name = self.options.reasoning_parser
+        if name is None:
+            return None, text
+        parser = ReasoningParserManager.get_reasoning_parser(name)(
+            self.tokenizer, chat_template_kwargs=dict(self.options.default_chat_template_kwargs or {}))
+        reasoning, content = parser.extract_reasoning(text, None)
+        return reasoning, content or ""
+
     def reasoning_tokens(self, request: ChatCompletionRequest, mode: str, outputs: list[list[int]]) -> int | None:
         """The reasoning tokens of all choices for ``usage.completion_tokens_details`` (None without a
         reasoning parser; 0 for required/named tool calls, whose grammar leaves no thinking)."""

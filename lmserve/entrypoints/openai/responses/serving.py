@@ -42,7 +42,6 @@ from lmserve.entrypoints.openai.serving_engine import Prompt, error_body, until_
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
 from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
-from lmserve.reasoning import ReasoningParserManager
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("lmserve.server")
@@ -173,7 +172,7 @@ class OpenAIServingResponses:
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        reasoning, text = self._thinking(gen.text)
+        reasoning, text = self.chat.split_reasoning(gen.text)
         extracted = turn.extract(text)
         items: list[dict[str, Any]] = []
         if reasoning:
@@ -190,16 +189,6 @@ class OpenAIServingResponses:
                                         "function": {"name": c.name, "arguments": c.arguments}}
                                        for c in extracted.calls]
         return items, assistant
-
-    def _thinking(self, text: str) -> tuple[str | None, str]:
-        """(reasoning, the rest) by the server's --reasoning-parser; (None, text) without one."""
-        name = self.chat.options.reasoning_parser
-        if name is None:
-            return None, text
-        parser = ReasoningParserManager.get_reasoning_parser(name)(
-            self.chat.tokenizer, chat_template_kwargs=dict(self.chat.options.default_chat_template_kwargs or {}))
-        reasoning, content = parser.extract_reasoning(text, None)
-        return reasoning, content or ""
 
     def _finish(self, turn: _Turn, gen: _Generated, items: list[dict[str, Any]] | None = None,
                 assistant: dict[str, Any] | None = None) -> dict[str, Any]:
