@@ -110,27 +110,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spread = [adapters[i % len(adapters)] for i in range(args.num_prompts)]
     base_only: list[LoRARequest | None] = [None] * args.num_prompts
     warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, detokenize=False)
-    runs: dict[str, list[dict[str, float]]] = {"base": [], "lora": []}
+    model = llm.llm_engine.core.runner.model
+    native_step = model.decode_step
+    runs: dict[str, list[dict[str, float]]] = {"base": [], "base-layered": [], "lora": []}
     for _ in range(args.repeats):
-        for name, loras in (("base", base_only), ("lora", spread)):
+        for name, loras in (("base", base_only), ("base-layered", base_only), ("lora", spread)):
+            if name == "base-layered" and native_step is None:
+                continue
+            # base-layered: the base model without the native decode step, the path LoRA steps take
+            model.decode_step = None if name == "base-layered" else native_step
             llm.generate([{"prompt_token_ids": p} for p in prompts()], warm, lora_request=loras)
             runs[name].append(timed_run(llm, prompts(), params, loras))
+    model.decode_step = native_step
+    runs = {k: v for k, v in runs.items() if v}
     med = {k: statistics.median(r["output_tok_s"] for r in v) for k, v in runs.items()}
     result = {
         "benchmark": "lora", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(), "model": mc.model, "dtype": str(mc.dtype).replace("torch.", ""),
         "quantization": mc.quantization, "args": vars(args), "runs": runs,
         "median_output_tok_s": med, "slowdown_lora_vs_base": med["base"] / med["lora"],
+        "slowdown_lora_vs_base_layered": med["base-layered"] / med["lora"] if "base-layered" in med else None,
     }
     table = ["| run | output tok/s (median of %d) | runs (tok/s) | other processes' CPU s per run |" % args.repeats,
              "|---|---|---|---|"]
     for k, label in (("base", "base model alone"),
+                     ("base-layered", "base model alone, layer by layer (no native decode step)"),
                      ("lora", f"{args.num_adapters} adapters (rank {args.rank}), {args.num_prompts // args.num_adapters}"
                               " requests each")):
+        if k not in runs:
+            continue
         speeds = ", ".join(f"{r['output_tok_s']:.1f}" for r in runs[k])
         others = ", ".join(f"{r['other_cpu_s']:.1f}" for r in runs[k])
         table.append(f"| {label} | {med[k]:.1f} | {speeds} | {others} |")
     table.append(f"\nslowdown (base tok/s / LoRA tok/s): **{result['slowdown_lora_vs_base']:.2f}x**")
+    if result["slowdown_lora_vs_base_layered"] is not None:
+        table.append(f"slowdown against the base model on the same layer-by-layer path: "
+                     f"**{result['slowdown_lora_vs_base_layered']:.2f}x**")
     print("\n".join(table))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
