@@ -210,3 +210,51 @@ def test_unloading_an_adapter_in_use_keeps_its_running_requests_exact(tiny_model
 def test_lora_on_a_pooling_model_is_refused(tiny_models):
     with pytest.raises(ValueError, match="--enable-lora.*pooling"):
         LLM(tiny_models["llama"], runner="pooling", enable_lora=True, skip_tokenizer_init=True)
+
+
+@pytest.mark.parametrize("path", ["quantized-int-kernel", "quantized-dense", "packed-dense"])
+def test_delta_on_every_linear_backend(path):
+    """Linear.forward adds the delta after whatever backend the plan bound: a GGUF block-quantized
+    layer on its integer kernel (decode-only, few rows) or its dense path, and a packed bf16 weight.
+    The output is the backend's own base output plus the rows' deltas (base rows unchanged)."""
+    gguf = pytest.importorskip("gguf")
+    from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
+    from lmserve.model.backends.block_formats import BLOCK_BYTES, BlockQuantizedWeight
+    from lmserve.model.layers.linear import Linear
+    from lmserve.model.layers.quantized_linear import QuantizedLinear
+    from tests.backend_utils import bind
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 96, 128
+    lin = Linear(k, n, dtype=torch.bfloat16)
+    if path.startswith("quantized"):
+        import numpy as np
+        raw = gguf.quants.quantize(np.asarray(torch.randn(n, k, generator=gen) * 0.05), gguf.GGMLQuantizationType.Q8_0)
+        lin = QuantizedLinear.from_linear(lin)
+        lin.load_quantized(BlockQuantizedWeight("Q8_0", torch.from_numpy(raw).reshape(n, k // 32, BLOCK_BYTES["Q8_0"])))
+    else:
+        lin.weight.data.copy_(torch.randn(n, k, generator=gen) * 0.05)
+    bind(lin)
+    if path.startswith("quantized"):
+        assert type(lin.backend).__name__ == "BlockQuantLinear"
+    lin.lora_key = "m"
+    ads = [LoRAAdapter(i + 1, f"a{i}", "", 8, {"m": LayerDelta(torch.randn(8, k, generator=gen).bfloat16() * 0.1,
+                                                                torch.randn(8, n, generator=gen).bfloat16() * 0.1)})
+           for i in range(2)]
+    per_seq = [ads[0], None, ads[1], ads[0]]
+    qlens = [1, 1, 1, 1] if path == "quantized-int-kernel" else [3, 70, 2, 1]
+    decode_only = path == "quantized-int-kernel"
+    mapping = LoRABatchBuilder().build(per_seq, qlens, torch.device("cpu"))
+    x = torch.randn(sum(qlens), k, generator=gen).bfloat16()
+    base = lin(x, decode_only)
+    got = lin(x, decode_only, mapping)
+    row = 0
+    for ad, q in zip(per_seq, qlens):
+        for _ in range(q):
+            if ad is None:
+                assert torch.equal(got[row], base[row])
+            else:
+                d = ad.deltas["m"]
+                want = base[row].float() + (x[row].float() @ d.a.float().T) @ d.b.float()
+                torch.testing.assert_close(got[row].float(), want, rtol=2e-2, atol=2e-2)
+            row += 1

@@ -100,7 +100,8 @@ class LLM:
              use_tqdm: bool = False, chat_template: str | None = None,
              chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         from lmserve.chat_template import apply_chat_template, load_chat_template
 
         self._require_generate("LLM.chat()")
@@ -117,7 +118,8 @@ class LLM:
         params_list = list(sampling_params) if isinstance(sampling_params, Sequence) else \
             [sampling_params] * len(prompts)
         # The template already holds the special tokens (BOS etc.).
-        return self._run(list(prompts), params_list, None, use_tqdm, add_special_tokens=False)
+        return self._run(list(prompts), params_list, None, use_tqdm, add_special_tokens=False,
+                         loras=_lora_list(lora_request, len(prompts)))
 
     # ------------------------------------------------------------------ beam search
     def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams):
