@@ -55,6 +55,7 @@ class GrammarState:
             else None
         self.grammar_start: int | None = None if self.reasoner is not None else 0
         self._scanned = 0  # output tokens searched for the reasoning's end (while it is open)
+        self._tail: int | None = None  # out[_scanned - 1]: the last token searched (or that ended it)
 
     @property
     def num_accepted(self) -> int:
@@ -116,28 +117,31 @@ class GrammarState:
         return True
 
     def _sync_reasoning(self, out: Sequence[int]) -> None:
-        """Finds where the output closes the reasoning, looking at tokens not yet searched."""
+        """Finds where the output closes the reasoning, looking at tokens not yet searched. Like
+        the matcher's sync, a change is noticed by the last token looked at: the token that
+        closed the reasoning, or the last one searched while it is open."""
         if self.grammar_start is not None:
-            if len(out) >= self.grammar_start:
+            if len(out) >= self.grammar_start and out[self.grammar_start - 1] == self._tail:
                 return
-            self._reopen(len(out))  # the tokens that closed the reasoning were dropped
-        if self._scanned > len(out):
-            self._scanned = len(out)
+            self._reopen()  # the tokens that closed the reasoning were dropped or changed
+        if self._scanned > len(out) or (self._scanned and out[self._scanned - 1] != self._tail):
+            self._scanned = 0  # tokens dropped or changed: search again
         if self._scanned == len(out):
             return
         new = out[self._scanned:]
         if not self.reasoner.is_reasoning_end_streaming(out, new):
-            self._scanned = len(out)
+            self._scanned, self._tail = len(out), out[-1]
             return
         end = len(out)
         if len(new) > 1:  # several new tokens (a replay): the first prefix that ends it
             end = next((i for i in range(self._scanned + 1, len(out) + 1)
                         if self.reasoner.is_reasoning_end_streaming(out[:i], out[i - 1:i])), end)
         self.grammar_start = self._scanned = end
+        self._tail = out[end - 1]
 
-    def _reopen(self, scanned: int) -> None:
+    def _reopen(self) -> None:
         self.grammar_start = None
-        self._scanned = scanned
+        self._scanned = 0
         self.matcher.reset()
         self.accepted.clear()
         self.failed = False
