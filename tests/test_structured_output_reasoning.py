@@ -193,3 +193,12 @@ def test_engine_reasoning_then_grammar_with_preemption(qwen3, tmp_path):
         assert o.finish_reason == "stop"
     for o in outs[1].outputs:
         assert re.fullmatch(long_regex, o.text), o.text
+
+
+def test_engine_args_reasoning_parser_is_checked():
+    from lmserve.engine.arg_utils import EngineArgs
+
+    assert EngineArgs(model="x", reasoning_parser="qwen3")._reasoning_parser() == "qwen3"
+    assert EngineArgs(model="x")._reasoning_parser() is None
+    with pytest.raises(ValueError, match="invalid reasoning parser: nope"):
+        EngineArgs(model="x", reasoning_parser="nope")._reasoning_parser()
