@@ -309,3 +309,5 @@ class EngineConfig:
     # --logits-processor-pattern: qualified names a request's ``logits_processors`` may name (None: none)
     logits_processor_pattern: str | None = None
     lora_config: LoRAConfig | None = None  # None: LoRA adapters are not enabled
+    # --reasoning-parser (a registered name): structured outputs constrain only after the reasoning
+    reasoning_parser: str | None = None

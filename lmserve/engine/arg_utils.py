@@ -104,6 +104,10 @@ class EngineArgs:
     device: str = "auto"
     logits_processors: list[Any] | None = None
     structured_outputs_config: Any = None  # dict, JSON text or StructuredOutputsConfig
+    # vLLM's EngineArgs.reasoning_parser(_plugin): with one, structured outputs constrain only what
+    # follows the reasoning (the server's --reasoning-parser flags fill them; the flags are its own)
+    reasoning_parser: str | None = None
+    reasoning_parser_plugin: str | None = None
     logits_processor_pattern: str | None = None
     enforce_eager: bool = True
     disable_log_stats: bool = False
@@ -310,7 +314,21 @@ class EngineArgs:
             logits_processors=tuple(self.logits_processors or ()),
             enforce_eager=self.enforce_eager,
             structured_outputs_config=StructuredOutputsConfig.from_cli(self.structured_outputs_config),
-            logits_processor_pattern=_compile_pattern(self.logits_processor_pattern))
+            logits_processor_pattern=_compile_pattern(self.logits_processor_pattern),
+            reasoning_parser=self._reasoning_parser())
+
+    def _reasoning_parser(self) -> str | None:
+        """The checked ``reasoning_parser`` name (its plugin file imported if it is not registered
+        yet); ValueError naming the registered parsers when unknown."""
+        if not self.reasoning_parser:
+            return None
+        from lmserve.reasoning import ReasoningParserManager
+        if self.reasoning_parser_plugin and self.reasoning_parser not in ReasoningParserManager.list_registered():
+            ReasoningParserManager.import_reasoning_parser(self.reasoning_parser_plugin)
+        if self.reasoning_parser not in ReasoningParserManager.list_registered():
+            raise ValueError(f"invalid reasoning parser: {self.reasoning_parser} (choose from "
+                             f"{{{', '.join(ReasoningParserManager.list_registered())}}})")
+        return self.reasoning_parser
 
 
     def _check_executor_backend(self) -> None:

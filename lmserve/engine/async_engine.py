@@ -97,10 +97,13 @@ class AsyncLLM:
                        request_id: str | None = None, priority: int = 0,
                        cache_salt: str | None = None,
                        add_special_tokens: bool = True,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+                       lora_request: LoRARequest | None = None,
+                       reasoning_parser_kwargs: dict[str, Any] | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs per ``sampling_params.output_kind`` until the request
         finishes. Raises ValueError (bad request), OverloadedError, EngineDeadError.
-        ``lora_request``: the adapter to run with (read from disk in a worker thread if not cached)."""
+        ``lora_request``: the adapter to run with (read from disk in a worker thread if not cached);
+        ``reasoning_parser_kwargs``: what the reasoning parser that gates structured outputs is
+        built with (vLLM's argument: the request's ``chat_template_kwargs``)."""
         self._raise_if_dead()
         request_id = request_id or uuid.uuid4().hex
         grammar = None
@@ -110,7 +113,8 @@ class AsyncLLM:
             await asyncio.to_thread(self.engine.get_lora, lora_request)  # disk reads stay off the event loop
         prepared = self.engine.prepare_request(self._engine_id(request_id), prompt, sampling_params, priority,
                                                cache_salt, add_special_tokens=add_special_tokens,
-                                               compiled_grammar=grammar, lora_request=lora_request)
+                                               compiled_grammar=grammar, lora_request=lora_request,
+                                               reasoning_parser_kwargs=reasoning_parser_kwargs)
         async for out in self._submit(prepared, request_id):
             yield out
 

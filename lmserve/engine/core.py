@@ -154,10 +154,11 @@ class EngineCore:
 
     @staticmethod
     def _advance_grammar(req: Request, token: int, status: RequestStatus | None) -> RequestStatus | None:
-        """Advance the sequence's matcher past ``token``. Once the grammar has accepted its stop
+        """Advance the sequence's grammar state past ``token`` (the last output token; inside the
+        reasoning it only looks for the reasoning's end). Once the grammar has accepted its stop
         token, or if the token left the grammar (every allowed token was banned by another
         constraint), the sequence stops: nothing after it could be valid."""
-        ok = req.grammar.accept(token)
+        ok = req.grammar.sync(req.output_token_ids)
         if status is not None:
             return status
         if not ok or req.grammar.is_terminated:

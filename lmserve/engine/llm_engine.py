@@ -80,7 +80,7 @@ class LLMEngine:
         if not mc.is_pooling and self.tokenizer is not None:
             self.structured_outputs = StructuredOutputManager(
                 config.structured_outputs_config or StructuredOutputsConfig(), self.tokenizer, mc.vocab_size,
-                stop_token_ids=sorted(set(eos_ids)) or None)
+                stop_token_ids=sorted(set(eos_ids)) or None, reasoning_parser=config.reasoning_parser)
         self.lora_cache: LoRACache | None = None
         if config.lora_config is not None:
             self.lora_cache = LoRACache(config.lora_config, mc.hf_config, mc.dtype, config.device_config.torch_device)
@@ -196,11 +196,14 @@ class LLMEngine:
                         priority: int = 0, cache_salt: str | None = None,
                         arrival_time: float | None = None,
                         add_special_tokens: bool = True, *, compiled_grammar: Any = None,
-                        lora_request: LoRARequest | None = None) -> "PreparedRequest":
+                        lora_request: LoRARequest | None = None,
+                        reasoning_parser_kwargs: dict[str, Any] | None = None) -> "PreparedRequest":
         """Tokenizes and validates without touching engine state (safe from any thread);
         raises ValueError for anything wrong with the request. With ``structured_outputs``,
         ``compiled_grammar`` is its grammar from ``compile_structured_outputs_async`` (None: it is
-        compiled here, blocking); each of the n sequences gets its own grammar state.
+        compiled here, blocking); each of the n sequences gets its own grammar state, which with
+        a reasoning parser constrains only after the reasoning (the parser is built with
+        ``reasoning_parser_kwargs``, e.g. ``{"chat_template_kwargs": {"enable_thinking": False}}``).
         ``lora_request``: the adapter it runs with (loaded here on first use)."""
         if self.model_config.is_pooling:
             raise ValueError("This model is a pooling model (embeddings, scores, classification): "
@@ -232,7 +235,8 @@ class LLMEngine:
                           lora_request=lora_request, lora=adapter)
             req.max_tokens = max_tokens
             if compiled_grammar is not None and params.structured_outputs is not None:
-                req.grammar = self.structured_outputs.new_state(compiled_grammar)  # type: ignore[union-attr]
+                req.grammar = self.structured_outputs.new_state(  # type: ignore[union-attr]
+                    compiled_grammar, ids, reasoning_parser_kwargs)
             children.append((child_id, cp))
             requests.append(req)
         return PreparedRequest(request_id, text, ids, children, requests, arrival)
@@ -311,9 +315,11 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     priority: int = 0, cache_salt: str | None = None,
                     arrival_time: float | None = None, add_special_tokens: bool = True,
-                    lora_request: LoRARequest | None = None) -> None:
+                    lora_request: LoRARequest | None = None,
+                    reasoning_parser_kwargs: dict[str, Any] | None = None) -> None:
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority, cache_salt,
-                                               arrival_time, add_special_tokens, lora_request=lora_request))
+                                               arrival_time, add_special_tokens, lora_request=lora_request,
+                                               reasoning_parser_kwargs=reasoning_parser_kwargs))
 
     def abort_request(self, request_ids: str | list[str]) -> list[RequestOutput]:
         if isinstance(request_ids, str):

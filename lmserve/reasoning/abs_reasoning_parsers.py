@@ -20,7 +20,8 @@ class ReasoningParser:
     """Base class (vLLM's contract): ``extract_reasoning(model_output, request) -> (reasoning,
     content)``; ``extract_reasoning_streaming(previous_text, current_text, delta_text,
     previous_token_ids, current_token_ids, delta_token_ids) -> DeltaMessage | None``;
-    ``is_reasoning_end(ids)``; ``extract_content_ids(ids)``; ``count_reasoning_tokens(ids)``;
+    ``is_reasoning_end(ids)``; ``is_reasoning_end_streaming(ids, delta_ids)`` (structured outputs:
+    the grammar starts after the reasoning); ``extract_content_ids(ids)``; ``count_reasoning_tokens(ids)``;
     ``reasoning_start_str`` / ``reasoning_end_str`` (what a thinking budget forces).
     ``finish_streaming(current_text)`` (lmserve's addition, default None) sends what was held back."""
 
@@ -41,6 +42,13 @@ class ReasoningParser:
 
     def is_reasoning_end(self, input_ids: Sequence[int]) -> bool:
         return False
+
+    def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Sequence[int]) -> bool:
+        """True if the reasoning ends within ``delta_ids``, the last tokens of ``input_ids``
+        (vLLM's contract). This default rescans ``input_ids``; a parser should override it with a
+        look at the delta alone, since it is called on every step of a constrained request
+        whose reasoning is still open."""
+        return self.is_reasoning_end(input_ids)
 
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
         return list(input_ids)

@@ -17,6 +17,7 @@ Two kinds:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 from lmserve.entrypoints.openai.protocol_responses import DeltaMessage
@@ -51,8 +52,20 @@ class BaseThinkingReasoningParser(ReasoningParser):
             return []
         return list(tok.encode(text, add_special_tokens=False))
 
+    @cached_property
+    def _start_ids(self) -> list[int]:
+        return self._ids(self.start_token)
+
+    @cached_property
+    def _end_ids(self) -> list[int]:
+        return self._ids(self.end_token)
+
     def is_reasoning_end(self, input_ids: Sequence[int]) -> bool:
-        start, end = self._ids(self.start_token), self._ids(self.end_token)
+        """The last marker in ``input_ids`` is an end marker. Always True with thinking off (the
+        whole output is content, as vLLM's identity parser says)."""
+        if not self.thinking_enabled:
+            return True
+        start, end = self._start_ids, self._end_ids
         ids = list(input_ids)
         for i in range(len(ids), 0, -1):
             if start and ids[max(0, i - len(start)):i] == start:
@@ -61,8 +74,22 @@ class BaseThinkingReasoningParser(ReasoningParser):
                 return True
         return False
 
+    def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids: Sequence[int]) -> bool:
+        """An end marker finishes within the last ``len(delta_ids)`` tokens of ``input_ids``
+        (O(len(delta_ids) * marker length): no rescan of the whole sequence)."""
+        if not self.thinking_enabled:
+            return True
+        end = self._end_ids
+        n, k = len(input_ids), len(end)
+        if not end:
+            return False
+        for stop in range(max(k, n - len(delta_ids) + 1), n + 1):
+            if all(input_ids[stop - k + j] == end[j] for j in range(k)):
+                return True
+        return False
+
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
-        end = self._ids(self.end_token)
+        end = self._end_ids
         ids = list(input_ids)
         for i in range(len(ids) - len(end) + 1):
             if end and ids[i:i + len(end)] == end:
@@ -74,7 +101,7 @@ class BaseThinkingReasoningParser(ReasoningParser):
         starts inside it."""
         if not self.thinking_enabled:
             return 0
-        start, end = self._ids(self.start_token), self._ids(self.end_token)
+        start, end = self._start_ids, self._end_ids
         ids = list(token_ids)
         count, inside, i = 0, self.starts_in_reasoning, 0
         while i < len(ids):

@@ -30,7 +30,8 @@ class StructuredOutputsConfig:
       (vLLM needs it only to make its guidance backend behave like xgrammar).
     - ``reasoning_parser`` / ``reasoning_parser_plugin``: must be empty here; choose the
       reasoning parser with ``--reasoning-parser``.
-    - ``enable_in_reasoning``: accepted; the grammar constrains the output from its first token.
+    - ``enable_in_reasoning``: with a reasoning parser (``--reasoning-parser``) the grammar
+      constrains only what follows the reasoning; true makes it constrain from the first token.
     - ``disable_fallback`` (older vLLM): accepted; there is never a fallback backend, a constraint
       xgrammar cannot take is a 400.
     - ``compile_timeout_s`` (lmserve): a grammar that takes longer to compile is refused with a 400.

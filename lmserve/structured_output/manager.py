@@ -8,13 +8,19 @@ Contract:
   ``InvalidRequestError`` (HTTP 400), and nothing reaches the engine;
 - a compile that timed out keeps running on its worker thread until xgrammar returns (it cannot
   be interrupted); its result then lands in the cache;
-- ``new_state(compiled)`` gives one sequence its own ``GrammarState``.
+- ``new_state(compiled, prompt_token_ids, reasoning_parser_kwargs)`` gives one sequence its own
+  ``GrammarState``. With a reasoning parser (``--reasoning-parser``; the ``reasoning_parser``
+  argument) and ``enable_in_reasoning`` false, the state leaves the reasoning free and
+  constrains from the first token after its end (or from the first token, when the prompt
+  already ended it); the parser is built per request with ``reasoning_parser_kwargs`` (the
+  request's ``chat_template_kwargs``: thinking turned off means no reasoning), as vLLM does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Sequence
 from typing import Any
 
 from lmserve.errors import InvalidRequestError
@@ -29,11 +35,17 @@ COMPILE_THREAD_PREFIX = "lmserve-grammar"
 
 class StructuredOutputManager:
     def __init__(self, config: StructuredOutputsConfig, tokenizer: Any, vocab_size: int,
-                 stop_token_ids: list[int] | None = None, num_workers: int = 2) -> None:
+                 stop_token_ids: list[int] | None = None, num_workers: int = 2,
+                 reasoning_parser: str | None = None) -> None:
         if tokenizer is None:
             raise ValueError("structured outputs need the tokenizer (not available with --skip-tokenizer-init)")
         self.config = config
         self.stop_token_ids = list(stop_token_ids or []) or None
+        self.tokenizer = tokenizer
+        self.reasoner_cls: Any = None  # the ReasoningParser class that gates the grammar, if any
+        if reasoning_parser and not config.enable_in_reasoning:
+            from lmserve.reasoning import ReasoningParserManager
+            self.reasoner_cls = ReasoningParserManager.get_reasoning_parser(reasoning_parser)
         self.backend = XgrammarBackend(tokenizer, vocab_size)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers,
                                                                thread_name_prefix=COMPILE_THREAD_PREFIX)
@@ -66,8 +78,11 @@ class StructuredOutputManager:
         except asyncio.TimeoutError:
             raise self._timeout_error(spec) from None
 
-    def new_state(self, compiled: Any) -> GrammarState:
-        return GrammarState(compiled, self.stop_token_ids)
+    def new_state(self, compiled: Any, prompt_token_ids: Sequence[int] = (),
+                  reasoning_parser_kwargs: dict[str, Any] | None = None) -> GrammarState:
+        reasoner = (self.reasoner_cls(self.tokenizer, **(reasoning_parser_kwargs or {}))
+                    if self.reasoner_cls is not None else None)
+        return GrammarState(compiled, self.stop_token_ids, reasoner, prompt_token_ids)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -202,15 +202,17 @@ class ModelRunner:
 
     def _grammar_mask(self, requests: list):
         """This step's token bitmask of the constrained rows (structured outputs), or None.
-        Row i is ``requests[i]``; each grammar state is first synced to its sequence's tokens."""
+        Row i is ``requests[i]``; each grammar state is first synced to its sequence's tokens, and
+        a row whose reasoning is still open is left free."""
         constrained = [(row, r.grammar) for row, r in enumerate(requests) if r.grammar is not None]
+        for row, state in constrained:
+            state.sync(requests[row].output_token_ids)
+        constrained = [(row, state) for row, state in constrained if not state.in_reasoning]
         if not constrained:
             return None
         if self._bitmask is None:
             from lmserve.structured_output.bitmask import GrammarBitmask
             self._bitmask = GrammarBitmask(self.config.scheduler_config.max_num_seqs, self.vocab_size)
-        for row, state in constrained:
-            state.sync(requests[row].output_token_ids)
         return self._bitmask.fill(constrained)
     @staticmethod
     def _sample_logprobs(req_ids: list[str], sched_by_id: dict[str, ScheduledRequest], tokens: list[int],

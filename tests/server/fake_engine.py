@@ -38,7 +38,8 @@ class FakeAsyncLLM:
         return {}
 
     async def generate(self, prompt: dict, sampling_params: SamplingParams, request_id: str,
-                       priority: int = 0, cache_salt: str | None = None, lora_request: Any = None):
+                       priority: int = 0, cache_salt: str | None = None, lora_request: Any = None,
+                       reasoning_parser_kwargs: Any = None):
         if self.mode == "overloaded":
             raise OverloadedError("The server is overloaded: retry later.")
         ids = list(prompt["prompt_token_ids"])

@@ -110,10 +110,12 @@ def tool_reasoning_options(args: Any, tokenizer: Any) -> dict[str, Any]:
         config = config or ReasoningConfig(reasoning_parser=reasoning or "")
         parser = ReasoningParserManager.get_reasoning_parser(reasoning)(tokenizer) if reasoning else None
         config.resolve(tokenizer, parser)
+    from lmserve.structured_output.config import StructuredOutputsConfig
+    so_config = StructuredOutputsConfig.from_cli(getattr(args, "structured_outputs_config", None))
     return dict(tool_call_parser=getattr(args, "tool_call_parser", None) or None,
                 enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
                 exclude_tools_when_tool_choice_none=bool(getattr(args, "exclude_tools_when_tool_choice_none", False)),
-                reasoning_parser=reasoning, reasoning_config=config)
+                reasoning_parser=reasoning, reasoning_config=config, grammar_in_reasoning=so_config.enable_in_reasoning)
 
 
 class ServerState:

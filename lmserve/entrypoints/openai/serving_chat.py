@@ -206,11 +206,11 @@ class OpenAIServingChat(OpenAIServing):
 
     def reasoning_tokens(self, request: ChatCompletionRequest, mode: str, outputs: list[list[int]]) -> int | None:
         """The reasoning tokens of all choices for ``usage.completion_tokens_details`` (None without a
-        reasoning parser; 0 for required/named tool calls, whose grammar leaves no thinking)."""
+        reasoning parser; 0 for required/named tool calls whose grammar holds from the first token)."""
         opts = self.options
         if opts.reasoning_parser is None:
             return None
-        if mode in ("required", "named"):
+        if mode in ("required", "named") and opts.grammar_in_reasoning:
             return 0
         kwargs = {**(opts.default_chat_template_kwargs or {}), **(request.chat_template_kwargs or {})}
         parser = ReasoningParserManager.get_reasoning_parser(opts.reasoning_parser)(
@@ -226,8 +226,9 @@ class OpenAIServingChat(OpenAIServing):
         if opts.reasoning_parser is None and mode == "none":
             return None
         reasoning = None
-        # required/named: the grammar holds from the first token, so there is no thinking section.
-        if opts.reasoning_parser is not None and mode not in ("required", "named"):
+        # required/named too: their grammar constrains only what follows the thinking (vLLM), unless
+        # enable_in_reasoning makes it hold from the first token (no thinking section then).
+        if opts.reasoning_parser is not None and not (mode in ("required", "named") and opts.grammar_in_reasoning):
             kwargs = {**(opts.default_chat_template_kwargs or {}), **(request.chat_template_kwargs or {})}
             reasoning = ReasoningParserManager.get_reasoning_parser(opts.reasoning_parser)(
                 self.tokenizer, chat_template_kwargs=kwargs)

@@ -71,6 +71,9 @@ class ServerOptions:
     exclude_tools_when_tool_choice_none: bool = False
     reasoning_parser: str | None = None  # --reasoning-parser (a ReasoningParserManager name)
     reasoning_config: Any = None  # lmserve.reasoning.config.ReasoningConfig, token ids resolved
+    # --structured-outputs-config.enable_in_reasoning: grammars constrain from the first token, even
+    # inside the reasoning (else, with a reasoning parser, only what follows it)
+    grammar_in_reasoning: bool = False
     loras: Any = field(default=None, compare=False, repr=False)  # ServedLoRAs with --enable-lora, else None
     executor: Any = field(default=None, compare=False, repr=False)
     template_sandbox: Any = field(default=None, compare=False, repr=False)
@@ -309,6 +312,15 @@ class OpenAIServing:
         params.thinking_token_budget = budget
         params._thinking_token_ids = (list(config.start_token_ids), list(config.end_token_ids))
 
+    def reasoning_parser_kwargs(self, request: SamplingRequest) -> dict[str, Any] | None:
+        """What the engine builds this request's structured-output reasoning gate with (None:
+        no reasoning parser, or a request without a chat template): the chat template kwargs,
+        the server's defaults under the request's own, as the output's reasoning parser sees them."""
+        if self.options.reasoning_parser is None or not hasattr(request, "chat_template_kwargs"):
+            return None
+        return {"chat_template_kwargs": {**(self.options.default_chat_template_kwargs or {}),
+                                         **(getattr(request, "chat_template_kwargs", None) or {})}}
+
     # ------------------------------------------------------------------ engine calls
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
                        request: SamplingRequest, lora_request: LoRARequest | None = None
@@ -333,7 +345,8 @@ class OpenAIServing:
                 stream = beam_search_stream(self.engine, prompt, params, request_id, self.max_model_len)
             else:
                 stream = self.engine.generate(engine_prompt, params, request_id, priority=request.priority,
-                                              cache_salt=request.cache_salt, lora_request=lora_request)
+                                              cache_salt=request.cache_salt, lora_request=lora_request,
+                                              reasoning_parser_kwargs=self.reasoning_parser_kwargs(request))
             out_log = OutputLogger(request_id, params, self.options.max_log_len, self.options.log_deltas) \
                 if self.options.log_requests and self.options.log_outputs else None
             async with aclosing(stream) as outputs:
