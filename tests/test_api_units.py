@@ -147,17 +147,102 @@ def test_configured_parser_results_are_adapted():
         NS(id=None, function=NS(name="get_weather", arguments="{}"))])
     parser = NS(tools=tools, extract_tool_calls=lambda text, request: info)
     chat = NS(auto_tool_parser=lambda offered: parser)
-    out = tool_call_extractor(chat, tools)("raw")
+    req = NS(tools=tools, tool_choice="auto", parallel_tool_calls=None)
+    out = tool_call_extractor(chat, req)("raw")
     assert out.content == "pre" and [c.call_id for c in out.calls][0] == "call_x"
     assert out.calls[1].call_id.startswith("call_") and out.calls[1].arguments == "{}"
+    # parallel_tool_calls=false keeps the first call
+    assert [c.name for c in tool_call_extractor(chat, NS(**{**vars(req), "parallel_tool_calls": False}))("raw")
+            .calls] == ["add"]
     info.tools_called = False
-    assert tool_call_extractor(chat, tools)("raw").content == "raw"
+    assert tool_call_extractor(chat, req)("raw").content == "raw"
     # a call to a tool that was not offered: all of it stays text
     info.tools_called, info.tool_calls[1].function.name = True, "rm_rf"
-    assert tool_call_extractor(chat, tools)("raw").calls == ()
+    assert tool_call_extractor(chat, req)("raw").calls == ()
     # no --tool-call-parser: the Hermes/JSON fallback over the request's tools
     chat = NS(auto_tool_parser=lambda offered: None)
-    assert tool_call_extractor(chat, tools)('{"name": "add", "arguments": {}}').calls[0].name == "add"
+    assert tool_call_extractor(chat, req)('{"name": "add", "arguments": {}}').calls[0].name == "add"
+    # tool_choice "none": never a call
+    assert tool_call_extractor(chat, NS(**{**vars(req), "tool_choice": "none"}))(
+        '{"name": "add", "arguments": {}}').calls == ()
+
+
+def test_forced_tool_choice_readers():
+    """tool_choice "required" reads vLLM's [{"name", "parameters"}] array, a named function its
+    arguments object (the chat completions readers), whatever --tool-call-parser is configured."""
+    from types import SimpleNamespace as NS
+
+    from lmserve.entrypoints.tool_call_extraction import forced_tool_call, tool_call_extractor
+
+    tools = [{"type": "function", "function": {"name": "add"}},
+             {"type": "function", "function": {"name": "get_weather"}}]
+    chat = NS(auto_tool_parser=lambda offered: pytest.fail("no auto parser for a forced call"))
+    required = NS(tools=tools, tool_choice="required", parallel_tool_calls=None)
+    out = tool_call_extractor(chat, required)('[{"name": "add", "parameters": {"a": 1}}, '
+                                              '{"name": "get_weather", "parameters": {"city": "Oslo"}}]')
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [("add", {"a": 1}),
+                                                                       ("get_weather", {"city": "Oslo"})]
+    assert out.content == "" and forced_tool_call(required)
+    assert tool_call_extractor(chat, required)("not json").calls == ()
+    named = NS(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+               parallel_tool_calls=None)
+    out = tool_call_extractor(chat, named)('{"city": "Oslo"}')
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [("get_weather", {"city": "Oslo"})]
+    assert forced_tool_call(named) and not forced_tool_call(NS(tool_choice="auto"))
+
+
+def test_anthropic_options_reach_the_chat_request():
+    tools = [{"name": "add", "input_schema": {}}]
+    hi = [{"role": "user", "content": "hi"}]
+    chat = AnthropicMessagesRequest(model="m", max_tokens=5, messages=hi, tools=tools,
+                                    tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                                    thinking={"type": "enabled", "budget_tokens": 2048},
+                                    output_config={"effort": "high"}).to_chat_request("msg_1", None)
+    assert (chat.tool_choice, chat.parallel_tool_calls, chat.thinking_token_budget) == ("required", False, 2048)
+    assert chat.reasoning_effort == "high" and chat.chat_template_kwargs == {"enable_thinking": True,
+                                                                             "reasoning_effort": "high"}
+    chat = AnthropicMessagesRequest(model="m", max_tokens=5, messages=hi, tools=tools,
+                                    tool_choice={"type": "tool", "name": "add"}).to_chat_request("msg_1", None)
+    assert chat.tool_choice == {"type": "function", "function": {"name": "add"}} and chat.parallel_tool_calls
+    # disabled thinking: its effort wins over output_config.effort (vLLM); adaptive pins nothing
+    chat = AnthropicMessagesRequest(model="m", max_tokens=5, messages=hi, thinking={"type": "disabled"},
+                                    output_config={"effort": "high"}).to_chat_request("msg_1", "none")
+    assert chat.reasoning_effort is None and chat.chat_template_kwargs == {"reasoning_effort": "none"}
+    chat = AnthropicMessagesRequest(model="m", max_tokens=5, messages=hi,
+                                    thinking={"type": "adaptive"}).to_chat_request("msg_1", None)
+    assert chat.thinking_token_budget is None and chat.reasoning_effort is None
+    for kw, param in ((dict(thinking={"type": "enabled", "budget_tokens": 10}), "thinking.budget_tokens"),
+                      (dict(thinking={"type": "sometimes"}), "thinking.type"),
+                      (dict(output_config={"effort": "extreme"}), "output_config.effort"),
+                      (dict(tools=tools, tool_choice={"type": "tool"}), "tool_choice.name"),
+                      (dict(tools=tools, tool_choice={"type": "tool", "name": "rm_rf"}), "tool_choice.name")):
+        with pytest.raises(InvalidRequestError) as e:
+            AnthropicMessagesRequest(model="m", max_tokens=5, messages=hi, **kw).to_chat_request("msg_1", None)
+        assert e.value.param == param
+
+
+def test_responses_options_reach_the_chat_request():
+    tools = [{"type": "function", "name": "add"}]
+    fn = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    msgs = [{"role": "user", "content": "x"}]
+    req = ResponsesRequest(input="x", tools=tools, tool_choice={"type": "function", "name": "add"},
+                           parallel_tool_calls=False, reasoning={"effort": "low"})
+    req.check_supported()
+    chat = req.to_chat_request(msgs, fn)
+    assert chat.tool_choice == {"type": "function", "function": {"name": "add"}} and chat.parallel_tool_calls is False
+    assert chat.reasoning_effort == "low" and chat.chat_template_kwargs["enable_thinking"] is True
+    assert ResponsesRequest(input="x", tools=tools, tool_choice="required").to_chat_request(msgs, fn).tool_choice \
+        == "required"
+    for kw, param in ((dict(tools=tools, tool_choice={"type": "function", "name": "rm_rf"}), "tool_choice"),
+                      (dict(tool_choice="required"), "tool_choice"),
+                      (dict(tools=tools, tool_choice={"type": "allowed_tools", "tools": []}), "tool_choice"),
+                      (dict(reasoning={"effort": "huge"}), "reasoning.effort"),
+                      (dict(reasoning={"summary": "auto"}), "reasoning.summary")):
+        with pytest.raises(InvalidRequestError) as e:
+            ResponsesRequest(input="x", **kw).check_supported()
+        assert e.value.param == param
+        if kw.get("tool_choice", {}) == {"type": "function", "name": "rm_rf"}:
+            assert "rm_rf" in e.value.message
 
 
 def test_event_logs_bounded():

@@ -1,9 +1,11 @@
 """The seam between the APIs that return tool calls (Responses ``function_call`` items,
 Anthropic ``tool_use`` blocks) and whatever turns model text into tool calls.
 
-``tool_call_extractor(chat, tools)`` gives the function to apply to a finished output. With
+``tool_call_extractor(chat, request)`` gives the function to apply to a finished output. For a
+forced call (``tool_choice`` "required" or a named function, whose output constrained decoding
+shapes) it reads vLLM's tool-call JSON as the chat completions API does. Otherwise, with
 ``--tool-call-parser`` and ``--enable-auto-tool-choice`` (``OpenAIServingChat.auto_tool_parser``, vLLM's
-parser interface) it is that parser's ``extract_tool_calls``; otherwise ``extract_tool_calls(text,
+parser interface) it is that parser's ``extract_tool_calls``; else ``extract_tool_calls(text,
 tool_names)``, which understands the two formats small instruction-tuned models use when no
 model-specific parser is configured:
 
@@ -28,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
+
+from lmserve.entrypoints.openai.chat_output import NamedCallReader, RequiredCallsReader
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -114,11 +118,35 @@ def extract_tool_calls(text: str, tool_names: frozenset[str], parser: Any = None
     return ExtractedToolCalls(text)
 
 
-def tool_call_extractor(chat: Any, tools: list[dict[str, Any]] | None) -> Callable[[str], ExtractedToolCalls]:
-    """The extraction for one request's output, built before its engine request starts: the
-    server's ``--tool-call-parser`` when it parses tool calls (``--enable-auto-tool-choice``,
-    ``OpenAIServingChat.auto_tool_parser``), else the Hermes/JSON fallback over the tool names."""
-    tools = tools or []
+def forced_tool_call(request: Any) -> bool:
+    """Whether a chat request's ``tool_choice`` forces a call ("required" or a named function):
+    the generation then runs under the chat completions API's tool rules
+    (``start_generation(..., tool_calling=True)``: --tool-call-parser needed, output constrained)."""
+    return isinstance(request.tool_choice, dict) or request.tool_choice == "required"
+
+
+def tool_call_extractor(chat: Any, request: Any) -> Callable[[str], ExtractedToolCalls]:
+    """The extraction for one chat request's output (``request``: the ``ChatCompletionRequest`` the
+    Responses / Anthropic body became), built before its engine request starts. By its
+    ``tool_choice``: "required" reads vLLM's constrained JSON array (``RequiredCallsReader``), a
+    named function its arguments object (``NamedCallReader``), both as the chat completions API
+    does; otherwise ("auto") the server's ``--tool-call-parser`` when it parses tool calls
+    (--enable-auto-tool-choice, ``OpenAIServingChat.auto_tool_parser``), else the Hermes/JSON
+    fallback over the tool names. ``parallel_tool_calls=False`` keeps the first call only."""
+    tools = request.tools or []
     names = frozenset(t["function"]["name"] for t in tools)
-    parser = chat.auto_tool_parser(tools) if names else None
-    return lambda text: extract_tool_calls(text, names, parser)
+    choice = request.tool_choice
+    if not names or choice == "none":
+        return ExtractedToolCalls
+    if isinstance(choice, dict):
+        parser: Any = NamedCallReader(choice["function"]["name"])
+    elif choice == "required":
+        parser = RequiredCallsReader(None, None)
+    else:
+        parser = chat.auto_tool_parser(tools)
+    first_only = request.parallel_tool_calls is False
+
+    def extract(text: str) -> ExtractedToolCalls:
+        out = extract_tool_calls(text, names, parser)
+        return ExtractedToolCalls(out.content, out.calls[:1]) if first_only and out.calls else out
+    return extract

@@ -5,9 +5,16 @@ Translation (as vLLM's ``to_chat_completion_request``): ``system`` (a string or 
 is a system message; ``text`` blocks are message text; an assistant's ``tool_use`` blocks
 are its ``tool_calls`` (``input`` serialized as the JSON arguments); a user's
 ``tool_result`` blocks are ``tool`` messages placed before the rest of that user turn.
-Images are refused (text-only models); so are ``thinking`` blocks and thinking itself
-(lmserve has no reasoning parser) and anything that needs structured outputs
-(``tool_choice`` any/tool, not implemented yet). ``output_config.format`` is a JSON-schema structured output.
+Images and ``thinking`` blocks in the input are refused (text-only models).
+
+Request options, as vLLM maps them onto the chat request: ``tool_choice`` auto/any/tool/none
+is chat's "auto"/"required"/named function/"none", ``disable_parallel_tool_use`` is
+``parallel_tool_calls=false``; ``thinking`` ``enabled`` is ``thinking_token_budget`` =
+``budget_tokens`` (a 400 without ``--reasoning-parser``), ``adaptive`` pins nothing, ``disabled``
+hands the chat template the --anthropic-disabled-thinking-effort (it wins over
+``output_config.effort``); ``output_config.effort`` is ``reasoning_effort`` (a chat-template
+kwarg); ``output_config.format`` is a JSON-schema structured output. The thinking always comes
+back whole (``display`` "omitted" is refused).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, find_lone_surrogate
 from lmserve.errors import InvalidRequestError
 
-DISABLED_THINKING_EFFORTS = ("auto", "none", "low", "medium", "high", "xhigh", "max")
+ANTHROPIC_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+DISABLED_THINKING_EFFORTS = ("auto", "none", *ANTHROPIC_EFFORTS)
+MIN_THINKING_BUDGET = 1024  # Anthropic's (and vLLM's) floor for thinking.budget_tokens
 
 
 class _Base(BaseModel):
@@ -65,6 +74,14 @@ class AnthropicToolChoice(_Base):
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
+    def chat_tool_choice(self) -> str | dict[str, Any]:
+        """The chat request's ``tool_choice`` (vLLM's ``_convert_tool_choice``)."""
+        if self.type == "tool":
+            if not self.name:
+                raise InvalidRequestError("tool_choice.name is required when type is 'tool'.", "tool_choice.name")
+            return {"type": "function", "function": {"name": self.name}}
+        return {"any": "required"}.get(self.type, self.type)
+
 
 class _ConversationRequest(_Base):
     model: str = Field(min_length=1)
@@ -77,19 +94,52 @@ class _ConversationRequest(_Base):
     chat_template_kwargs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
-        kind = (self.thinking or {}).get("type")
-        if kind not in (None, "disabled"):
-            raise InvalidRequestError(f"thinking {{'type': {kind!r}}} is not supported: lmserve has no reasoning "
-                                      "parser; omit thinking or send {'type': 'disabled'}.", "thinking")
-        config = self.output_config or {}
+        self.thinking_budget()
         self.response_format()
-        if config.get("effort") is not None:
-            raise InvalidRequestError("output_config.effort is not supported: lmserve has no reasoning parser.",
-                                      "output_config.effort")
-        if self.tool_choice is not None and self.tool_choice.type in ("any", "tool"):
-            raise InvalidRequestError(f"tool_choice {{'type': {self.tool_choice.type!r}}} is not supported yet: a "
-                                      "forced tool call is not implemented on /v1/messages; use 'auto' or 'none'.",
-                                      "tool_choice")
+        self.reasoning_effort()
+        if self.tool_choice is not None:
+            choice = self.tool_choice.chat_tool_choice()
+            if isinstance(choice, dict) and choice["function"]["name"] not in {t.name for t in self.tools or []}:
+                raise InvalidRequestError(f"tool_choice names the tool {self.tool_choice.name!r}, which is not one "
+                                          "of the request's tools.", "tool_choice.name")
+
+    def thinking_type(self) -> str | None:
+        kind = (self.thinking or {}).get("type")
+        if self.thinking is not None and kind not in ("enabled", "disabled", "adaptive"):
+            raise InvalidRequestError(f"thinking.type must be 'enabled', 'disabled' or 'adaptive', not {kind!r}.",
+                                      "thinking.type")
+        if (self.thinking or {}).get("display") == "omitted":
+            raise InvalidRequestError("thinking.display 'omitted' is not supported: the thinking always comes back "
+                                      "whole (as vLLM); leave display unset.", "thinking.display")
+        return kind
+
+    def thinking_budget(self) -> int | None:
+        """``thinking.budget_tokens`` for ``{"type": "enabled"}`` (the chat request's
+        ``thinking_token_budget``), else None."""
+        if self.thinking_type() != "enabled":
+            return None
+        budget = (self.thinking or {}).get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < MIN_THINKING_BUDGET:
+            raise InvalidRequestError(f"thinking.budget_tokens must be an integer of at least {MIN_THINKING_BUDGET} "
+                                      "when thinking is enabled.", "thinking.budget_tokens")
+        return budget
+
+    def reasoning_effort(self) -> str | None:
+        """``output_config.effort`` as the chat request's ``reasoning_effort``; None when unset or
+        when ``thinking`` is disabled (the disabled-thinking effort wins, as in vLLM)."""
+        effort = (self.output_config or {}).get("effort")
+        if effort is not None and effort not in ANTHROPIC_EFFORTS:
+            raise InvalidRequestError(f"output_config.effort must be one of {', '.join(ANTHROPIC_EFFORTS)}, not "
+                                      f"{effort!r}.", "output_config.effort")
+        return None if self.thinking_type() == "disabled" else effort
+
+    def chat_template_kwargs_with(self, disabled_effort: str | None) -> dict[str, Any] | None:
+        """The request's ``chat_template_kwargs`` plus the ``reasoning_effort`` for disabled
+        thinking (the request's own kwargs win)."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if disabled_effort is not None:
+            kwargs.setdefault("reasoning_effort", disabled_effort)
+        return kwargs or None
 
     def response_format(self) -> dict[str, Any] | None:
         """``output_config.format`` ({"type": "json_schema", "schema": ...}) as the chat request's
@@ -197,16 +247,20 @@ class AnthropicMessagesRequest(_ConversationRequest):
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
 
-    def to_chat_request(self, request_id: str, reasoning_effort: str | None) -> ChatCompletionRequest:
+    def to_chat_request(self, request_id: str, disabled_effort: str | None) -> ChatCompletionRequest:
+        """The chat request that generates this message (``disabled_effort``: the
+        ``reasoning_effort`` for ``thinking: disabled``, None otherwise)."""
         self.check_supported()
-        kwargs = dict(self.chat_template_kwargs or {})
-        if reasoning_effort is not None:
-            kwargs.setdefault("reasoning_effort", reasoning_effort)
         body: dict[str, Any] = {
             "model": self.model, "messages": self.chat_messages(), "tools": self.tools_offered() or None,
             "max_tokens": self.max_tokens, "stop": self.stop_sequences or [], "request_id": request_id,
-            "cache_salt": self.cache_salt, "vllm_xargs": self.vllm_xargs, "chat_template_kwargs": kwargs or None,
+            "cache_salt": self.cache_salt, "vllm_xargs": self.vllm_xargs,
+            "chat_template_kwargs": self.chat_template_kwargs_with(disabled_effort),
+            "reasoning_effort": self.reasoning_effort(), "thinking_token_budget": self.thinking_budget(),
             "response_format": self.response_format(), "kv_transfer_params": self.kv_transfer_params}
+        if self.tool_choice is not None and (body["tools"] or self.tool_choice.type in ("any", "tool")):
+            body["tool_choice"] = self.tool_choice.chat_tool_choice()
+            body["parallel_tool_calls"] = not self.tool_choice.disable_parallel_tool_use
         for name in ("temperature", "top_k", "top_p"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)

@@ -30,7 +30,7 @@ from lmserve.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, 
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_engine import Prompt, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
-from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
+from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, forced_tool_call, tool_call_extractor
 from lmserve.errors import LMServeError
 
 logger = logging.getLogger("lmserve.server")
@@ -84,25 +84,28 @@ class AnthropicServingMessages:
     async def count_tokens(self, request: AnthropicCountTokensRequest) -> dict[str, Any]:
         self.chat.check_model(request.model)
         request.check_supported()
-        effort = await self._effort_for(request)
-        kwargs = dict(request.chat_template_kwargs or {})
-        if effort is not None:
-            kwargs.setdefault("reasoning_effort", effort)
+        kwargs = request.chat_template_kwargs_with(await self._effort_for(request))
+        effort = request.reasoning_effort()
+        if effort is not None:  # as the chat request folds it in (ChatCompletionRequest.reasoning_effort)
+            kwargs = {"enable_thinking": True, **(kwargs or {}), "reasoning_effort": effort}
         text = await self.chat.render(request.chat_messages(), tools=request.tools_offered() or None,
-                                      chat_template_kwargs=kwargs or None)
+                                      chat_template_kwargs=kwargs)
         ids = await self.chat.off_loop(self.chat.tokenize, text, False, "messages")
         return {"input_tokens": len(ids), "context_management": {"original_input_tokens": len(ids)}}
 
     # ------------------------------------------------------------------ messages
     async def create_messages(self, request: AnthropicMessagesRequest, raw_request: Request | None) -> Any:
-        """A message body (dict), an SSEResponse when streaming, or None when the client left."""
+        """A message body (dict), an SSEResponse when streaming, or None when the client left.
+        A forced tool call (tool_choice any/tool) follows the chat completions API's rules: it
+        needs --tool-call-parser and its output is constrained to vLLM's tool-call JSON."""
         message_id = f"msg_{uuid.uuid4().hex}"
         chat_request = request.to_chat_request(message_id, await self._effort_for(request))
-        extract = tool_call_extractor(self.chat, chat_request.tools) if chat_request.tools else None
-        prompt, _, merger = await self.chat.start_generation(chat_request, message_id)
+        extract = tool_call_extractor(self.chat, chat_request) if chat_request.tools else None
+        forced = forced_tool_call(chat_request)
+        prompt, _, merger = await self.chat.start_generation(chat_request, message_id, tool_calling=forced)
         if request.stream:
-            return SSEResponse(self._stream(request, message_id, prompt, merger, extract), cleanup=merger)
-        return await until_disconnected(raw_request, self._full(request, message_id, prompt, merger, extract),
+            return SSEResponse(self._stream(request, message_id, prompt, merger, extract, forced), cleanup=merger)
+        return await until_disconnected(raw_request, self._full(request, message_id, prompt, merger, extract, forced),
                                         cleanup=merger)
 
     def _usage(self, prompt: Prompt, output_tokens: int, cached: int) -> dict[str, int]:
@@ -112,11 +115,10 @@ class AnthropicServingMessages:
             usage["cache_read_input_tokens"] = cached
         return usage
 
-    def _calls(self, request: AnthropicMessagesRequest, text: str, extract: _Extract | None) -> ExtractedToolCalls:
-        extracted = extract(text) if extract is not None else ExtractedToolCalls(text)
-        if extracted.calls and request.tool_choice is not None and request.tool_choice.disable_parallel_tool_use:
-            return ExtractedToolCalls(extracted.content, extracted.calls[:1])
-        return extracted
+    @staticmethod
+    def _calls(text: str, extract: _Extract | None) -> ExtractedToolCalls:
+        """The tool calls in ``text`` (the extractor keeps one when parallel calls are disabled)."""
+        return extract(text) if extract is not None else ExtractedToolCalls(text)
 
     @staticmethod
     def _stop(finish_reason: str | None, stop_reason: Any, tool_use: bool) -> tuple[str, str | None]:
@@ -142,10 +144,10 @@ class AnthropicServingMessages:
         return text, n_out, finish, stop_reason, cached
 
     async def _full(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt, merger: OutputMerger,
-                    extract: _Extract | None) -> dict[str, Any]:
+                    extract: _Extract | None, forced: bool) -> dict[str, Any]:
         text, n_out, finish, stop_reason, cached = await self._collect(merger)
-        reasoning, text = self.chat.split_reasoning(text)
-        extracted = self._calls(request, text, extract)
+        reasoning, text = self.chat.split_reasoning(text, forced)
+        extracted = self._calls(text, extract)
         content: list[dict[str, Any]] = []
         if reasoning:
             content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
@@ -161,7 +163,7 @@ class AnthropicServingMessages:
                 "usage": self._usage(prompt, n_out, cached)}
 
     async def _stream(self, request: AnthropicMessagesRequest, message_id: str, prompt: Prompt,
-                      merger: OutputMerger, extract: _Extract | None) -> AsyncIterator[str]:
+                      merger: OutputMerger, extract: _Extract | None, forced: bool) -> AsyncIterator[str]:
         try:
             yield _event("message_start", {"message": {
                 "id": message_id, "type": "message", "role": "assistant", "content": [],
@@ -182,8 +184,8 @@ class AnthropicServingMessages:
                     if live and o.text:
                         yield _event("content_block_delta", {"index": 0,
                                                              "delta": {"type": "text_delta", "text": o.text}})
-            reasoning, text = (None, text) if live else self.chat.split_reasoning(text)
-            extracted = self._calls(request, text, extract)
+            reasoning, text = (None, text) if live else self.chat.split_reasoning(text, forced)
+            extracted = self._calls(text, extract)
             index = 0
             if reasoning:
                 yield _event("content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": "",

@@ -516,6 +516,10 @@ class ChatMessageParam(OpenAIBaseModel):
         return self.model_dump(exclude_none=True)
 
 
+# vLLM 0.32's ``reasoning_effort`` values (chat completions; the Responses and Anthropic APIs map onto it)
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
@@ -539,6 +543,19 @@ class ChatCompletionRequest(SamplingRequest):
     media_io_kwargs: dict[str, Any] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
     include_reasoning: bool = True
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = None  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _effort_to_template(self) -> "ChatCompletionRequest":
+        """vLLM's ``build_chat_params``: ``reasoning_effort`` reaches the chat template (and the
+        reasoning parser) as the ``reasoning_effort`` kwarg, over the request's own
+        ``chat_template_kwargs``, with ``enable_thinking`` = (effort != "none") unless those set it."""
+        if self.reasoning_effort is not None:
+            kwargs = dict(self.chat_template_kwargs or {})
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            self.chat_template_kwargs = kwargs
+        return self
 
     def validate_request(self) -> None:
         super().validate_request()

@@ -192,12 +192,13 @@ class OpenAIServingChat(OpenAIServing):
             return None
         return self._tool_parser_cls()(self.tokenizer, tools)
 
-    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+    def split_reasoning(self, text: str, forced_tool_call: bool = False) -> tuple[str | None, str]:
         """A finished output's (reasoning, the rest) by the server's ``--reasoning-parser``; (None,
-        text) without one. The Responses and Anthropic APIs turn the reasoning into their own
-        ``reasoning`` item / ``thinking`` block."""
+        text) without one, or for a forced tool call whose grammar held from the first token
+        (``grammar_in_reasoning``, as ``choice_parser``). The Responses and Anthropic APIs turn the
+        reasoning into their own ``reasoning`` item / ``thinking`` block."""
         name = self.options.reasoning_parser
-        if name is None:
+        if name is None or (forced_tool_call and self.options.grammar_in_reasoning):
             return None, text
         parser = ReasoningParserManager.get_reasoning_parser(name)(
             self.tokenizer, chat_template_kwargs=dict(self.options.default_chat_template_kwargs or {}))

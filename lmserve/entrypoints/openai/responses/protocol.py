@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import Field
 
-from lmserve.entrypoints.openai.protocol import (INT64_MAX, INT64_MIN, ChatCompletionRequest, OpenAIBaseModel,
-                                                 random_uuid)
+from lmserve.entrypoints.openai.protocol import (INT64_MAX, INT64_MIN, REASONING_EFFORTS, ChatCompletionRequest,
+                                                 OpenAIBaseModel, random_uuid)
 from lmserve.errors import InvalidRequestError
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -84,9 +84,7 @@ class ResponsesRequest(OpenAIBaseModel):
         if (self.model_extra or {}).get("conversation") is not None:
             raise InvalidRequestError("conversation is not supported: there is no Conversations API; chain "
                                       "responses with previous_response_id.", "conversation")
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise InvalidRequestError("reasoning is not supported: lmserve has no reasoning parser; leave "
-                                      "reasoning unset.", "reasoning")
+        self.reasoning_effort()
         if self.include:
             raise InvalidRequestError(f"include {self.include!r} is not supported: responses carry no logprobs, "
                                       "reasoning or tool outputs to include.", "include")
@@ -113,9 +111,47 @@ class ResponsesRequest(OpenAIBaseModel):
         if self.background and self.store is False:
             raise InvalidRequestError("background=true needs store=true: a background response is fetched from "
                                       "the store.", "background")
-        if isinstance(self.tool_choice, dict) or self.tool_choice not in ("auto", "none"):
-            raise InvalidRequestError(f"tool_choice {self.tool_choice!r} is not supported yet: a forced tool "
-                                      "call is not implemented on /v1/responses; use 'auto' or 'none'.", "tool_choice")
+        self.chat_tool_choice()
+
+    def reasoning_effort(self) -> str | None:
+        """``reasoning.effort`` as the chat request's ``reasoning_effort`` (vLLM: a chat-template
+        kwarg, with ``enable_thinking``). Reasoning summaries are refused: the reasoning comes back
+        whole, as the reasoning item's ``reasoning_text`` content."""
+        reasoning = self.reasoning or {}
+        for key in ("summary", "generate_summary"):
+            if reasoning.get(key) is not None:
+                raise InvalidRequestError(f"reasoning.{key} is not supported: the reasoning (with --reasoning-parser) "
+                                          "comes back whole as reasoning_text content, not summarized; leave it "
+                                          "unset.", f"reasoning.{key}")
+        effort = reasoning.get("effort")
+        if effort is not None and effort not in REASONING_EFFORTS:
+            raise InvalidRequestError(f"reasoning.effort must be one of {', '.join(REASONING_EFFORTS)}, not "
+                                      f"{effort!r}.", "reasoning.effort")
+        return effort
+
+    def chat_tool_choice(self) -> str | dict[str, Any] | None:
+        """``tool_choice`` in chat-completions form: "auto" (None: chat's default), "none",
+        "required", or ``{"type": "function", "name": X}`` as ``{"type": "function", "function":
+        {"name": X}}``; a forced call needs tools, and a named one a tool of that name."""
+        choice = self.tool_choice
+        names = [t.get("name") for t in self.tools if t.get("type") == "function"]
+        if isinstance(choice, dict):
+            name = choice.get("name")
+            if choice.get("type") != "function" or not isinstance(name, str) or not name:
+                raise InvalidRequestError(f"tool_choice {choice!r} is not supported: use 'auto', 'none', 'required' "
+                                          "or {'type': 'function', 'name': ...} (only function tools exist here).",
+                                          "tool_choice")
+            if name not in names:
+                raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not in tools.",
+                                          "tool_choice")
+            return {"type": "function", "function": {"name": name}}
+        if choice not in ("auto", "none", "required"):
+            raise InvalidRequestError(f"tool_choice {choice!r} is not supported: use 'auto', 'none', 'required' or "
+                                      "{'type': 'function', 'name': ...}.", "tool_choice")
+        if choice == "required" and not self.tools:
+            raise InvalidRequestError("Tool choice 'required' must be specified with 'tools' parameter.",
+                                      "tool_choice")
+        return None if choice == "auto" else choice
 
     def text_format(self) -> dict[str, Any]:
         fmt = (self.text or {}).get("format")
@@ -200,7 +236,10 @@ class ResponsesRequest(OpenAIBaseModel):
             "chat_template_kwargs": self.chat_template_kwargs, "vllm_xargs": self.vllm_xargs,
             "kv_transfer_params": self.kv_transfer_params,
             "logit_bias": self.logit_bias, "response_format": self.response_format(),
-            "structured_outputs": self.structured_outputs}
+            "structured_outputs": self.structured_outputs, "reasoning_effort": self.reasoning_effort(),
+            "parallel_tool_calls": self.parallel_tool_calls}
+        if tools:
+            body["tool_choice"] = self.chat_tool_choice()
         for name in ("max_output_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty", "seed"):
             value = getattr(self, name)

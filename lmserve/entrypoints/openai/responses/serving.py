@@ -40,7 +40,7 @@ from lmserve.entrypoints.openai.responses.store import ResponseStore
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_engine import Prompt, error_body, until_disconnected
 from lmserve.entrypoints.openai.stream_utils import OutputMerger, SSEResponse
-from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, tool_call_extractor
+from lmserve.entrypoints.tool_call_extraction import ExtractedToolCalls, forced_tool_call, tool_call_extractor
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.sampling_params import SamplingParams
 
@@ -79,6 +79,7 @@ class _Turn:
     params: SamplingParams
     extract: Callable[[str], ExtractedToolCalls]  # the output's tool calls (tool_call_extraction)
     tools_offered: bool
+    forced_tool_call: bool = False  # tool_choice required / a named function
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -122,9 +123,12 @@ class OpenAIServingResponses:
         messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) \
             + conversation
         chat_request = request.to_chat_request(messages, tools)
-        extract = tool_call_extractor(self.chat, chat_request.tools)  # before the engine request starts
-        prompt, params, merger = await self.chat.start_generation(chat_request, request.request_id)
-        turn = _Turn(request, conversation, prompt, params, extract, bool(tools))
+        extract = tool_call_extractor(self.chat, chat_request)  # before the engine request starts
+        # a forced call (required / a named function) runs under the chat completions API's tool rules
+        forced = forced_tool_call(chat_request)
+        prompt, params, merger = await self.chat.start_generation(chat_request, request.request_id,
+                                                                  tool_calling=forced)
+        turn = _Turn(request, conversation, prompt, params, extract, bool(tools), forced)
         if request.background:
             queued = self._body(turn, [], "queued", None)
             self.store.put(turn.response_id, queued, conversation)
@@ -172,7 +176,7 @@ class OpenAIServingResponses:
     def _output(self, turn: _Turn, gen: _Generated) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The output items and the assistant message they are in the conversation."""
         status = "incomplete" if gen.finish_reason == "length" else "completed"
-        reasoning, text = self.chat.split_reasoning(gen.text)
+        reasoning, text = self.chat.split_reasoning(gen.text, turn.forced_tool_call)
         extracted = turn.extract(text)
         items: list[dict[str, Any]] = []
         if reasoning:
@@ -218,7 +222,7 @@ class OpenAIServingResponses:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": r.instructions, "max_output_tokens": p.max_tokens, "max_tool_calls": None,
             "model": self.chat.model_name, "output": output, "parallel_tool_calls": bool(r.parallel_tool_calls),
-            "previous_response_id": r.previous_response_id, "reasoning": None, "service_tier": r.service_tier,
+            "previous_response_id": r.previous_response_id, "reasoning": r.reasoning, "service_tier": r.service_tier,
             "store": bool(r.store), "temperature": p.temperature, "text": {"format": r.text_format()},
             "tool_choice": r.tool_choice, "tools": r.tools, "top_logprobs": r.top_logprobs, "top_p": p.top_p,
             "truncation": r.truncation or "disabled", "usage": usage, "user": r.user, "metadata": r.metadata,
