@@ -16,7 +16,7 @@ from tests.server.fake_engine import FakeAsyncLLM
 class ScriptedAsyncLLM(FakeAsyncLLM):
     """Each request outputs ``script`` (ASCII), one token per output, then finishes with
     ``finish_reason``/``stop_reason`` (or "length" when max_tokens cuts it). ``prompts``
-    records every prompt text received."""
+    records every prompt text received, ``params`` every request's SamplingParams."""
 
     script: str = ""
     finish_reason: str = "stop"
@@ -25,10 +25,12 @@ class ScriptedAsyncLLM(FakeAsyncLLM):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.prompts: list[str] = []
+        self.params: list[SamplingParams] = []
 
     async def generate(self, prompt: dict, sampling_params: SamplingParams, request_id: str,
                        priority: int = 0, cache_salt: str | None = None, **_: Any):
         self.prompts.append(prompt.get("prompt") or "")
+        self.params.append(sampling_params)
         ids = list(self.tokenizer.encode(self.script, add_special_tokens=False))[:sampling_params.max_tokens]
         cut = len(ids) < len(self.tokenizer.encode(self.script, add_special_tokens=False))
         self.running.add(request_id)

@@ -1,6 +1,6 @@
 """/v1/messages over a scripted engine (in-process, official AsyncAnthropic client): tool_use
 blocks (streamed as input_json_delta and not), tool_result round trip, stop reasons, and
-Anthropic-shaped errors."""
+Anthropic-shaped errors, forced tool calls (tool_choice any / tool) and thinking options."""
 
 from __future__ import annotations
 
@@ -86,13 +86,16 @@ async def test_anthropic_errors(tokenizer):
         with pytest.raises(anthropic.NotFoundError) as e:
             await c.messages.create(model="claude-nope", max_tokens=5, messages=HI)
         assert e.value.body["error"]["type"] == "not_found_error"
+        # thinking with a budget needs a reasoning parser (vLLM's 400 for thinking_token_budget)
         with pytest.raises(anthropic.BadRequestError) as e:
             await c.messages.create(model="fake", max_tokens=5, messages=HI,
                                     thinking={"type": "enabled", "budget_tokens": 2048})
-        assert "thinking" in e.value.body["error"]["message"]
-        with pytest.raises(anthropic.BadRequestError):
+        assert "--reasoning-parser" in e.value.body["error"]["message"]
+        # a forced tool call needs --tool-call-parser, as on /v1/chat/completions
+        with pytest.raises(anthropic.BadRequestError) as e:
             await c.messages.create(model="fake", max_tokens=5, messages=HI, tools=TOOLS,
                                     tool_choice={"type": "any"})
+        assert "--tool-call-parser" in e.value.body["error"]["message"]
     # a body that is not valid JSON, or misses max_tokens, is still an Anthropic error
     import httpx
 
@@ -130,3 +133,63 @@ async def test_thinking_blocks_from_the_reasoning_parser(tokenizer):
             final = await s.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == "plan it" and final.content[1].text == "The answer."
+
+
+FORCED = ["--tool-call-parser", "hermes"]
+
+
+async def test_tool_choice_any_reads_the_required_array(tokenizer):
+    """tool_choice any is chat's "required": the (constrained) output is vLLM's JSON array of
+    calls; disable_parallel_tool_use caps the grammar at one call."""
+    script = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, ' \
+             '{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    app, engine = scripted_app(tokenizer, script, FORCED, max_model_len=1024)
+    async with anthropic_client(app) as c:
+        m = await c.messages.create(model="fake", max_tokens=200, messages=HI, tools=TOOLS,
+                                    tool_choice={"type": "any"})
+        assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["tool_use", "tool_use"]
+        assert [b.input for b in m.content] == [{"city": "Paris"}, {"city": "Oslo"}]
+        assert engine.params[-1].structured_outputs is not None
+        async with c.messages.stream(model="fake", max_tokens=200, messages=HI, tools=TOOLS,
+                                     tool_choice={"type": "any", "disable_parallel_tool_use": True}) as s:
+            final = await s.get_final_message()
+    assert [(b.type, b.input) for b in final.content] == [("tool_use", {"city": "Paris"})]
+
+
+async def test_tool_choice_tool_reads_the_named_arguments(tokenizer):
+    import anthropic
+
+    app, engine = scripted_app(tokenizer, '{"city": "Paris"}', FORCED, max_model_len=1024)
+    async with anthropic_client(app) as c:
+        m = await c.messages.create(model="fake", max_tokens=200, messages=HI, tools=TOOLS,
+                                    tool_choice={"type": "tool", "name": "get_weather"})
+        assert m.stop_reason == "tool_use" and len(m.content) == 1
+        assert m.content[0].name == "get_weather" and m.content[0].input == {"city": "Paris"}
+        assert engine.params[-1].structured_outputs is not None
+        with pytest.raises(anthropic.BadRequestError) as e:
+            await c.messages.create(model="fake", max_tokens=5, messages=HI, tools=TOOLS,
+                                    tool_choice={"type": "tool", "name": "rm_rf"})
+        assert "rm_rf" in e.value.body["error"]["message"]
+
+
+async def test_thinking_budget_and_effort_reach_the_engine(tokenizer):
+    """thinking enabled: budget_tokens is the SamplingParams' thinking_token_budget;
+    output_config.effort reaches the chat template as reasoning_effort."""
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}|{{ reasoning_effort }}|{{ enable_thinking }}|"
+    app, engine = scripted_app(tokenizer, "<think>plan it</think>The answer.",
+                               ["--reasoning-parser", "deepseek_r1", "--chat-template", template], max_model_len=1024)
+    async with anthropic_client(app) as c:
+        m = await c.messages.create(model="fake", max_tokens=200, messages=HI,
+                                    thinking={"type": "enabled", "budget_tokens": 2048},
+                                    output_config={"effort": "low"})
+        assert [b.type for b in m.content] == ["thinking", "text"]
+        assert engine.params[-1].thinking_token_budget == 2048
+        assert engine.prompts[-1].endswith("|low|True|")
+        await c.messages.create(model="fake", max_tokens=200, messages=HI, thinking={"type": "adaptive"})
+        assert engine.params[-1].thinking_token_budget is None and engine.prompts[-1].endswith("||")
+        # disabled thinking: the --anthropic-disabled-thinking-effort ("auto": none here) wins over effort
+        await c.messages.create(model="fake", max_tokens=200, messages=HI, thinking={"type": "disabled"},
+                                output_config={"effort": "high"})
+        assert engine.prompts[-1].endswith("|none||")
+        n = await c.messages.count_tokens(model="fake", messages=HI, output_config={"effort": "high"})
+    assert n.input_tokens == len(tokenizer.encode("Weather in Paris?|high|True|", add_special_tokens=False))

@@ -133,7 +133,7 @@ def test_responses_refusals(oai):
                       (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
                        "input.0.content.0"),
                       (dict(tool_choice="required", tools=[{"type": "function", "name": "f"}]), "tool_choice"),
-                      (dict(reasoning={"effort": "high"}), "reasoning")):
+                      (dict(reasoning={"summary": "auto"}), "reasoning.summary")):
         with pytest.raises(BadRequestError) as e:
             oai.responses.create(**{"model": M, "input": "x", "max_output_tokens": 2, **kw})
         assert e.value.body["param"] == param, e.value.body

@@ -1,6 +1,7 @@
 """/v1/responses over a scripted engine (in-process, official AsyncOpenAI client): function
 calls as output items, streamed and not, the function_call_output round trip, instructions
-and the chain of previous_response_id, stop reasons."""
+and the chain of previous_response_id, stop reasons, forced tool calls (tool_choice required /
+a named function) and reasoning.effort."""
 
 from __future__ import annotations
 
@@ -131,3 +132,56 @@ async def test_reasoning_item_from_the_reasoning_parser(tokenizer):
     assert [o.type for o in done.output] == ["reasoning", "message"] and done.output_text == "The answer."
     deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
     assert deltas == "plan it"
+
+
+FORCED = ["--tool-call-parser", "hermes"]
+
+
+async def test_tool_choice_required_reads_the_array(tokenizer):
+    """tool_choice "required" runs as on /v1/chat/completions: the output is constrained to
+    vLLM's JSON array of calls, read back as function_call items; parallel_tool_calls=false
+    keeps one."""
+    script = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, ' \
+             '{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    app, engine = scripted_app(tokenizer, script, FORCED, max_model_len=1024)
+    async with openai_client(app) as c:
+        r = await c.responses.create(model="fake", input="Weather?", tools=[WEATHER_TOOL], tool_choice="required")
+        assert [(o.type, json.loads(o.arguments)) for o in r.output] == [("function_call", {"city": "Paris"}),
+                                                                         ("function_call", {"city": "Oslo"})]
+        assert engine.params[-1].structured_outputs is not None and r.tool_choice == "required"
+        events = [e async for e in await c.responses.create(model="fake", input="Weather?", tools=[WEATHER_TOOL],
+                                                            tool_choice="required", parallel_tool_calls=False,
+                                                            stream=True)]
+    done = events[-1].response
+    assert [(o.type, json.loads(o.arguments)) for o in done.output] == [("function_call", {"city": "Paris"})]
+
+
+async def test_named_tool_choice_and_refusals(tokenizer):
+    import openai
+
+    app, engine = scripted_app(tokenizer, '{"city": "Paris"}', FORCED, max_model_len=1024)
+    async with openai_client(app) as c:
+        r = await c.responses.create(model="fake", input="Weather?", tools=[WEATHER_TOOL],
+                                     tool_choice={"type": "function", "name": "get_weather"})
+        assert [(o.type, o.name, json.loads(o.arguments)) for o in r.output] == [
+            ("function_call", "get_weather", {"city": "Paris"})]
+        assert engine.params[-1].structured_outputs is not None
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.responses.create(model="fake", input="x", tools=[WEATHER_TOOL],
+                                     tool_choice={"type": "function", "name": "rm_rf"})
+        assert e.value.body["param"] == "tool_choice" and "rm_rf" in e.value.body["message"]
+    # without --tool-call-parser a forced call is refused, as on /v1/chat/completions
+    app, _ = scripted_app(tokenizer, "x")
+    async with openai_client(app) as c:
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.responses.create(model="fake", input="x", tools=[WEATHER_TOOL], tool_choice="required")
+    assert "--tool-call-parser" in e.value.body["message"]
+
+
+async def test_reasoning_effort_reaches_the_template(tokenizer):
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}|{{ reasoning_effort }}|{{ enable_thinking }}|"
+    app, engine = scripted_app(tokenizer, "<think>plan it</think>The answer.",
+                               ["--reasoning-parser", "deepseek_r1", "--chat-template", template], max_model_len=1024)
+    async with openai_client(app) as c:
+        r = await c.responses.create(model="fake", input="hi", reasoning={"effort": "none"})
+    assert engine.prompts[-1] == "hi|none|False|" and r.reasoning.effort == "none"
