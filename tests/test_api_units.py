@@ -215,7 +215,8 @@ def test_anthropic_options_reach_the_chat_request():
                       (dict(thinking={"type": "sometimes"}), "thinking.type"),
                       (dict(output_config={"effort": "extreme"}), "output_config.effort"),
                       (dict(tools=tools, tool_choice={"type": "tool"}), "tool_choice.name"),
-                      (dict(tools=tools, tool_choice={"type": "tool", "name": "rm_rf"}), "tool_choice.name")):
+                      (dict(tools=tools, tool_choice={"type": "tool", "name": "rm_rf"}), "tool_choice.name"),
+                      (dict(thinking={"type": "adaptive", "display": "omitted"}), "thinking.display")):
         with pytest.raises(InvalidRequestError) as e:
             AnthropicMessagesRequest(model="m", max_tokens=5, messages=hi, **kw).to_chat_request("msg_1", None)
         assert e.value.param == param
@@ -264,3 +265,14 @@ def test_event_logs_bounded():
         assert [e async for e in b.follow(0)] == ["z"]
 
     asyncio.run(main())
+
+
+def test_anthropic_thinking_blocks_are_the_assistant_reasoning():
+    req = AnthropicMessagesRequest(model="m", max_tokens=5, messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "s"},
+                                          {"type": "redacted_thinking", "data": "xx"},
+                                          {"type": "text", "text": "Hello"}]},
+        {"role": "user", "content": "more"}])
+    msgs = req.to_chat_request("msg_1", None).template_messages()
+    assert msgs[1]["role"] == "assistant" and msgs[1]["content"] == "Hello" and msgs[1]["reasoning"] == "plan"

@@ -5,7 +5,8 @@ Translation (as vLLM's ``to_chat_completion_request``): ``system`` (a string or 
 is a system message; ``text`` blocks are message text; an assistant's ``tool_use`` blocks
 are its ``tool_calls`` (``input`` serialized as the JSON arguments); a user's
 ``tool_result`` blocks are ``tool`` messages placed before the rest of that user turn.
-Images and ``thinking`` blocks in the input are refused (text-only models).
+An assistant's ``thinking`` blocks are its message's ``reasoning`` (``redacted_thinking`` is
+skipped), as vLLM. Images are refused (text-only models).
 
 Request options, as vLLM maps them onto the chat request: ``tool_choice`` auto/any/tool/none
 is chat's "auto"/"required"/named function/"none", ``disable_parallel_tool_use`` is
@@ -56,6 +57,8 @@ class AnthropicContentBlock(_Base):
     tool_use_id: str | None = None
     content: str | list[dict[str, Any]] | None = None
     is_error: bool | None = None
+    thinking: str | None = None
+    signature: str | None = None
 
 
 class AnthropicMessage(_Base):
@@ -204,6 +207,7 @@ def _convert_message(m: AnthropicMessage, where: str) -> list[dict[str, Any]]:
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
     texts: list[str] = []
+    reasoning: list[str] = []
     tool_calls: list[dict[str, Any]] = []
     tool_results: list[dict[str, Any]] = []
     for j, b in enumerate(m.content):
@@ -212,6 +216,10 @@ def _convert_message(m: AnthropicMessage, where: str) -> list[dict[str, Any]]:
             texts.append(b.text or "")
         elif b.type == "image":
             raise InvalidRequestError(f"{at}: image blocks are not supported; lmserve serves text-only models.", at)
+        elif b.type == "thinking" and m.role == "assistant":
+            reasoning.append(b.thinking or "")  # the message's reasoning, for templates that render it
+        elif b.type == "redacted_thinking" and m.role == "assistant":
+            pass  # opaque (encrypted) reasoning: accepted so clients can echo a turn back, as vLLM
         elif b.type == "tool_use" and m.role == "assistant":
             if not b.id or not b.name:
                 raise InvalidRequestError(f"{at}: a tool_use block needs id and name.", at)
@@ -225,10 +233,13 @@ def _convert_message(m: AnthropicMessage, where: str) -> list[dict[str, Any]]:
                                  "content": _tool_result_text(b.content, f"{at}.content")})
         else:
             raise InvalidRequestError(f"{at}: {b.type!r} blocks are not supported in {m.role} messages (text, "
-                                      "tool_use from the assistant and tool_result from the user are).", at)
+                                      "thinking and tool_use from the assistant and tool_result from the user "
+                                      "are).", at)
     out = list(tool_results)
-    if texts or tool_calls or not tool_results:
+    if texts or tool_calls or reasoning or not tool_results:
         msg: dict[str, Any] = {"role": m.role, "content": "\n".join(texts)}
+        if reasoning:
+            msg["reasoning"] = "".join(reasoning)
         if tool_calls:
             msg["tool_calls"] = tool_calls
         out.append(msg)
