@@ -232,6 +232,9 @@ def test_responses_options_reach_the_chat_request():
     chat = req.to_chat_request(msgs, fn)
     assert chat.tool_choice == {"type": "function", "function": {"name": "add"}} and chat.parallel_tool_calls is False
     assert chat.reasoning_effort == "low" and chat.chat_template_kwargs["enable_thinking"] is True
+    # the request's own enable_thinking wins (vLLM's build_chat_params)
+    req = ResponsesRequest(input="x", reasoning={"effort": "high"}, chat_template_kwargs={"enable_thinking": False})
+    assert req.to_chat_request(msgs, []).chat_template_kwargs == {"enable_thinking": False, "reasoning_effort": "high"}
     assert ResponsesRequest(input="x", tools=tools, tool_choice="required").to_chat_request(msgs, fn).tool_choice \
         == "required"
     for kw, param in ((dict(tools=tools, tool_choice={"type": "function", "name": "rm_rf"}), "tool_choice"),
