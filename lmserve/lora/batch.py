@@ -25,16 +25,58 @@ columns of the masked rows add exact zeros, so a base row's output is the base m
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
+from lmserve.model.layers.cpu_kernels.sgemm import get_panel_kernel
 
-# A step uses the segment form when its adapter runs average at least this many rows.
+# A step uses the segment form when it has at most SEGMENT_MAX_RUNS runs of rows on one adapter
+# (each run costs a few torch/kernel calls per module) averaging at least SEGMENT_MIN_ROWS rows.
+SEGMENT_MAX_RUNS = 8
 SEGMENT_MIN_ROWS = 16
+
+
+class _Weight:
+    """A [K, N] right-hand factor, multiplied by lmserve's own panel GEMM where it takes the dtype
+    and shape (``cpu_kernels/sgemm.py``), else by torch. The panel kernel runs in the same OpenMP
+    thread pool as the model's native kernels: torch's own pool, woken between two of them for a
+    small matmul, finds the cores still held by the other pool's spinning threads (measured on the
+    2-core test machine: a [32, 64] @ [64, 576] bf16 addmm took ~200 us inside a decode step
+    against ~30 us alone)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w.contiguous()  # [K, N]
+        self.n = w.shape[1]
+        kernel = get_panel_kernel(w.dtype) if w.device.type == "cpu" else None
+        wt = self.w.t()
+        self.kernel = kernel if kernel is not None and kernel.takes(wt) else None
+        self.panels = self.kernel.pack(wt) if self.kernel is not None else None
+
+    def product(self, h: torch.Tensor) -> torch.Tensor:
+        """h [M, K] @ w, in w's dtype."""
+        h = h if h.dtype == self.w.dtype else h.to(self.w.dtype)
+        if self.kernel is not None:
+            return self.kernel.matmul(h, self.panels, self.n, None)
+        return torch.mm(h, self.w)
+
+    def add_product(self, y: torch.Tensor, h: torch.Tensor) -> None:
+        """y += h @ w in place (y may be a strided view), in y's dtype."""
+        if self.kernel is None and y.dtype == self.w.dtype:
+            y.addmm_(h if h.dtype == self.w.dtype else h.to(self.w.dtype), self.w)
+            return
+        y.add_(self.product(h))
+
+    def product_into(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """out = h @ w (out [M, N] in w's dtype, unit column stride; the panel kernel writes in place)."""
+        h = h if h.dtype == self.w.dtype else h.to(self.w.dtype)
+        if self.kernel is not None:
+            self.kernel.matmul(h, self.panels, self.n, None, out=out)
+        else:
+            torch.mm(h, self.w, out=out)
 
 
 @dataclass
@@ -44,57 +86,86 @@ class _Expand:
     h1: int
     y0: int
     y1: int
-    b: torch.Tensor  # [h1 - h0, y1 - y0], contiguous
+    b: _Weight  # [h1 - h0, y1 - y0]
 
 
-@dataclass
+_Own = tuple[_Weight, list[_Expand]]  # one adapter's A^T and its shard blocks, for one module
+
+
+def _prepare(delta: LayerDelta) -> _Own:
+    return _Weight(delta.a.t()), [_Expand(r0, r1, c0, c1, _Weight(delta.b[r0:r1, c0:c1]))
+                                  for r0, r1, c0, c1 in delta.nonzero_blocks()]
+
+
 class _ModuleWeights:
-    a_cat: torch.Tensor  # [C, in]: every active adapter's A rows, grouped by output shard
-    owner: tuple[int, ...]  # per column of a_cat: the index of its adapter in the active set
-    expands: list[_Expand]  # the masked form's per-shard expands
-    own: list[tuple[torch.Tensor, list[_Expand]] | None]  # per adapter: its A and its blocks (segments)
+    """One module's weights for a set of adapters: ``own`` per adapter (the segment form), and,
+    built on the first masked step, ``a_cat`` [in, C] (every adapter's A^T columns grouped by
+    output shard), ``owner`` (per column, the index of its adapter) and the per-shard expands."""
 
+    def __init__(self, own: list[_Own | None]) -> None:
+        self.own = own
+        self._masked: tuple[_Weight, tuple[int, ...], list[_Expand]] | None = None
 
-def _blocks_of(delta: LayerDelta) -> list[_Expand]:
-    return [_Expand(r0, r1, c0, c1, delta.b[r0:r1, c0:c1].contiguous()) for r0, r1, c0, c1 in delta.nonzero_blocks()]
-
-
-class _ActiveSet:
-    """The concatenated weights of one set of adapters, built per module on first use."""
-
-    def __init__(self, adapters: tuple[LoRAAdapter, ...]) -> None:
-        self.adapters = adapters  # held: the cache key is their identities
-        self._modules: dict[str, _ModuleWeights | None] = {}
-
-    def module(self, key: str) -> _ModuleWeights | None:
-        if key not in self._modules:
-            deltas = [ad.deltas.get(key) for ad in self.adapters]
-            own = [None if d is None else (d.a, _blocks_of(d)) for d in deltas]
-            if all(o is None for o in own):
-                self._modules[key] = None
-                return None
+    def masked(self) -> tuple[_Weight, tuple[int, ...], list[_Expand]]:
+        if self._masked is None:
             groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-            for slot, o in enumerate(own):
+            for slot, o in enumerate(self.own):
                 if o is not None:
                     for blk in o[1]:
-                        groups.setdefault((blk.y0, blk.y1), []).append((slot, o[0][blk.h0:blk.h1], blk.b))
-            a_rows, owner, expands = [], [], []
+                        groups.setdefault((blk.y0, blk.y1), []).append((slot, o[0].w[:, blk.h0:blk.h1], blk.b.w))
+            a_cols, owner, expands = [], [], []
             for (y0, y1), members in sorted(groups.items()):
                 h0 = len(owner)
                 for slot, a, _ in members:
-                    a_rows.append(a)
-                    owner.extend([slot] * a.shape[0])
-                expands.append(_Expand(h0, len(owner), y0, y1, torch.cat([b for _, _, b in members]).contiguous()))
-            self._modules[key] = _ModuleWeights(torch.cat(a_rows).contiguous(), tuple(owner), expands, own)
+                    a_cols.append(a)
+                    owner.extend([slot] * a.shape[1])
+                expands.append(_Expand(h0, len(owner), y0, y1, _Weight(torch.cat([b for _, _, b in members]))))
+            self._masked = (_Weight(torch.cat(a_cols, dim=1)), tuple(owner), expands)
+        return self._masked
+
+
+class _ActiveSet:
+    """The weights of one set of adapters, per module on first use. Each adapter's own prepared
+    (packed) weights come from ``prepared``, shared by every set it is in."""
+
+    def __init__(self, adapters: tuple[LoRAAdapter, ...],
+                 prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]]) -> None:
+        self.adapters = adapters  # held: the cache key is their identities
+        self._prepared = prepared
+        self._modules: dict[str, _ModuleWeights | None] = {}
+
+    def _own(self, adapter: LoRAAdapter, key: str) -> _Own | None:
+        delta = adapter.deltas.get(key)
+        if delta is None:
+            return None
+        per_module = self._prepared.setdefault(adapter, {})
+        if key not in per_module:
+            per_module[key] = _prepare(delta)
+        return per_module[key]
+
+    def module(self, key: str) -> _ModuleWeights | None:
+        if key not in self._modules:
+            own = [self._own(ad, key) for ad in self.adapters]
+            self._modules[key] = None if all(o is None for o in own) else _ModuleWeights(own)
         return self._modules[key]
 
 
-def _add_product(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> None:
-    """y += h @ b in place (y may be a strided view), in y's dtype."""
-    if y.dtype == b.dtype:
-        y.addmm_(h, b)
-    else:
-        y.add_(torch.mm(h, b).to(y.dtype))
+def _expand(y: torch.Tensor, h: torch.Tensor, expands: list[_Expand]) -> torch.Tensor:
+    """y += the expands of h, each into its own columns. Where they run on the panel kernel, each
+    writes its columns of one contiguous buffer and a single add lands it on y (adds into a
+    column slice of y are strided, and slow in bf16); else one addmm per expand."""
+    if len(expands) > 1 and all(e.b.kernel is not None for e in expands) and y.is_contiguous():
+        spans = sorted((e.y0, e.y1) for e in expands)
+        if all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:])):  # disjoint columns
+            covered = spans[0][0] == 0 and spans[-1][1] == y.shape[1] and all(
+                prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:]))
+            d = (torch.empty if covered else torch.zeros)(y.shape, dtype=expands[0].b.w.dtype)
+            for e in expands:
+                e.b.product_into(h[:, e.h0:e.h1], d[:, e.y0:e.y1])
+            return y.add_(d)
+    for e in expands:
+        e.b.add_product(y[:, e.y0:e.y1], h[:, e.h0:e.h1])
+    return y
 
 
 class LoRAStepMapping:
@@ -132,21 +203,16 @@ class LoRAStepMapping:
         if x.shape[0] != self.num_tokens:
             raise ValueError(f"LoRA mapping is for {self.num_tokens} rows, the module got {x.shape[0]}")
         if not self.segmented:
-            a = weights.a_cat
-            h = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)  # shrink [T, C]
-            h.mul_(self._mask(weights.owner, h.dtype))
-            for e in weights.expands:
-                _add_product(y[:, e.y0:e.y1], h[:, e.h0:e.h1], e.b)
-            return y
+            a_cat, owner, expands = weights.masked()
+            h = a_cat.product(x)  # shrink [T, C]
+            h.mul_(self._mask(owner, h.dtype))
+            return _expand(y, h, expands)
         for r0, r1, slot in self.runs:
             own = weights.own[slot]
             if own is None:
                 continue
             a, blocks = own
-            xs = x[r0:r1]
-            h = F.linear(xs if xs.dtype == a.dtype else xs.to(a.dtype), a)
-            for e in blocks:
-                _add_product(y[r0:r1, e.y0:e.y1], h[:, e.h0:e.h1], e.b)
+            _expand(y[r0:r1], a.product(x[r0:r1]), blocks)
         return y
 
 
@@ -157,6 +223,8 @@ class LoRABatchBuilder:
     def __init__(self, max_sets: int = 4) -> None:
         self.max_sets = max_sets
         self._sets: OrderedDict[tuple[int, ...], _ActiveSet] = OrderedDict()
+        # per adapter (alive while any request or the cache holds it): its prepared weights per module
+        self._prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]] = weakref.WeakKeyDictionary()
 
     def build(self, per_seq: list[LoRAAdapter | None], query_lens: list[int],
               device: torch.device) -> LoRAStepMapping | None:
@@ -172,7 +240,7 @@ class LoRABatchBuilder:
         key = tuple(id(a) for a in adapters)
         active = self._sets.get(key)
         if active is None:
-            active = self._sets[key] = _ActiveSet(adapters)
+            active = self._sets[key] = _ActiveSet(adapters, self._prepared)
             while len(self._sets) > self.max_sets:
                 self._sets.popitem(last=False)
         self._sets.move_to_end(key)
@@ -188,10 +256,11 @@ class LoRABatchBuilder:
                     runs.append((row, row + n, slot))
             row += n
         adapter_rows = sum(r1 - r0 for r0, r1, _ in runs)
-        segmented = len(runs) == 1 or adapter_rows >= SEGMENT_MIN_ROWS * len(runs)
+        segmented = len(runs) <= SEGMENT_MAX_RUNS and adapter_rows >= SEGMENT_MIN_ROWS * len(runs)
         slots = torch.tensor(seq_slots, dtype=torch.int64)
         token_slot = torch.repeat_interleave(slots, torch.tensor(query_lens, dtype=torch.int64)).to(device)
         return LoRAStepMapping(active, token_slot, runs, segmented)
 
     def clear(self) -> None:
         self._sets.clear()
+        self._prepared.clear()
