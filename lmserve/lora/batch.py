@@ -7,7 +7,8 @@ projection module with weight W, each row x with adapter i gets ``x @ W^T + (x @
 * Segments (prefill-heavy steps, or every row on one adapter): the rows form runs of consecutive
   sequences with one adapter; per run ``h = x[run] @ A_i^T`` then, per shard block of ``B_i``,
   ``y[run, shard cols] += h[:, shard rows] @ B_i[block]``. Only useful flops; ``1 + shards`` torch
-  calls per run and module, so it is used when the runs average ``SEGMENT_MIN_ROWS`` rows or more.
+  calls per run and module, so it is used for at most ``SEGMENT_MAX_RUNS`` runs averaging
+  ``SEGMENT_MIN_ROWS`` rows or more.
 * Masked (decode steps: one row per sequence, adapters interleaved), no loop over rows or adapters:
 
       h = x @ A_cat^T        shrink: every row against the A rows of every active adapter  [T, C]
@@ -17,9 +18,10 @@ projection module with weight W, each row x with adapter i gets ``x @ W^T + (x @
   ``A_cat`` stacks the active adapters' A rows shard by shard and ``B_g`` the adapters' B^T blocks
   of shard g, so a merged module's expand never multiplies the other shards' zero columns.
 
-``A_cat`` / ``B_g`` are built once per set of active adapters and module and kept for the next
-steps (``LoRABatchBuilder``: the last few sets), and the mask once per step and column layout, so a
-steady decode batch concatenates nothing. A module no active adapter targets costs nothing. Zero
+Each adapter's weights are prepared (packed for the panel GEMM, see ``_Weight``) once per module
+and shared by every set it is in; ``A_cat`` / ``B_g`` are built on a set's first masked step and
+kept for the next steps (``LoRABatchBuilder``: the last few sets), and the mask once per step and
+column layout, so a steady decode batch concatenates nothing. A module no active adapter targets costs nothing. Zero
 columns of the masked rows add exact zeros, so a base row's output is the base model's own.
 """
 
