@@ -78,6 +78,22 @@ def test_panel_kernel_rows_are_batch_invariant(backend, dtype, n):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("backend,dtype", PANEL_KERNELS)
+def test_panel_kernel_writes_into_a_column_slice(backend, dtype):
+    """``matmul(..., out=view)`` writes the product into a column slice of a wider matrix (its row
+    stride) and nothing else; a wrongly shaped ``out`` is refused."""
+    kernel = get_kernel(backend)
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=gen).to(dtype), torch.randn(7, 64, generator=gen).to(dtype)
+    panels = kernel.pack(w)
+    wide = torch.full((7, 200), 3.0, dtype=dtype)
+    kernel.matmul(x, panels, 96, None, out=wide[:, 50:146])
+    assert torch.equal(wide[:, 50:146], kernel.matmul(x, panels, 96, None))
+    assert (wide[:, :50] == 3).all() and (wide[:, 146:] == 3).all()
+    with pytest.raises(ValueError, match="out must be"):
+        kernel.matmul(x, panels, 96, None, out=wide[:, :95])
+
+
 @pytest.mark.skipif(get_sbgemm_kernel() is None, reason="no AVX512-BF16")
 def test_sbgemm_does_not_take_odd_k_which_goes_to_onednn():
     w = torch.randn(8, 33).bfloat16()

@@ -164,28 +164,50 @@ def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
     assert llm.llm_engine.core.scheduler.num_unfinished == 0  # a refused request leaves nothing behind
 
 
-def test_batched_delta_equals_per_row_reference():
-    """The masked shrink/expand over mixed rows equals each row's own x A^T B, base rows untouched."""
+@pytest.mark.parametrize("segment_min_rows", [0, 10**6], ids=["segments", "masked"])
+def test_batched_delta_equals_per_row_reference(monkeypatch, segment_min_rows):
+    """Both forms of the batched delta (per-run segments, masked shrink with per-shard expand) equal
+    each row's own x A^T B, base rows untouched; merged modules (shard blocks) included."""
+    from lmserve.lora import batch as lora_batch
     from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
 
+    monkeypatch.setattr(lora_batch, "SEGMENT_MIN_ROWS", segment_min_rows)
     gen = torch.Generator().manual_seed(0)
+
+    def merged(shard_ranks):  # a Q|K|V-like module of 24 = 12 + 6 + 6 columns; rank 0: shard not targeted
+        cols = ((0, 12), (12, 18), (18, 24))
+        a_rows, b_rows, blocks = [], [], []
+        for (c0, c1), r in zip(cols, shard_ranks):
+            if r:
+                b = torch.zeros(r, 24)
+                b[:, c0:c1] = torch.randn(r, c1 - c0, generator=gen)
+                blocks.append((sum(t.shape[0] for t in a_rows), sum(t.shape[0] for t in a_rows) + r, c0, c1))
+                a_rows.append(torch.randn(r, 32, generator=gen))
+                b_rows.append(b)
+        return LayerDelta(torch.cat(a_rows), torch.cat(b_rows), tuple(blocks))
+
     adapters = [LoRAAdapter(i + 1, f"a{i}", "", r, {"m": LayerDelta(torch.randn(r, 32, generator=gen),
-                                                                     torch.randn(r, 24, generator=gen))})
-                for i, r in enumerate((4, 8, 2))]
+                                                                     torch.randn(r, 24, generator=gen)),
+                                                     "qkv": merged(ranks)})
+                for i, (r, ranks) in enumerate(((4, (4, 4, 4)), (8, (8, 0, 8)), (2, (0, 2, 0))))]
     adapters.append(LoRAAdapter(9, "other", "", 4, {}))  # targets no module here
-    per_seq = [adapters[1], None, adapters[0], adapters[3], adapters[2], adapters[1]]
-    qlens = [1, 3, 2, 1, 4, 2]
+    per_seq = [adapters[1], None, adapters[0], adapters[3], adapters[2], adapters[1], adapters[1]]
+    qlens = [1, 3, 2, 1, 4, 2, 1]
     mapping = LoRABatchBuilder().build(per_seq, qlens, torch.device("cpu"))
+    assert mapping.segmented == (segment_min_rows == 0)
     x = torch.randn(sum(qlens), 32, generator=gen)
     y0 = torch.randn(sum(qlens), 24, generator=gen)
-    got = mapping.add_delta("m", x, y0.clone())
-    row = 0
-    for ad, q in zip(per_seq, qlens):
-        for _ in range(q):
-            d = ad.deltas.get("m") if ad is not None else None
-            want = y0[row] + (x[row] @ d.a.T @ d.b if d is not None else 0)
-            torch.testing.assert_close(got[row], want)
-            row += 1
+    for key in ("m", "qkv"):
+        got = mapping.add_delta(key, x, y0.clone())
+        row = 0
+        for ad, q in zip(per_seq, qlens):
+            for _ in range(q):
+                d = ad.deltas.get(key) if ad is not None else None
+                if d is None:
+                    assert got[row].equal(y0[row])
+                else:
+                    torch.testing.assert_close(got[row], y0[row] + x[row] @ d.a.T @ d.b)
+                row += 1
     assert mapping.add_delta("absent", x, y0.clone()).equal(y0)
 
 

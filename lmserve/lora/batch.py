@@ -2,72 +2,199 @@
 
 A step's flat batch holds rows of up to ``max_loras`` adapters and of the base model. For a
 projection module with weight W, each row x with adapter i gets ``x @ W^T + (x @ A_i^T) @ B_i``
-(``LayerDelta``), the base rows nothing more. Computed with no loop over requests or adapters:
+(``LayerDelta``), the base rows nothing more. Two ways, chosen once per step by the builder:
 
-    h = x @ A_cat^T          shrink: every row against the A rows of every active adapter  [T, C]
-    h *= mask                 mask[t, c] = 1 where column c belongs to row t's adapter      [T, C]
-    y += h @ B_cat            expand                                                       [T, out]
+* Segments (prefill-heavy steps, or every row on one adapter): the rows form runs of consecutive
+  sequences with one adapter; per run ``h = x[run] @ A_i^T`` then, per shard block of ``B_i``,
+  ``y[run, shard cols] += h[:, shard rows] @ B_i[block]``. Only useful flops; ``1 + shards`` torch
+  calls per run and module, so it is used for at most ``SEGMENT_MAX_RUNS`` runs averaging
+  ``SEGMENT_MIN_ROWS`` rows or more.
+* Masked (decode steps: one row per sequence, adapters interleaved), no loop over rows or adapters:
 
-``A_cat`` / ``B_cat`` stack the active adapters' A and B^T for that module (C = the sum of their
-ranks there), in the LoRA dtype. They are built once per set of active adapters and module and
-kept for the next steps (``LoRABatchBuilder``: the last few sets), so a steady decode batch
-concatenates nothing. A module no active adapter targets costs nothing. The extra work is
-``2 * T * C * (in + out)`` flops next to the base ``2 * T * in * out``; zero columns of the masked
-rows add exact zeros, so a base row's output is the base model's own.
+      h = x @ A_cat^T        shrink: every row against the A rows of every active adapter  [T, C]
+      h *= mask               mask[t, c] = 1 where column c belongs to row t's adapter      [T, C]
+      y[:, cols_g] += h[:, g] @ B_g   expand, per output shard g (Q, K, V; gate, up; or the whole)
+
+  ``A_cat`` stacks the active adapters' A rows shard by shard and ``B_g`` the adapters' B^T blocks
+  of shard g, so a merged module's expand never multiplies the other shards' zero columns.
+
+Each adapter's weights are prepared (packed for the panel GEMM, see ``_Weight``) once per module
+and shared by every set it is in; ``A_cat`` / ``B_g`` are built on a set's first masked step and
+kept for the next steps (``LoRABatchBuilder``: the last few sets), and the mask once per step and
+column layout, so a steady decode batch concatenates nothing. A module no active adapter targets costs nothing. Zero
+columns of the masked rows add exact zeros, so a base row's output is the base model's own.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lmserve.lora.checkpoint import LoRAAdapter
+from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
+from lmserve.model.layers.cpu_kernels.sgemm import get_panel_kernel
 
-# (A_cat [C, in], B_cat [C, out], columns per active adapter)
-_ModuleWeights = tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]
+# A step uses the segment form when it has at most SEGMENT_MAX_RUNS runs of rows on one adapter
+# (each run costs a few torch/kernel calls per module) averaging at least SEGMENT_MIN_ROWS rows.
+SEGMENT_MAX_RUNS = 8
+SEGMENT_MIN_ROWS = 16
+
+
+class _Weight:
+    """A [K, N] right-hand factor, multiplied by lmserve's own panel GEMM where it takes the dtype
+    and shape (``cpu_kernels/sgemm.py``), else by torch. The panel kernel runs in the same OpenMP
+    thread pool as the model's native kernels: torch's own pool, woken between two of them for a
+    small matmul, finds the cores still held by the other pool's spinning threads (measured on the
+    2-core test machine: a [32, 64] @ [64, 576] bf16 addmm took ~200 us inside a decode step
+    against ~30 us alone)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w.contiguous()  # [K, N]
+        self.n = w.shape[1]
+        kernel = get_panel_kernel(w.dtype) if w.device.type == "cpu" else None
+        wt = self.w.t()
+        self.kernel = kernel if kernel is not None and kernel.takes(wt) else None
+        self.panels = self.kernel.pack(wt) if self.kernel is not None else None
+
+    def product(self, h: torch.Tensor) -> torch.Tensor:
+        """h [M, K] @ w, in w's dtype."""
+        h = h if h.dtype == self.w.dtype else h.to(self.w.dtype)
+        if self.kernel is not None:
+            return self.kernel.matmul(h, self.panels, self.n, None)
+        return torch.mm(h, self.w)
+
+    def add_product(self, y: torch.Tensor, h: torch.Tensor) -> None:
+        """y += h @ w in place (y may be a strided view), in y's dtype."""
+        if self.kernel is None and y.dtype == self.w.dtype:
+            y.addmm_(h if h.dtype == self.w.dtype else h.to(self.w.dtype), self.w)
+            return
+        y.add_(self.product(h))
+
+    def product_into(self, h: torch.Tensor, out: torch.Tensor) -> None:
+        """out = h @ w (out [M, N] in w's dtype, unit column stride; the panel kernel writes in place)."""
+        h = h if h.dtype == self.w.dtype else h.to(self.w.dtype)
+        if self.kernel is not None:
+            self.kernel.matmul(h, self.panels, self.n, None, out=out)
+        else:
+            torch.mm(h, self.w, out=out)
+
+
+@dataclass
+class _Expand:
+    """One output shard's expand: columns [h0, h1) of the shrink times ``b`` into y[:, y0:y1]."""
+    h0: int
+    h1: int
+    y0: int
+    y1: int
+    b: _Weight  # [h1 - h0, y1 - y0]
+
+
+_Own = tuple[_Weight, list[_Expand]]  # one adapter's A^T and its shard blocks, for one module
+
+
+def _prepare(delta: LayerDelta) -> _Own:
+    return _Weight(delta.a.t()), [_Expand(r0, r1, c0, c1, _Weight(delta.b[r0:r1, c0:c1]))
+                                  for r0, r1, c0, c1 in delta.nonzero_blocks()]
+
+
+class _ModuleWeights:
+    """One module's weights for a set of adapters: ``own`` per adapter (the segment form), and,
+    built on the first masked step, ``a_cat`` [in, C] (every adapter's A^T columns grouped by
+    output shard), ``owner`` (per column, the index of its adapter) and the per-shard expands."""
+
+    def __init__(self, own: list[_Own | None]) -> None:
+        self.own = own
+        self._masked: tuple[_Weight, tuple[int, ...], list[_Expand]] | None = None
+
+    def masked(self) -> tuple[_Weight, tuple[int, ...], list[_Expand]]:
+        if self._masked is None:
+            groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+            for slot, o in enumerate(self.own):
+                if o is not None:
+                    for blk in o[1]:
+                        groups.setdefault((blk.y0, blk.y1), []).append((slot, o[0].w[:, blk.h0:blk.h1], blk.b.w))
+            a_cols, owner, expands = [], [], []
+            for (y0, y1), members in sorted(groups.items()):
+                h0 = len(owner)
+                for slot, a, _ in members:
+                    a_cols.append(a)
+                    owner.extend([slot] * a.shape[1])
+                expands.append(_Expand(h0, len(owner), y0, y1, _Weight(torch.cat([b for _, _, b in members]))))
+            self._masked = (_Weight(torch.cat(a_cols, dim=1)), tuple(owner), expands)
+        return self._masked
 
 
 class _ActiveSet:
-    """The concatenated weights of one set of adapters, built per module on first use."""
+    """The weights of one set of adapters, per module on first use. Each adapter's own prepared
+    (packed) weights come from ``prepared``, shared by every set it is in."""
 
-    def __init__(self, adapters: tuple[LoRAAdapter, ...]) -> None:
+    def __init__(self, adapters: tuple[LoRAAdapter, ...],
+                 prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]]) -> None:
         self.adapters = adapters  # held: the cache key is their identities
+        self._prepared = prepared
         self._modules: dict[str, _ModuleWeights | None] = {}
+
+    def _own(self, adapter: LoRAAdapter, key: str) -> _Own | None:
+        delta = adapter.deltas.get(key)
+        if delta is None:
+            return None
+        per_module = self._prepared.setdefault(adapter, {})
+        if key not in per_module:
+            per_module[key] = _prepare(delta)
+        return per_module[key]
 
     def module(self, key: str) -> _ModuleWeights | None:
         if key not in self._modules:
-            deltas = [ad.deltas.get(key) for ad in self.adapters]
-            present = [d for d in deltas if d is not None]
-            self._modules[key] = None if not present else (
-                torch.cat([d.a for d in present]).contiguous(), torch.cat([d.b for d in present]).contiguous(),
-                tuple(0 if d is None else d.a.shape[0] for d in deltas))
+            own = [self._own(ad, key) for ad in self.adapters]
+            self._modules[key] = None if all(o is None for o in own) else _ModuleWeights(own)
         return self._modules[key]
+
+
+def _expand(y: torch.Tensor, h: torch.Tensor, expands: list[_Expand]) -> torch.Tensor:
+    """y += the expands of h, each into its own columns. Where they run on the panel kernel, each
+    writes its columns of one contiguous buffer and a single add lands it on y (adds into a
+    column slice of y are strided, and slow in bf16); else one addmm per expand."""
+    if len(expands) > 1 and all(e.b.kernel is not None for e in expands) and y.is_contiguous():
+        spans = sorted((e.y0, e.y1) for e in expands)
+        if all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:])):  # disjoint columns
+            covered = spans[0][0] == 0 and spans[-1][1] == y.shape[1] and all(
+                prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:]))
+            d = (torch.empty if covered else torch.zeros)(y.shape, dtype=expands[0].b.w.dtype)
+            for e in expands:
+                e.b.product_into(h[:, e.h0:e.h1], d[:, e.y0:e.y1])
+            return y.add_(d)
+    for e in expands:
+        e.b.add_product(y[:, e.y0:e.y1], h[:, e.h0:e.h1])
+    return y
 
 
 class LoRAStepMapping:
     """Which adapter each row of one step uses, and the delta of any module for those rows.
-    Passed down the model as ``AttentionMetadata.lora`` (None when no row has an adapter)."""
+    Passed down the model as ``AttentionMetadata.lora`` (None when no row has an adapter).
+    ``runs``: (first row, end row, adapter index) of each run of consecutive rows on one adapter;
+    ``segmented``: whether the deltas are computed per run (else masked, see the module docstring)."""
 
-    def __init__(self, active: _ActiveSet, token_slot: torch.Tensor) -> None:
+    def __init__(self, active: _ActiveSet, token_slot: torch.Tensor, runs: list[tuple[int, int, int]],
+                 segmented: bool) -> None:
         self.active = active
         self.token_slot = token_slot  # [T] int64: index into active.adapters, -1 for base rows
         self.num_tokens = int(token_slot.numel())
-        self.uniform = len(active.adapters) == 1 and bool((token_slot == 0).all())
+        self.runs = runs
+        self.segmented = segmented
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def adapters(self) -> tuple[LoRAAdapter, ...]:
         return self.active.adapters
 
-    def _mask(self, widths: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        mask = self._masks.get(widths)
+    def _mask(self, owner: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        mask = self._masks.get(owner)
         if mask is None:
-            owner = torch.repeat_interleave(torch.arange(len(widths), device=self.token_slot.device),
-                                            torch.tensor(widths, device=self.token_slot.device))
-            mask = (self.token_slot[:, None] == owner[None, :]).to(dtype)
-            self._masks[widths] = mask
+            cols = torch.tensor(owner, device=self.token_slot.device)
+            mask = (self.token_slot[:, None] == cols[None, :]).to(dtype)
+            self._masks[owner] = mask
         return mask
 
     def add_delta(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,13 +204,18 @@ class LoRAStepMapping:
             return y
         if x.shape[0] != self.num_tokens:
             raise ValueError(f"LoRA mapping is for {self.num_tokens} rows, the module got {x.shape[0]}")
-        a, b, widths = weights
-        h = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)  # shrink [T, C]
-        if not self.uniform:
-            h.mul_(self._mask(widths, h.dtype))
-        if y.dtype == b.dtype and y.is_contiguous():
-            return y.addmm_(h, b)
-        return y.add_(torch.mm(h, b).to(y.dtype))
+        if not self.segmented:
+            a_cat, owner, expands = weights.masked()
+            h = a_cat.product(x)  # shrink [T, C]
+            h.mul_(self._mask(owner, h.dtype))
+            return _expand(y, h, expands)
+        for r0, r1, slot in self.runs:
+            own = weights.own[slot]
+            if own is None:
+                continue
+            a, blocks = own
+            _expand(y[r0:r1], a.product(x[r0:r1]), blocks)
+        return y
 
 
 class LoRABatchBuilder:
@@ -93,6 +225,8 @@ class LoRABatchBuilder:
     def __init__(self, max_sets: int = 4) -> None:
         self.max_sets = max_sets
         self._sets: OrderedDict[tuple[int, ...], _ActiveSet] = OrderedDict()
+        # per adapter (alive while any request or the cache holds it): its prepared weights per module
+        self._prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]] = weakref.WeakKeyDictionary()
 
     def build(self, per_seq: list[LoRAAdapter | None], query_lens: list[int],
               device: torch.device) -> LoRAStepMapping | None:
@@ -108,14 +242,27 @@ class LoRABatchBuilder:
         key = tuple(id(a) for a in adapters)
         active = self._sets.get(key)
         if active is None:
-            active = self._sets[key] = _ActiveSet(adapters)
+            active = self._sets[key] = _ActiveSet(adapters, self._prepared)
             while len(self._sets) > self.max_sets:
                 self._sets.popitem(last=False)
         self._sets.move_to_end(key)
         pos = {id(a): i for i, a in enumerate(adapters)}
-        slots = torch.tensor([-1 if ad is None else pos[id(ad)] for ad in per_seq], dtype=torch.int64)
+        seq_slots = [-1 if ad is None else pos[id(ad)] for ad in per_seq]
+        runs: list[tuple[int, int, int]] = []
+        row = 0
+        for slot, n in zip(seq_slots, query_lens):
+            if slot >= 0 and n > 0:
+                if runs and runs[-1][1] == row and runs[-1][2] == slot:
+                    runs[-1] = (runs[-1][0], row + n, slot)
+                else:
+                    runs.append((row, row + n, slot))
+            row += n
+        adapter_rows = sum(r1 - r0 for r0, r1, _ in runs)
+        segmented = len(runs) <= SEGMENT_MAX_RUNS and adapter_rows >= SEGMENT_MIN_ROWS * len(runs)
+        slots = torch.tensor(seq_slots, dtype=torch.int64)
         token_slot = torch.repeat_interleave(slots, torch.tensor(query_lens, dtype=torch.int64)).to(device)
-        return LoRAStepMapping(active, token_slot)
+        return LoRAStepMapping(active, token_slot, runs, segmented)
 
     def clear(self) -> None:
         self._sets.clear()
+        self._prepared.clear()

@@ -5,7 +5,8 @@ Contract of a ``LoRAAdapter``: for a model module named ``key`` (``model.layers.
 the merged layers of ``models/llama.py``), ``deltas[key] = LayerDelta(a, b)`` with ``a`` [C, in] and
 ``b`` [C, out] such that the module's output for an input row ``x`` is ``x @ W^T + (x @ a^T) @ b``.
 A merged module (Q|K|V, gate|up) stacks its targeted shards' A rows; each shard's B^T occupies only
-that shard's output columns (zeros elsewhere). The scale (``lora_alpha / r``, or ``lora_alpha /
+that shard's output columns (zeros elsewhere), and ``blocks`` names where: ``(row0, row1, col0, col1)``
+per shard, ``b`` being zero outside those blocks, so the delta computes only the blocks. The scale (``lora_alpha / r``, or ``lora_alpha /
 sqrt(r)`` with ``use_rslora``; ``alpha_pattern`` per module) is folded into ``b`` in float32 before
 the cast to the LoRA dtype. Modules the adapter does not target have no entry.
 
@@ -40,6 +41,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 class LayerDelta:
     a: torch.Tensor  # [C, in_features]
     b: torch.Tensor  # [C, out_features]: B^T times the scale
+    # (row0, row1, col0, col1) per shard: b is zero outside b[row0:row1, col0:col1]; None: one block, all of b
+    blocks: tuple[tuple[int, int, int, int], ...] | None = None
+
+    def nonzero_blocks(self) -> tuple[tuple[int, int, int, int], ...]:
+        return self.blocks if self.blocks is not None else ((0, self.a.shape[0], 0, self.b.shape[1]),)
 
 
 @dataclass(eq=False)
@@ -173,13 +179,15 @@ def load_adapter(path: str, lora_id: int, name: str, hf_config: Any, max_rank: i
         sub = module_key.split(".", 3)[3]
         in_features, shards = geometry[sub]
         out_features = max(hi for _, hi in shards.values())
-        a_rows, b_rows = [], []
+        a_rows, b_rows, blocks = [], [], []
         for shard, a, bt in entries:
             lo, hi = shards[shard]
             full = torch.zeros(bt.shape[0], out_features)
             full[:, lo:hi] = bt
+            row0 = sum(r.shape[0] for r in a_rows)
+            blocks.append((row0, row0 + a.shape[0], lo, hi))
             a_rows.append(a)
             b_rows.append(full)
         deltas[module_key] = LayerDelta(torch.cat(a_rows).to(device, dtype).contiguous(),
-                                        torch.cat(b_rows).to(device, dtype).contiguous())
+                                        torch.cat(b_rows).to(device, dtype).contiguous(), tuple(blocks))
     return LoRAAdapter(lora_id, name, path, max_seen, deltas)

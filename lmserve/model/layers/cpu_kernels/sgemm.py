@@ -69,17 +69,23 @@ class CpuPanelGemm:
     def _tiled(self, k: int) -> bool:
         return bool(self.tile_k) and k % self.tile_k == 0
 
-    def matmul(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [M, K] in the kernel's dtype (rows dense, any row stride) @ W^T + bias -> [M, n]."""
+    def matmul(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] in the kernel's dtype (rows dense, any row stride) @ W^T + bias -> [M, n];
+        written into ``out`` when given ([M, n] in the kernel's dtype, unit column stride, any row
+        stride: a column slice of a wider matrix)."""
         if x.stride(-1) != 1:
             x = x.contiguous()
         m, k = x.shape
-        out = torch.empty(m, n, dtype=self.dtype)
+        if out is None:
+            out = torch.empty(m, n, dtype=self.dtype)
+        elif tuple(out.shape) != (m, n) or out.dtype != self.dtype or out.stride(-1) != 1:
+            raise ValueError(f"{self.name}: out must be [{m}, {n}] {self.dtype} with unit column stride")
         if m == 0:
             return out
         bias = None if bias is None else bias.contiguous()  # held until the call returns
         rc = self._gemm(GemmArgs(x=x.data_ptr(), lda=x.stride(0), packed=panels.data_ptr(),
-                                 bias=None if bias is None else bias.data_ptr(), out=out.data_ptr(), ldo=n, m=m, n=n,
+                                 bias=None if bias is None else bias.data_ptr(), out=out.data_ptr(), ldo=out.stride(0), m=m, n=n,
                                  k=k, num_threads=torch.get_num_threads()))
         if rc != 0:
             raise ValueError(f"{self.name} kernel rejected shapes x {tuple(x.shape)}, weight [{n}, {k}]")
