@@ -39,3 +39,14 @@ def test_vllm_cpu_kvcache_space(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "lots")
     with pytest.raises(ValueError, match="VLLM_CPU_KVCACHE_SPACE"):
         cpu_default_kv_bytes(_config(), SMOLLM2_BYTES_PER_TOKEN)
+
+
+def test_pooling_models_fill_their_steps(minilm_path, tiny_models):
+    """The memory-bound knee (a latency rule for generation) is off for pooling models: each of
+    their requests ends in its one step, so the knee would only split a batch of embeddings."""
+    from lmserve.engine.arg_utils import EngineArgs
+
+    pooling = EngineArgs(model=minilm_path, device="cpu").create_engine_config()
+    assert pooling.scheduler_config.memory_bound_tokens == 0
+    generate = EngineArgs(model=tiny_models["llama"], device="cpu").create_engine_config()
+    assert generate.scheduler_config.memory_bound_tokens == 64

@@ -53,11 +53,13 @@ def default_token_budget(device: str) -> int:
     return 512 if device == "cpu" else 2048
 
 
-def default_memory_bound_tokens(device: str) -> int:
+def default_memory_bound_tokens(device: str, pooling: bool = False) -> int:
     """Default ``memory_bound_tokens`` (see ``SchedulerConfig``). On CPU, 64: a step reads all
     the weights whatever its rows, so it turns compute-bound only at a few dozen rows (figures:
-    benchmarks/README.md, "Kernel measurements"). Elsewhere 0 (off): not measured on GPUs."""
-    return 64 if device == "cpu" else 0
+    benchmarks/README.md, "Kernel measurements"). Elsewhere 0 (off): not measured on GPUs. For a
+    pooling model 0 too: its requests end in the step that runs them, so the knee would only cut
+    a batch of embeddings into steps of one or two prompts (each step paying the weights again)."""
+    return 64 if device == "cpu" and not pooling else 0
 
 
 @dataclass
@@ -303,8 +305,8 @@ class EngineArgs:
             max_num_batched_tokens=max_batched, max_num_seqs=self.max_num_seqs,
             max_model_len=max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.scheduling_policy, max_waiting_requests=self.max_waiting_requests,
-            memory_bound_tokens=(default_memory_bound_tokens(device) if self.memory_bound_tokens is None
-                                 else self.memory_bound_tokens))
+            memory_bound_tokens=(default_memory_bound_tokens(device, pooling=pooler is not None)
+                                 if self.memory_bound_tokens is None else self.memory_bound_tokens))
         return EngineConfig(
             lora_config=self._lora_config(pooler is not None),
             model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
