@@ -14,7 +14,8 @@ Invariants:
   prompt of a step is limited by the budget alone): in a compute-bound step, two prompts together
   both get their first token when the pair is done, one after the other the first gets it a step
   sooner, for the same work; and prompts that arrive together then finish apart, so later
-  arrivals spread over steps instead of piling into one;
+  arrivals spread over steps instead of piling into one (0, off, for pooling models, whose
+  requests all end in the step that runs them);
 - with LoRA, the running requests use at most ``max_loras`` distinct adapters (so every step
   does): a waiting request whose adapter would be one too many waits, in order, until a running
   adapter's last request finishes;
