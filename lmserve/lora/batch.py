@@ -122,8 +122,24 @@ class _ModuleWeights:
                     a_cols.append(a)
                     owner.extend([slot] * a.shape[1])
                 expands.append(_Expand(h0, len(owner), y0, y1, _Weight(torch.cat([b for _, _, b in members]))))
-            self._masked = (_Weight(torch.cat(a_cols, dim=1)), tuple(owner), expands)
+            self._masked = (_Weight(torch.cat(a_cols, dim=1)), tuple(owner), _one_expand(expands))
         return self._masked
+
+
+def _one_expand(expands: list[_Expand]) -> list[_Expand]:
+    """Several shard expands as one: a block-diagonal B over the shards' column span (zeros off
+    the blocks). One GEMM call instead of one per shard (each small call costs its fixed floor of
+    tens of us, far above its flops); the zero blocks add exact zeros, so each column's value is
+    the sum of the same nonzero products."""
+    if len(expands) < 2:
+        return expands
+    c = expands[-1].h1
+    y0, y1 = min(e.y0 for e in expands), max(e.y1 for e in expands)
+    blocks = [e.b.w for e in expands]
+    b = torch.zeros(c, y1 - y0, dtype=blocks[0].dtype)
+    for e, w in zip(expands, blocks):
+        b[e.h0:e.h1, e.y0 - y0:e.y1 - y0] += w
+    return [_Expand(0, c, y0, y1, _Weight(b))]
 
 
 class _ActiveSet:
