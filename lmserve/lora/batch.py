@@ -13,10 +13,12 @@ projection module with weight W, each row x with adapter i gets ``x @ W^T + (x @
 
       h = x @ A_cat^T        shrink: every row against the A rows of every active adapter  [T, C]
       h *= mask               mask[t, c] = 1 where column c belongs to row t's adapter      [T, C]
-      y[:, cols_g] += h[:, g] @ B_g   expand, per output shard g (Q, K, V; gate, up; or the whole)
+      y += h @ B_diag         expand: one call, whatever the module's output shards
 
-  ``A_cat`` stacks the active adapters' A rows shard by shard and ``B_g`` the adapters' B^T blocks
-  of shard g, so a merged module's expand never multiplies the other shards' zero columns.
+  ``A_cat`` stacks the active adapters' A rows shard by shard; ``B_diag`` stacks, per output shard
+  g (Q, K, V; gate, up; or the whole), the adapters' B^T blocks of g, block-diagonally (zeros
+  between shards). A merged module's expand multiplies those zeros but makes one small GEMM call
+  instead of one per shard (``_one_expand``).
 
 Each adapter's weights are prepared (packed for the panel GEMM, see ``_Weight``) once per module
 and shared by every set it is in; ``A_cat`` / ``B_g`` are built on a set's first masked step and
