@@ -166,7 +166,7 @@ def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
 
 @pytest.mark.parametrize("segment_min_rows", [0, 10**6], ids=["segments", "masked"])
 def test_batched_delta_equals_per_row_reference(monkeypatch, segment_min_rows):
-    """Both forms of the batched delta (per-run segments, masked shrink with per-shard expand) equal
+    """Both forms of the batched delta (per-run segments, masked shrink with one block-diagonal expand) equal
     each row's own x A^T B, base rows untouched; merged modules (shard blocks) included."""
     from lmserve.lora import batch as lora_batch
     from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter

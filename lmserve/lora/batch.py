@@ -13,10 +13,12 @@ projection module with weight W, each row x with adapter i gets ``x @ W^T + (x @
 
       h = x @ A_cat^T        shrink: every row against the A rows of every active adapter  [T, C]
       h *= mask               mask[t, c] = 1 where column c belongs to row t's adapter      [T, C]
-      y[:, cols_g] += h[:, g] @ B_g   expand, per output shard g (Q, K, V; gate, up; or the whole)
+      y += h @ B_diag         expand: one call, whatever the module's output shards
 
-  ``A_cat`` stacks the active adapters' A rows shard by shard and ``B_g`` the adapters' B^T blocks
-  of shard g, so a merged module's expand never multiplies the other shards' zero columns.
+  ``A_cat`` stacks the active adapters' A rows shard by shard; ``B_diag`` stacks, per output shard
+  g (Q, K, V; gate, up; or the whole), the adapters' B^T blocks of g, block-diagonally (zeros
+  between shards). A merged module's expand multiplies those zeros but makes one small GEMM call
+  instead of one per shard (``_one_expand``).
 
 Each adapter's weights are prepared (packed for the panel GEMM, see ``_Weight``) once per module
 and shared by every set it is in; ``A_cat`` / ``B_g`` are built on a set's first masked step and
@@ -122,8 +124,24 @@ class _ModuleWeights:
                     a_cols.append(a)
                     owner.extend([slot] * a.shape[1])
                 expands.append(_Expand(h0, len(owner), y0, y1, _Weight(torch.cat([b for _, _, b in members]))))
-            self._masked = (_Weight(torch.cat(a_cols, dim=1)), tuple(owner), expands)
+            self._masked = (_Weight(torch.cat(a_cols, dim=1)), tuple(owner), _one_expand(expands))
         return self._masked
+
+
+def _one_expand(expands: list[_Expand]) -> list[_Expand]:
+    """Several shard expands as one: a block-diagonal B over the shards' column span (zeros off
+    the blocks). One GEMM call instead of one per shard (each small call costs its fixed floor of
+    tens of us, far above its flops); the zero blocks add exact zeros, so each column's value is
+    the sum of the same nonzero products."""
+    if len(expands) < 2:
+        return expands
+    c = expands[-1].h1
+    y0, y1 = min(e.y0 for e in expands), max(e.y1 for e in expands)
+    blocks = [e.b.w for e in expands]
+    b = torch.zeros(c, y1 - y0, dtype=blocks[0].dtype)
+    for e, w in zip(expands, blocks):
+        b[e.h0:e.h1, e.y0 - y0:e.y1 - y0] += w
+    return [_Expand(0, c, y0, y1, _Weight(b))]
 
 
 class _ActiveSet:
