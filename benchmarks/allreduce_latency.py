@@ -5,10 +5,11 @@ parallelism's scaling.
         [--rows 1,8,32,256] [--iters 300] [--out benchmarks/results/DATE-allreduce]
 
 Spawns ``--world-size`` processes on this machine (one torch thread each), then times
-``all_reduce`` (sum) of a ``[rows, hidden]`` activation, the collective a tensor-parallel decoder
+``all_reduce`` (sum) of a ``[rows, hidden]`` activation, through gloo and through lmserve's
+shared-memory all-reduce (``lmserve/distributed/shm_allreduce.py``), the collective a tensor-parallel decoder
 runs twice per layer (after the attention output and the MLP down projections), for each row count
-(the tokens of one step), in bf16 and fp32: the median over ``--iters`` after a warm-up, measured on
-rank 0 with a barrier before each call so that every call starts together.
+(the tokens of one step), in bf16 and fp32: per call, over runs of 20 back-to-back calls (after a
+barrier), median and p90 over ``--iters / 20`` runs, on rank 0.
 
 The estimate it writes (``estimate`` in results.json, and table.md): a decode step of a model whose
 step is bound by streaming its weights (``weight_bytes`` at ``bandwidth`` GB/s) takes, at TP=t over
@@ -40,24 +41,33 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world: int, init_file: str, rows: list[int], hidden: int, iters: int,
-            out_file: str) -> None:
+            out_file: str, shm_name: str) -> None:
+    from lmserve.distributed.shm_allreduce import ShmAllReduce
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    shm = ShmAllReduce(shm_name, rank, world, max_bytes=max(rows) * hidden * 4, create=rank == 0)
+    dist.barrier()
+    if rank == 0:
+        shm.unlink()
     results = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for r in rows:
-            x = torch.randn(r, hidden).to(dtype)
-            for _ in range(20):
-                dist.all_reduce(x)
-            times = []
-            for _ in range(iters):
-                dist.barrier()
-                t0 = time.perf_counter()
-                dist.all_reduce(x)
-                times.append(time.perf_counter() - t0)
-            results.append({"dtype": str(dtype).removeprefix("torch."), "rows": r, "hidden": hidden,
-                            "bytes": x.numel() * x.element_size(), "median_us": statistics.median(times) * 1e6,
-                            "p90_us": sorted(times)[int(0.9 * len(times))] * 1e6})
+    for backend, reduce in (("gloo", dist.all_reduce), ("shm", shm.all_reduce)):
+        for dtype in (torch.bfloat16, torch.float32):
+            for r in rows:
+                x = torch.randn(r, hidden).to(dtype)
+                for _ in range(20):
+                    reduce(x)
+                times = []  # per call, over back-to-back runs of 20 calls (as a forward calls them)
+                for _ in range(max(1, iters // 20)):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        reduce(x)
+                    times.append((time.perf_counter() - t0) / 20)
+                results.append({"backend": backend, "dtype": str(dtype).removeprefix("torch."), "rows": r,
+                                "hidden": hidden, "bytes": x.numel() * x.element_size(),
+                                "median_us": statistics.median(times) * 1e6,
+                                "p90_us": sorted(times)[int(0.9 * len(times))] * 1e6})
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(results, f)
@@ -66,14 +76,14 @@ def _worker(rank: int, world: int, init_file: str, rows: list[int], hidden: int,
 
 def estimate(latencies: list[dict], weight_bytes: float, bandwidth_gbps: float, layers: int,
              world: list[int], measured_world: int = 2) -> list[dict]:
-    """The model of the module docstring, for each measured row count (bf16) and TP size."""
+    """The model of the module docstring, for each backend, measured row count (bf16) and TP size."""
     rows = []
     for lat in (x for x in latencies if x["dtype"] == "bfloat16"):
         base = weight_bytes / (bandwidth_gbps * 1e9)
         for t in world:
             comm = 2 * layers * lat["median_us"] * 1e-6 * (t - 1) / max(1, measured_world - 1)
             step = base / t + comm
-            rows.append({"rows": lat["rows"], "tp": t, "step_ms": step * 1e3, "comm_ms": comm * 1e3,
+            rows.append({"backend": lat["backend"], "rows": lat["rows"], "tp": t, "step_ms": step * 1e3, "comm_ms": comm * 1e3,
                          "speedup": base / step, "same_machine_slowdown": (base + comm) / base})
     return rows
 
@@ -94,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [int(x) for x in args.rows.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.spawn(_worker, args=(args.world_size, init_file, rows, args.hidden, args.iters, out_file),
+        from lmserve.distributed.shm_allreduce import new_segment_name
+
+        mp.spawn(_worker, args=(args.world_size, init_file, rows, args.hidden, args.iters, out_file,
+                                new_segment_name()),
                  nprocs=args.world_size, join=True)
         with open(out_file) as f:
             latencies = json.load(f)
@@ -114,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = [f"# all-reduce latency, {args.world_size} processes on one host (gloo), {result['date']}", "",
-             "| dtype | rows x hidden | bytes | median µs | p90 µs |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {x['dtype']} | {x['rows']} x {x['hidden']} | {x['bytes']:,} | {x['median_us']:.1f} | "
+             "| backend | dtype | rows x hidden | bytes | median µs | p90 µs |", "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {x['backend']} | {x['dtype']} | {x['rows']} x {x['hidden']} | {x['bytes']:,} | {x['median_us']:.1f} | "
               f"{x['p90_us']:.1f} |" for x in latencies]
     lines += ["", f"Estimate: decode step of {weight_bytes / 2**20:,.0f} MiB of weights at {bw:.1f} GB/s per "
               f"machine, {args.layers} layers, 2 all-reduces per layer.", "",
-              "| rows | TP | step ms | of which all-reduce ms | speed-up over t machines | slowdown on one machine |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {e['rows']} | {e['tp']} | {e['step_ms']:.2f} | {e['comm_ms']:.2f} | {e['speedup']:.2f}x | "
+              "| backend | rows | TP | step ms | of which all-reduce ms | speed-up over t machines | slowdown on one machine |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {e['backend']} | {e['rows']} | {e['tp']} | {e['step_ms']:.2f} | {e['comm_ms']:.2f} | {e['speedup']:.2f}x | "
               f"{e['same_machine_slowdown']:.2f}x |" for e in est]
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
