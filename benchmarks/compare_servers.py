@@ -202,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default="lmserve,vllm,vllm-allcores",
                    help="Comma-separated: lmserve, vllm (its default threads), vllm-allcores (a model thread "
-                        "on every core).")
+                        "on every core), and lmserve's layouts lmserve-tp2, lmserve-pp2, lmserve-dp2.")
     p.add_argument("--workloads", default="W1,W2,W3,W4")
     p.add_argument("--harness", default="lmserve,vllm", help="Benchmark clients, comma-separated: lmserve, vllm.")
     p.add_argument("--out", default=None, help="Output directory (default benchmarks/results/DATE[-smoke]).")

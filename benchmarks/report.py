@@ -155,6 +155,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             best = best_vllm(list(settings.values()))
             lines.append(f"| **lmserve / best vLLM** | {harness} | "
                          + " | ".join(_ratio_cell(a, best, k) for k, _, _ in METRICS) + " | | |")
+        for harness in sorted({r["harness"] for r in runs}):
+            a = _find(runs, "lmserve", harness)
+            for variant in sorted({r["server"] for r in runs if r["server"].startswith("lmserve-")}):
+                v = _find(runs, variant, harness)
+                if a and v:
+                    lines.append(f"| {variant} / lmserve | {harness} | "
+                                 + " | ".join(_ratio_cell(v, a, k) for k, _, _ in METRICS) + " | | |")
         for server in sorted({r["server"] for r in runs}):
             a = _find(runs, server, "vllm")
             v = _find(runs, server, "lmserve")

@@ -34,7 +34,11 @@ VLLM_SERVE_FLAGS: list[str] = [*COMMON_SERVE_FLAGS]
 VLLM_SERVE_ENV: dict[str, str] = {}
 SERVER_LOG_NOTES = ("core ids=", "reserved_cpus=", "Reducing Torch threads", "KV cache size", "LD_PRELOAD")
 VLLM_SERVERS = ("vllm", "vllm-allcores")
-SERVERS = ("lmserve", *VLLM_SERVERS)
+# lmserve and its parallel layouts on this machine (issue 24: what splitting one machine costs)
+LMSERVE_VARIANTS: dict[str, list[str]] = {
+    "lmserve": [], "lmserve-tp2": ["--tensor-parallel-size", "2"], "lmserve-pp2": ["--pipeline-parallel-size", "2"],
+    "lmserve-dp2": ["--data-parallel-size", "2"]}
+SERVERS = (*LMSERVE_VARIANTS, *VLLM_SERVERS)
 
 
 def vllm_allcores_env(cpus: int | None = None) -> dict[str, str]:
@@ -83,10 +87,11 @@ def bench_dtype(requested: str = "auto") -> str:
 
 
 def serve_command(server: str, model_dir: str, name: str, port: int, dtype: str = "bfloat16") -> list[str]:
-    if server == "lmserve":  # a GGUF (W3) keeps its quantized weights in fp32 too
+    if server in LMSERVE_VARIANTS:  # a GGUF (W3) keeps its quantized weights in fp32 too
         quant = ["--quantization", "gguf"] if model_dir.endswith(".gguf") else []
         return [*lmserve_cli(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", name, "--dtype", dtype, *quant, *LMSERVE_SERVE_FLAGS]
+                "--served-model-name", name, "--dtype", dtype, *quant, *LMSERVE_SERVE_FLAGS,
+                *LMSERVE_VARIANTS[server]]
     if server == "llama-cpp":  # a GGUF only; the anchor script serves it as basename(gguf) without .gguf
         return ["bash", LLAMA_CPP, "serve", model_dir, str(port), "--host", "127.0.0.1"]
     if server in VLLM_SERVERS:  # the anchor script adds --served-model-name basename(model_dir)

@@ -221,6 +221,12 @@ def test_cpu_kind_and_allcores_env():
     assert compare_servers.cpu_kind({"avx2"}) == "AVX2 only"
     assert servers.vllm_allcores_env(4) == {"VLLM_CPU_OMP_THREADS_BIND": "0-3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     assert servers.server_env("lmserve") == {}
+    tp = servers.serve_command("lmserve-tp2", "/m", "m", 8000, "bfloat16")
+    assert tp[-2:] == ["--tensor-parallel-size", "2"] and tp[:-2] == servers.serve_command("lmserve", "/m", "m", 8000)
+    r = _fake_results()
+    r["runs"].append({"server": "lmserve-tp2", "harness": "lmserve", "workload": "W1", "other_cpu_frac": 0.0,
+                      "result": {"total_token_throughput": 300.0, "duration": 53.3}})
+    assert "| lmserve-tp2 / lmserve | lmserve | 0.75× |" in report.markdown_table(r)
     cmd = servers.serve_command("vllm-allcores", "/m", "m", 8000, "bfloat16")
     assert cmd == servers.serve_command("vllm", "/m", "m", 8000, "bfloat16")
 
