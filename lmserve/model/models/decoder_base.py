@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.distributed.parallel_state import ParallelContext
+from lmserve.model.layers.parallel_linear import refuse_tensor_parallel
 from lmserve.model.backends.block_formats import BlockQuantizedWeight
 from lmserve.model.layers.activation import GeluAndMul, SiluAndMul, activation_fn
 from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
@@ -145,10 +147,12 @@ class DecoderForCausalLM(nn.Module):
     model_class: type[DecoderModelBase]
     has_lm_head = True
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        refuse_tensor_parallel(parallel, type(self).__name__)
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.parallel = parallel or ParallelContext.single()
         self.model = self.model_class(config, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.final_logit_softcap = getattr(config, "final_logit_softcapping", None) or None
@@ -211,8 +215,8 @@ class DecoderForSequenceClassification(DecoderForCausalLM):
     pooling_tasks: tuple[str, ...] = ("classify", "score", "token_classify")
     has_lm_head = False
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
-        super().__init__(config, dtype)
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        super().__init__(config, dtype, parallel)
         self.num_labels = int(config.num_labels)
         self.score = Linear(self.hidden_out(config), self.num_labels, bias=False, dtype=dtype)
 
