@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from lmserve.config import ModelConfig
 from lmserve.distributed.parallel_state import ParallelContext
@@ -85,6 +85,13 @@ def _scenarios(root: str) -> dict[str, ModelConfig]:
                                       mlp_bias=True, tie_word_embeddings=False),
         "qwen2-tied": Qwen2Config(**_BASE, vocab_size=96, tie_word_embeddings=True),
         "qwen3": Qwen3Config(**_BASE, vocab_size=96, head_dim=16, tie_word_embeddings=False),
+        # decoder_base's DecoderAttention / GatedMLP: tied head, both soft-caps, sliding layers
+        "gemma2": Gemma2Config(**_BASE, vocab_size=96, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                               attn_logit_softcapping=4.0, final_logit_softcapping=6.0),
+        # checkpoint-fused qkv_proj / gate_up_proj, cut per projection at load; partial rotary
+        "phi3-fused": Phi3Config(**_BASE, vocab_size=96, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                                 pad_token_id=0, rope_parameters={
+            "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
     }
     out = {}
     for i, (name, cfg) in enumerate(configs.items()):
@@ -115,7 +122,7 @@ def _rank_main(rank: int, root: str) -> None:
         layer = model.model.layers[0]
         results[name] = dict(logits=logits, tokens=tokens, kv_heads=model.kv_cache_spec().num_kv_heads,
                              qkv=type(layer.self_attn.qkv_proj).__name__, down=type(layer.mlp.down_proj).__name__,
-                             decode_step=model.decode_step)
+                             decode_step=getattr(model, "decode_step", None))
     torch.save(results, os.path.join(root, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -135,7 +142,8 @@ def tp_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama-kv1-bias", "qwen2-tied", "qwen3", "llama-gguf-q8-kept", "qwen3-dummy"])
+@pytest.mark.parametrize("name", ["llama-kv1-bias", "qwen2-tied", "qwen3", "gemma2", "phi3-fused", "llama-gguf-q8-kept",
+                                  "qwen3-dummy"])
 def test_tp2_equals_tp1(tp_runs, name):
     scenarios, ranks = tp_runs
     mc = scenarios[name]
@@ -272,13 +280,13 @@ def test_gguf_lazy_slices_equal_the_whole_tensor(tmp_path):
 
 
 def test_models_that_cannot_shard_refuse(tmp_path):
-    from transformers import BertConfig, Gemma2Config
+    from transformers import BertConfig, GPT2Config
 
     from lmserve.model.models.bert import BertModel
-    from lmserve.model.models.gemma2 import Gemma2ForCausalLM
+    from lmserve.model.models.gpt2 import GPT2LMHeadModel
 
-    with pytest.raises(ValueError, match="Gemma2ForCausalLM does not support tensor parallelism"):
-        Gemma2ForCausalLM(Gemma2Config(**_BASE, vocab_size=96, head_dim=16), torch.float32, parallel=_tp(0))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel does not support tensor parallelism"):
+        GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=96), torch.float32, parallel=_tp(0))
     with pytest.raises(ValueError, match="BertModel does not support tensor parallelism"):
         BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
                   torch.float32, parallel=_tp(1))
