@@ -122,7 +122,7 @@ def _rank_main(rank: int, root: str) -> None:
         layer = model.model.layers[0]
         results[name] = dict(logits=logits, tokens=tokens, kv_heads=model.kv_cache_spec().num_kv_heads,
                              qkv=type(layer.self_attn.qkv_proj).__name__, down=type(layer.mlp.down_proj).__name__,
-                             decode_step=getattr(model, "decode_step", None))
+                             decode_step=getattr(model, "decode_step", None) is not None)
     torch.save(results, os.path.join(root, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -159,11 +159,20 @@ def test_tp2_equals_tp1(tp_runs, name):
             torch.testing.assert_close(a, b, atol=atol, rtol=1e-5, msg=lambda m, s=step: f"{name} step {s}: {m}")
     assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"]
     got = ranks[0][name]
-    assert got["decode_step"] is None
+    # the native decode step (all-reduce by callback) runs the kept-quantized model's decode-only steps
+    assert got["decode_step"] == (quantized and _native_decode_step())
     total_kv = mc.hf_config.num_key_value_heads
     assert got["kv_heads"] == max(1, total_kv // TP)
     assert got["qkv"] == ("Quantized" if quantized else "") + "MergedColumnParallelLinear"
     assert got["down"] == ("Quantized" if quantized else "") + "RowParallelLinear"
+
+
+def _native_decode_step() -> bool:
+    from lmserve.model.backends.plan import BackendPlan
+    from lmserve.model.layers.cpu_kernels.decode_step import decode_step_library
+
+    return decode_step_library() is not None and \
+        BackendPlan.for_device("cpu", torch.float32).decode_step().backend == "native"
 
 
 # ----------------------------------------------------------------------------- sharding math

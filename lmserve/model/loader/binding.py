@@ -191,10 +191,7 @@ def bind_backends(model: nn.Module, plan: BackendPlan, apply: bool = True) -> Ba
         elif isinstance(module, nn.LayerNorm):
             table.add("layer_norm", Choice("torch", "torch's LayerNorm"))
     if hasattr(model, "decode_step"):
-        tp_size = getattr(getattr(model, "parallel", None), "tp_size", 1)
-        if tp_size > 1:  # the C step runs all layers in one call: no all-reduce after o_proj / down_proj
-            choice = Choice("eager", f"tensor parallel ({tp_size} ranks): the native step has no all-reduce")
-        elif apply:
+        if apply:
             model.decode_step, choice = build_decode_step(model, plan)
         else:
             choice = _simulated_decode_step(model, plan, linear_names)
