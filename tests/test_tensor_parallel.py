@@ -123,6 +123,9 @@ def _rank_main(rank: int, root: str) -> None:
         results[name] = dict(logits=logits, tokens=tokens, kv_heads=model.kv_cache_spec().num_kv_heads,
                              qkv=type(layer.self_attn.qkv_proj).__name__, down=type(layer.mlp.down_proj).__name__,
                              decode_step=getattr(model, "decode_step", None) is not None)
+        if results[name]["decode_step"]:  # the same steps on the eager path: the native step must equal it
+            model.decode_step = None
+            results[name]["eager_logits"] = _drive(model, mc.hf_config.vocab_size)[0]
     torch.save(results, os.path.join(root, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -161,6 +164,9 @@ def test_tp2_equals_tp1(tp_runs, name):
     got = ranks[0][name]
     # the native decode step (all-reduce by callback) runs the kept-quantized model's decode-only steps
     assert got["decode_step"] == (quantized and _native_decode_step())
+    if got["decode_step"]:  # same kernels, same sums: the step with its all-reduce callback equals eager TP
+        for native, eager in zip(got["logits"], got["eager_logits"], strict=True):
+            torch.testing.assert_close(native, eager, atol=1e-6, rtol=1e-6)
     total_kv = mc.hf_config.num_key_value_heads
     assert got["kv_heads"] == max(1, total_kv // TP)
     assert got["qkv"] == ("Quantized" if quantized else "") + "MergedColumnParallelLinear"
