@@ -56,8 +56,8 @@ def refuse_tensor_parallel(parallel: ParallelContext | None, architecture: str) 
     """ValueError when a model class that cannot shard is built with ``tp_size > 1``."""
     if parallel is not None and parallel.tp_size > 1:
         raise ValueError(f"{architecture} does not support tensor parallelism (tensor_parallel_size="
-                         f"{parallel.tp_size}); use tensor_parallel_size 1, or a Llama-family model (Llama, "
-                         "Mistral, Qwen2, Qwen3, SmolLM2), which shards")
+                         f"{parallel.tp_size}); use tensor_parallel_size 1, or a model that shards: Llama, "
+                         "Mistral, Qwen2, Qwen3, SmolLM2, Phi-3, Gemma 2/3")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ Variants differ only in flags read from the Hugging Face config:
 - Qwen3: per-head RMSNorm of q and k (``q_norm``/``k_norm``) before RoPE;
 - tied embeddings (``tie_word_embeddings``, e.g. SmolLM2);
 - ``head_dim`` from the config when given; sliding window per layer (Mistral, Qwen2 ``layer_types``).
+
+Tensor parallelism (``parallel=``, a ``ParallelContext``): each rank builds its shards
+(``layers/parallel_linear.py``) and ``load_llama_weights`` cuts every checkpoint tensor to them.
 """
 
 from __future__ import annotations
