@@ -323,3 +323,30 @@ def test_lora_refused_under_tensor_parallelism():
     model = LlamaForCausalLM(LlamaConfig(**_BASE, vocab_size=96), torch.float32, parallel=_tp(0))
     with pytest.raises(ValueError, match="LoRA adapters .* tensor parallelism"):
         enable_lora(model)
+
+
+def test_a_rank_reads_only_its_shards_of_the_matrices(tmp_path, monkeypatch):
+    """Loading one rank from safetensors narrows every projection, embedding and head lazily: the
+    only tensors read whole are the 1-D ones (norms, replicated)."""
+    from lmserve.model.loader.safetensors_loader import SafetensorsWeight, iter_checkpoint_weights
+    from lmserve.model.models.llama import LlamaForCausalLM
+
+    cfg = Qwen3Config(**_BASE, vocab_size=97, head_dim=16, tie_word_embeddings=False)
+    hf = make_hf_model(cfg, seed=4)
+    hf.save_pretrained(str(tmp_path))
+    whole_reads: list[tuple[str, int]] = []
+    materialize = SafetensorsWeight.materialize
+
+    def record(self):
+        whole_reads.append((self.name, len(self.shape)))
+        return materialize(self)
+
+    monkeypatch.setattr(SafetensorsWeight, "materialize", record)
+    model = LlamaForCausalLM(cfg, torch.float32, parallel=_tp(1))
+    model.load_weights(iter_checkpoint_weights(str(tmp_path), lazy=True))
+    assert whole_reads and all(ndim == 1 for _, ndim in whole_reads), whole_reads
+    state = hf.state_dict()
+    torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight,
+                               state["model.layers.1.mlp.down_proj.weight"][:, 64:])
+    torch.testing.assert_close(model.lm_head.weight[:48], state["lm_head.weight"][49:])
+    assert torch.equal(model.lm_head.weight[48], torch.zeros(64))  # the padding row
