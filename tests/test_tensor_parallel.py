@@ -104,6 +104,13 @@ def _scenarios(root: str) -> dict[str, ModelConfig]:
     wide = LlamaConfig(**{**_BASE, "hidden_size": 128, "intermediate_size": 256}, vocab_size=96)
     write_tiny_gguf(make_hf_model(wide, seed=7), os.path.join(gguf_dir, "m.gguf"), "llama", quant="Q8_0")
     out["llama-gguf-q8-kept"] = _model_config(gguf_dir, "m.gguf", quantization="gguf")
+    # tied and block-quantized: the vocab-parallel table stays quantized (its head on the integer kernel)
+    tied_dir = os.path.join(root, "qwen2-gguf")
+    os.makedirs(tied_dir)
+    tied = Qwen2Config(**{**_BASE, "hidden_size": 128, "intermediate_size": 256}, vocab_size=96,
+                       tie_word_embeddings=True)
+    write_tiny_gguf(make_hf_model(tied, seed=8), os.path.join(tied_dir, "m.gguf"), "qwen2", quant="Q8_0")
+    out["qwen2-gguf-q8-tied-kept"] = _model_config(tied_dir, "m.gguf", quantization="gguf")
     out["qwen3-dummy"] = _model_config(out["qwen3"].model_path, load_format="dummy", seed=3)
     # bf16: panel GEMMs per shard, and the native decode step on bf16 panels (K of every shard a multiple of 64)
     bf16_dir = os.path.join(root, "qwen2-bf16")
@@ -126,6 +133,7 @@ def _rank_main(rank: int, root: str) -> None:
         logits, tokens = _drive(model, mc.hf_config.vocab_size)
         layer = model.model.layers[0]
         results[name] = dict(logits=logits, tokens=tokens, kv_heads=model.kv_cache_spec().num_kv_heads,
+                             embed=type(model.model.embed_tokens).__name__,
                              qkv=type(layer.self_attn.qkv_proj).__name__, down=type(layer.mlp.down_proj).__name__,
                              decode_step=getattr(model, "decode_step", None) is not None)
         if results[name]["decode_step"]:  # the same steps on the eager path: the native step must equal it
@@ -151,7 +159,7 @@ def tp_runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-kv1-bias", "qwen2-tied", "qwen3", "gemma2", "phi3-fused", "llama-gguf-q8-kept",
-                                  "qwen3-dummy", "qwen2-bf16"])
+                                  "qwen2-gguf-q8-tied-kept", "qwen3-dummy", "qwen2-bf16"])
 def test_tp2_equals_tp1(tp_runs, name):
     scenarios, ranks = tp_runs
     mc = scenarios[name]
@@ -179,6 +187,7 @@ def test_tp2_equals_tp1(tp_runs, name):
     assert got["kv_heads"] == max(1, total_kv // TP)
     assert got["qkv"] == ("Quantized" if quantized else "") + "MergedColumnParallelLinear"
     assert got["down"] == ("Quantized" if quantized else "") + "RowParallelLinear"
+    assert got["embed"] == ("Quantized" if quantized else "") + "VocabParallelEmbedding"
 
 
 def _native_decode_step(dtype: torch.dtype) -> bool:
