@@ -47,6 +47,11 @@ def _qlinear(module: nn.Module) -> QLinear | None:
     return None
 
 
+def _tp_note(model: nn.Module) -> str:
+    tp_size = getattr(getattr(model, "parallel", None), "tp_size", 1)
+    return f"; this rank's shards, all-reduced by callback ({tp_size} ranks)" if tp_size > 1 else ""
+
+
 def build_decode_step(model: nn.Module, plan: BackendPlan) -> tuple[LlamaDecodeStep | None, Choice]:
     """The step for ``model`` and the table row saying why (or why not): it applies to a CPU
     Llama-family causal LM in fp32/bf16 whose linear layers all run on the VNNI GEMV or all on bf16
@@ -87,9 +92,10 @@ def build_decode_step(model: nn.Module, plan: BackendPlan) -> tuple[LlamaDecodeS
         if dtype != torch.bfloat16:
             return None, Choice("eager", "panel weights are not bf16")
         return LlamaDecodeStep(lib, model, layers, dtype, PANEL_MAX_ROWS), \
-            Choice("native", f"bf16 panels, up to {PANEL_MAX_ROWS} sequences")
+            Choice("native", f"bf16 panels, up to {PANEL_MAX_ROWS} sequences{_tp_note(model)}")
     cfg, attn0 = model.config, inner.layers[0].self_attn
-    if max(cfg.hidden_size, cfg.intermediate_size, attn0.head_dim * attn0.num_heads) > QGEMV_MAX_K:
+    inter = inner.layers[0].mlp.down_proj.in_features  # this rank's share under tensor parallelism
+    if max(cfg.hidden_size, inter, attn0.head_dim * attn0.num_heads) > QGEMV_MAX_K:
         return None, Choice("eager", f"a dimension above the VNNI GEMV's {QGEMV_MAX_K}")
     return LlamaDecodeStep(lib, model, layers, dtype, VNNI_MAX_ROWS), \
-        Choice("native", f"VNNI GEMV, up to {VNNI_MAX_ROWS} sequences")
+        Choice("native", f"VNNI GEMV, up to {VNNI_MAX_ROWS} sequences{_tp_note(model)}")

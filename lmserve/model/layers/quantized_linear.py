@@ -114,9 +114,12 @@ class QuantizedEmbedding(VocabEmbedding):
 
 def quantized_module_for(module: nn.Module) -> nn.Module | None:
     """The quantized counterpart of a ``Linear``/``MergedLinear``/``VocabEmbedding`` (sharing its
-    parameters), the module itself if it already is one, or None for other modules."""
+    parameters; for a tensor-parallel layer, its ``quantized_variant``), the module itself if it
+    already is one, or None for other modules."""
     if isinstance(module, (QuantizedLinear, QuantizedMergedLinear, QuantizedEmbedding)):
         return module
+    if hasattr(module, "quantized_copy"):  # a tensor-parallel layer (``parallel_linear``)
+        return module.quantized_copy()
     if isinstance(module, MergedLinear):
         return QuantizedMergedLinear.from_merged(module)
     if isinstance(module, Linear):

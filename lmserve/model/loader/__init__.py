@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from lmserve.config import ModelConfig
+from lmserve.distributed.parallel_state import ParallelContext
 from lmserve.model.loader.gguf_loader import iter_gguf_weights
 from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
 from lmserve.model.loader.safetensors_loader import iter_checkpoint_weights
 from lmserve.model.backends.plan import BackendPlan
+from lmserve.model.layers.parallel_linear import ShardedLayer
 from lmserve.model.layers.pooler import Pooler
 from lmserve.model.loader.binding import bind_backends
 from lmserve.model.models.registry import resolve_model_class
@@ -39,10 +41,18 @@ def keeps_gguf_quantized(model_config: ModelConfig, device: torch.device | str) 
 @torch.no_grad()
 def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Deterministic random weights (load_format="dummy"): matrices ~ N(0, 0.02), norm weights 1,
-    biases 0, so activations stay well scaled and outputs are not degenerate."""
+    biases 0, so activations stay well scaled and outputs are not degenerate. A tensor-parallel
+    layer gets its shard of the unsharded model's matrix (drawn whole, one at a time), so the
+    shards of every rank make up exactly the single-rank model's dummy weights."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, param in model.named_parameters():
         if param.dim() >= 2:
+            module_name, _, param_name = name.rpartition(".")
+            owner = model.get_submodule(module_name)
+            if isinstance(owner, ShardedLayer):
+                full = torch.randn(owner.full_shape(param_name), generator=gen, dtype=torch.float32) * 0.02
+                param.copy_(owner.shard_weight(param_name, full))
+                continue
             values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
             param.copy_(values)
         elif name.endswith("bias"):
@@ -51,7 +61,8 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             param.fill_(1.0)
 
 
-def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Module:
+def get_model(model_config: ModelConfig, device: torch.device | str, parallel: ParallelContext | None = None
+              ) -> nn.Module:
     """Build the model for ``model_config.hf_config`` in ``model_config.dtype`` on ``device``,
     load its weights per ``load_format`` ("auto": GGUF if ``gguf_file`` else safetensors/bin;
     "dummy": seeded random), and return it in eval mode with gradients off. A GGUF file's
@@ -61,24 +72,30 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     a pooling model gets ``model.pooler``, a ``Pooler`` over ``model_config.pooler_config`` with
     the model's ``classifier_head`` (if any). Then every layer gets its compute backend, chosen
     once by a ``BackendPlan`` for this device, dtype and CPU (``binding.bind_backends``; the
-    choices are logged as one table)."""
+    choices are logged as one table).
+
+    ``parallel``: this rank's place in the tensor-parallel layout (default: a single rank). The
+    model then holds only this rank's shards, and the checkpoint is read lazily so that each rank
+    reads only those (``layers/sharding.py``); a model class that cannot shard raises ValueError."""
     device = torch.device(device)
+    parallel = parallel or ParallelContext.single()
     cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
     with torch.device(device):
-        model = cls(model_config.hf_config, model_config.dtype)
+        model = cls(model_config.hf_config, model_config.dtype, parallel=parallel)
+    lazy = parallel.tp_size > 1
     fmt = model_config.load_format
     if fmt == "dummy":
         initialize_dummy_weights(model, model_config.seed)
     elif model_config.gguf_file and fmt in ("auto", "gguf"):
         path = os.path.join(model_config.model_path, model_config.gguf_file)
         model.load_weights(iter_gguf_weights(path, model_config.hf_config,
-                                             keep_quantized=keeps_gguf_quantized(model_config, device)))
+                                             keep_quantized=keeps_gguf_quantized(model_config, device), lazy=lazy))
     elif fmt == "gguf":
         raise ValueError("load_format='gguf' but the model has no GGUF file")
     elif fmt in ("auto", "safetensors", "pt"):
         if model_config.gguf_file:
             raise ValueError(f"load_format={fmt!r} but the model is a GGUF file ({model_config.gguf_file})")
-        model.load_weights(iter_checkpoint_weights(model_config.model_path))
+        model.load_weights(iter_checkpoint_weights(model_config.model_path, lazy=lazy))
     else:
         raise ValueError(f"Unknown load_format {fmt!r}; choose from auto, safetensors, gguf, dummy")
     if model_config.is_pooling:

@@ -9,6 +9,7 @@ the gguf package supports (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_*/Q*_K/IQ*) works.
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 from collections.abc import Iterator
@@ -20,7 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lmserve.model.backends.block_formats import BLOCK_BYTES, GROUP, BlockQuantizedWeight
+from lmserve.model.layers.sharding import LazyWeight, narrow_weight
 from lmserve.model.models.llama import ROPE_FREQ_FACTORS
+
+logger = logging.getLogger(__name__)
 
 _PROGRESS_DELAY_S = 2.0
 # llama.cpp architectures whose converter permutes Q/K rows (its "LlamaModel" family).
@@ -186,16 +190,24 @@ def dequantize_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -> tor
     """One tensor of a GGUF file (``data``: the whole file, as uint8) -> float torch tensor in
     torch layout [out, in] (GGUF lists dims innermost first, so torch's shape is the reverse)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize, quant_shape_to_byte_shape
 
     qtype = GGMLQuantizationType(info.ggml_type)
     shape = tuple(reversed(info.dims))
     n_elems = int(np.prod(shape)) if shape else 1
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     n_bytes = n_elems * type_size // block_size
-    raw = data[info.offset: info.offset + n_bytes]
-    if info.ggml_type in _PLAIN_TYPES:
-        arr = raw.view(_PLAIN_TYPES[info.ggml_type]).reshape(shape)
+    return _dequantize_bytes(data[info.offset: info.offset + n_bytes], shape, info.ggml_type)
+
+
+def _dequantize_bytes(raw: np.ndarray, shape: tuple[int, ...], ggml_type: int) -> torch.Tensor:
+    """A tensor of ``shape`` (torch layout) stored as the uint8 ``raw`` in ggml type ``ggml_type``,
+    dequantized to a float torch tensor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    qtype = GGMLQuantizationType(ggml_type)
+    if ggml_type in _PLAIN_TYPES:
+        arr = raw.view(_PLAIN_TYPES[ggml_type]).reshape(shape)
     else:
         arr = raw.reshape(quant_shape_to_byte_shape(shape, qtype))
     out = dequantize(arr, qtype)
@@ -231,8 +243,74 @@ def block_quantized_tensor(data: np.memmap | np.ndarray, info: GGUFTensorInfo) -
     return BlockQuantizedWeight(qtype, torch.from_numpy(raw).reshape(n, k // GROUP, BLOCK_BYTES[qtype]))
 
 
-def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
-                      ) -> Iterator[tuple[str, torch.Tensor | BlockQuantizedWeight]]:
+class GGUFWeight(LazyWeight):
+    """One tensor of a memory-mapped GGUF file, read whole (``materialize``: what
+    ``iter_gguf_weights`` yields without ``lazy``) or by slices, each reading only its bytes: rows
+    (every ggml type stores rows contiguously), or columns on the type's block boundaries (for
+    Q4_0/Q4_1/Q8_0 kept quantized: 32-wide blocks; any other column cut dequantizes the tensor,
+    logged). A slice of Q/K rows must hold whole heads; it is un-permuted head by head.
+
+    ``permuted_heads``: the head count of a llama-architecture Q/K tensor (rows to un-permute);
+    ``minus_one``: a Gemma norm stored as 1 + w."""
+
+    def __init__(self, data: np.memmap, info: GGUFTensorInfo, name: str, keep_quantized: bool,
+                 permuted_heads: int | None = None, minus_one: bool = False) -> None:
+        self._data, self._info, self.name = data, info, name
+        self._keep_quantized = keep_quantized
+        self._permuted_heads, self._minus_one = permuted_heads, minus_one
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self._info.dims))
+
+    def _finish(self, rows: torch.Tensor, qtype: str | None, heads: int | None
+                ) -> torch.Tensor | BlockQuantizedWeight:
+        if heads:
+            rows = unpermute_qk(rows, heads)
+        if self._minus_one:
+            rows = rows.float() - 1.0
+        return BlockQuantizedWeight(qtype, rows.contiguous()) if qtype is not None else rows
+
+    def materialize(self) -> torch.Tensor | BlockQuantizedWeight:
+        weight = block_quantized_tensor(self._data, self._info) if self._keep_quantized else None
+        if weight is not None:
+            return self._finish(weight.blocks, weight.qtype, self._permuted_heads)
+        return self._finish(dequantize_tensor(self._data, self._info), None, self._permuted_heads)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor | BlockQuantizedWeight:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        info = self._info
+        if len(info.dims) != 2:
+            return narrow_weight(self.materialize(), dim, start, length, self.name)
+        n, k = self.shape
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+        row_bytes = k // block * type_size
+        raw = self._data[info.offset: info.offset + n * row_bytes].reshape(n, row_bytes)  # mapped, not read
+        heads = None
+        if dim == 0:
+            if self._permuted_heads:
+                per_head = n // self._permuted_heads
+                if start % per_head or length % per_head:
+                    raise ValueError(f"{self.name}: rows [{start}, {start + length}) split a head")
+                heads = length // per_head
+            part, shape = raw[start:start + length], (length, k)
+        elif start % block or length % block or self._permuted_heads:
+            logger.info("%s: columns [%d, %d) cut its %d-wide blocks: the tensor is dequantized whole",
+                        self.name, start, start + length, block)
+            return narrow_weight(self.materialize(), dim, start, length, self.name)
+        else:
+            part, shape = raw[:, start // block * type_size:(start + length) // block * type_size], (n, length)
+        part = np.array(part)  # a writable copy of this slice's bytes (the only ones read)
+        qtype = _BLOCK_TYPES.get(info.ggml_type) if self._keep_quantized else None
+        if qtype is not None:
+            blocks = torch.from_numpy(part).reshape(shape[0], shape[1] // GROUP, BLOCK_BYTES[qtype])
+            return self._finish(blocks, qtype, heads)
+        return self._finish(_dequantize_bytes(part, shape, info.ggml_type), None, heads)
+
+
+def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False, lazy: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | BlockQuantizedWeight | GGUFWeight]]:
     """Yield (HF parameter name, float tensor) for every tensor of the GGUF file at ``path``.
 
     With ``keep_quantized``, 2-D Q4_0/Q4_1/Q8_0 tensors are yielded as ``BlockQuantizedWeight``
@@ -240,6 +318,9 @@ def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
     Q/K weights (and biases) of llama-architecture files are un-permuted using the head counts
     of ``hf_config`` (for blocks: their rows, each row's blocks moving with it), so the result
     equals transformers' own GGUF loading.
+
+    With ``lazy`` (a tensor-parallel rank) every tensor comes as a ``GGUFWeight`` that reads only
+    the slices its layer asks for (the same values, sliced).
     """
     header = read_gguf_header(path)
     arch = header.metadata.get("general.architecture", "")
@@ -251,6 +332,15 @@ def iter_gguf_weights(path: str, hf_config: Any, keep_quantized: bool = False
             if info.name in CONFIG_TENSORS:
                 continue  # read into the config (``hf_config``), not weights
             hf_name = gguf_to_hf_name(info.name, arch)
+            if lazy:
+                heads = None
+                if arch in _PERMUTED_QK_ARCHS and ".self_attn.q_proj." in hf_name:
+                    heads = n_head
+                elif arch in _PERMUTED_QK_ARCHS and ".self_attn.k_proj." in hf_name:
+                    heads = n_kv
+                minus_one = arch in _NORM_PLUS_ONE_ARCHS and hf_name.endswith("norm.weight")
+                yield hf_name, GGUFWeight(data, info, hf_name, keep_quantized, heads, minus_one)
+                continue
             weight: torch.Tensor | BlockQuantizedWeight | None = None
             if keep_quantized:
                 weight = block_quantized_tensor(data, info)

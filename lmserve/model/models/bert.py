@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.distributed.parallel_state import ParallelContext
+from lmserve.model.layers.parallel_linear import refuse_tensor_parallel
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, copy_checked
 
@@ -181,10 +183,12 @@ class BertModel(nn.Module):
     needs_kv_cache = False
     uses_token_type_ids = True
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        refuse_tensor_parallel(parallel, "BertModel")
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.parallel = parallel or ParallelContext.single()
         self.embeddings = BertEmbeddings(config, dtype)
         self.encoder = BertEncoder(config, dtype)
 
@@ -224,10 +228,12 @@ class BertForSequenceClassification(nn.Module):
     needs_kv_cache = False
     uses_token_type_ids = True
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        refuse_tensor_parallel(parallel, "BertForSequenceClassification")
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.parallel = parallel or ParallelContext.single()
         self.num_labels = int(config.num_labels)
         self.bert = BertModel(config, dtype)
         self.bert_pooler = BertPooler(config, dtype)

@@ -21,11 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.distributed.parallel_state import ParallelContext
+from lmserve.model.layers.parallel_linear import (gate_up_linear, head_layout, lm_head, qkv_linear,
+                                                   refuse_tensor_parallel, row_linear)
 from lmserve.model.backends.block_formats import BlockQuantizedWeight
 from lmserve.model.layers.activation import GeluAndMul, SiluAndMul, activation_fn
 from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding
+from lmserve.model.layers.linear import Linear, VocabEmbedding
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.rotary import RotaryInputs
 from lmserve.model.models.llama import load_llama_weights
@@ -49,21 +52,24 @@ def fused_qkv(prefix: str, suffix: str, tensor: Weight, sizes: list[int]) -> Ite
 class DecoderAttention(nn.Module):
     """Self-attention over the paged KV cache: merged QKV projection, optional per-head norms of q
     and k (Gemma 3), RoPE over the first ``rotary_dim`` of each head when the layer is given
-    ``RotaryInputs`` (none for learned positions), then ``PagedAttention`` and ``o_proj``."""
+    ``RotaryInputs`` (none for learned positions), then ``PagedAttention`` and ``o_proj``. With a
+    tensor-parallel ``parallel``: this rank's heads (as ``LlamaAttention``)."""
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
                  qkv_bias: bool, o_bias: bool, scale: float, sliding_window: int | None = None,
-                 logits_soft_cap: float | None = None, qk_norm_eps: float | None = None) -> None:
+                 logits_soft_cap: float | None = None, qk_norm_eps: float | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = MergedLinear(hidden, [q_size, kv_size, kv_size], ["q", "k", "v"], bias=qkv_bias, dtype=dtype)
-        self.o_proj = Linear(q_size, hidden, bias=o_bias, dtype=dtype)
+        heads = head_layout(num_heads, num_kv_heads, parallel)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, head_dim
+        self.qkv_proj = qkv_linear(hidden, num_heads, num_kv_heads, head_dim, parallel, bias=qkv_bias, dtype=dtype)
+        self.o_proj = row_linear(num_heads * head_dim, hidden, parallel, bias=o_bias, dtype=dtype)
         self.qk_norm = qk_norm_eps is not None
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype)
-        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim, scale=scale, sliding_window=sliding_window,
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, scale=scale,
+                                   sliding_window=sliding_window,
                                    logits_soft_cap=logits_soft_cap)
 
     def forward(self, hidden: torch.Tensor, rope: RotaryInputs | None, kv_cache: torch.Tensor,
@@ -84,13 +90,15 @@ class DecoderAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate|up merged; ``act`` silu (native backend) or a GELU."""
+    """down(act(gate(x)) * up(x)) with gate|up merged; ``act`` silu (native backend) or a GELU.
+    Tensor parallel: gate/up column-parallel, down row-parallel."""
 
-    def __init__(self, hidden: int, inter: int, act: str, dtype: torch.dtype, bias: bool = False) -> None:
+    def __init__(self, hidden: int, inter: int, act: str, dtype: torch.dtype, bias: bool = False,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter], ["gate", "up"], bias=bias, dtype=dtype)
+        self.gate_up_proj = gate_up_linear(hidden, inter, parallel, bias=bias, dtype=dtype)
         self.act_fn = SiluAndMul() if act in ("silu", "swish") else GeluAndMul(act)
-        self.down_proj = Linear(inter, hidden, bias=bias, dtype=dtype)
+        self.down_proj = row_linear(inter, hidden, parallel, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x, decode_only)), decode_only)
@@ -144,12 +152,20 @@ class DecoderForCausalLM(nn.Module):
     uses_token_type_ids = False
     model_class: type[DecoderModelBase]
     has_lm_head = True
+    # whether ``model_class`` takes a ``parallel`` argument and shards (DecoderAttention, GatedMLP)
+    supports_tensor_parallel = False
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        if not self.supports_tensor_parallel:
+            refuse_tensor_parallel(parallel, type(self).__name__)
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = self.model_class(config, dtype)
+        self.parallel = parallel or ParallelContext.single()
+        if self.supports_tensor_parallel:
+            self.model = self.model_class(config, dtype, parallel=self.parallel)
+        else:
+            self.model = self.model_class(config, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.final_logit_softcap = getattr(config, "final_logit_softcapping", None) or None
         if not self.has_lm_head:
@@ -157,7 +173,7 @@ class DecoderForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = Linear(self.hidden_out(config), config.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = lm_head(self.hidden_out(config), config.vocab_size, self.parallel, dtype=dtype)
 
     @staticmethod
     def hidden_out(config: Any) -> int:
@@ -211,8 +227,8 @@ class DecoderForSequenceClassification(DecoderForCausalLM):
     pooling_tasks: tuple[str, ...] = ("classify", "score", "token_classify")
     has_lm_head = False
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
-        super().__init__(config, dtype)
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        super().__init__(config, dtype, parallel)
         self.num_labels = int(config.num_labels)
         self.score = Linear(self.hidden_out(config), self.num_labels, bias=False, dtype=dtype)
 

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.distributed.parallel_state import ParallelContext
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.linear import VocabEmbedding
+from lmserve.model.layers.parallel_linear import vocab_embedding
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
 from lmserve.model.models.decoder_base import (DecoderAttention, DecoderForCausalLM, DecoderModelBase, GatedMLP,
                                                Weight, sequence_classifier)
+from lmserve.model.layers.sharding import materialize
 from lmserve.model.models.llama import _head_dim, _sliding_window
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -39,16 +41,18 @@ def layer_type(config: Any, layer_idx: int) -> str:
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, qk_norm: bool) -> None:
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, qk_norm: bool,
+                 parallel: ParallelContext | None = None) -> None:
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = DecoderAttention(
             hidden, config.num_attention_heads, config.num_key_value_heads, _head_dim(config), dtype,
             qkv_bias=bool(config.attention_bias), o_bias=bool(config.attention_bias),
             scale=float(config.query_pre_attn_scalar) ** -0.5, sliding_window=_sliding_window(config, layer_idx),
-            logits_soft_cap=getattr(config, "attn_logit_softcapping", None), qk_norm_eps=eps if qk_norm else None)
+            logits_soft_cap=getattr(config, "attn_logit_softcapping", None), qk_norm_eps=eps if qk_norm else None,
+            parallel=parallel)
         act = getattr(config, "hidden_activation", None) or config.hidden_act
-        self.mlp = GatedMLP(hidden, config.intermediate_size, act, dtype)
+        self.mlp = GatedMLP(hidden, config.intermediate_size, act, dtype, parallel=parallel)
         self.input_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype)
         self.pre_feedforward_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype)
@@ -69,10 +73,10 @@ class GemmaModel(DecoderModelBase):
 
     qk_norm = False
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, dtype, self.qk_norm)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, parallel, dtype=dtype)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i, dtype, self.qk_norm, parallel)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.embed_scale = float(config.hidden_size) ** 0.5
@@ -96,10 +100,11 @@ class Gemma2ForCausalLM(DecoderForCausalLM):
     """Gemma 2 causal LM (module docstring). Checkpoint names are HF's (``model.layers.N.*``)."""
 
     model_class = GemmaModel
+    supports_tensor_parallel = True
 
     def rename_weight(self, name: str, tensor: Weight) -> Iterable[tuple[str, Weight]]:
         if name.endswith(".weight") and name.split(".")[-2] in _NORMS + ("norm",):
-            tensor = tensor.float() + 1.0  # Gemma's (1 + w) norm weight
+            tensor = materialize(tensor).float() + 1.0  # Gemma's (1 + w) norm weight
         return [(name, tensor)]
 
 

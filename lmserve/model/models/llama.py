@@ -6,6 +6,9 @@ Variants differ only in flags read from the Hugging Face config:
 - Qwen3: per-head RMSNorm of q and k (``q_norm``/``k_norm``) before RoPE;
 - tied embeddings (``tie_word_embeddings``, e.g. SmolLM2);
 - ``head_dim`` from the config when given; sliding window per layer (Mistral, Qwen2 ``layer_types``).
+
+Tensor parallelism (``parallel=``, a ``ParallelContext``): each rank builds its shards
+(``layers/parallel_linear.py``) and ``load_llama_weights`` cuts every checkpoint tensor to them.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lmserve.distributed.parallel_state import ParallelContext
 from lmserve.model.layers.activation import SiluAndMul
 from lmserve.model.layers.attention import KVCacheSpec, PagedAttention
 from lmserve.model.layers.attention_metadata import AttentionMetadata
-from lmserve.model.layers.linear import Linear, MergedLinear, VocabEmbedding, copy_checked
+from lmserve.model.layers.linear import Linear, VocabEmbedding, copy_checked
 from lmserve.model.layers.norm import RMSNorm
 from lmserve.model.backends.block_formats import BlockQuantizedWeight
+from lmserve.model.layers.parallel_linear import (ShardedLayer, gate_up_linear, head_layout, lm_head, qkv_linear,
+                                                   row_linear, vocab_embedding)
 from lmserve.model.layers.quantized_linear import quantized_module_for
 from lmserve.model.layers.rotary import RotaryEmbedding, RotaryInputs
+from lmserve.model.layers.sharding import Weight, materialize
 
 if TYPE_CHECKING:
     from lmserve.lora.batch import LoRAStepMapping
@@ -57,18 +64,24 @@ def _sliding_window(config: Any, layer_idx: int) -> int | None:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype) -> None:
+    """Self-attention; under tensor parallelism this rank's heads (``HeadLayout``): Q/K/V
+    column-parallel by heads, ``o_proj`` row-parallel (all-reduced)."""
+
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, parallel: ParallelContext | None = None
+                 ) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        heads = head_layout(total_heads, total_kv_heads, parallel)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads  # this rank's
         self.head_dim = _head_dim(config)
         model_type = getattr(config, "model_type", "")
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attention_bias or model_type == "qwen2"
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(hidden, [q_size, kv_size, kv_size], ["q", "k", "v"], bias=qkv_bias, dtype=dtype)
-        self.o_proj = Linear(q_size, hidden, bias=attention_bias, dtype=dtype)
+        self.qkv_proj = qkv_linear(hidden, total_heads, total_kv_heads, self.head_dim, parallel, bias=qkv_bias,
+                                   dtype=dtype)
+        self.o_proj = row_linear(total_heads * self.head_dim, hidden, parallel, bias=attention_bias, dtype=dtype)
         self.qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, dtype=dtype)
@@ -93,16 +106,18 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    """SiLU-gated MLP; under tensor parallelism gate/up column-parallel, down row-parallel."""
+
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise NotImplementedError(f"hidden_act {act!r} is not supported (only silu)")
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [inter, inter], ["gate", "up"], bias=bias, dtype=dtype)
+        self.gate_up_proj = gate_up_linear(config.hidden_size, inter, parallel, bias=bias, dtype=dtype)
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
+        self.down_proj = row_linear(inter, config.hidden_size, parallel, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor, decode_only: bool = False, lora: LoRAStepMapping | None = None
                 ) -> torch.Tensor:
@@ -111,10 +126,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, layer_idx: int, dtype: torch.dtype, parallel: ParallelContext | None = None
+                 ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, dtype)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype, parallel)
+        self.mlp = LlamaMLP(config, dtype, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
 
@@ -133,10 +149,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, parallel, dtype=dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, parallel)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.rotary_emb = RotaryEmbedding.from_config(config, _head_dim(config), dtype, allow_partial=True)
 
@@ -157,7 +174,12 @@ LORA_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "m
 
 def enable_lora(model: nn.Module) -> int:
     """Names every adaptable projection (``Linear.lora_key``) of a model holding a ``LlamaModel``
-    as ``model.model``, so a step's ``AttentionMetadata.lora`` reaches it. Returns their number."""
+    as ``model.model``, so a step's ``AttentionMetadata.lora`` reaches it. Returns their number.
+    ValueError for a tensor-parallel model: adapters' deltas are not sharded."""
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None and parallel.tp_size > 1:
+        raise ValueError("LoRA adapters (--enable-lora) do not support tensor parallelism yet "
+                         f"(tensor_parallel_size={parallel.tp_size}); use tensor_parallel_size 1")
     count = 0
     for i, layer in enumerate(model.model.layers):
         for sub in LORA_TARGETS:
@@ -183,16 +205,17 @@ class LlamaForCausalLM(nn.Module):
     # the native one-call decode step (``backends/decode_step.py``), set when the backends are bound
     decode_step: LlamaDecodeStep | None = None
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = LlamaModel(config, dtype)
+        self.parallel = parallel or ParallelContext.single()
+        self.model = LlamaModel(config, dtype, self.parallel)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+            self.lm_head = lm_head(config.hidden_size, config.vocab_size, self.parallel, dtype=dtype)
 
     @property
     def max_position(self) -> int:
@@ -212,7 +235,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states [N, hidden] -> logits [N, vocab] in float32 (matmul in the model dtype)."""
+        """hidden_states [N, hidden] -> logits [N, vocab] in float32 (matmul in the model dtype).
+        Under tensor parallelism every rank gets the full-vocab logits (a collective: all TP
+        ranks call it with the same rows)."""
         head = self.lm_head
         # the lm_head sees only the sampling rows: their count alone picks a quantized head's path
         logits = head.project(hidden_states) if isinstance(head, VocabEmbedding) else head(hidden_states, True)
@@ -245,12 +270,13 @@ class LlamaForSequenceClassification(nn.Module):
     needs_kv_cache = True
     uses_token_type_ids = False
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.parallel = parallel or ParallelContext.single()
         self.num_labels = int(config.num_labels)
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, self.parallel)  # the score head is replicated
         self.score = Linear(config.hidden_size, self.num_labels, bias=False, dtype=dtype)
 
     @property
@@ -292,7 +318,15 @@ def _quantized_owner(model: nn.Module, module_name: str) -> nn.Module | None:
     return new
 
 
-def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor | BlockQuantizedWeight]],
+def _sharded_owner(model: nn.Module, module_name: str) -> ShardedLayer | None:
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, ShardedLayer) else None
+
+
+def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, Weight]],
                        skip_prefix: str | None = None) -> set[str]:
     """Copy HF-named tensors into a model holding a ``LlamaModel`` as ``model.model``; Q/K/V and
     gate/up load into their merged projections. Names starting with ``skip_prefix`` are ignored
@@ -301,7 +335,11 @@ def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
 
     A ``BlockQuantizedWeight`` (a GGUF Q4_0/Q4_1/Q8_0 matrix kept quantized) turns the linear or
     embedding module it belongs to into its quantized counterpart (``quantized_linear``), which
-    keeps the packed weight and the dequantized one (as the same ``weight`` Parameter)."""
+    keeps the packed weight and the dequantized one (as the same ``weight`` Parameter).
+
+    Tensor parallelism: a tensor whose module is a ``ShardedLayer`` is cut to this rank's piece
+    (``shard_weight``) before anything else; a ``LazyWeight`` (what loaders yield for a sharded
+    model) is then read only there, every other tensor read whole."""
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {name for name in params if not (skip_prefix and name.startswith(skip_prefix))}
     filled: set[str] = set()  # model parameter names (merged ones once all shards arrived)
@@ -312,14 +350,21 @@ def load_llama_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == ROPE_FREQ_FACTORS:
-            model.model.rotary_emb.set_freq_factors(tensor)
+            model.model.rotary_emb.set_freq_factors(materialize(tensor))
             loaded.add(name)
             continue
         if skip_prefix and name.startswith(skip_prefix):
             continue
         parts = name.split(".")
-        quantized = isinstance(tensor, BlockQuantizedWeight)
         merged = _MERGED.get(parts[-2]) if len(parts) >= 2 else None
+        owner = _sharded_owner(model, ".".join(parts[:-2] + [merged[0]]) if merged else ".".join(parts[:-1]))
+        if owner is not None:
+            tensor = owner.shard_weight(parts[-1], tensor, merged[1] if merged else None)
+            if tensor is None:  # a parameter other ranks hold (a row-parallel bias)
+                loaded.add(name)
+                continue
+        tensor = materialize(tensor)
+        quantized = isinstance(tensor, BlockQuantizedWeight)
         if merged is not None:
             module_name = ".".join(parts[:-2] + [merged[0]])
             target = f"{module_name}.{parts[-1]}"

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.distributed.parallel_state import ParallelContext
+from lmserve.model.layers.parallel_linear import refuse_tensor_parallel
 from lmserve.model.backends.block_formats import BlockQuantizedWeight
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.model.layers.fused_moe import FusedMoE
@@ -107,10 +109,12 @@ class _MoeBase(nn.Module):
     max_position = LlamaForCausalLM.max_position
     kv_cache_spec = LlamaForCausalLM.kv_cache_spec
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        refuse_tensor_parallel(parallel, f"{type(self).__name__} (mixture of experts)")
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.parallel = parallel or ParallelContext.single()
         self.model = MoeModel(config, dtype)
 
     @torch.no_grad()
@@ -130,8 +134,8 @@ class MoeForCausalLM(_MoeBase):
 
     compute_logits = LlamaForCausalLM.compute_logits
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
-        super().__init__(config, dtype)
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        super().__init__(config, dtype, parallel)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
@@ -152,8 +156,8 @@ class MoeForSequenceClassification(_MoeBase):
     pooling_tasks: tuple[str, ...] = ("classify", "score", "token_classify")
     default_pooling_type = "LAST"
 
-    def __init__(self, config: Any, dtype: torch.dtype) -> None:
-        super().__init__(config, dtype)
+    def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
+        super().__init__(config, dtype, parallel)
         self.num_labels = int(config.num_labels)
         self.score = Linear(config.hidden_size, self.num_labels, bias=False, dtype=dtype)
 

@@ -29,7 +29,7 @@ from types import MappingProxyType
 
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, load_library
 
-ABI_VERSION = 1  # LMS_ABI_VERSION
+ABI_VERSION = 2  # LMS_ABI_VERSION
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -126,7 +126,10 @@ class DecodeModel(AbiStruct):
     _fields_ = [(name, _i32) for name in ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
                                           "intermediate", "dtype", "block_size", "max_rows")] + \
                [("eps", _f32), ("scale", _f32), ("layers", ctypes.POINTER(Layer)), ("final_norm", _p)] + \
-               [(name, _p) for name in DECODE_BUFFERS]
+               [(name, _p) for name in DECODE_BUFFERS] + [("all_reduce", _p), ("all_reduce_ctx", _p)]
+
+# lms_abi.h's LmsAllReduceFn: (buffer, number of elements, context) -> None
+ALL_REDUCE_FN = ctypes.CFUNCTYPE(None, _p, _i64, _p)
 
 
 class DecodeStepArgs(AbiStruct):

@@ -22,7 +22,9 @@
  *   attn = paged_decode(q, cache, block_tables, seq_lens);  h = attn W_o^T (+ bias)
  *   normed, res = rmsnorm(h + res);  gu = normed W_gu^T;  h = (silu(gu[:I]) * gu[I:]) W_down^T
  * and at the end out = rmsnorm(h + res). Buffers are the caller's (LmsDecodeModel, lms_abi.h),
- * contiguous.
+ * contiguous. Under tensor parallelism the weights are one rank's shards and h is summed over the
+ * ranks after W_o and after W_down (the caller's all_reduce callback; row-parallel biases are on
+ * one rank only).
  */
 #include <omp.h>
 #include <stdint.h>
@@ -70,6 +72,15 @@ static void linear(const Step* st, const LmsQLinear* W, const void* x, void* out
     qgemv_range(st->xq, st->dx, st->xsum, W->qw, W->d, W->m, W->nibbles, W->k, st->rows, W->bias, out, W->n, st->dt,
                 n0, n1);
   }
+#pragma omp barrier
+}
+
+/* Tensor parallelism: h summed over the ranks by the caller's callback, on the calling (master)
+ * thread while the others wait (lms_abi.h, LmsDecodeModel). */
+static void all_reduce_h(const LmsDecodeModel* M, int rows) {
+  if (!M->all_reduce) return;
+#pragma omp master
+  ((LmsAllReduceFn)M->all_reduce)(M->h, (int64_t)rows * M->hidden, M->all_reduce_ctx);
 #pragma omp barrier
 }
 
@@ -212,6 +223,7 @@ int32_t lms_decode_step(const LmsDecodeStepArgs* a) {
         for (int w = 0; w < items; w++) run_item(attn_item, &P, w, hpi, &S);
         if (uses_tiles(attn_item)) sb.amx_tiles = 0, tiles_used = 1; /* the sbgemm's tile shape is gone */
         linear(&st, &ly->o, M->attn, M->h, tid, &sb);
+        all_reduce_h(M, rows);
 #pragma omp single
         rms_norm1(M->h, H, M->res, ly->post_norm, M->normed, M->res, rows, H, M->eps, dt);
         linear(&st, &ly->gate_up, M->normed, M->gu, tid, &sb);
@@ -222,6 +234,7 @@ int32_t lms_decode_step(const LmsDecodeStepArgs* a) {
         }
 #pragma omp barrier
         linear(&st, &ly->down, M->act, M->h, tid, &sb);
+        all_reduce_h(M, rows);
       }
 #pragma omp single
       rms_norm1(M->h, H, M->res, M->final_norm, M->out, M->res, rows, H, M->eps, dt);

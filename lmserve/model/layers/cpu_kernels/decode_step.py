@@ -9,6 +9,11 @@ The step keeps raw pointers to the model's weights and, once bound at the first 
 caches: both must outlive it and not move (the model owns it; the runner allocates its caches
 once). Its buffers make it single-threaded: one step at a time, as the engine runs.
 
+Tensor parallelism: the layers are the rank's shards; the embeddings come from the model's
+(vocab-parallel) ``embed_tokens`` and the C step calls back into Python (``ALL_REDUCE_FN``, on the
+thread that made the call) to all-reduce the hidden states after ``o_proj`` and ``down_proj``, so
+every rank must run the step with the same rows, as the eager path's collectives require.
+
 The C structs it fills (``LmsDecodeModel``, ``LmsLayer``, ``LmsQLinear``, ``LmsDecodeStepArgs``) are
 ``abi.py``'s (``_Model``, ``_Layer``, ``_QLinear`` here), checked against the library's layout table
 when it is loaded (``abi.check_abi``).
@@ -24,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from lmserve.distributed.communication import all_reduce
 from lmserve.model.layers.attention_metadata import AttentionMetadata
+from lmserve.model.layers.cpu_kernels.abi import ALL_REDUCE_FN
 from lmserve.model.layers.cpu_kernels.abi import DECODE_BUFFERS as _BUFFERS
 from lmserve.model.layers.cpu_kernels.abi import DecodeModel as _Model
 from lmserve.model.layers.cpu_kernels.abi import DecodeStepArgs, bind, load_kernels
@@ -49,23 +56,40 @@ class LlamaDecodeStep:
         cfg = model.config
         self._fn = bind(lib, "lms_decode_step")
         self.max_rows = max_rows
-        self._embed = inner.embed_tokens.weight
+        self._embed_tokens = inner.embed_tokens
         self._cos_sin_cache = inner.rotary_emb.cos_sin_cache
         hidden, d = cfg.hidden_size, attn0.head_dim
+        inter = inner.layers[0].mlp.down_proj.in_features  # this rank's share under tensor parallelism
         widths = {"h": hidden, "res": hidden, "normed": hidden,
                   "qkv": (attn0.num_heads + 2 * attn0.num_kv_heads) * d, "q": attn0.num_heads * d,
                   "k": attn0.num_kv_heads * d, "attn": attn0.num_heads * d,
-                  "gu": 2 * cfg.intermediate_size, "act": cfg.intermediate_size, "out": hidden}
+                  "gu": 2 * inter, "act": inter, "out": hidden}
         self._bufs = {name: torch.empty(max_rows, w, dtype=dtype) for name, w in widths.items()}
         self._cos_sin = torch.empty(max_rows, d, dtype=dtype)
         self._layers = (_Layer * len(layers))(*layers)
+        self._parallel = getattr(model, "parallel", None)
+        self._comm_error: BaseException | None = None
+        self._all_reduce_fn = None  # the ctypes callback, kept alive as long as the step
+        if self._parallel is not None and self._parallel.tp_size > 1:
+            self._all_reduce_fn = ALL_REDUCE_FN(self._all_reduce_h)
         self._model = _Model(num_layers=len(layers), hidden=hidden, num_heads=attn0.num_heads,
-                             num_kv_heads=attn0.num_kv_heads, head_dim=d, intermediate=cfg.intermediate_size,
+                             num_kv_heads=attn0.num_kv_heads, head_dim=d, intermediate=inter,
                              dtype=DTYPE_CODES[dtype], block_size=0, max_rows=max_rows,
                              eps=inner.norm.variance_epsilon, scale=attn0.attn.scale, layers=self._layers,
                              final_norm=inner.norm.weight.data_ptr(),
-                             **{n: self._bufs[n].data_ptr() for n in _BUFFERS})
+                             **{n: self._bufs[n].data_ptr() for n in _BUFFERS},
+                             all_reduce=ctypes.cast(self._all_reduce_fn, ctypes.c_void_p).value
+                             if self._all_reduce_fn is not None else None)
         self._bound: list[torch.Tensor] | None = None  # the KV caches the layers point at
+
+    def _all_reduce_h(self, buf: int, numel: int, ctx: int) -> None:
+        """The C step's callback: sum the first ``numel`` elements of ``h`` over the TP ranks, in
+        place. An exception cannot cross the C boundary: it is kept and raised after the step."""
+        del buf, ctx  # always the ``h`` buffer
+        try:
+            all_reduce(self._bufs["h"].view(-1)[:numel], self._parallel)
+        except BaseException as e:  # noqa: BLE001 - re-raised by __call__
+            self._comm_error = e
 
     def _bind(self, kv_caches: list[torch.Tensor], block_size: int) -> None:
         """Point the layers at ``kv_caches`` ([2, num_blocks, block_size, Hkv, D] each, contiguous,
@@ -108,12 +132,18 @@ class LlamaDecodeStep:
                 slots.dtype != torch.int64 or tables.device.type != "cpu":
             raise ValueError("decode step: block tables / seq_lens must be contiguous CPU int32, slots int64")
         h, cs = self._bufs["h"][:rows], self._cos_sin[:rows]
-        torch.index_select(self._embed, 0, input_ids, out=h)
+        if self._all_reduce_fn is not None:  # a vocab-parallel table: masked lookup + all-reduce
+            h.copy_(self._embed_tokens(input_ids))
+        else:
+            torch.index_select(self._embed_tokens.weight, 0, input_ids, out=h)
         torch.index_select(self._cos_sin_cache, 0, positions, out=cs)
         rc = self._fn(DecodeStepArgs(model=ctypes.pointer(self._model), cos_sin=cs.data_ptr(),
                                      block_tables=tables.data_ptr(), bt_width=tables.shape[1],
                                      seq_lens=seq_lens.data_ptr(), slots=slots.data_ptr(), rows=rows,
                                      num_threads=torch.get_num_threads()))
+        if self._comm_error is not None:
+            error, self._comm_error = self._comm_error, None
+            raise RuntimeError("decode step: the all-reduce between layers failed") from error
         if rc != 0:
             raise ValueError(f"decode step kernel refused the step (rc {rc}): a seq_len, block id or slot "
                              "is out of range")

@@ -28,7 +28,7 @@
 #define LMS_ABI_H
 #include <stdint.h>
 
-#define LMS_ABI_VERSION 1
+#define LMS_ABI_VERSION 2
 
 #define LMS_EXPORT __attribute__((visibility("default")))
 
@@ -225,7 +225,12 @@ enum {
 
 /* The model of the decode step; buffers [max_rows, width] each, contiguous, in dtype: h (in: the
  * embeddings; the layers' output), res, normed, qkv, q and k (rotated), attn, gu (gate | up), act,
- * out (the final norm's output). Weights and caches stay the caller's and must not move. */
+ * out (the final norm's output). Weights and caches stay the caller's and must not move.
+ * Tensor parallelism: the layers are one rank's shards (num_heads, num_kv_heads, intermediate this
+ * rank's); all_reduce, when not NULL, is an LmsAllReduceFn the step calls on the calling thread
+ * after o and after down with (h, rows * hidden, all_reduce_ctx): it must sum h over the ranks in
+ * place (the other threads wait at a barrier). NULL: a single rank. */
+typedef void (*LmsAllReduceFn)(void* buf, int64_t numel, void* ctx);
 #define LMS_DECODE_MODEL_FIELDS(F)                                                        \
   F(int32_t, num_layers)                                                                  \
   F(int32_t, hidden)                                                                      \
@@ -249,7 +254,9 @@ enum {
   F(void*, attn)                                                                          \
   F(void*, gu)                                                                            \
   F(void*, act)                                                                           \
-  F(void*, out)
+  F(void*, out)                                                                           \
+  F(void*, all_reduce)       /* an LmsAllReduceFn, or NULL */                             \
+  F(void*, all_reduce_ctx)
 
 /* lms_decode_step: one decode step of `rows` sequences (model->h holds their embeddings on entry,
  * model->out their final hidden states on return); cos_sin [rows, head_dim] (cat(cos, sin) at each
