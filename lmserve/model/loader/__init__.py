@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lmserve.config import ModelConfig
+from lmserve.distributed.parallel_state import ParallelContext
 from lmserve.model.loader.gguf_loader import iter_gguf_weights
 from lmserve.model.loader.hf_config import checkpoint_dtype, load_hf_config
 from lmserve.model.loader.resolve import default_model, resolve_model
@@ -51,7 +52,8 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             param.fill_(1.0)
 
 
-def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Module:
+def get_model(model_config: ModelConfig, device: torch.device | str, parallel: ParallelContext | None = None
+              ) -> nn.Module:
     """Build the model for ``model_config.hf_config`` in ``model_config.dtype`` on ``device``,
     load its weights per ``load_format`` ("auto": GGUF if ``gguf_file`` else safetensors/bin;
     "dummy": seeded random), and return it in eval mode with gradients off. A GGUF file's
@@ -64,8 +66,16 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     choices are logged as one table)."""
     device = torch.device(device)
     cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
+    kwargs = {}
+    if parallel is not None and parallel.world_size > 1:
+        if parallel.pp_size > 1 and not getattr(cls, "supports_pipeline_parallel", False):
+            arch = (getattr(model_config.hf_config, "architectures", None) or [cls.__name__])[0]
+            raise ValueError(f"{arch} does not split into pipeline stages: use --pipeline-parallel-size 1 "
+                             "(pipeline parallelism supports the Llama family: Llama, Mistral, Qwen2, Qwen3, "
+                             "SmolLM2, Phi-3)")
+        kwargs["parallel"] = parallel
     with torch.device(device):
-        model = cls(model_config.hf_config, model_config.dtype)
+        model = cls(model_config.hf_config, model_config.dtype, **kwargs)
     fmt = model_config.load_format
     if fmt == "dummy":
         initialize_dummy_weights(model, model_config.seed)
