@@ -245,6 +245,15 @@ class EngineArgs:
             setattr(hf_config, k, v)
         model_cls, runner_type, convert_type = resolve_model_class(hf_config, runner, self.convert)
         pooler, tasks = self._pooling_setup(model_dir, hf_config, model_cls, runner_type, task)
+        if parallel_config.pipeline_parallel_size > 1 and runner_type != "pooling" and \
+                not getattr(model_cls, "supports_pipeline_parallel", False):
+            arch = (getattr(hf_config, "architectures", None) or [model_cls.__name__])[0]
+            raise ValueError(f"--pipeline-parallel-size: {arch} does not split into pipeline stages (supported: the "
+                             "Llama family: Llama, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3); use "
+                             "--pipeline-parallel-size 1")
+        if parallel_config.pipeline_parallel_size > int(getattr(hf_config, "num_hidden_layers", 0) or 0) > 0:
+            raise ValueError(f"--pipeline-parallel-size {parallel_config.pipeline_parallel_size} is more than the "
+                             f"model's {hf_config.num_hidden_layers} layers")
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

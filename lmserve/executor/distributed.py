@@ -164,8 +164,15 @@ class DistributedExecutor(Executor):
                 graceful = False
         self._stop_workers(graceful)
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                logger.debug("destroy_process_group failed", exc_info=True)
+            # in a thread: after a failure the engine thread may still hold a collective of these groups
+            thread = threading.Thread(target=_destroy_groups, name="lmserve-destroy-groups", daemon=True)
+            thread.start()
+            thread.join(5.0)
         torch.set_num_threads(self._saved_threads)
+
+
+def _destroy_groups() -> None:
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        logger.debug("destroy_process_group failed", exc_info=True)
