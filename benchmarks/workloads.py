@@ -219,7 +219,7 @@ def served_model_path(server: str, model: str, cache_dir: str = CACHE_DIR) -> st
     the issue's W3 goal is llama.cpp's server on that same file. vLLM cannot serve a GGUF on CPU,
     so it serves ``smollm2-135m-bf16``, the same weights dequantized. Both clients read the
     tokenizer from the directory (the GGUF's own, saved by transformers)."""
-    if server == "lmserve" and model == SMOLLM2:
+    if server.startswith("lmserve") and model == SMOLLM2:
         return default_gguf()
     return model_dir(model, cache_dir)
 

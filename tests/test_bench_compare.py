@@ -183,7 +183,8 @@ def test_markdown_table():
     assert "## W1: mixed" in md and "30.0 GB/s" in md and "380 GFLOP/s" in md
     assert "| lmserve | lmserve | 400.0 | 133.3 | 1,000.0 |" in md
     assert "| vllm ⚠ | lmserve | 200.0 |" in md and "WARNING: 1 run(s)" in md
-    assert "| **lmserve / vLLM** | lmserve | 2.00× | 2.00× | 0.50× |" in md
+    assert "| lmserve / vllm | lmserve | 2.00× | 2.00× | 0.50× |" in md
+    assert "| **lmserve / best vLLM** | lmserve | 2.00× | 2.00× | 0.50× |" in md
     assert "| lmserve: harness vllm / lmserve | | 0.99× |" in md
     assert "| 25.0% | 1.0% |" in md  # 10 s roofline over 40 s measured; other CPU
 
@@ -195,8 +196,39 @@ def test_table_prefers_a_clean_retry_and_lists_errors():
     r["runs"].insert(3, retry)
     r["runs"].append({"server": "vllm", "harness": "-", "workload": "W1,W2", "error": "TimeoutError()"})
     md = report.markdown_table(r)
-    assert "| **lmserve / vLLM** | lmserve | 4.00× |" in md  # 400 / the clean retry's 100
+    assert "| **lmserve / best vLLM** | lmserve | 4.00× |" in md  # 400 / the clean retry's 100
     assert "- ERROR: vllm / - / W1,W2: TimeoutError()" in md
+
+
+def test_best_vllm_takes_each_metric_from_the_better_setting():
+    r = _fake_results()
+    r["cpu_kind"] = "AVX-512 + AMX"
+    # all cores: faster throughput, but a worse TTFT than the default setting's 2000 ms
+    r["runs"].append({"server": "vllm-allcores", "harness": "lmserve", "workload": "W1", "other_cpu_frac": 0.0,
+                      "result": {"total_token_throughput": 320.0, "output_throughput": 320.0 / 3,
+                                 "mean_ttft_ms": 2500.0, "median_ttft_ms": 2500.0, "mean_tpot_ms": 80.0,
+                                 "duration": 50.0, "completed": 32}})
+    md = report.markdown_table(r)
+    assert "(AVX-512 + AMX)" in md
+    assert "| lmserve / vllm-allcores | lmserve | 1.25× | 1.25× | 0.40× |" in md
+    # throughput against 320 (all cores), TTFT against 2000 (default), TPOT against 80 (all cores)
+    assert "| **lmserve / best vLLM** | lmserve | 1.25× | 1.25× | 0.50× | 0.50× | 1.25× |" in md
+
+
+def test_cpu_kind_and_allcores_env():
+    assert compare_servers.cpu_kind({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) == "AVX-512 + AMX"
+    assert compare_servers.cpu_kind({"avx2", "avx512f", "avx512_bf16"}) == "AVX-512 (bf16, no AMX)"
+    assert compare_servers.cpu_kind({"avx2"}) == "AVX2 only"
+    assert servers.vllm_allcores_env(4) == {"VLLM_CPU_OMP_THREADS_BIND": "0-3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert servers.server_env("lmserve") == {}
+    tp = servers.serve_command("lmserve-tp2", "/m", "m", 8000, "bfloat16")
+    assert tp[-2:] == ["--tensor-parallel-size", "2"] and tp[:-2] == servers.serve_command("lmserve", "/m", "m", 8000)
+    r = _fake_results()
+    r["runs"].append({"server": "lmserve-tp2", "harness": "lmserve", "workload": "W1", "other_cpu_frac": 0.0,
+                      "result": {"total_token_throughput": 300.0, "duration": 53.3}})
+    assert "| lmserve-tp2 / lmserve | lmserve | 0.75× |" in report.markdown_table(r)
+    cmd = servers.serve_command("vllm-allcores", "/m", "m", 8000, "bfloat16")
+    assert cmd == servers.serve_command("vllm", "/m", "m", 8000, "bfloat16")
 
 
 def test_write_report_without_matplotlib(tmp_path, monkeypatch):
@@ -244,7 +276,7 @@ def test_both_harnesses_get_the_same_flags():
 
 def test_parse_args_checks_names():
     args = compare_servers.parse_args(["--smoke"])
-    assert args.out.endswith("-smoke") and args.servers == "lmserve,vllm"
+    assert args.out.endswith("-smoke") and args.servers == "lmserve,vllm,vllm-allcores"
     with pytest.raises(SystemExit):
         compare_servers.parse_args(["--servers", "lmserve,tgi"])
 

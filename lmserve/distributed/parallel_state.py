@@ -27,6 +27,9 @@ class ParallelContext:
     pp_size: int = 1
     tp_group: Any = None
     pp_group: Any = None
+    # The TP group's ``shm_allreduce.ShmAllReduce`` when its ranks share a host (x86-64), else None:
+    # all-reduces that fit it skip gloo's loopback TCP.
+    tp_shm: Any = None
 
     def __post_init__(self) -> None:
         if not (0 <= self.tp_rank < self.tp_size and 0 <= self.pp_rank < self.pp_size):
