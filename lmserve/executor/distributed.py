@@ -74,7 +74,7 @@ class DistributedExecutor(Executor):
                                   timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
             driver_threads = self._start_workers(host, store.port)
             torch.set_num_threads(driver_threads)
-            parallel = self._join(lambda: init_rank(config, 0, store))
+            parallel = self._join(lambda: init_rank(config, 0, store, host))
             self._started = True
             self._start_monitor()
             logger.info("%s executor: %d ranks (tp %d x pp %d), driver pid %d, %d threads per rank on this machine",

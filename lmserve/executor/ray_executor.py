@@ -92,7 +92,7 @@ class RayExecutor(DistributedExecutor):
         config = without_driver_only(self.config)
         for rank, (actor, (ip, cpus)) in enumerate(zip(self._actors, infos), start=1):
             spec = WorkerSpec(config=config, rank=rank, host=host, port=port,
-                              num_threads=max(1, cpus // per_node[ip]), local_rank=local_index[ip])
+                              num_threads=max(1, cpus // per_node[ip]), local_rank=local_index[ip], node=ip)
             local_index[ip] += 1
             self._runs.append(actor.run.remote(spec))
         return max(1, local_cpu_count() // per_node[host])

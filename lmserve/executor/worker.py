@@ -44,6 +44,7 @@ class WorkerSpec:
     port: int
     num_threads: int
     local_rank: int = 0  # this rank's index among the ranks on its machine (its CUDA device)
+    node: str = "127.0.0.1"  # this rank's node address (ranks on one node share memory)
 
 
 def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
@@ -53,9 +54,10 @@ def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
     return device
 
 
-def init_rank(config: EngineConfig, rank: int, store: dist.Store) -> ParallelContext:
-    """Joins the world group through ``store`` and creates the TP and PP groups; this rank's
-    ``ParallelContext``."""
+def init_rank(config: EngineConfig, rank: int, store: dist.Store, host: str = "127.0.0.1") -> ParallelContext:
+    """Joins the world group through ``store`` and creates the TP and PP groups, and the TP group's
+    shared-memory all-reduce when its ranks share a host (``host``: this rank's node address);
+    this rank's ``ParallelContext``."""
     pc = config.parallel_config
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
     world = tp * pp
@@ -75,8 +77,36 @@ def init_rank(config: EngineConfig, rank: int, store: dist.Store) -> ParallelCon
             group = dist.new_group(ranks, timeout=op_timeout, backend=backend)
             if rank in ranks:
                 pp_group = group
+    tp_shm = _tp_shared_memory(config, rank, host) if tp > 1 else None
     return ParallelContext(tp_rank=rank % tp, tp_size=tp, pp_rank=rank // tp, pp_size=pp,
-                           tp_group=tp_group, pp_group=pp_group)
+                           tp_group=tp_group, pp_group=pp_group, tp_shm=tp_shm)
+
+
+def _tp_shared_memory(config: EngineConfig, rank: int, host: str):
+    """This rank's TP group's ``ShmAllReduce`` when every rank of the group runs on one x86-64 host
+    (on CPU), else None. Collective over the world group: the group's first rank makes the segment,
+    the others open it, and it is unlinked once all have (no file outlives the processes)."""
+    from lmserve.distributed import shm_allreduce
+
+    pc = config.parallel_config
+    tp, world = pc.tensor_parallel_size, pc.world_size
+    hosts: list = [None] * world
+    dist.all_gather_object(hosts, host)
+    leader = rank - rank % tp
+    same_host = len(set(hosts[leader:leader + tp])) == 1
+    usable = same_host and shm_allreduce.supported() and config.device_config.torch_device.type == "cpu"
+    hidden = int(getattr(config.model_config.hf_config, "hidden_size", 0) or 0)
+    max_bytes = max(1, config.scheduler_config.max_num_batched_tokens) * max(1, hidden) * 4  # fp32 activations
+    name = shm_allreduce.new_segment_name() if usable and rank == leader else None
+    shm = shm_allreduce.ShmAllReduce(name, 0, tp, max_bytes=max_bytes, create=True) if name else None
+    names: list = [None] * world
+    dist.all_gather_object(names, name)
+    if usable and rank != leader:
+        shm = shm_allreduce.ShmAllReduce(names[leader], rank % tp, tp, max_bytes=max_bytes)
+    dist.barrier()
+    if shm is not None and rank == leader:
+        shm.unlink()
+    return shm
 
 
 def agree_num_blocks(proposed: int) -> int:
@@ -108,7 +138,7 @@ def run_worker(spec: WorkerSpec) -> None:
     config = spec.config
     store = dist.TCPStore(spec.host, spec.port, config.parallel_config.world_size, is_master=False,
                           timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-    parallel = init_rank(config, spec.rank, store)
+    parallel = init_rank(config, spec.rank, store, spec.node)
     logger.info("worker rank %d (tp %d/%d, pp %d/%d) pid %d, %d threads", spec.rank, parallel.tp_rank,
                 parallel.tp_size, parallel.pp_rank, parallel.pp_size, os.getpid(), spec.num_threads)
     runner = ModelRunner(config, [], parallel=parallel, device=rank_device(config, spec.local_rank),
