@@ -184,13 +184,16 @@ class EngineArgs:
         g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
         g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
                        help="Requests queued beyond this are refused with HTTP 503.")
-        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
-        g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                       help="Ranks that split each layer (attention heads, MLP columns, vocabulary).")
+        g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
+                       help="Ranks that each hold a contiguous part of the layers (Llama family), run in "
+                       "micro-batches.")
         g.add_argument("--distributed-executor-backend", default=None,
                        choices=["ray", "mp", "uni", "external_launcher"],
-                       help="How the tensor/pipeline-parallel ranks run: mp (processes on this machine; the "
-                       "default with several ranks), ray (Ray actors: a running cluster (RAY_ADDRESS, 'ray start "
-                       "--head') or a local one), uni (one rank, the default); external_launcher is refused.")
+                       help="mp: worker processes on this machine (the default with several ranks); ray: Ray "
+                       "actors (the cluster RAY_ADDRESS or 'ray start --head' runs, else a local one); uni: one "
+                       "rank in the engine's process. external_launcher is refused.")
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
