@@ -82,8 +82,11 @@ class DistributedExecutor(Executor):
                         driver_threads)
             self.driver_runner = ModelRunner(config, logitsprocs_classes, parallel=parallel,
                                              device=rank_device(config, 0), agree_num_blocks=agree_num_blocks)
-        except BaseException:
+        except BaseException as e:
+            failure = self._failure
             self.shutdown()
+            if failure is not None and failure is not e:  # the worker's death, not the collective it broke
+                raise failure from e
             raise
 
     # ------------------------------------------------------------------ subclass hooks
