@@ -82,12 +82,18 @@ def test_access_log_filter_drops_listed_paths_only() -> None:
     assert isinstance(argparse.Namespace(), argparse.Namespace)
 
 
-def test_ray_executor_is_refused_with_the_reason():
-    import pytest
+def test_executor_backends_refused_with_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
 
     from lmserve.engine.arg_utils import EngineArgs
 
-    with pytest.raises(ValueError, match="no Ray executor"):
+    with pytest.raises(ValueError, match="external_launcher is not supported"):
+        EngineArgs(model="unused", distributed_executor_backend="external_launcher").create_engine_config()
+    with pytest.raises(ValueError, match="uni runs one rank"):
+        EngineArgs(model="unused", tensor_parallel_size=2, distributed_executor_backend="uni").create_engine_config()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match="pip install ray.*--distributed-executor-backend mp"):
         EngineArgs(model="unused", distributed_executor_backend="ray").create_engine_config()
 
 

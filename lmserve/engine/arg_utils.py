@@ -184,9 +184,16 @@ class EngineArgs:
         g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
         g.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests,
                        help="Requests queued beyond this are refused with HTTP 503.")
-        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
-        g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
-        g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"])
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                       help="Ranks that split each layer (attention heads, MLP columns, vocabulary).")
+        g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
+                       help="Ranks that each hold a contiguous part of the layers (Llama family), run in "
+                       "micro-batches.")
+        g.add_argument("--distributed-executor-backend", default=None,
+                       choices=["ray", "mp", "uni", "external_launcher"],
+                       help="mp: worker processes on this machine (the default with several ranks); ray: Ray "
+                       "actors (the cluster RAY_ADDRESS or 'ray start --head' runs, else a local one); uni: one "
+                       "rank in the engine's process. external_launcher is refused.")
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
@@ -228,12 +235,9 @@ class EngineArgs:
         from lmserve.model.loader.resolve import default_embedding_model, default_model, resolve_model
         from lmserve.model.models.registry import resolve_model_class
 
-        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-            raise ValueError("tensor/pipeline parallelism is not available yet in lmserve: "
-                             "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
         if self.kv_cache_dtype != "auto":
             raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
-        self._check_executor_backend()
+        parallel_config = self._parallel_config()
         runner, task = self._runner_and_task()
         model = self.model or (default_embedding_model() if runner == "pooling" else default_model())
         model_dir, gguf_file = resolve_model(model, self.revision, self.download_dir)
@@ -244,6 +248,15 @@ class EngineArgs:
             setattr(hf_config, k, v)
         model_cls, runner_type, convert_type = resolve_model_class(hf_config, runner, self.convert)
         pooler, tasks = self._pooling_setup(model_dir, hf_config, model_cls, runner_type, task)
+        if parallel_config.pipeline_parallel_size > 1 and runner_type != "pooling" and \
+                not getattr(model_cls, "supports_pipeline_parallel", False):
+            arch = (getattr(hf_config, "architectures", None) or [model_cls.__name__])[0]
+            raise ValueError(f"--pipeline-parallel-size: {arch} does not split into pipeline stages (supported: the "
+                             "Llama family: Llama, Mistral, Qwen2, Qwen3, SmolLM2, Phi-3); use "
+                             "--pipeline-parallel-size 1")
+        if parallel_config.pipeline_parallel_size > int(getattr(hf_config, "num_hidden_layers", 0) or 0) > 0:
+            raise ValueError(f"--pipeline-parallel-size {parallel_config.pipeline_parallel_size} is more than the "
+                             f"model's {hf_config.num_hidden_layers} layers")
         device = self.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,11 +320,17 @@ class EngineArgs:
             policy=self.scheduling_policy, max_waiting_requests=self.max_waiting_requests,
             memory_bound_tokens=(default_memory_bound_tokens(device, pooling=pooler is not None)
                                  if self.memory_bound_tokens is None else self.memory_bound_tokens))
+        if parallel_config.world_size > 1:
+            if pooler is not None:
+                raise ValueError("pooling models run on one rank: use --tensor-parallel-size 1 "
+                                 "--pipeline-parallel-size 1")
+            if self.enable_lora:
+                raise ValueError("--enable-lora with tensor/pipeline parallelism is not supported yet (adapter "
+                                 "weights are not sharded): use --tensor-parallel-size 1 --pipeline-parallel-size 1")
         return EngineConfig(
             lora_config=self._lora_config(pooler is not None),
             model_config=model_config, cache_config=cache_config, scheduler_config=scheduler_config,
-            parallel_config=ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
-                                           self.distributed_executor_backend),
+            parallel_config=parallel_config,
             device_config=DeviceConfig(device),
             logits_processors=tuple(self.logits_processors or ()),
             enforce_eager=self.enforce_eager,
@@ -333,16 +352,37 @@ class EngineArgs:
         return self.reasoning_parser
 
 
-    def _check_executor_backend(self) -> None:
-        """With one rank the worker runs in the engine's process: ``uni`` is what runs, ``mp`` names
-        the same single worker (said in the log), ``ray`` is refused (no Ray executor in this build)."""
+    def _parallel_config(self) -> ParallelConfig:
+        """The layout and the executor backend, as vLLM resolves it: ``mp`` by default with several
+        ranks, ``uni`` with one (``mp`` and ``ray`` with one rank run it in the engine's process).
+        ``ray`` needs Ray installed; ``external_launcher`` (one engine per torchrun rank) is refused."""
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError(f"--tensor-parallel-size and --pipeline-parallel-size must be at least 1 "
+                             f"(got {tp} and {pp})")
         backend = self.distributed_executor_backend
+        if backend == "external_launcher":
+            raise ValueError("--distributed-executor-backend external_launcher is not supported: lmserve's engine "
+                             "starts and drives its own worker ranks; use mp (one machine) or ray (a Ray cluster)")
+        if backend not in (None, "uni", "mp", "ray"):
+            raise ValueError(f"--distributed-executor-backend {backend!r}: choose from mp, ray, uni")
         if backend == "ray":
-            raise ValueError("--distributed-executor-backend ray: this build has no Ray executor; with one "
-                             "worker leave the flag unset (or 'uni'), the worker runs in the engine's process")
-        if backend == "mp":
-            logger.info("--distributed-executor-backend mp: one rank, so its one worker runs in the engine's "
-                        "process (as 'uni')")
+            import importlib.util
+            if importlib.util.find_spec("ray") is None:
+                raise ValueError("--distributed-executor-backend ray needs Ray, which is not installed: "
+                                 "pip install ray (or pip install 'lmserve[ray]'), or use "
+                                 "--distributed-executor-backend mp on one machine")
+        world = tp * pp
+        if backend == "uni" and world > 1:
+            raise ValueError(f"--distributed-executor-backend uni runs one rank in the engine's process; "
+                             f"tensor x pipeline parallel size is {world}: use mp or ray")
+        if world == 1 and backend in ("mp", "ray"):
+            logger.info("--distributed-executor-backend %s: one rank, so it runs in the engine's process "
+                        "(as 'uni')", backend)
+        if world > 1 and backend is None:
+            backend = "mp"
+        return ParallelConfig(tp, pp, backend or "uni")
+
     def _lora_config(self, is_pooling: bool) -> LoRAConfig | None:
         if not self.enable_lora:
             return None

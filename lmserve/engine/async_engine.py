@@ -10,7 +10,9 @@ Invariants:
 - only the engine thread touches the scheduler, KV cache and output processor;
 - a consumer that stops iterating (client disconnect, cancellation) aborts its request,
   which frees its KV blocks within one step;
-- if the engine thread dies, every pending and future request gets ``EngineDeadError``;
+- if the engine thread dies, or a worker rank of the executor dies, every pending and future
+  request gets ``EngineDeadError`` (within ``_STUCK_STEP_GRACE_S`` even while a step waits on the
+  dead rank), and the ``add_dead_callback`` callbacks run (the server exits);
 - request ids: the caller's id is the caller's (outputs carry it back unchanged); the engine
   runs each request under its own unique id (``{caller id}-{sequence number}``), so two
   requests with the same caller id never collide, and an abort reaches only the request
@@ -45,6 +47,9 @@ from lmserve.pooling_params import PoolingParams
 from lmserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+# After a worker rank dies: how long the engine thread has to fail its requests itself before the
+# executor's failure timer does it (the thread may be waiting in a collective with the dead rank).
+_STUCK_STEP_GRACE_S = 2.0
 
 
 @dataclass
@@ -76,8 +81,12 @@ class AsyncLLM:
         self._abort_all_error: BaseException | None = None
         self._refusal: BaseException | None = None  # set by abort_all: every new request gets it
         self._dead: BaseException | None = None
+        self._death_lock = threading.Lock()
+        self._executor_error: BaseException | None = None  # a worker rank died (set by the executor's monitor)
+        self._dead_callbacks: list[Any] = []
         self._thread = threading.Thread(target=self._run, name="lmserve-engine", daemon=True)
         self._thread.start()
+        engine.core.executor.add_failure_callback(self._on_executor_failure)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
@@ -202,16 +211,41 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._dead is None
+        return self._thread.is_alive() and self._dead is None and self._executor_error is None
 
     def shutdown(self) -> None:
+        """Stops the engine thread, then the executor's worker ranks."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
+            # a dead engine's thread may still sit in a collective with a dead rank: do not wait for it
+            self._thread.join(timeout=10 if self._dead is None and self._executor_error is None else 1)
+        self.engine.shutdown()
+
+    def add_dead_callback(self, callback: Any) -> None:
+        """``callback()`` once the engine is dead (from the thread that saw it die); at once if it is."""
+        with self._death_lock:
+            dead = self._dead is not None
+            if not dead:
+                self._dead_callbacks.append(callback)
+        if dead:
+            callback()
+
+    def _on_executor_failure(self, error: BaseException) -> None:
+        """A worker rank died (executor monitor thread). The engine thread raises it at its next
+        wake-up; if it is stuck in a collective with the dead rank, every request is failed from
+        here after a short grace, so no caller waits on a step that cannot finish."""
+        with self._cond:
+            self._executor_error = error
+            self._cond.notify()
+        timer = threading.Timer(_STUCK_STEP_GRACE_S, self._die, args=(error,))
+        timer.daemon = True
+        timer.start()
 
     def _raise_if_dead(self) -> None:
+        if self._dead is None and self._executor_error is not None:
+            raise EngineDeadError(f"The engine died: {self._executor_error}")
         if self._dead is not None:
             raise EngineDeadError(f"The engine died: {self._dead!r}")
         if self._stopped:
@@ -287,11 +321,13 @@ class AsyncLLM:
             while True:
                 with self._cond:
                     while not self._stopped and not self._adds and not self._aborts and not self._calls \
-                            and self._abort_all_error is None \
+                            and self._abort_all_error is None and self._executor_error is None \
                             and (self.sleeping or not self.engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopped:
                         break
+                    if self._executor_error is not None:
+                        raise self._executor_error
                 self._drain_commands()
                 if self.sleeping or not self.engine.has_unfinished_requests():
                     continue
@@ -305,17 +341,31 @@ class AsyncLLM:
                         self._deliver(p, out)
         except BaseException as e:  # noqa: BLE001 - report every failure to every caller
             logger.exception("The engine thread died")
+            self._die(e)
+
+    def _die(self, e: BaseException) -> None:
+        """Marks the engine dead and ends every pending request with ``EngineDeadError`` (once;
+        from the engine thread, or from the failure timer while that thread is stuck)."""
+        with self._death_lock:
+            if self._dead is not None:
+                return
             self._dead = e
-            err = EngineDeadError(f"The engine died: {e!r}")
-            for rid, p in list(self._streams.items()):
-                self._finish_stream(rid, p, err)
-            with self._cond:
-                for p in self._adds:
-                    self._deliver(p, err)
-                self._adds.clear()
-                for _, future, loop in self._calls:
-                    loop.call_soon_threadsafe(_settle, future, None, err)
-                self._calls.clear()
+            callbacks, self._dead_callbacks = self._dead_callbacks, []
+        err = EngineDeadError(f"The engine died: {e}")
+        for rid, p in list(self._streams.items()):
+            self._finish_stream(rid, p, err)
+        with self._cond:
+            for p in self._adds:
+                self._deliver(p, err)
+            self._adds.clear()
+            for _, future, loop in self._calls:
+                loop.call_soon_threadsafe(_settle, future, None, err)
+            self._calls.clear()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001
+                logger.exception("engine-dead callback raised")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -1,4 +1,5 @@
-"""``EngineCore.step()``: schedule -> execute -> update. Owns the Scheduler and the runner.
+"""``EngineCore.step()``: schedule -> execute -> update. Owns the Scheduler and the executor
+(``lmserve/executor``: one rank in this process, or several ranks of which this process is the driver).
 
 A step returns one ``CoreOutput`` per request that produced something (a token, prompt
 logprobs) or finished. Stop strings are not seen here (they need text): the caller
@@ -18,7 +19,8 @@ from lmserve.engine.request import Request, RequestStatus
 from lmserve.engine.sched_output import SchedulerStats
 from lmserve.engine.scheduler import Scheduler
 from lmserve.model.layers.attention import cache_sliding_window
-from lmserve.worker.model_runner import LogprobsRow, ModelRunner
+from lmserve.executor.factory import create_executor
+from lmserve.worker.model_runner import LogprobsRow
 
 
 @dataclass
@@ -54,16 +56,17 @@ def detect_repetition(tokens: list[int], min_size: int, max_size: int, min_count
 class EngineCore:
     def __init__(self, config: EngineConfig, logitsprocs_classes: list[type]) -> None:
         self.config = config
-        self.runner = ModelRunner(config, logitsprocs_classes)
+        self.executor = create_executor(config, logitsprocs_classes)
+        self.runner = self.executor.driver_runner  # the driver's ModelRunner (rank 0)
         cc = config.cache_config
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, cc.block_size, cc.enable_prefix_caching,
-                                         sliding_window=cache_sliding_window(self.runner.model))
+        self.kv_manager = KVCacheManager(self.executor.num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                         sliding_window=self._sliding_window(config))
         lora = config.lora_config
         self.scheduler = Scheduler(config.scheduler_config, self.kv_manager,
                                    max_loras=lora.max_loras if lora is not None else None)
         # The longest sequence the KV pool can hold at all (alone). With a sliding window on every
         # layer a sequence holds at most the window plus one step's tokens (older blocks are freed).
-        pool_tokens = self.runner.num_blocks * cc.block_size
+        pool_tokens = self.executor.num_blocks * cc.block_size
         window = self.kv_manager.sliding_window
         if window is not None and pool_tokens >= window + config.scheduler_config.max_num_batched_tokens + \
                 2 * cc.block_size:
@@ -87,7 +90,7 @@ class EngineCore:
             raise ValueError(
                 f"The prompt ({request.num_prompt_tokens} tokens) leaves no room to generate: the context "
                 f"holds {self.max_seq_len} tokens (max_model_len {self.config.scheduler_config.max_model_len}, "
-                f"KV cache {self.runner.num_blocks * self.config.cache_config.block_size} tokens).")
+                f"KV cache {self.executor.num_blocks * self.config.cache_config.block_size} tokens).")
         self.scheduler.add_request(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus,
@@ -104,6 +107,17 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def _sliding_window(self, config: EngineConfig) -> int | None:
+        """The window past which KV blocks may be freed. The driver holds only the first pipeline
+        stage's layers, so with several stages none is (a later stage may have a global layer)."""
+        if config.parallel_config.pipeline_parallel_size > 1:
+            return None
+        return cache_sliding_window(self.executor.model)
+
+    def shutdown(self) -> None:
+        """Stops the executor's worker ranks (idempotent)."""
+        self.executor.shutdown()
+
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
@@ -112,7 +126,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        result = self.runner.execute(sched)
+        result = self.executor.execute(sched)
         self.scheduler.update_after_step(sched.scheduled)
         self.step_count += 1
         now = time.time()

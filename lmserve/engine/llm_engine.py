@@ -365,4 +365,8 @@ class LLMEngine:
         return {"num_running": s.num_running, "num_waiting": s.num_waiting,
                 "kv_cache_usage": s.kv_cache_usage, "num_preemptions": s.num_preemptions_total,
                 "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
-                "num_kv_blocks": self.core.runner.num_blocks}
+                "num_kv_blocks": self.core.executor.num_blocks}
+
+    def shutdown(self) -> None:
+        """Stops the executor's worker ranks, if any (idempotent; the engine cannot step after)."""
+        self.core.shutdown()

@@ -42,6 +42,9 @@ def sleep(llm: Any, level: int) -> None:
         raise InvalidRequestError(f"sleep level {level} is not supported: level 0 pauses scheduling and level 1 "
                                   "also frees the KV cache; the weights stay loaded (level 2 is refused).",
                                   "level")
+    if level >= 1 and llm.engine_config.parallel_config.world_size > 1:
+        raise InvalidRequestError("sleep level 1 (free the KV cache) is not supported with tensor/pipeline "
+                                  "parallelism (the worker ranks hold their own KV caches): use level 0", "level")
     llm.abort_live(SleepingAbortError("The request was aborted: the server was put to sleep (POST /sleep)."))
     llm.sleeping = True
     if level >= 1:

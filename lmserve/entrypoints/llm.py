@@ -37,6 +37,11 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stops the worker processes / Ray actors of a tensor- or pipeline-parallel engine (they
+        also stop when this object is garbage-collected or the process exits)."""
+        self.llm_engine.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

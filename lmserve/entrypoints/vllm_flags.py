@@ -62,8 +62,8 @@ _MAMBA = "lmserve has no state-space (Mamba/GDN/KDA) models"
 _SPEC = "speculative decoding is not supported by lmserve"
 _DP = ("data parallelism across engines is not supported yet: run one lmserve per replica behind a load "
        "balancer")
-_MULTI = ("lmserve runs one engine process on one machine: multi-node, context- and expert-parallel execution "
-          "are not supported yet")
+_MULTI = ("not supported: lmserve starts its own worker ranks (mp on one machine, --distributed-executor-backend "
+          "ray across machines); no torchrun-style launch, context- or expert-parallel execution yet")
 _EP = "expert parallelism is not supported: MoE layers run their experts on the one engine process"
 _GPU_KERNELS = ("lmserve chooses its kernels once at start-up from the CPU/GPU it runs on (the table in the "
                 "start-up log); set LMSERVE_CPU_GEMM or LMSERVE_DISABLE_CPU_KERNELS=1 to change the choice")

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from lmserve.config import EngineConfig
+from lmserve.distributed.parallel_state import ParallelContext
 from lmserve.engine.sched_output import ScheduledRequest, SchedulerOutput
 from lmserve.model.layers.attention_metadata import AttentionMetadata
 from lmserve.worker.kv_cache_sizing import determine_num_blocks
+from lmserve.worker.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -56,45 +58,53 @@ class RunnerOutput:
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class ModelRunner:
-    """Owns the model, the KV cache tensors, the persistent batch and the sampler."""
+@dataclass
+class _DriverStep:
+    """What the driver keeps of a step between ``prepare`` and ``finish`` (never sent to workers)."""
 
-    def __init__(self, config: EngineConfig, logitsprocs_classes: list[type]) -> None:
+    sched: SchedulerOutput
+    sampling: list[ScheduledRequest]
+    prompt_logprob_reqs: list[tuple[ScheduledRequest, int, int]]  # (request, first, last) per logits group
+    req_ids: list[str]  # the sampling rows, in the persistent batch's order
+
+
+class ModelRunner:
+    """Owns one rank's model part and KV cache tensors; on the driver (rank 0) also the persistent
+    batch, the sampler, grammars and logits processors.
+
+    A step is ``prepare`` (driver: scheduler output -> picklable ``StepInputs``), ``run_model``
+    (every rank, identically: the forward pass and the logits of the step's row groups; the
+    driver gets the logits) and ``finish`` (driver: sampling, logprobs). ``execute`` is the three
+    in one process (one rank). ``num_blocks`` None: this rank sizes its KV cache itself; an
+    executor with several ranks passes the number every rank agreed on."""
+
+    def __init__(self, config: EngineConfig, logitsprocs_classes: list[type],
+                 parallel: ParallelContext | None = None, device: torch.device | None = None,
+                 agree_num_blocks=None) -> None:
         from lmserve.model.loader import get_model
-        from lmserve.worker.input_batch import InputBatch
         from lmserve.worker.kv_cache_sizing import pooling_num_blocks
-        from lmserve.worker.logits_processors.loading import build_logitsprocs
-        from lmserve.worker.sampler import Sampler
 
         self.config = config
-        self.device = config.device_config.torch_device
+        self.parallel = parallel if parallel is not None else ParallelContext.single()
+        self.device = device if device is not None else config.device_config.torch_device
         self.block_size = config.cache_config.block_size
         self.is_pooling = config.model_config.is_pooling
         torch.manual_seed(config.model_config.seed)
-        self.model = get_model(config.model_config, self.device)
+        if self.parallel.world_size > 1:
+            self.model = get_model(config.model_config, self.device, parallel=self.parallel)
+        else:  # the loader's one-rank signature (before tensor parallelism existed) still works
+            self.model = get_model(config.model_config, self.device)
         self.uses_token_type_ids = bool(getattr(self.model, "uses_token_type_ids", False))
         self.lora_builder = None
         if config.lora_config is not None:
-            from lmserve.lora.batch import LoRABatchBuilder
-            from lmserve.model.models.llama import enable_lora
-
-            from lmserve.model.layers.fused_moe import FusedMoE
-
-            if self.is_pooling or not hasattr(getattr(self.model, "model", None), "layers") or \
-                    any(isinstance(m, FusedMoE) for m in self.model.modules()):
-                raise ValueError("LoRA adapters (--enable-lora) apply to generative Llama-family models without "
-                                 f"mixture-of-experts layers only, not to {type(self.model).__name__}")
-            n = enable_lora(self.model)
-            self.lora_builder = LoRABatchBuilder()
-            logger.info("LoRA: %d projection modules take adapters (up to %d per step, rank <= %d); a step with "
-                        "adapters runs layer by layer (the native decode step has no LoRA delta)", n,
-                        config.lora_config.max_loras, config.lora_config.max_lora_rank)
+            self._enable_lora()
         self.kv_spec = self.model.kv_cache_spec() if getattr(self.model, "needs_kv_cache", True) else None
         if self.kv_spec is None:  # an encoder: block ids are scheduler bookkeeping only
             self.num_blocks = pooling_num_blocks(config)
             self.kv_caches: list[torch.Tensor] = []
         else:
-            self.num_blocks = determine_num_blocks(config, self.kv_spec, self.device)
+            num_blocks = determine_num_blocks(config, self.kv_spec, self.device)
+            self.num_blocks = agree_num_blocks(num_blocks) if agree_num_blocks is not None else num_blocks
             # Zeroed, never empty: masked attention positions multiply 0 x V, which must not be NaN.
             self.kv_caches = self.kv_spec.allocate(self.num_blocks, self.block_size, self.device)
             logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
@@ -102,12 +112,32 @@ class ModelRunner:
         self.vocab_size = config.model_config.vocab_size
         self.input_batch = None
         self._bitmask = None  # structured outputs' GrammarBitmask, allocated on first use
-        if not self.is_pooling:
+        if not self.is_pooling and self.parallel.is_driver:
+            from lmserve.worker.input_batch import InputBatch
+            from lmserve.worker.logits_processors.loading import build_logitsprocs
+            from lmserve.worker.sampler import Sampler
+
             self.logitsprocs = build_logitsprocs(config, self.device, logitsprocs_classes)
             self.input_batch = InputBatch(max_num_reqs=config.scheduler_config.max_num_seqs,
                                           vocab_size=self.vocab_size, device=self.device,
                                           logitsprocs=self.logitsprocs)
             self.sampler = Sampler()
+
+    def _enable_lora(self) -> None:
+        from lmserve.lora.batch import LoRABatchBuilder
+        from lmserve.model.layers.fused_moe import FusedMoE
+        from lmserve.model.models.llama import enable_lora
+
+        config = self.config
+        if self.is_pooling or not hasattr(getattr(self.model, "model", None), "layers") or \
+                any(isinstance(m, FusedMoE) for m in self.model.modules()):
+            raise ValueError("LoRA adapters (--enable-lora) apply to generative Llama-family models without "
+                             f"mixture-of-experts layers only, not to {type(self.model).__name__}")
+        n = enable_lora(self.model)
+        self.lora_builder = LoRABatchBuilder()
+        logger.info("LoRA: %d projection modules take adapters (up to %d per step, rank <= %d); a step with "
+                    "adapters runs layer by layer (the native decode step has no LoRA delta)", n,
+                    config.lora_config.max_loras, config.lora_config.max_lora_rank)
 
     # ------------------------------------------------------------------ batch building
     def _update_input_batch(self, sampling: list[ScheduledRequest]) -> None:
@@ -171,26 +201,65 @@ class ModelRunner:
     # ------------------------------------------------------------------ execution
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        out = RunnerOutput()
+        """One step on one rank: ``prepare``, ``run_model``, ``finish``."""
         if sched.is_empty:
-            return out
+            return RunnerOutput()
         if self.is_pooling:
             return self._execute_pooling(sched)
+        step, kept = self.prepare(sched)
+        return self.finish(kept, self.run_model(step))
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[StepInputs, _DriverStep]:
+        """Driver only: the step's flat batch and its logits row groups (each prompt-logprob chunk,
+        in scheduling order, then the sampling rows in the persistent batch's order), and what
+        ``finish`` needs to turn their logits into tokens."""
         sampling = [s for s in sched.scheduled if s.samples]
         self._update_input_batch(sampling)
         input_ids, positions, meta, starts, _ = self._build_batch(sched.scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
-
+        groups: list[list[int]] = []
+        prompt_reqs: list[tuple[ScheduledRequest, int, int]] = []
         for s in sched.scheduled:
-            if s.request.wants_prompt_logprobs:
-                self._prompt_logprobs(s, hidden, starts[s.request.request_id], out)
-
+            r = s.request
+            if not r.wants_prompt_logprobs:
+                continue
+            first = s.num_computed_before
+            last = min(first + s.num_new_tokens, r.num_prompt_tokens - 1)  # positions p < prompt_len - 1
+            if last > first:
+                flat = starts[r.request_id]
+                groups.append(list(range(flat, flat + (last - first))))
+                prompt_reqs.append((s, first, last))
         req_ids = list(self.input_batch.req_ids)
+        if req_ids:
+            sched_by_id = {s.request.request_id: s for s in sampling}
+            groups.append([starts[r] + sched_by_id[r].num_new_tokens - 1 for r in req_ids])
+        step = StepInputs(input_ids, positions, meta, groups)
+        return step, _DriverStep(sched, sampling, prompt_reqs, req_ids)
+
+    @torch.inference_mode()
+    def run_model(self, step: StepInputs) -> list[torch.Tensor] | None:
+        """Every rank, identically (same collectives in the same order): the forward pass and
+        ``compute_logits`` of each row group. Returns the groups' float32 logits on the driver,
+        None on other ranks. With pipeline stages the step runs as micro-batches
+        (``worker/pipeline.py``)."""
+        if self.parallel.pp_size > 1:
+            from lmserve.worker.pipeline import run_pipelined
+
+            return run_pipelined(self.model, self.kv_caches, step, self.parallel)
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.meta)  # [T, hidden]
+        logits = [self.model.compute_logits(step.rows(hidden, g)) for g in step.logits_groups]
+        return logits if self.parallel.is_driver else None
+
+    @torch.inference_mode()
+    def finish(self, kept: _DriverStep, logits_groups: list[torch.Tensor]) -> RunnerOutput:
+        """Driver only: prompt logprobs and sampling from ``run_model``'s logits."""
+        out = RunnerOutput()
+        for (s, first, last), logits in zip(kept.prompt_logprob_reqs, logits_groups):
+            self._prompt_logprobs(s, first, last, logits, out)
+        req_ids = kept.req_ids
         if not req_ids:
             return out
-        sched_by_id = {s.request.request_id: s for s in sampling}
-        last = [starts[r] + sched_by_id[r].num_new_tokens - 1 for r in req_ids]
-        logits = self.model.compute_logits(hidden[last])  # [B, vocab] float32
+        logits = logits_groups[-1]  # [B, vocab] float32
+        sched_by_id = {s.request.request_id: s for s in kept.sampling}
         grammar_mask = self._grammar_mask([sched_by_id[r].request for r in req_ids])
         result = self.sampler(logits, self.input_batch.make_sampling_metadata(), grammar_mask)
         tokens = result.sampled_token_ids.tolist()
@@ -237,19 +306,15 @@ class ModelRunner:
             else:
                 out.logprobs[req_id] = (ids[row][:k + 1], lps[row][:k + 1], ranks[row])
 
-    def _prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, flat_start: int,
+    def _prompt_logprobs(self, s: ScheduledRequest, first: int, last: int, logits: torch.Tensor,
                          out: RunnerOutput) -> None:
-        """Logprobs of prompt tokens p+1 for each prompt position p of this chunk."""
+        """Logprobs of prompt tokens p+1 for each prompt position p in [first, last) of this chunk,
+        from that chunk's ``logits`` [last - first, vocab]."""
         from lmserve.worker.sampler import compute_logprobs_tensors
 
         r = s.request
-        first = s.num_computed_before
-        last = min(first + s.num_new_tokens, r.num_prompt_tokens - 1)  # positions p < prompt_len - 1
-        if last <= first:
-            return
         k = r.sampling_params.prompt_logprobs
-        rows = hidden[flat_start:flat_start + (last - first)]
-        logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
         target_ids = r.prompt_token_ids[first + 1:last + 1]
         targets = torch.tensor(target_ids, device=logprobs.device)
         t = compute_logprobs_tensors(logprobs, targets, 0 if k == -1 else k)

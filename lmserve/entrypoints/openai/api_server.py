@@ -6,6 +6,10 @@ connections and lets running requests finish for at most ``--shutdown-timeout`` 
 every request still running is ended with ``EngineShutdownError`` (a stream gets an error
 event and ``[DONE]``, a plain request a 503) and the process exits. A second signal ends
 everything at once.
+
+A dead engine (its thread raised, or a tensor/pipeline-parallel worker rank died) fails every
+request with ``EngineDeadError``, turns ``/health`` unhealthy, and stops the server: it exits
+with status 1 once the open responses have sent their error.
 """
 
 from __future__ import annotations
@@ -125,6 +129,16 @@ async def serve(args: argparse.Namespace) -> int:
         await serve_task
         return 1
     state.set_engine(engine)
+    died = asyncio.Event()
+
+    def on_engine_dead() -> None:  # the engine thread or a worker rank died: every request has its error
+        logger.error("The engine died (see above); the server exits")
+        died.set()
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    if hasattr(engine, "add_dead_callback"):
+        engine.add_dead_callback(lambda: loop.call_soon_threadsafe(on_engine_dead))
     logger.info("Model %s loaded; serving it as %s", engine.model_config.model,
                 ", ".join(state.handlers.models.options.served_model_names))
     try:
@@ -132,7 +146,7 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
         await state.aclose()
-    return 0
+    return 1 if died.is_set() else 0
 
 
 def run_server(args: argparse.Namespace) -> int:

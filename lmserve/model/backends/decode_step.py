@@ -63,6 +63,8 @@ def build_decode_step(model: nn.Module, plan: BackendPlan) -> tuple[LlamaDecodeS
     inner = getattr(model, "model", None)
     if lib is None or inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return None, Choice("eager", "not a Llama-family causal LM")
+    if getattr(inner, "pp_size", 1) > 1:
+        return None, Choice("eager", "a pipeline stage (its part of the layers) runs layer by layer")
     dtype = inner.embed_tokens.weight.dtype
     if dtype not in DTYPE_CODES or inner.embed_tokens.weight.device.type != "cpu" or \
             inner.rotary_emb.cos_sin_cache.dtype != dtype:

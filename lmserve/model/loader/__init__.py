@@ -80,6 +80,11 @@ def get_model(model_config: ModelConfig, device: torch.device | str, parallel: P
     device = torch.device(device)
     parallel = parallel or ParallelContext.single()
     cls, _, _ = resolve_model_class(model_config.hf_config, model_config.runner_type, model_config.convert_type)
+    if parallel.pp_size > 1 and not getattr(cls, "supports_pipeline_parallel", False):
+        arch = (getattr(model_config.hf_config, "architectures", None) or [cls.__name__])[0]
+        raise ValueError(f"{arch} does not split into pipeline stages: use --pipeline-parallel-size 1 "
+                         "(pipeline parallelism supports the Llama family: Llama, Mistral, Qwen2, Qwen3, "
+                         "SmolLM2, Phi-3)")
     with torch.device(device):
         model = cls(model_config.hf_config, model_config.dtype, parallel=parallel)
     lazy = parallel.tp_size > 1

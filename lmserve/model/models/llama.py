@@ -148,22 +148,71 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden, meta.decode_only, meta.lora), residual
 
 
+def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """The layers ``[start, end)`` of pipeline stage ``pp_rank``: as even a split as possible, the
+    first stages taking one more when it does not divide (vLLM splits the same way)."""
+    if pp_size > num_layers:
+        raise ValueError(f"pipeline_parallel_size ({pp_size}) is larger than the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
+class PPMissingLayer(nn.Identity):
+    """Stands for a module another pipeline stage holds: no parameters, never called."""
+
+
 class LlamaModel(nn.Module):
+    """The decoder stack, or one pipeline stage of it: the first stage holds ``embed_tokens``, the
+    last one ``norm``; each holds the layers ``[start_layer, end_layer)`` (the others are
+    ``PPMissingLayer``, so parameter names keep their checkpoint layer numbers). Within a stage,
+    layers hold this rank's tensor-parallel shards (``parallel``)."""
+
     def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
-        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, parallel, dtype=dtype)
+        parallel = parallel if parallel is not None else ParallelContext.single()
+        self.pp_size = parallel.pp_size
+        self.is_first_stage, self.is_last_stage = parallel.is_first_stage, parallel.is_last_stage
+        n = config.num_hidden_layers
+        self.start_layer, self.end_layer = pp_layer_range(n, parallel.pp_rank, parallel.pp_size)
+        self.embed_tokens = vocab_embedding(config.vocab_size, config.hidden_size, parallel, dtype=dtype) \
+            if self.is_first_stage else PPMissingLayer()
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, dtype, parallel)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+                                    if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(n))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype) \
+            if self.is_last_stage else PPMissingLayer()
         self.rotary_emb = RotaryEmbedding.from_config(config, _head_dim(config), dtype, allow_partial=True)
 
+    @property
+    def local_layers(self) -> list[nn.Module]:
+        return list(self.layers[self.start_layer:self.end_layer])
+
+    def owns_weight(self, name: str) -> bool:
+        """Whether the checkpoint tensor ``name`` (``model.layers.3.mlp...``) belongs to this stage."""
+        parts = name.split(".")
+        if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+            return self.start_layer <= int(parts[2]) < self.end_layer
+        if name.startswith("model.embed_tokens."):
+            return self.is_first_stage
+        if name.startswith("model.norm."):
+            return self.is_last_stage
+        return True
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+                meta: AttentionMetadata, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The first stage embeds ``input_ids``; a later one continues from the previous stage's
+        ``intermediate`` (hidden, residual). ``kv_caches`` are this stage's layers' caches. The last
+        stage returns the normed hidden states [T, hidden], another one (hidden, residual)."""
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        else:
+            hidden, residual = intermediate
         rope = self.rotary_emb.inputs_for(positions)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for layer, kv_cache in zip(self.local_layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        if not self.is_last_stage:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -205,6 +254,9 @@ class LlamaForCausalLM(nn.Module):
     # the native one-call decode step (``backends/decode_step.py``), set when the backends are bound
     decode_step: LlamaDecodeStep | None = None
 
+    # ``LlamaModel`` splits into pipeline stages; a subclass whose layers differ sets this False
+    supports_pipeline_parallel = True
+
     def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
         self.config = config
@@ -212,8 +264,12 @@ class LlamaForCausalLM(nn.Module):
         self.parallel = parallel or ParallelContext.single()
         self.model = LlamaModel(config, dtype, self.parallel)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        if not self.model.is_last_stage:
+            self.lm_head = PPMissingLayer()
+        elif self.tie_word_embeddings and self.model.is_first_stage:
             self.lm_head = self.model.embed_tokens
+        elif self.tie_word_embeddings:  # a later stage: its own copy, loaded from model.embed_tokens.weight
+            self.lm_head = vocab_embedding(config.vocab_size, config.hidden_size, self.parallel, dtype=dtype)
         else:
             self.lm_head = lm_head(config.hidden_size, config.vocab_size, self.parallel, dtype=dtype)
 
@@ -234,6 +290,14 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     @torch.no_grad()
+    def forward_stage(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                      attn_metadata: AttentionMetadata, intermediate: tuple[torch.Tensor, torch.Tensor] | None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One pipeline stage's part of ``forward`` (``LlamaModel.forward``): from the token ids on
+        the first stage, else from the previous stage's (hidden, residual)."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
+
+    @torch.no_grad()
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, hidden] -> logits [N, vocab] in float32 (matmul in the model dtype).
         Under tensor parallelism every rank gets the full-vocab logits (a collective: all TP
@@ -244,8 +308,10 @@ class LlamaForCausalLM(nn.Module):
         return logits.float()
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        attn = self.model.layers[0].self_attn
-        return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.num_kv_heads,
+        """This stage's layers' KV cache."""
+        layers = self.model.local_layers
+        attn = layers[0].self_attn
+        return KVCacheSpec(num_layers=len(layers), num_kv_heads=attn.num_kv_heads,
                            head_dim=attn.head_dim, dtype=self.dtype)
 
     @torch.no_grad()
@@ -253,10 +319,23 @@ class LlamaForCausalLM(nn.Module):
         """Load Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight``, ...).
 
         Ignores ``rotary_emb.inv_freq``-style buffers and ``lm_head.weight`` when embeddings are
-        tied. Raises ValueError on unknown names, shape mismatches, or weights left unloaded.
-        Returns the set of HF names loaded.
+        tied, and (a pipeline stage) the tensors of other stages; a tied last stage that is not the
+        first loads its head from ``model.embed_tokens.weight``. Raises ValueError on unknown
+        names, shape mismatches, or weights left unloaded. Returns the set of HF names loaded.
         """
         skip = "lm_head." if self.tie_word_embeddings else None
+        inner = self.model
+        if inner.pp_size > 1:
+            tied_tail = self.tie_word_embeddings and inner.is_last_stage and not inner.is_first_stage
+
+            def stage_weights():
+                for name, tensor in weights:
+                    if tied_tail and name == "model.embed_tokens.weight":
+                        yield "lm_head.weight", tensor
+                    elif inner.owns_weight(name) and not (name.startswith("lm_head.") and not inner.is_last_stage):
+                        yield name, tensor
+
+            return load_llama_weights(self, stage_weights(), skip_prefix=None if tied_tail else skip)
         return load_llama_weights(self, weights, skip_prefix=skip)
 
 
@@ -272,6 +351,9 @@ class LlamaForSequenceClassification(nn.Module):
 
     def __init__(self, config: Any, dtype: torch.dtype, parallel: ParallelContext | None = None) -> None:
         super().__init__()
+        if parallel is not None and parallel.world_size > 1:
+            raise ValueError(f"{type(self).__name__} (a pooling model) runs on one rank: use "
+                             "--tensor-parallel-size 1 --pipeline-parallel-size 1")
         self.config = config
         self.dtype = dtype
         self.parallel = parallel or ParallelContext.single()

@@ -92,9 +92,13 @@ class MoeModel(nn.Module):
     """``LlamaModel`` with ``MoeDecoderLayer``s (same forward, same parameter names)."""
 
     forward = LlamaModel.forward
+    local_layers = LlamaModel.local_layers
+    # one stage holding every layer (no pipeline split for mixture-of-experts models)
+    pp_size, is_first_stage, is_last_stage = 1, True, True
 
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         super().__init__()
+        self.start_layer, self.end_layer = 0, config.num_hidden_layers
         spec = MoeSpec.from_config(config)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(MoeDecoderLayer(config, i, spec, dtype) for i in range(config.num_hidden_layers))
