@@ -103,6 +103,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # engine replicas in their own processes behind one API server (lmserve.engine.data_parallel);
+    # the server reads it, each replica's engine ignores it
+    data_parallel_size: int = 1
     device: str = "auto"
     logits_processors: list[Any] | None = None
     structured_outputs_config: Any = None  # dict, JSON text or StructuredOutputsConfig
@@ -187,6 +190,10 @@ class EngineArgs:
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size)
         g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size)
         g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"])
+        g.add_argument("--data-parallel-size", "-dp", type=int, default=d.data_parallel_size,
+                       help="Engine replicas, each in its own process with its own KV cache, behind this one "
+                            "API server; requests go to the least-loaded one (prefix-cache aware). On CPU the "
+                            "threads are split between them. Default: %(default)s.")
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
@@ -231,6 +238,8 @@ class EngineArgs:
         if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
             raise ValueError("tensor/pipeline parallelism is not available yet in lmserve: "
                              "use --tensor-parallel-size 1 --pipeline-parallel-size 1")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be at least 1, got {self.data_parallel_size}")
         if self.kv_cache_dtype != "auto":
             raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
         self._check_executor_backend()
