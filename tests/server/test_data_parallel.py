@@ -1,0 +1,153 @@
+"""``lmserve serve --data-parallel-size 2``: two engine replica processes behind one API server,
+checked with the official openai client. The reference is the same tiny fp32 model run offline in
+this process (one engine): greedy outputs must be equal token for token."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from tests.server.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow  # a DP=2 server start-up spawns two engines (~10-20 s on 2 busy cores)
+
+DP_ARGS = ["--served-model-name", "tiny", "-dp", "2", "--dtype", "float32", "--kv-cache-memory", "16MiB",
+           "--max-num-seqs", "16", "--enable-sleep-mode", "--disable-log-requests"]
+PROMPTS = [f"Hello number {i}: the quick brown fox jumps over the lazy dog. Paris is" for i in range(6)]
+
+
+def replica_processes(server: ServerProcess) -> list[psutil.Process]:
+    """The server's replica processes (spawned children; not multiprocessing's resource tracker)."""
+    return [p for p in psutil.Process(server.proc.pid).children()
+            if "spawn_main" in " ".join(p.cmdline())]
+
+
+def engine_series(text: str, name: str) -> dict[str, float]:
+    """engine label -> value of ``name``'s samples in a Prometheus exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and 'engine="' in line:
+            out[line.split('engine="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = str(tmp_path_factory.mktemp("logs") / "dp-server.log")
+    server = ServerProcess([tiny_model_dir, *DP_ARGS], log, env={"VLLM_SERVER_DEV_MODE": "1"})
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dp_client(dp_server: ServerProcess):
+    from openai import OpenAI
+    with OpenAI(base_url=dp_server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: str) -> dict[str, str]:
+    """Greedy completions of PROMPTS (and of PROMPTS[0] with a stop string) from one offline engine."""
+    from lmserve.entrypoints.llm import LLM
+    from lmserve.sampling_params import SamplingParams
+    llm = LLM(tiny_model_dir, dtype="float32", kv_cache_memory="16MiB")
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    ref = {p: o.outputs[0].text for p, o in zip(PROMPTS, outs)}
+    stop = ref[PROMPTS[0]][3:6]
+    stopped = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, stop=[stop]))
+    ref["stop"], ref["stop_text"] = stop, stopped[0].outputs[0].text
+    return ref
+
+
+def test_greedy_equals_one_engine_and_both_replicas_serve(dp_server: ServerProcess, dp_client,
+                                                           reference: dict[str, str]) -> None:
+    def complete(prompt: str) -> str:
+        r = dp_client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        texts = list(pool.map(complete, PROMPTS))
+    assert texts == [reference[p] for p in PROMPTS]
+    # n > 1 with a stop string: every choice equals the one-engine greedy text cut at the stop string
+    r = dp_client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, n=2,
+                                     stop=[reference["stop"]])
+    assert [c.text for c in r.choices] == [reference["stop_text"]] * 2
+    metrics = httpx.get(dp_server.url + "/metrics").text
+    queries = engine_series(metrics, "vllm:prefix_cache_queries_total")
+    assert set(queries) == {"0", "1"}
+    assert queries["0"] > 0 and queries["1"] > 0, queries  # concurrent requests landed on both replicas
+
+
+def test_streaming_abort_frees_the_replica(dp_server: ServerProcess, dp_client) -> None:
+    stream = dp_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=300, temperature=0, stream=True,
+                                               extra_body={"ignore_eos": True})
+    chunks = 0
+    for chunk in stream:
+        chunks += 1
+        if chunks == 3:
+            break
+    stream.close()  # the client goes away mid-stream: the replica must abort the request
+    deadline = time.time() + 30
+    while True:
+        metrics = httpx.get(dp_server.url + "/metrics").text
+        running = engine_series(metrics, "vllm:num_requests_running")
+        waiting = engine_series(metrics, "vllm:num_requests_waiting")
+        if sum(running.values()) + sum(waiting.values()) == 0:
+            break
+        assert time.time() < deadline, (running, waiting)
+        time.sleep(0.2)
+    # the server still serves afterwards
+    r = dp_client.completions.create(model="tiny", prompt="Paris is", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_validation_stays_in_the_front(dp_client) -> None:
+    import openai
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        dp_client.completions.create(model="tiny", prompt=[7] * 600, max_tokens=5)
+    with pytest.raises(openai.BadRequestError):
+        dp_client.completions.create(model="tiny", prompt="hi", max_tokens=5, temperature=-1)
+
+
+def test_dev_routes_reach_every_replica(dp_server: ServerProcess, dp_client) -> None:
+    url = dp_server.url
+    assert httpx.post(url + "/reset_prefix_cache").json() == {"success": True}
+    assert httpx.post(url + "/sleep", params={"level": 1}).json()["status"] == "sleeping"
+    assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+    assert httpx.post(url + "/wake_up").json()["status"] == "awake"
+    assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
+    r = dp_client.completions.create(model="tiny", prompt="Paris is", max_tokens=2, temperature=0)
+    assert len(r.choices[0].text) > 0
+
+
+def test_killed_replica_fails_the_stream_and_stops_the_server(tiny_model_dir: str, tmp_path) -> None:
+    import openai
+    server = ServerProcess([tiny_model_dir, *DP_ARGS], str(tmp_path / "dp-kill.log"))
+    try:
+        server.wait_ready()
+        replicas = replica_processes(server)
+        assert len(replicas) == 2
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=400, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            with pytest.raises(openai.APIError, match="engine died"):
+                for i, _ in enumerate(stream):
+                    if i == 2:
+                        os.kill(replicas[0].pid, signal.SIGKILL)
+        assert server.proc.wait(timeout=30) != 0, server.log()
+        _, alive = psutil.wait_procs(replicas, timeout=10)
+        assert not alive  # no orphaned replica
+    finally:
+        server.stop()
