@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow  # a DP=2 server start-up spawns two engines (~10-
 
 DP_ARGS = ["--served-model-name", "tiny", "-dp", "2", "--dtype", "float32", "--kv-cache-memory", "16MiB",
            "--max-num-seqs", "16", "--enable-sleep-mode", "--disable-log-requests"]
+LORA_PROMPT_IDS = [5, 17, 42, 99, 3, 250, 7]
 PROMPTS = [f"Hello number {i}: the quick brown fox jumps over the lazy dog. Paris is" for i in range(6)]
 
 
@@ -39,9 +40,21 @@ def engine_series(text: str, name: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def dp_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def lora_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[int]]:
+    """A LoRA adapter of the tiny model (allowed directory, adapter "mlp") and PEFT's greedy tokens."""
+    from tests.lora_utils import ADAPTER_SPECS, greedy, make_peft_adapter
+    allowed = tmp_path_factory.mktemp("dp-lora")
+    merged = make_peft_adapter(tiny_model_dir, str(allowed / "mlp"), 3, **ADAPTER_SPECS["mlp"])
+    return str(allowed), greedy(merged, [LORA_PROMPT_IDS], 8)[0]
+
+
+@pytest.fixture(scope="module")
+def dp_server(tiny_model_dir: str, lora_dir: tuple[str, list[int]],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = str(tmp_path_factory.mktemp("logs") / "dp-server.log")
-    server = ServerProcess([tiny_model_dir, *DP_ARGS], log, env={"VLLM_SERVER_DEV_MODE": "1"})
+    server = ServerProcess([tiny_model_dir, *DP_ARGS, "--enable-lora", "--max-lora-rank", "16",
+                            "--lora-allowed-dirs", lora_dir[0]], log,
+                           env={"VLLM_SERVER_DEV_MODE": "1", "LMSERVE_ALLOW_RUNTIME_LORA_UPDATING": "1"})
     try:
         server.wait_ready()
         yield server
@@ -130,6 +143,50 @@ def test_dev_routes_reach_every_replica(dp_server: ServerProcess, dp_client) -> 
     assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
     r = dp_client.completions.create(model="tiny", prompt="Paris is", max_tokens=2, temperature=0)
     assert len(r.choices[0].text) > 0
+
+
+def test_lora_adapter_on_every_replica(dp_server: ServerProcess, dp_client, lora_dir) -> None:
+    import openai
+    allowed, expected = lora_dir
+    url = dp_server.url
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "mlp", "lora_path": f"{allowed}/mlp"})
+    assert r.status_code == 200, r.text
+    # equal loads: consecutive requests alternate between the replicas (the prompt is under one block,
+    # so it has no cache affinity)
+    for _ in range(2):
+        out = dp_client.completions.create(model="mlp", prompt=LORA_PROMPT_IDS, max_tokens=8, temperature=0,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert out.choices[0].model_extra["token_ids"] == expected
+    metrics = httpx.get(url + "/metrics").text
+    assert all(v > 0 for v in engine_series(metrics, "vllm:prefix_cache_queries_total").values())
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "mlp"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        dp_client.completions.create(model="mlp", prompt=LORA_PROMPT_IDS, max_tokens=2)
+
+
+def test_embeddings_equal_one_engine(tiny_model_dir: str, tmp_path) -> None:
+    from openai import OpenAI
+
+    from lmserve.entrypoints.llm import LLM
+    texts = ["hello world", "Paris is the capital of France.", "one two three", "The quick brown fox"]
+    server = ServerProcess([tiny_model_dir, "--served-model-name", "tiny-embed", "--runner", "pooling", "-dp", "2",
+                            "--dtype", "float32", "--disable-log-requests"], str(tmp_path / "dp-embed.log"))
+    try:
+        server.wait_ready()
+        with OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as client:
+            got = [d.embedding for d in client.embeddings.create(model="tiny-embed", input=texts).data]
+        queries = engine_series(httpx.get(server.url + "/metrics").text, "vllm:num_requests_running")
+        assert set(queries) == {"0", "1"}
+        replicas = replica_processes(server)
+        assert len(replicas) == 2
+    finally:
+        server.stop()  # SIGTERM: the server stops its replicas
+    _, alive = psutil.wait_procs(replicas, timeout=10)
+    assert not alive
+    want = [o.outputs.embedding for o in LLM(tiny_model_dir, runner="pooling", dtype="float32").embed(texts)]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-5)
 
 
 def test_killed_replica_fails_the_stream_and_stops_the_server(tiny_model_dir: str, tmp_path) -> None:
