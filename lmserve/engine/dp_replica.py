@@ -155,6 +155,8 @@ def replica_main(index: int, engine_args: EngineArgs, conn: Any, num_threads: in
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [dp{index}] %(name)s: %(message)s")
     import torch
     torch.set_num_threads(num_threads)
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())  # its default multiprocessing lock would leak a named semaphore
     try:
         from lmserve.engine.async_engine import AsyncLLM
         llm = AsyncLLM.from_engine_args(engine_args)
