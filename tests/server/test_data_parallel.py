@@ -53,7 +53,8 @@ def dp_server(tiny_model_dir: str, lora_dir: tuple[str, list[int]],
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = str(tmp_path_factory.mktemp("logs") / "dp-server.log")
     server = ServerProcess([tiny_model_dir, *DP_ARGS, "--enable-lora", "--max-lora-rank", "16",
-                            "--lora-allowed-dirs", lora_dir[0]], log,
+                            "--lora-allowed-dirs", lora_dir[0],
+                            "--logits-processor-pattern", r"tests\.logitsprocs_examples\."], log,
                            env={"VLLM_SERVER_DEV_MODE": "1", "LMSERVE_ALLOW_RUNTIME_LORA_UPDATING": "1"})
     try:
         server.wait_ready()
@@ -132,6 +133,18 @@ def test_validation_stays_in_the_front(dp_client) -> None:
         dp_client.completions.create(model="tiny", prompt=[7] * 600, max_tokens=5)
     with pytest.raises(openai.BadRequestError):
         dp_client.completions.create(model="tiny", prompt="hi", max_tokens=5, temperature=-1)
+
+
+def test_request_params_must_pickle(dp_client) -> None:
+    import openai
+    spec = {"qualname": "tests.logitsprocs_examples.ForceTokenProcessor", "args": [65]}
+    r = dp_client.completions.create(model="tiny", prompt="Paris is", max_tokens=4, temperature=0,
+                                     extra_body={"logits_processors": [spec], "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == [65] * 4  # an importable processor crosses to a replica
+    closure = {"qualname": "tests.logitsprocs_examples.force_token_closure", "args": [65]}
+    with pytest.raises(openai.BadRequestError, match="data-parallel engine replica.*pickle"):
+        dp_client.completions.create(model="tiny", prompt="Paris is", max_tokens=4,
+                                     extra_body={"logits_processors": [closure]})
 
 
 def test_dev_routes_reach_every_replica(dp_server: ServerProcess, dp_client) -> None:
