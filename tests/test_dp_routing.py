@@ -56,6 +56,19 @@ def test_affinity_yields_to_load_beyond_the_margin() -> None:
     assert router.choose(keys) == 1 - home
 
 
+def test_a_short_match_only_breaks_ties() -> None:
+    router = DPRouter(2, margin=4)
+    header = list(range(16))  # one block shared by every request (a chat template's header)
+    home = router.choose(prefix_keys(header + [1] * 10, 16))
+    assert router.choose(prefix_keys(header + [2] * 10, 16)) == 1 - home  # 1 vs 0 in flight: beyond 4/8
+    router.finished(home)
+    router.finished(1 - home)
+    # equal loads: the one-block match breaks the tie (the round-robin turn alone would alternate)
+    last = router.choose(prefix_keys(header + [3] * 10, 16))
+    router.finished(last)
+    assert router.choose(prefix_keys(header + [4] * 10, 16)) == last
+
+
 def test_the_longest_known_prefix_wins() -> None:
     router = DPRouter(2, margin=100)
     short = router.choose(prefix_keys(list(range(16)), 16))

@@ -10,7 +10,9 @@ Prefix-cache affinity (not in vLLM's in-process balancer; what its router and ll
 prompt's leading full KV blocks are hashed as a chain (block 1, blocks 1-2, ... up to
 ``AFFINITY_BLOCKS``); the replica that last ran the longest known prefix gets the request, so a
 shared system prompt or a multi-turn conversation keeps hitting the cache that holds it, unless
-that replica's score exceeds the least-loaded one's by more than ``margin``. Prompts shorter than
+that replica's score exceeds the least-loaded one's by more than ``margin`` scaled by the share of
+``AFFINITY_BLOCKS`` matched (a one-block match, such as a chat template's header, only breaks ties:
+it saves too little prefill to be worth a queue). Prompts shorter than
 one block have no affinity (there is nothing to reuse).
 
 Invariants: ``choose`` and ``finished`` run on the event loop only (no locks); the affinity table
@@ -81,10 +83,10 @@ class DPRouter:
                 best, best_score = idx, s
         self._start = (self._start + 1) % n
         chosen = best
-        for key in reversed(keys):  # the longest known prefix wins
-            idx = self._affinity.get(key)
+        for matched in range(len(keys), 0, -1):  # the longest known prefix wins
+            idx = self._affinity.get(keys[matched - 1])
             if idx is not None:
-                if self.loads[idx].score() <= best_score + self.margin:
+                if self.loads[idx].score() <= best_score + self.margin * matched / AFFINITY_BLOCKS:
                     chosen = idx
                 break
         for key in keys:
