@@ -29,6 +29,7 @@ does not know how many replicas there are.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import dataclasses
 import itertools
@@ -118,6 +119,7 @@ class _Replica:
     max_seq_len: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     sleeping: bool = False
+    stopping: bool = False  # set by _stop_replicas: its end of the pipe closing is expected
 
 
 class DPAsyncLLM:
@@ -147,6 +149,8 @@ class DPAsyncLLM:
         threads = threads_per_replica(num_replicas, int(getattr(engine_args, "tensor_parallel_size", 1) or 1))
         self.replicas = self._start(engine_args, num_replicas, threads)
         self._finalizer = weakref.finalize(self, _stop_replicas, list(self.replicas))
+        # before multiprocessing's own exit hook, which would wait for the (non-daemon) replicas forever
+        atexit.register(self._finalizer)
         self.engine.core.max_seq_len = min(r.max_seq_len for r in self.replicas)
         for r in self.replicas:
             threading.Thread(target=self._reader, args=(r,), name=f"lmserve-dp{r.index}-reader", daemon=True).start()
@@ -162,8 +166,9 @@ class DPAsyncLLM:
         try:
             for i in range(n):
                 parent, child = ctx.Pipe()
+                # not a daemon: a replica may start worker processes of its own (tensor parallelism)
                 proc = ctx.Process(target=replica_main, args=(i, engine_args, child, threads),
-                                   name=f"lmserve-dp{i}", daemon=True)
+                                   name=f"lmserve-dp{i}", daemon=False)
                 proc.start()
                 child.close()
                 replicas.append(_Replica(i, proc, parent))
@@ -392,7 +397,7 @@ class DPAsyncLLM:
             try:
                 batch = pickle.loads(r.conn.recv_bytes())
             except (EOFError, OSError, ValueError):
-                if self._stopped:
+                if self._stopped or r.stopping:
                     return
                 r.process.join(timeout=1.0)
                 reason = f"data-parallel replica {r.index} exited (exit code {r.process.exitcode})"
@@ -460,6 +465,8 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 def _stop_replicas(replicas: list[_Replica]) -> None:
     """Asks every replica to stop, then terminates (and at last kills) those still running."""
+    for r in replicas:
+        r.stopping = True
     for r in replicas:
         try:
             r.outbox.put(None)
