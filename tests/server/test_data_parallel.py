@@ -216,6 +216,10 @@ def test_killed_replica_fails_the_stream_and_stops_the_server(tiny_model_dir: st
                 for i, _ in enumerate(stream):
                     if i == 2:
                         os.kill(replicas[0].pid, signal.SIGKILL)
+        try:  # dead before the error reached the client: /health says so until the server stops listening
+            assert httpx.get(server.url + "/health", timeout=5).status_code == 503
+        except httpx.TransportError:
+            pass
         assert server.proc.wait(timeout=30) != 0, server.log()
         _, alive = psutil.wait_procs(replicas, timeout=10)
         assert not alive  # no orphaned replica
