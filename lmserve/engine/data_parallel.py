@@ -131,7 +131,7 @@ class DPAsyncLLM:
         config = engine_args.create_engine_config()  # a bad model or flag fails here, before any spawn
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # engine id -> live request (reader threads read it)
-        self._calls: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop, list]] = {}
+        self._calls: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}  # call id -> its future
         self._by_caller: dict[str, set[str]] = {}  # caller id -> engine ids (event loop only)
         self._seq = itertools.count()
         self._call_ids = itertools.count()
@@ -299,7 +299,8 @@ class DPAsyncLLM:
                 self._send(idx, ("abort", [eid]))
 
     async def abort(self, request_id: str) -> None:
-        """Aborts every live request submitted under the caller id ``request_id``."""
+        """Aborts every live request submitted under the caller id ``request_id``; their iterators
+        raise ``asyncio.CancelledError``."""
         eids = list(self._by_caller.get(request_id, ()))
         with self._lock:
             targets = [(eid, self._pending.pop(eid, None)) for eid in eids]
@@ -337,7 +338,7 @@ class DPAsyncLLM:
             future = loop.create_future()
             cid = next(self._call_ids)
             with self._lock:
-                self._calls[cid] = (future, loop, [r.index])
+                self._calls[cid] = (future, loop)
             futures.append(future)
             r.outbox.put(pickle.dumps(("call", cid, fn)))
         results = await asyncio.gather(*futures)
@@ -419,7 +420,7 @@ class DPAsyncLLM:
                     with self._lock:
                         call = self._calls.pop(cid, None)
                     if call is not None:
-                        future, loop, _ = call
+                        future, loop = call
                         loop.call_soon_threadsafe(_settle, future, result, error)
                 elif op == "dead":
                     reason = msg[1]
@@ -436,7 +437,7 @@ class DPAsyncLLM:
             self._calls.clear()
         for p in live:
             _deliver(p, EngineDeadError(f"The engine died: {reason}"))
-        for future, loop, _ in calls:
+        for future, loop in calls:
             loop.call_soon_threadsafe(_settle, future, None, EngineDeadError(f"The engine died: {reason}"))
 
 

@@ -18,8 +18,9 @@ replica -> front
 
 Invariants: the replica exits when the front goes away (end of file on the pipe, or its parent process
 changed), so no replica outlives the server (Linux's parent-death signal does not fit: it fires when
-the *thread* that spawned the replica ends, and the server starts them from its loading thread); a request's outputs come back in order and end
-with a finished output or one "err"; an aborted request sends nothing more.
+the *thread* that spawned the replica ends, and the server starts them from its loading thread);
+a request's outputs come back in order and end with a finished output or one "err"; an aborted
+request sends nothing more.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import os
 import pickle
 import queue
 import signal
-import sys
 import threading
 from typing import Any
 
