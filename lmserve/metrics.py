@@ -12,7 +12,9 @@ Two sources feed it:
   The server's serving layer calls them once per request (it sees every output and every
   disconnect), so the engine must not call them for the same requests.
 
-Every metric carries the label ``model_name`` (the first served model name).
+Every metric carries the label ``model_name`` (the first served model name). The scheduler-state
+series also carry ``engine`` (``"0"``, or each data-parallel replica's index, as vLLM labels them);
+the per-request series are observed in the API server, for all replicas together.
 """
 
 from __future__ import annotations
@@ -53,31 +55,28 @@ class _StatsCollector:
                 stats = self.stats_fn() or {}
             except Exception:  # noqa: BLE001 - a scrape must not fail because the engine did
                 stats = {}
-        labels = ["model_name"]
-        values = [self.model_name]
+        engines = stats.get("engines") or [stats]  # one engine: the stats are its own
+        labels = ["model_name", "engine"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(values, float(value))
-            return g
+        def family(kind: type, name: str, doc: str, value: Any) -> Any:
+            f = kind(name, doc, labels=labels)
+            for i, s in enumerate(engines):
+                f.add_metric([self.model_name, str(i)], float(value(s)))
+            return f
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(values, float(value))
-            return c
-
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
-                    stats.get("num_running", 0))
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                    stats.get("num_waiting", 0) + stats.get("num_pending", 0))
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                    stats.get("kv_cache_usage", 0.0))
-        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
-                      "tokens.", stats.get("prefix_cache_queries", 0))
-        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-                      stats.get("prefix_cache_hits", 0))
-        yield counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
-                      stats.get("num_preemptions", 0))
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        yield family(g, "vllm:num_requests_running", "Number of requests in model execution batches.",
+                     lambda s: s.get("num_running", 0))
+        yield family(g, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                     lambda s: s.get("num_waiting", 0) + s.get("num_pending", 0))
+        yield family(g, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                     lambda s: s.get("kv_cache_usage", 0.0))
+        yield family(c, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+                     "tokens.", lambda s: s.get("prefix_cache_queries", 0))
+        yield family(c, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                     lambda s: s.get("prefix_cache_hits", 0))
+        yield family(c, "vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+                     lambda s: s.get("num_preemptions", 0))
 
 
 class EngineMetrics:
@@ -120,7 +119,8 @@ class EngineMetrics:
     # ------------------------------------------------------------------ sources
     def set_stats_source(self, fn: Callable[[], dict[str, Any]] | None) -> None:
         """``fn()`` -> dict with num_running, num_waiting, kv_cache_usage (0..1),
-        prefix_cache_queries, prefix_cache_hits, num_preemptions (cumulative); called per scrape."""
+        prefix_cache_queries, prefix_cache_hits, num_preemptions (cumulative); called per scrape.
+        With data parallelism its ``engines`` entry lists one such dict per replica: one series each."""
         self._stats.stats_fn = fn
 
     # ------------------------------------------------------------------ observations

@@ -126,3 +126,14 @@ def forbid_prompt_tokens(prompt_token_ids: list[int], output_token_ids: list[int
 
 def make_forbid_prompt_tokens():
     return forbid_prompt_tokens
+
+
+def force_token_closure(token_id: int):
+    """A per-request processor factory that returns a local function: it cannot be pickled, so a
+    data-parallel server (which sends params to its replica processes) must refuse it."""
+    def force(output_token_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        keep = logits[token_id].clone()
+        logits.fill_(float("-inf"))
+        logits[token_id] = keep
+        return logits
+    return force

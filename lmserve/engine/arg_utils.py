@@ -103,6 +103,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # engine replicas in their own processes behind one API server (lmserve.engine.data_parallel);
+    # the server reads it, each replica's engine ignores it
+    data_parallel_size: int = 1
     device: str = "auto"
     logits_processors: list[Any] | None = None
     structured_outputs_config: Any = None  # dict, JSON text or StructuredOutputsConfig
@@ -194,6 +197,10 @@ class EngineArgs:
                        help="mp: worker processes on this machine (the default with several ranks); ray: Ray "
                        "actors (the cluster RAY_ADDRESS or 'ray start --head' runs, else a local one); uni: one "
                        "rank in the engine's process. external_launcher is refused.")
+        g.add_argument("--data-parallel-size", "-dp", type=int, default=d.data_parallel_size,
+                       help="Engine replicas, each in its own process with its own KV cache, behind this one "
+                            "API server; requests go to the least-loaded one (prefix-cache aware). On CPU the "
+                            "threads are split between them. Default: %(default)s.")
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
@@ -235,6 +242,8 @@ class EngineArgs:
         from lmserve.model.loader.resolve import default_embedding_model, default_model, resolve_model
         from lmserve.model.models.registry import resolve_model_class
 
+        if self.data_parallel_size < 1:
+            raise ValueError(f"--data-parallel-size must be at least 1, got {self.data_parallel_size}")
         if self.kv_cache_dtype != "auto":
             raise ValueError("--kv-cache-dtype: only 'auto' (the model dtype) is supported")
         parallel_config = self._parallel_config()

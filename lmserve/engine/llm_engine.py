@@ -75,7 +75,7 @@ class LLMEngine:
         self.eos_token_id: int | None = eos_ids[0] if eos_ids else getattr(mc.hf_config, "eos_token_id", None)
         self.extra_eos_ids = {"eos_token_id": eos_ids}
         self.logitsprocs_classes = load_custom_logitsprocs(list(config.logits_processors))
-        self.core = EngineCore(config, self.logitsprocs_classes)
+        self.core = self._build_core(config)
         self.structured_outputs: StructuredOutputManager | None = None
         if not mc.is_pooling and self.tokenizer is not None:
             self.structured_outputs = StructuredOutputManager(
@@ -86,6 +86,11 @@ class LLMEngine:
             self.lora_cache = LoRACache(config.lora_config, mc.hf_config, mc.dtype, config.device_config.torch_device)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pooling: dict[str, Request] = {}  # live pooling requests (they bypass the output processor)
+
+    def _build_core(self, config: EngineConfig) -> EngineCore:
+        """The engine core (model, KV cache, scheduler); the data-parallel front overrides this
+        with a core-less stand-in, as it only validates requests (lmserve.engine.data_parallel)."""
+        return EngineCore(config, self.logitsprocs_classes)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

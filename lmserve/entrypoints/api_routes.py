@@ -11,6 +11,7 @@ exception handlers).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -185,14 +186,14 @@ def _add_dev_routes(app: FastAPI, state: Any) -> None:
         if mode != "abort":
             raise InvalidRequestError(f"sleep mode {mode!r} is not supported: in-flight requests are aborted "
                                       "(mode=abort).", "mode")
-        await engine().call_in_engine(lambda llm: sleep_mode.sleep(llm, level))
+        await engine().call_in_engine(functools.partial(sleep_mode.sleep, level=level))  # picklable (DP)
         return JSONResponse({"status": "sleeping", "level": level})
 
     @app.post("/wake_up")
     async def wake_up(raw: Request) -> Any:
         sleep_enabled()
         tags = raw.query_params.getlist("tags") or None
-        awake = await engine().call_in_engine(lambda llm: sleep_mode.wake_up(llm, tags))
+        awake = await engine().call_in_engine(functools.partial(sleep_mode.wake_up, tags=tags))
         return JSONResponse({"status": "awake" if awake else "sleeping", "tags": tags})
 
     @app.post("/release_kv_cache_memory")

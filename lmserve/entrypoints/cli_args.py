@@ -108,8 +108,6 @@ _unsupported("--max-parallel-loading-workers", "weights load in one pass")
 _unsupported("--ray-workers-use-nsight", "Ray is not used", action="store_const", const=True)
 _unsupported("--ignore-patterns", "weight file filtering is not supported")
 _unsupported("--model-loader-extra-config", "the model loader takes no extra config")
-_unsupported("--data-parallel-size", "data parallelism is not supported yet: run one server per replica behind "
-             "a load balancer", accepted=lambda v: int(v) == 1)
 _unsupported("--api-server-count", "one API server process serves every request; run more servers behind a "
              "load balancer", accepted=lambda v: int(v) == 1)
 _unsupported("--disable-sliding-window", "sliding-window attention is not configurable",

@@ -33,6 +33,10 @@ class LLM:
     kv_cache_memory, enable_prefix_caching, logits_processors, ...)."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if int(kwargs.get("data_parallel_size", 1) or 1) != 1:
+            raise ValueError("LLM(data_parallel_size=N) is not supported: as in vLLM, offline data parallelism is N "
+                             "separate launches, each with its share of the prompts; or serve the model with "
+                             "`lmserve serve --data-parallel-size N` and send the prompts to it.")
         self.engine_args = EngineArgs(model=model, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._counter = itertools.count()

@@ -60,7 +60,8 @@ def _many(answer: Answer, why: str, values: dict[str, Any] | None = None, switch
 _MM = "lmserve serves text-only models (no multimodal inputs)"
 _MAMBA = "lmserve has no state-space (Mamba/GDN/KDA) models"
 _SPEC = "speculative decoding is not supported by lmserve"
-_DP = ("data parallelism across engines is not supported yet: run one lmserve per replica behind a load "
+_DP = ("multi-node, external- and hybrid-LB data parallelism are not supported: --data-parallel-size N runs N "
+       "replicas on this machine behind one API server; across machines, run one lmserve each behind a load "
        "balancer")
 _MULTI = ("not supported: lmserve starts its own worker ranks (mp on one machine, --distributed-executor-backend "
           "ray across machines); no torchrun-style launch, context- or expert-parallel execution yet")

@@ -185,11 +185,17 @@ def test_noop_flags_are_accepted_and_named_for_the_log(tmp_path):
     assert parse([]).noop_flags == []
 
 
-@pytest.mark.parametrize("flag", ["--data-parallel-size", "--api-server-count"])
-def test_more_than_one_replica_or_api_server_is_refused(flag, capsys):
+def test_more_than_one_api_server_is_refused(capsys):
     with pytest.raises(SystemExit):
-        parse([flag, "2"])
+        parse(["--api-server-count", "2"])
     assert "load balancer" in capsys.readouterr().err
+
+
+def test_data_parallel_size_is_an_engine_arg():
+    from lmserve.engine.arg_utils import EngineArgs
+    assert EngineArgs.from_cli_args(parse(["-dp", "2"])).data_parallel_size == 2
+    assert EngineArgs.from_cli_args(parse(["--data-parallel-size", "3"])).data_parallel_size == 3
+    assert EngineArgs.from_cli_args(parse([])).data_parallel_size == 1
 
 
 def test_compilation_flags_are_declared_no_ops():

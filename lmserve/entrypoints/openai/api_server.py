@@ -31,6 +31,7 @@ from lmserve.errors import EngineShutdownError
 logger = logging.getLogger("lmserve.server")
 _ABORT_GRACE_S = 5.0  # after the drain: time for ended requests to send their last bytes
 _FORCE_EXIT_S = 2.0  # after a second signal: time for ended requests to send their error events
+_WATCHDOG_INTERVAL_S = 0.5  # how often the server checks that its engine lives
 
 
 class _Server(uvicorn.Server):
@@ -88,8 +89,8 @@ def _load_in_thread(engine_args: EngineArgs, loop: asyncio.AbstractEventLoop) ->
 
     def work() -> None:
         try:
-            from lmserve.engine.async_engine import AsyncLLM
-            result: Any = AsyncLLM.from_engine_args(engine_args)
+            from lmserve.engine.data_parallel import build_async_engine
+            result: Any = build_async_engine(engine_args)
             loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
         except BaseException as e:  # noqa: BLE001 - reported to the server loop
             err = e
@@ -141,12 +142,27 @@ async def serve(args: argparse.Namespace) -> int:
         engine.add_dead_callback(lambda: loop.call_soon_threadsafe(on_engine_dead))
     logger.info("Model %s loaded; serving it as %s", engine.model_config.model,
                 ", ".join(state.handlers.models.options.served_model_names))
+    watchdog = asyncio.ensure_future(_exit_when_engine_dies(engine, server))
     try:
         await serve_task
     finally:
+        watchdog.cancel()
         engine.shutdown()
         await state.aclose()
-    return 1 if died.is_set() else 0
+    return 1 if died.is_set() or (watchdog.done() and not watchdog.cancelled() and watchdog.result()) else 0
+
+
+async def _exit_when_engine_dies(engine: Any, server: _Server) -> bool:
+    """Stops the server once the engine is dead (a data-parallel replica process died): its
+    requests have already failed with EngineDeadError and /health answers 503; nothing is left
+    to serve, so the process exits (a supervisor restarts it), as vLLM's API server does."""
+    while engine.is_running:
+        await asyncio.sleep(_WATCHDOG_INTERVAL_S)
+    if server.should_exit:
+        return False
+    logger.error("The engine is dead: shutting the server down")
+    server.should_exit = True
+    return True
 
 
 def run_server(args: argparse.Namespace) -> int:
