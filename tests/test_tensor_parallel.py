@@ -120,16 +120,30 @@ def _scenarios(root: str) -> dict[str, ModelConfig]:
     return out
 
 
-def _rank_main(rank: int, root: str) -> None:
-    """One TP rank: every scenario at TP=2, results saved by rank (both ranks must agree)."""
+def _rank_main(rank: int, root: str, shm_name: str | None) -> None:
+    """One TP rank: every scenario at TP=2, results saved by rank (both ranks must agree). Every
+    other scenario all-reduces through the shared-memory segment (x86-64), the others through gloo."""
     import torch.distributed as dist
+
+    from lmserve.distributed.shm_allreduce import ShmAllReduce
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=TP)
-    ctx = ParallelContext(tp_rank=rank, tp_size=TP, tp_group=dist.group.WORLD)
+    shm = None
+    if shm_name is not None:
+        if rank != 0:
+            dist.barrier()  # rank 0 creates the segment first
+        shm = ShmAllReduce(shm_name, rank, TP, create=rank == 0)
+        if rank == 0:
+            dist.barrier()
+        dist.barrier()
+        if rank == 0:
+            shm.unlink()
+    contexts = [ParallelContext(tp_rank=rank, tp_size=TP, tp_group=dist.group.WORLD),
+                ParallelContext(tp_rank=rank, tp_size=TP, tp_group=dist.group.WORLD, tp_shm=shm)]
     results = {}
-    for name, mc in torch.load(os.path.join(root, "scenarios.pt"), weights_only=False).items():
-        model = get_model(mc, "cpu", parallel=ctx)
+    for i, (name, mc) in enumerate(torch.load(os.path.join(root, "scenarios.pt"), weights_only=False).items()):
+        model = get_model(mc, "cpu", parallel=contexts[i % 2])
         logits, tokens = _drive(model, mc.hf_config.vocab_size)
         layer = model.model.layers[0]
         results[name] = dict(logits=logits, tokens=tokens, kv_heads=model.kv_cache_spec().num_kv_heads,
@@ -152,7 +166,9 @@ def tp_runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tp"))
     scenarios = _scenarios(root)
     torch.save(scenarios, os.path.join(root, "scenarios.pt"))
-    mp.spawn(_rank_main, args=(root,), nprocs=TP, join=True)
+    from lmserve.distributed.shm_allreduce import new_segment_name, supported
+
+    mp.spawn(_rank_main, args=(root, new_segment_name() if supported() else None), nprocs=TP, join=True)
     ranks = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False) for r in range(TP)]
     return scenarios, ranks
 
