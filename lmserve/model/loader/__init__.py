@@ -87,7 +87,7 @@ def get_model(model_config: ModelConfig, device: torch.device | str, parallel: P
                          "SmolLM2, Phi-3)")
     with torch.device(device):
         model = cls(model_config.hf_config, model_config.dtype, parallel=parallel)
-    lazy = parallel.tp_size > 1
+    lazy = parallel.world_size > 1  # each rank reads only its shards / its pipeline stage's tensors
     fmt = model_config.load_format
     if fmt == "dummy":
         initialize_dummy_weights(model, model_config.seed)
