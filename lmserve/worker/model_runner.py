@@ -90,10 +90,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.is_pooling = config.model_config.is_pooling
         torch.manual_seed(config.model_config.seed)
-        if self.parallel.world_size > 1:
-            self.model = get_model(config.model_config, self.device, parallel=self.parallel)
-        else:  # the loader's one-rank signature (before tensor parallelism existed) still works
-            self.model = get_model(config.model_config, self.device)
+        self.model = get_model(config.model_config, self.device, parallel=self.parallel)
         self.uses_token_type_ids = bool(getattr(self.model, "uses_token_type_ids", False))
         self.lora_builder = None
         if config.lora_config is not None:
