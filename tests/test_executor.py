@@ -5,10 +5,15 @@ refusals name their reason; the micro-batch split and metadata slicing keep thei
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 
 from lmserve.entrypoints.llm import LLM
+from lmserve.executor.base import WorkerDiedError
 from lmserve.sampling_params import SamplingParams
 from tests.conftest import make_tiny_checkpoint
 
@@ -96,9 +101,17 @@ def test_tensor_parallel_2_through_ray_equals_one_rank(tiny_checkpoints, referen
     path = tiny_checkpoints["llama"]
     llm = LLM(path, tensor_parallel_size=2, distributed_executor_backend="ray", **ENGINE)  # a local Ray cluster
     try:
-        assert type(llm.llm_engine.core.executor).__name__ == "RayExecutor"
+        executor = llm.llm_engine.core.executor
+        assert type(executor).__name__ == "RayExecutor"
         assert _heads_on_driver(llm) == 2
         got = _run(llm)
+        # a dead actor: reported by the monitor, then every step refuses with the reason
+        os.kill(executor.worker_pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while executor._failure is None and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.05)
+        with pytest.raises(WorkerDiedError, match="Ray worker rank 1 .*ActorDiedError"):
+            llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
     finally:
         llm.shutdown()
     _same(got, _reference(path, reference_cache))

@@ -29,11 +29,14 @@ _STOP_WAIT_S = 5.0
 class _RankActor:
     """One worker rank (wrapped by ``ray.remote`` at run time, so importing this module needs no Ray)."""
 
-    def node_info(self) -> tuple[str, int]:
+    def node_info(self) -> tuple[str, int, int]:
+        """(node address, CPUs there, this actor's process id)."""
+        import os
+
         import ray
 
         from lmserve.executor.distributed import local_cpu_count
-        return ray.util.get_node_ip_address(), local_cpu_count()
+        return ray.util.get_node_ip_address(), local_cpu_count(), os.getpid()
 
     def run(self, spec: WorkerSpec) -> None:
         import logging as _logging
@@ -60,6 +63,7 @@ class RayExecutor(DistributedExecutor):
         self._actors: list = []
         self._runs: list = []
         self._pg = None
+        self.worker_pids: list[int] = []
         self._stop_monitor = threading.Event()
         super().__init__(config, logitsprocs_classes)
 
@@ -86,11 +90,12 @@ class RayExecutor(DistributedExecutor):
         self._actors = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self._pg, placement_group_bundle_index=i)).remote() for i in range(n)]
         infos = ray.get([a.node_info.remote() for a in self._actors])
-        per_node = Counter(ip for ip, _ in infos)
+        self.worker_pids = [pid for _, _, pid in infos]  # rank r is worker_pids[r - 1] (on its node)
+        per_node = Counter(ip for ip, _, _ in infos)
         per_node[host] += 1  # the driver
         local_index: Counter = Counter({host: 1})
         config = without_driver_only(self.config)
-        for rank, (actor, (ip, cpus)) in enumerate(zip(self._actors, infos), start=1):
+        for rank, (actor, (ip, cpus, _)) in enumerate(zip(self._actors, infos), start=1):
             spec = WorkerSpec(config=config, rank=rank, host=host, port=port,
                               num_threads=max(1, cpus // per_node[ip]), local_rank=local_index[ip], node=ip)
             local_index[ip] += 1
@@ -103,11 +108,12 @@ class RayExecutor(DistributedExecutor):
 
     def _describe(self, ref) -> str:
         rank = self._runs.index(ref) + 1
+        who = f"Ray worker rank {rank} (pid {self.worker_pids[rank - 1]})"
         try:
             self._ray.get(ref)
-            return f"Ray worker rank {rank} left its step loop"
+            return f"{who} left its step loop"
         except Exception as e:  # noqa: BLE001 - the reason is the message
-            return f"Ray worker rank {rank} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return f"{who} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     def _start_monitor(self) -> None:
         threading.Thread(target=self._watch, name="lmserve-ray-monitor", daemon=True).start()
