@@ -6,6 +6,7 @@ refusals name their reason; the micro-batch split and metadata slicing keep thei
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
@@ -167,5 +168,11 @@ def test_layer_split_and_micro_batches() -> None:
     assert (t0, t1) == (1, 9) and sub.num_decodes == 1 and sub.query_lens_cpu == [1, 7]
     assert sub.query_start_loc.tolist() == [0, 1, 8] and sub.slot_mapping.tolist() == list(range(1, 9))
     assert sub.block_tables.tolist() == [[3, 4, 5], [6, 7, 8]] and sub.max_seq_len == 9
+    sent = pickle.loads(pickle.dumps(step))  # as the driver sends it: tensors travel as numpy arrays
+    assert torch.equal(sent.input_ids, step.input_ids) and sent.logits_groups == [[11]]
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
+        a, b = getattr(meta, name), getattr(sent.meta, name)
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    assert sent.meta.query_lens_cpu == qlens and sent.meta.num_decodes == 2 and sent.meta.lora is None
     assert StepInputs.rows(torch.arange(10).view(10, 1), [2, 3, 4]).flatten().tolist() == [2, 3, 4]
     assert StepInputs.rows(torch.arange(10).view(10, 1), [7, 2]).flatten().tolist() == [7, 2]

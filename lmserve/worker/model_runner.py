@@ -238,6 +238,7 @@ class ModelRunner:
         ``compute_logits`` of each row group. Returns the groups' float32 logits on the driver,
         None on other ranks. With pipeline stages the step runs as micro-batches
         (``worker/pipeline.py``)."""
+        step = step.to(self.device)  # a worker unpickles it on CPU
         if self.parallel.pp_size > 1:
             from lmserve.worker.pipeline import run_pipelined
 

@@ -9,12 +9,17 @@ Invariants: ``input_ids``, ``positions`` and ``meta`` describe one flat batch of
 ``AttentionMetadata`` documents (decodes first); every index of every ``logits_groups`` entry is
 in ``[0, T)``. ``run_model`` computes ``compute_logits`` once per group, in list order, on the
 hidden rows the group names (the same calls on every rank of the last pipeline stage).
+
+Pickling (``__reduce__``) sends every tensor as a numpy array: torch's own tensor pickling costs
+~350 us per step to write and ~500 us to read back, this ~20 us each (``benchmarks/step_broadcast.py``).
+Unpickled tensors are on CPU; ``to(device)`` moves them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from lmserve.model.layers.attention_metadata import AttentionMetadata
@@ -28,6 +33,18 @@ class StepInputs:
     # Flat token indices whose logits the driver needs, one list per group: each prompt-logprob
     # chunk (consecutive indices), then the sampling rows (the last token of each sampling request).
     logits_groups: list[list[int]]
+
+    def __reduce__(self):
+        meta = {f.name: _to_wire(getattr(self.meta, f.name)) for f in fields(self.meta)}
+        return _step_from_wire, (_to_wire(self.input_ids), _to_wire(self.positions), meta, self.logits_groups)
+
+    def to(self, device: torch.device) -> "StepInputs":
+        """This step with every tensor on ``device`` (self when they already are)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        moved = {f.name: _move(getattr(self.meta, f.name), device) for f in fields(self.meta)}
+        return StepInputs(self.input_ids.to(device), self.positions.to(device), AttentionMetadata(**moved),
+                          self.logits_groups)
 
     @staticmethod
     def rows(hidden: torch.Tensor, group: list[int]) -> torch.Tensor:
@@ -78,3 +95,20 @@ def slice_metadata(meta: AttentionMetadata, first_seq: int, end_seq: int) -> tup
                   query_lens_cpu=list(qlens), seq_lens_cpu=list(slens), max_query_len=max(qlens),
                   max_seq_len=max(slens))
     return sub, t0, t1
+
+
+def _to_wire(value):
+    return value.cpu().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _from_wire(value):
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def _move(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _step_from_wire(input_ids, positions, meta: dict, logits_groups) -> StepInputs:
+    return StepInputs(_from_wire(input_ids), _from_wire(positions),
+                      AttentionMetadata(**{k: _from_wire(v) for k, v in meta.items()}), logits_groups)
