@@ -252,10 +252,18 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # --distributed-timeout-seconds: the ranks' rendezvous, and NCCL groups' collectives (None: 300 s)
+    distributed_timeout_seconds: float | None = None
+    # --cpu-distributed-timeout-seconds: gloo TP/PP groups' collectives and transfers (None: 300 s)
+    cpu_distributed_timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("parallel sizes must be at least 1")
+        for name in ("distributed_timeout_seconds", "cpu_distributed_timeout_seconds"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
     @property
     def world_size(self) -> int:

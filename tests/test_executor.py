@@ -70,7 +70,8 @@ def reference_cache() -> dict:
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_pipeline_parallel_2_equals_one_rank(kind: str, tiny_checkpoints, reference_cache) -> None:
     path = tiny_checkpoints[kind]
-    llm = LLM(path, pipeline_parallel_size=2, distributed_executor_backend="mp", **ENGINE)
+    llm = LLM(path, pipeline_parallel_size=2, distributed_executor_backend="mp", cpu_distributed_timeout_seconds=60,
+              distributed_timeout_seconds=120, **ENGINE)
     try:
         assert type(llm.llm_engine.core.executor).__name__ == "MultiprocExecutor"
         got = _run(llm)
@@ -142,6 +143,8 @@ def test_pipeline_parallel_refused_for_other_architectures(tmp_path) -> None:
     with pytest.raises(ValueError, match="more than the model's 2 layers"):
         make_tiny_checkpoint(str(tmp_path / "llama"), "llama")
         EngineArgs(model=str(tmp_path / "llama"), pipeline_parallel_size=3).create_engine_config()
+    with pytest.raises(ValueError, match="--cpu-distributed-timeout-seconds must be positive"):
+        EngineArgs(model=str(tmp_path / "llama"), cpu_distributed_timeout_seconds=0).create_engine_config()
     with pytest.raises(ValueError, match="--enable-lora with tensor/pipeline parallelism"):
         EngineArgs(model=str(tmp_path / "llama"), tensor_parallel_size=2, enable_lora=True).create_engine_config()
 

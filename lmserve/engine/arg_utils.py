@@ -103,6 +103,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    distributed_timeout_seconds: float | None = None
+    cpu_distributed_timeout_seconds: float | None = None
     # engine replicas in their own processes behind one API server (lmserve.engine.data_parallel);
     # the server reads it, each replica's engine ignores it
     data_parallel_size: int = 1
@@ -201,6 +203,12 @@ class EngineArgs:
                        help="Engine replicas, each in its own process with its own KV cache, behind this one "
                             "API server; requests go to the least-loaded one (prefix-cache aware). On CPU the "
                             "threads are split between them. Default: %(default)s.")
+        g.add_argument("--distributed-timeout-seconds", type=float, default=None,
+                       help="Seconds the worker ranks may take to join at start-up, and a CUDA (NCCL) collective "
+                       "may wait (default 300).")
+        g.add_argument("--cpu-distributed-timeout-seconds", type=float, default=None,
+                       help="Seconds a CPU (gloo) tensor/pipeline-parallel collective or transfer may wait for "
+                       "the other ranks (default 300). An idle server's workers wait for the next step forever.")
         g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
         g.add_argument("--logits-processors", nargs="+", default=None,
                        help="Custom logits processors as module:Class or module.Class.")
@@ -390,7 +398,8 @@ class EngineArgs:
                         "(as 'uni')", backend)
         if world > 1 and backend is None:
             backend = "mp"
-        return ParallelConfig(tp, pp, backend or "uni")
+        return ParallelConfig(tp, pp, backend or "uni", self.distributed_timeout_seconds,
+                              self.cpu_distributed_timeout_seconds)
 
     def _lora_config(self, is_pooling: bool) -> LoRAConfig | None:
         if not self.enable_lora:

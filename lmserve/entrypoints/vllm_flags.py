@@ -152,8 +152,7 @@ FOREIGN_FLAGS: tuple[ForeignFlag, ...] = (
                      "--enable-mamba-shared-prefix-checkpoint": False, "--use-replayssm": False}),
     # ParallelConfig
     *_many("refused", _MULTI, values={"--master-addr": "127.0.0.1", "--master-port": 29501, "--nnodes": 1,
-                                      "--node-rank": 0, "--distributed-timeout-seconds": None,
-                                      "--cpu-distributed-timeout-seconds": None, "--device-ids": None,
+                                      "--node-rank": 0, "--device-ids": None,
                                       "--decode-context-parallel-size": 1, "--dcp-comm-backend": None,
                                       "--dcp-kv-cache-interleave-size": 1, "--cp-kv-cache-interleave-size": None,
                                       "--prefill-context-parallel-size": 1, "--ubatch-size": 0,

@@ -14,7 +14,6 @@ waiting on the dead rank fails by itself (gloo sees the closed connection, else 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import threading
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from lmserve.config import EngineConfig
 from lmserve.engine.sched_output import SchedulerOutput
 from lmserve.executor.base import Executor, WorkerDiedError
-from lmserve.executor.worker import (RENDEZVOUS_TIMEOUT_S, STEP, STOP, agree_num_blocks, init_rank, rank_device,
+from lmserve.executor.worker import (STEP, STOP, agree_num_blocks, init_rank, rank_device, rendezvous_timeout,
                                      send_message)
 from lmserve.worker.model_runner import ModelRunner, RunnerOutput
 
@@ -71,7 +70,7 @@ class DistributedExecutor(Executor):
         try:
             host = self._driver_host()
             store = dist.TCPStore(host, 0, self.world_size, is_master=True, wait_for_workers=False,
-                                  timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+                                  timeout=rendezvous_timeout(config))
             driver_threads = self._start_workers(host, store.port)
             torch.set_num_threads(driver_threads)
             parallel = self._join(lambda: init_rank(config, 0, store, host))

@@ -62,8 +62,9 @@ def init_rank(config: EngineConfig, rank: int, store: dist.Store, host: str = "1
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
     world = tp * pp
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=IDLE_TIMEOUT)
-    op_timeout = datetime.timedelta(seconds=DEFAULT_OP_TIMEOUT_S)
     backend = "nccl" if config.device_config.torch_device.type == "cuda" else "gloo"
+    seconds = pc.distributed_timeout_seconds if backend == "nccl" else pc.cpu_distributed_timeout_seconds
+    op_timeout = datetime.timedelta(seconds=seconds or DEFAULT_OP_TIMEOUT_S)
     tp_group = pp_group = None
     for stage in range(pp):
         ranks = [stage * tp + t for t in range(tp)]
@@ -109,6 +110,10 @@ def _tp_shared_memory(config: EngineConfig, rank: int, host: str):
     return shm
 
 
+def rendezvous_timeout(config: EngineConfig) -> datetime.timedelta:
+    return datetime.timedelta(seconds=config.parallel_config.distributed_timeout_seconds or RENDEZVOUS_TIMEOUT_S)
+
+
 def agree_num_blocks(proposed: int) -> int:
     """The KV block count every rank allocates: the smallest any rank's budget allows (each rank
     sizes its own shard; one number keeps block ids valid on every rank). A collective: every rank
@@ -137,7 +142,7 @@ def run_worker(spec: WorkerSpec) -> None:
     torch.set_num_threads(spec.num_threads)
     config = spec.config
     store = dist.TCPStore(spec.host, spec.port, config.parallel_config.world_size, is_master=False,
-                          timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+                          timeout=rendezvous_timeout(config))
     parallel = init_rank(config, spec.rank, store, spec.node)
     logger.info("worker rank %d (tp %d/%d, pp %d/%d) pid %d, %d threads", spec.rank, parallel.tp_rank,
                 parallel.tp_size, parallel.pp_rank, parallel.pp_size, os.getpid(), spec.num_threads)
