@@ -1,7 +1,7 @@
 """bf16x3 fp32 linears on AMX (sgemm.AmxBf16x3Gemm, sbgemm_amx.c's lms_sbgemm_amx_x3): accuracy
 against a float64 reference (far closer than one bf16 product, within the stated 2^-16 class),
-batch invariance, the plan's rule (encoder-only pooling models under "auto", any fp32 model when
-named, never on a CPU without AMX) and a BERT encoder on it against HF and the fp32 path."""
+batch invariance, the plan's rule (only when named by LMSERVE_CPU_GEMM=bf16x3_amx, fp32 weights with
+K % 32 == 0 on an AMX CPU) and a BERT encoder on it against HF and the fp32 path."""
 
 from __future__ import annotations
 
@@ -53,23 +53,19 @@ def test_bf16x3_rows_do_not_depend_on_the_batch():
 
 
 def test_plan_rule():
-    enc = BackendPlan.simulated(SPR, torch.float32, split_fp32=True)
-    assert enc.linear(torch.float32, 384).backend == "bf16x3_amx"
-    assert enc.linear(torch.float32, 48).backend == "onednn"  # K % 32 != 0
-    assert BackendPlan.simulated(SPR, torch.float32).linear(torch.float32, 384).backend == "onednn"  # decoder
-    assert BackendPlan.simulated(ZEN4, torch.float32, split_fp32=True).linear(torch.float32, 384).backend == "onednn"
-    off = BackendPlan.simulated(SPR, torch.float32, KernelSettings(gemm="onednn"), split_fp32=True)
-    assert off.linear(torch.float32, 384).backend == "onednn"
     named = BackendPlan.simulated(SPR, torch.float32, KernelSettings(gemm="bf16x3_amx"))
     assert named.linear(torch.float32, 384).backend == "bf16x3_amx"
     assert named.linear(torch.bfloat16, 384).backend == "torch"
     assert "K % 32" in named.linear(torch.float32, 48).reason
+    assert BackendPlan.simulated(ZEN4, torch.float32, KernelSettings(gemm="bf16x3_amx")).linear(
+        torch.float32, 384).backend == "torch"  # no AMX
+    assert BackendPlan.simulated(SPR, torch.float32).linear(torch.float32, 384).backend == "onednn"  # never auto
 
 
 @needs_amx
 def test_bert_encoder_on_bf16x3_matches_hf(tmp_path, monkeypatch):
-    """hidden 64 (K % 32 == 0): every BERT linear on bf16x3; last hidden states within 1e-4 of HF
-    (the fp32 path: 1e-5), and the model with LMSERVE_CPU_GEMM=onednn stays on fp32 matmuls."""
+    """hidden 64 (K % 32 == 0) under LMSERVE_CPU_GEMM=bf16x3_amx: every BERT linear on bf16x3, last
+    hidden states within 1e-4 of HF (the default fp32 path, oneDNN: 1e-5)."""
     from transformers import BertModel as HFBertModel
 
     from lmserve.model.loader import get_model
@@ -86,16 +82,16 @@ def test_bert_encoder_on_bf16x3_matches_hf(tmp_path, monkeypatch):
     prompts = [[1, 2, 3, 4, 5, 6, 7], list(range(10, 40)), [9]]
     ids, pos, meta = whole_prompts_batch(prompts)
     outputs = {}
-    for gemm in ("auto", "onednn"):
+    for gemm in ("bf16x3_amx", "auto"):
         monkeypatch.setenv("LMSERVE_CPU_GEMM", gemm)
         model = get_model(_pooling_config(str(tmp_path), BertModel), "cpu")
         names = {m.backend.name for m in model.modules() if hasattr(m, "backend")}
-        assert names == ({"bf16x3_amx"} if gemm == "auto" else {"onednn"})
+        assert names == ({"bf16x3_amx"} if gemm == "bf16x3_amx" else {"onednn"})
         outputs[gemm] = model(ids, pos, [], meta)
     start = 0
     for p in prompts:
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor([p])).last_hidden_state[0]
-        torch.testing.assert_close(outputs["onednn"][start:start + len(p)], ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(outputs["auto"][start:start + len(p)], ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(outputs["auto"][start:start + len(p)], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs["bf16x3_amx"][start:start + len(p)], ref, atol=1e-4, rtol=1e-4)
         start += len(p)

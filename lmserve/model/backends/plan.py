@@ -9,9 +9,9 @@ environment (``KernelSettings.from_env``) when the plan is built:
 - ``LMSERVE_DISABLE_CPU_KERNELS=1``: every layer on its torch reference backend;
 - ``LMSERVE_CPU_GEMM=auto|torch|onednn|sgemm|sbgemm|sbgemm_amx|bf16x3_amx``: the dense linear
   backend (A/B measurements); a named kernel that does not take a weight leaves it on torch.
-  ``bf16x3_amx`` runs fp32 weights as three bf16 AMX products (``sgemm.AmxBf16x3Gemm``); "auto"
-  picks it only for encoder-only pooling models (``split_fp32``: BERT), whose outputs are compared
-  as vectors, never for a decoder, whose greedy tokens and hidden states must equal fp32's;
+  ``bf16x3_amx`` runs fp32 weights as three bf16 AMX products (``sgemm.AmxBf16x3Gemm``, ~2^-16
+  relative error); "auto" never picks it: in the MiniLM embeddings benchmark it was ~10 % slower
+  end to end than oneDNN's fp32 matmul (benchmarks/README.md, "Embeddings throughput");
 - ``LMSERVE_DECODE_STEP=0``: no native one-call decode step (decodes run layer by layer).
 """
 
@@ -133,13 +133,11 @@ class BackendPlan:
     settings: KernelSettings = KernelSettings()
     cpu: str = ""
     native: NativeKernels | None = None
-    split_fp32: bool = False  # fp32 linears on bf16x3 under "auto" (encoder-only pooling models)
 
     @classmethod
     def for_device(cls, device: torch.device | str, dtype: torch.dtype,
-                   settings: KernelSettings | None = None, split_fp32: bool = False) -> "BackendPlan":
-        """The plan of this machine: on CPU, the kernels that load here. ``split_fp32``: the model's
-        fp32 linears may run as bf16x3 under ``LMSERVE_CPU_GEMM=auto`` (encoder pooling models)."""
+                   settings: KernelSettings | None = None) -> "BackendPlan":
+        """The plan of this machine: on CPU, the kernels that load here."""
         device_type = torch.device(device).type
         settings = settings or KernelSettings.from_env()
         if device_type != "cpu":
@@ -147,18 +145,16 @@ class BackendPlan:
         native = NativeKernels.load() if settings.native else NativeKernels()
         onednn = _onednn_dtypes(cpu_has_fast_bf16()) if settings.native else frozenset()
         sdpa_amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-        return cls("cpu", dtype, native.names(), onednn, sdpa_amx, settings, CpuFeatures.detect().describe(), native,
-                   split_fp32)
+        return cls("cpu", dtype, native.names(), onednn, sdpa_amx, settings, CpuFeatures.detect().describe(), native)
 
     @classmethod
     def simulated(cls, features: CpuFeatures, dtype: torch.dtype, settings: KernelSettings | None = None,
-                  onednn: bool = True, split_fp32: bool = False) -> "BackendPlan":
+                  onednn: bool = True) -> "BackendPlan":
         """The plan a CPU with ``features`` would get (a compiler and, if ``onednn``, torch with oneDNN)."""
         settings = settings or KernelSettings()
         kernels = native_kernels_for(features) if settings.native else frozenset()
         onednn_dtypes = _onednn_dtypes(features.avx512) if onednn and settings.native else frozenset()
-        return cls("cpu", dtype, kernels, onednn_dtypes, features.amx_bf16, settings, features.describe(),
-                   split_fp32=split_fp32)
+        return cls("cpu", dtype, kernels, onednn_dtypes, features.amx_bf16, settings, features.describe())
 
     # -- the rules -------------------------------------------------------------------------------
     def _off(self) -> Choice | None:
@@ -171,9 +167,8 @@ class BackendPlan:
 
     def linear(self, weight_dtype: torch.dtype, in_features: int) -> Choice:
         """A dense weight [N, K=in_features]: a panel kernel for its dtype where one is loaded and
-        takes K (fp32: ``bf16x3_amx`` for a ``split_fp32`` plan with K % 32 == 0, else ``sgemm``;
-        bf16: ``sbgemm_amx``, else ``sbgemm``), else oneDNN's prepacked matmul for dtypes it runs
-        natively, else ``F.linear``."""
+        takes K (fp32: ``sgemm``; bf16: ``sbgemm_amx``, else ``sbgemm``; ``bf16x3_amx`` for fp32
+        only when named), else oneDNN's prepacked matmul for dtypes it runs natively, else ``F.linear``."""
         if (off := self._off()) is not None:
             return off
         if weight_dtype not in self.onednn_dtypes:
@@ -181,12 +176,11 @@ class BackendPlan:
         gemm = self.settings.gemm
         if gemm == "torch":
             return Choice("torch", f"{GEMM_ENV}=torch")
-        if gemm == BF16X3 or (gemm == "auto" and self.split_fp32 and weight_dtype == torch.float32):
+        if gemm == BF16X3:
             if BF16X3 in self.kernels and weight_dtype == torch.float32 and in_features % 32 == 0:
                 return Choice(BF16X3, "fp32 as three bf16 products on AMX tiles, fp32 sums")
-            if gemm == BF16X3:
-                return Choice("torch", f"{GEMM_ENV}={gemm} takes fp32 weights with K % 32 == 0 on AMX CPUs, "
-                                       f"not {weight_dtype} K={in_features}")
+            return Choice("torch", f"{GEMM_ENV}={gemm} takes fp32 weights with K % 32 == 0 on AMX CPUs, "
+                                   f"not {weight_dtype} K={in_features}")
         if gemm != "onednn":
             panel = gemm if gemm != "auto" else self._panel_for(weight_dtype)
             if panel in self.kernels and _PANEL_SHAPES[panel][0] == weight_dtype and \

@@ -87,10 +87,6 @@ def get_model(model_config: ModelConfig, device: torch.device | str) -> nn.Modul
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    # An encoder's pooled outputs are compared as vectors: its fp32 linears may run as bf16x3
-    # (backends/plan.py); a decoder's hidden states stay on fp32 matmuls.
-    encoder = model_config.is_pooling and not getattr(model, "needs_kv_cache", True)
-    plan = BackendPlan.for_device(device, model_config.dtype, split_fp32=encoder)
-    table = bind_backends(model, plan)
+    table = bind_backends(model, BackendPlan.for_device(device, model_config.dtype))
     logger.info("%s", table.format())
     return model
