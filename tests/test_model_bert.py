@@ -319,3 +319,21 @@ def test_grouped_attention_equals_per_prompt():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(n, H * D)
         torch.testing.assert_close(out[start:start + n], ref, atol=1e-6, rtol=1e-5)
         start += n
+
+
+def test_fused_gelu_equals_gelu_of_linear():
+    """Linear.forward_gelu (oneDNN's erf-GELU post-op where the layer is packed for oneDNN, else
+    F.gelu after the matmul) equals F.gelu of the layer's output."""
+    from lmserve.model.layers.linear import Linear
+    from tests.backend_utils import bind
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 19, 48, generator=gen)
+    for gemm in ("auto", "torch"):
+        layer = Linear(48, 96, bias=True, dtype=torch.float32)
+        randomize_parameters(layer, seed=5, std=0.3)
+        bind(layer, gemm=gemm)
+        torch.testing.assert_close(layer.forward_gelu(x), torch.nn.functional.gelu(layer(x)), atol=1e-6, rtol=1e-6)
+    layer.lora_key = "mlp"
+    with pytest.raises(ValueError, match="LoRA"):
+        layer.forward_gelu(x)

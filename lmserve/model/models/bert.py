@@ -174,9 +174,12 @@ class BertIntermediate(nn.Module):
         if act not in _ACTIVATIONS:
             raise ValueError(f"BERT hidden_act {act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
         self.act_fn = _ACTIVATIONS[act]
+        self.erf_gelu = act == "gelu"  # fused into the matmul where the backend can (Linear.forward_gelu)
         self.dense = Linear(config.hidden_size, config.intermediate_size, bias=True, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.erf_gelu:
+            return self.dense.forward_gelu(x)
         return self.act_fn(self.dense(x))
 
 
