@@ -293,3 +293,47 @@ def test_pooler_attached_only_for_pooling(tiny_models):
     assert not hasattr(gen, "pooler")
     pooled = get_model(_pooling_config(path, LlamaForCausalLM, convert="embed"), "cpu")
     assert isinstance(pooled.pooler, Pooler) and pooled.pooler.head is None
+
+
+def test_grouped_attention_equals_per_prompt():
+    """The step's prompts sorted and padded in length groups (several groups, a uniform one and a
+    masked one, extra rows past the batch) give each prompt its own bidirectional attention."""
+    from lmserve.model.models.bert import BertSelfAttention, _VarlenLayout
+
+    config = BertConfig(**_TINY_BERT)
+    attn = BertSelfAttention(config, torch.float32)
+    randomize_parameters(attn, seed=3, std=0.2)
+    lens = [5, 40, 1, 5, 5, 17, 33, 2, 64, 9, 12, 5]
+    gen = torch.Generator().manual_seed(2)
+    _, _, meta = whole_prompts_batch([[0] * n for n in lens], pad_tokens=3)
+    hidden = torch.randn(sum(lens) + 3, 48, generator=gen)
+    layout = _VarlenLayout.build(meta, hidden.device)
+    assert len(layout.groups) > 2 and any(g.key_mask is None for g in layout.groups)
+    assert any(g.key_mask is not None for g in layout.groups)
+    out = attn(hidden, layout)
+    assert out.shape == hidden.shape and not out[-3:].any()
+    H, D = attn.num_heads, attn.head_dim
+    start = 0
+    for n in lens:
+        q, k, v = attn.qkv_proj(hidden[start:start + n]).view(n, 3, H, D).permute(1, 2, 0, 3)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(n, H * D)
+        torch.testing.assert_close(out[start:start + n], ref, atol=1e-6, rtol=1e-5)
+        start += n
+
+
+def test_fused_gelu_equals_gelu_of_linear():
+    """Linear.forward_gelu (oneDNN's erf-GELU post-op where the layer is packed for oneDNN, else
+    F.gelu after the matmul) equals F.gelu of the layer's output."""
+    from lmserve.model.layers.linear import Linear
+    from tests.backend_utils import bind
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 19, 48, generator=gen)
+    for gemm in ("auto", "torch"):
+        layer = Linear(48, 96, bias=True, dtype=torch.float32)
+        randomize_parameters(layer, seed=5, std=0.3)
+        bind(layer, gemm=gemm)
+        torch.testing.assert_close(layer.forward_gelu(x), torch.nn.functional.gelu(layer(x)), atol=1e-6, rtol=1e-6)
+    layer.lora_key = "mlp"
+    with pytest.raises(ValueError, match="LoRA"):
+        layer.forward_gelu(x)

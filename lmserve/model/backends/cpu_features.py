@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 # Every native kernel a backend can run, by name.
-NATIVE_KERNELS = ("rms_norm", "rope", "silu_mul", "qgemv", "sgemm", "sbgemm", "sbgemm_amx",
+NATIVE_KERNELS = ("rms_norm", "rope", "silu_mul", "qgemv", "sgemm", "sbgemm", "sbgemm_amx", "bf16x3_amx",
                   "paged_attention", "paged_attention_amx", "decode_step")
 
 
@@ -68,7 +68,7 @@ def native_kernels_for(features: CpuFeatures) -> frozenset[str]:
     norm, rope and paged attention have portable C paths; SiLU-and-mul needs AVX-512; the VNNI
     GEMV and the one-call decode step need AVX-512 VNNI; the fp32 panel GEMM runs on AVX2 + FMA
     CPUs without AVX-512 (oneDNN's AVX-512 kernels are preferred there); the bf16 panel GEMM
-    needs AVX512-BF16, and its AMX variant and the AMX attention need AMX-BF16."""
+    needs AVX512-BF16, and its AMX variant (with its bf16x3 fp32 entry) and the AMX attention need AMX-BF16."""
     kernels = {"rms_norm", "rope", "paged_attention"}
     if features.avx512:
         kernels.add("silu_mul")
@@ -79,5 +79,5 @@ def native_kernels_for(features: CpuFeatures) -> frozenset[str]:
     if features.avx512_bf16:
         kernels.add("sbgemm")
     if features.amx_bf16:
-        kernels.update(("sbgemm_amx", "paged_attention_amx"))
+        kernels.update(("sbgemm_amx", "bf16x3_amx", "paged_attention_amx"))
     return frozenset(kernels)

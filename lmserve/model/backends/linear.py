@@ -38,6 +38,11 @@ class LinearBackend:
         the step has no prompt token (only a quantized backend reads it)."""
         raise NotImplementedError
 
+    def apply_gelu(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``F.gelu(apply(layer, x))`` (erf GELU); a backend may fuse it into its matmul, with the
+        same result."""
+        return F.gelu(self.apply(layer, x))
+
     def dense_weight(self, layer: nn.Module) -> torch.Tensor:
         """The weight [out_features, in_features] as a plain tensor (a copy when packed)."""
         return layer.weight
@@ -89,6 +94,16 @@ class OnednnWeight(PrepackedWeight):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
 
+    def linear_gelu(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.gelu(linear(x, bias))`` with the erf GELU as oneDNN's post-op (one pass over the
+        output instead of two; bit-equal to the unfused ops in the tests)."""
+        if x.dtype != self.dtype:
+            return F.gelu(self.linear(x, bias))
+        lead = x.shape[:-1]
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), self.packed, bias,
+                                               "gelu", [], "none")
+        return y.reshape(*lead, self.shape[0])
+
     def to_dense(self) -> torch.Tensor:
         return self.packed.to_dense()
 
@@ -118,6 +133,11 @@ class PrepackedLinear(LinearBackend):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, decode_only: bool = False) -> torch.Tensor:
         return self.packed.linear(x, getattr(layer, "bias", None))
+
+    def apply_gelu(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.packed, OnednnWeight):
+            return self.packed.linear_gelu(x, getattr(layer, "bias", None))
+        return super().apply_gelu(layer, x)
 
     def dense_weight(self, layer: nn.Module) -> torch.Tensor:
         return self.packed.to_dense()

@@ -7,8 +7,11 @@ chosen only for layers whose dtype and shape it takes; the chosen backend then g
 (``model/backends/__init__.py``). ``KernelSettings`` holds the switches, read once from the
 environment (``KernelSettings.from_env``) when the plan is built:
 - ``LMSERVE_DISABLE_CPU_KERNELS=1``: every layer on its torch reference backend;
-- ``LMSERVE_CPU_GEMM=auto|torch|onednn|sgemm|sbgemm|sbgemm_amx``: the dense linear backend
-  (A/B measurements); a named kernel that does not take a weight leaves it on torch;
+- ``LMSERVE_CPU_GEMM=auto|torch|onednn|sgemm|sbgemm|sbgemm_amx|bf16x3_amx``: the dense linear
+  backend (A/B measurements); a named kernel that does not take a weight leaves it on torch.
+  ``bf16x3_amx`` runs fp32 weights as three bf16 AMX products (``sgemm.AmxBf16x3Gemm``, ~2^-16
+  relative error); "auto" never picks it: in the MiniLM embeddings benchmark it was ~10 % slower
+  end to end than oneDNN's fp32 matmul (benchmarks/README.md, "Embeddings throughput");
 - ``LMSERVE_DECODE_STEP=0``: no native one-call decode step (decodes run layer by layer).
 """
 
@@ -26,11 +29,12 @@ from lmserve.model.layers.cpu_kernels.build import DISABLE_ENV, kernels_disabled
 from lmserve.model.layers.cpu_kernels.cpu_ops import MAX_ROW, CpuOps, get_cpu_ops
 from lmserve.model.layers.cpu_kernels.decode_step import decode_step_library
 from lmserve.model.layers.cpu_kernels.paged_attention import CpuPagedAttention, get_paged_attention_kernel
-from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS, CpuPanelGemm, get_kernel
+from lmserve.model.layers.cpu_kernels.sgemm import PANEL_KERNELS, AmxBf16x3Gemm, CpuPanelGemm, get_kernel
 
 GEMM_ENV = "LMSERVE_CPU_GEMM"
 DECODE_STEP_ENV = "LMSERVE_DECODE_STEP"
-GEMM_CHOICES = ("auto", "torch", "onednn") + PANEL_KERNELS
+BF16X3 = "bf16x3_amx"
+GEMM_CHOICES = ("auto", "torch", "onednn") + PANEL_KERNELS + (BF16X3,)
 # panel kernel -> (weight dtype, K must be a multiple of)
 _PANEL_SHAPES = {"sgemm": (torch.float32, 1), "sbgemm": (torch.bfloat16, 2), "sbgemm_amx": (torch.bfloat16, 2)}
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)  # the fused elementwise kernels' dtypes
@@ -77,7 +81,7 @@ class NativeKernels:
     no compiler, a failed build, or a CPU without the instructions)."""
 
     ops: CpuOps | None = None
-    panels: Mapping[str, CpuPanelGemm] = field(default_factory=dict)
+    panels: Mapping[str, CpuPanelGemm | AmxBf16x3Gemm] = field(default_factory=dict)
     attention: CpuPagedAttention | None = None
     decode_step: bool = False
 
@@ -86,7 +90,10 @@ class NativeKernels:
         """Build (first use) and load every kernel library; honours ``LMSERVE_DISABLE_CPU_KERNELS``."""
         if kernels_disabled():
             return cls()
-        panels = {name: k for name in PANEL_KERNELS if (k := get_kernel(name)) is not None}
+        panels: dict[str, CpuPanelGemm | AmxBf16x3Gemm] = {
+            name: k for name in PANEL_KERNELS if (k := get_kernel(name)) is not None}
+        if "sbgemm_amx" in panels:
+            panels[BF16X3] = AmxBf16x3Gemm(panels["sbgemm_amx"])
         ops = get_cpu_ops()
         return cls(ops=ops, panels=panels, attention=get_paged_attention_kernel(),
                    decode_step=ops is not None and ops.has_qgemv and decode_step_library() is not None)
@@ -160,8 +167,8 @@ class BackendPlan:
 
     def linear(self, weight_dtype: torch.dtype, in_features: int) -> Choice:
         """A dense weight [N, K=in_features]: a panel kernel for its dtype where one is loaded and
-        takes K (fp32: ``sgemm``; bf16: ``sbgemm_amx``, else ``sbgemm``), else oneDNN's prepacked
-        matmul for dtypes it runs natively, else ``F.linear``."""
+        takes K (fp32: ``sgemm``; bf16: ``sbgemm_amx``, else ``sbgemm``; ``bf16x3_amx`` for fp32
+        only when named), else oneDNN's prepacked matmul for dtypes it runs natively, else ``F.linear``."""
         if (off := self._off()) is not None:
             return off
         if weight_dtype not in self.onednn_dtypes:
@@ -169,6 +176,11 @@ class BackendPlan:
         gemm = self.settings.gemm
         if gemm == "torch":
             return Choice("torch", f"{GEMM_ENV}=torch")
+        if gemm == BF16X3:
+            if BF16X3 in self.kernels and weight_dtype == torch.float32 and in_features % 32 == 0:
+                return Choice(BF16X3, "fp32 as three bf16 products on AMX tiles, fp32 sums")
+            return Choice("torch", f"{GEMM_ENV}={gemm} takes fp32 weights with K % 32 == 0 on AMX CPUs, "
+                                   f"not {weight_dtype} K={in_features}")
         if gemm != "onednn":
             panel = gemm if gemm != "auto" else self._panel_for(weight_dtype)
             if panel in self.kernels and _PANEL_SHAPES[panel][0] == weight_dtype and \

@@ -68,6 +68,13 @@ class Linear(nn.Module):
             y = lora.add_delta(self.lora_key, x, y)
         return y
 
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.gelu(forward(x))`` (erf GELU) for a layer no LoRA adapter targets; the backend may
+        fuse the activation into its matmul (``LinearBackend.apply_gelu``)."""
+        if self.lora_key is not None:
+            raise ValueError("forward_gelu is for layers without LoRA adapters")
+        return self.backend.apply_gelu(self, x)
+
     def dense_weight(self) -> torch.Tensor:
         """The weight [out_features, in_features] as a plain tensor (a copy when packed)."""
         return self.backend.dense_weight(self)

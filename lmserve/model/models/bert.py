@@ -3,9 +3,10 @@
 
 An encoder has no KV cache: every sequence of the flat batch is a whole prompt
 (``attn_metadata.query_lens_cpu == seq_lens_cpu``) and attends bidirectionally to its own
-tokens only. Attention pads the batch to [B, Lmax] with index tensors, runs one
-``scaled_dot_product_attention`` with a key-padding mask and unpads; every other layer runs on
-the flat [T, hidden] rows.
+tokens only. Attention sorts the step's prompts by length and pads groups of similar length
+(``_VarlenLayout``: at most 1.2x their tokens) to [B, L] with index tensors, one
+``scaled_dot_product_attention`` per group with a key-padding mask, then unpads; every other layer
+runs on the flat [T, hidden] rows.
 """
 
 from __future__ import annotations
@@ -33,27 +34,68 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 _QKV = {"query": "q", "key": "k", "value": "v"}
 
 
-@dataclass
-class _PaddedLayout:
-    """Where each of the first ``num_tokens`` flat rows sits in a [B * Lmax] padded batch."""
+# A group of prompts padded to its longest may hold at most this many times its real tokens.
+_MAX_PADDING_RATIO = 1.2
 
-    dest: torch.Tensor  # [num_tokens] int64: b * Lmax + offset in sequence b
-    key_mask: torch.Tensor  # [B, 1, 1, Lmax] bool: True where a key is a real token
+
+@dataclass
+class _AttentionGroup:
+    """Prompts of similar length padded to one [B, L] batch for one attention call."""
+
     num_seqs: int
     max_len: int
+    gather: torch.Tensor  # [B * L] int64: flat row of each padded slot (num_tokens: a zero row)
+    key_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True at real keys; None when all B have length L
+    real_slots: torch.Tensor | None  # [n_g] int64: padded slots holding real tokens (None: all of them)
+    dest: torch.Tensor  # [n_g] int64: flat row of each real slot, in ``real_slots`` order
+
+
+@dataclass
+class _VarlenLayout:
+    """How one step's whole prompts (flat rows ``[0, num_tokens)``) are attended: sorted by
+    length and cut into groups whose padded size is at most ``_MAX_PADDING_RATIO`` x their
+    tokens, each one ``scaled_dot_product_attention`` call. Built once per step, used by every
+    layer. Invariant: every real row is in exactly one group; a prompt attends to its own rows only."""
+
+    groups: list[_AttentionGroup]
     num_tokens: int
 
     @classmethod
-    def build(cls, meta: AttentionMetadata, device: torch.device) -> "_PaddedLayout":
+    def build(cls, meta: AttentionMetadata, device: torch.device) -> "_VarlenLayout":
         if meta.query_lens_cpu != meta.seq_lens_cpu:
             raise ValueError("encoder-only models need every prompt whole in one step "
                              "(no chunked prefill, no prefix caching)")
-        B, L, n = meta.num_seqs, meta.max_query_len, meta.num_tokens
-        lens = torch.tensor(meta.query_lens_cpu, device=device)  # [B]
-        seq = torch.repeat_interleave(torch.arange(B, device=device), lens, output_size=n)  # [n]
-        offsets = torch.arange(n, device=device) - meta.query_start_loc.to(device).long()[seq]
-        key_mask = torch.arange(L, device=device).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-        return cls(seq * L + offsets, key_mask[:, None, None, :], B, L, n)
+        lens = list(meta.query_lens_cpu)
+        starts = [0] * len(lens)
+        for i in range(1, len(lens)):
+            starts[i] = starts[i - 1] + lens[i - 1]
+        n = meta.num_tokens
+        order = sorted(range(len(lens)), key=lens.__getitem__)
+        members: list[list[int]] = []
+        tokens = 0
+        for i in order:  # ascending length: the newest member is the group's longest
+            if members and (len(members[-1]) + 1) * lens[i] > _MAX_PADDING_RATIO * (tokens + lens[i]):
+                members.append([])
+                tokens = 0
+            if not members:
+                members.append([])
+            members[-1].append(i)
+            tokens += lens[i]
+        groups = [cls._group([lens[i] for i in g], [starts[i] for i in g], n, device) for g in members]
+        return cls(groups, n)
+
+    @staticmethod
+    def _group(lens: list[int], starts: list[int], num_tokens: int, device: torch.device) -> _AttentionGroup:
+        B, L = len(lens), max(lens)
+        lens_t = torch.tensor(lens, device=device)
+        offsets = torch.arange(L, device=device)
+        real = offsets.unsqueeze(0) < lens_t.unsqueeze(1)  # [B, L]
+        rows = torch.tensor(starts, device=device).unsqueeze(1) + offsets.unsqueeze(0)
+        gather = torch.where(real, rows, num_tokens).reshape(-1)
+        if min(lens) == L:
+            return _AttentionGroup(B, L, gather, None, None, gather)
+        real_slots = real.reshape(-1).nonzero().squeeze(1)
+        return _AttentionGroup(B, L, gather, real[:, None, None, :], real_slots, gather[real_slots])
 
 
 class BertEmbeddings(nn.Module):
@@ -88,17 +130,20 @@ class BertSelfAttention(nn.Module):
         self.head_dim = hidden // self.num_heads
         self.qkv_proj = MergedLinear(hidden, [hidden] * 3, ["q", "k", "v"], bias=True, dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor, layout: _PaddedLayout) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, layout: _VarlenLayout) -> torch.Tensor:
         """hidden [T, hidden] -> attention output [T, hidden] (rows past the batch's tokens: 0)."""
         T, H = hidden.shape
-        B, L, n = layout.num_seqs, layout.max_len, layout.num_tokens
+        n = layout.num_tokens
         qkv = self.qkv_proj(hidden[:n])  # [n, 3H]
-        padded = qkv.new_zeros(B * L, 3 * H).index_copy_(0, layout.dest, qkv)  # [B*L, 3H]
-        q, k, v = padded.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, nh, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask)  # [B, nh, L, D]
-        out = out.transpose(1, 2).reshape(B * L, H).index_select(0, layout.dest)  # [n, H]
-        if n < T:
-            out = torch.cat([out, out.new_zeros(T - n, H)])
+        # one zero row at index n: the padded slots' keys/values (masked) and queries (dropped)
+        qkv = torch.cat([qkv, qkv.new_zeros(1, 3 * H)])
+        out = qkv.new_zeros(T, H) if n < T else qkv.new_empty(n, H)
+        for g in layout.groups:
+            padded = qkv.index_select(0, g.gather)  # [B*L, 3H]
+            q, k, v = padded.view(g.num_seqs, g.max_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.key_mask)  # [B, nh, L, D]
+            o = o.transpose(1, 2).reshape(g.num_seqs * g.max_len, H)
+            out.index_copy_(0, g.dest, o if g.real_slots is None else o.index_select(0, g.real_slots))
         return out
 
 
@@ -108,7 +153,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, dtype)
         self.output = BertOutput(config.hidden_size, config.hidden_size, config.layer_norm_eps, dtype)
 
-    def forward(self, hidden: torch.Tensor, layout: _PaddedLayout) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, layout: _VarlenLayout) -> torch.Tensor:
         return self.output(self.self(hidden, layout), hidden)
 
 
@@ -131,9 +176,12 @@ class BertIntermediate(nn.Module):
         if act not in _ACTIVATIONS:
             raise ValueError(f"BERT hidden_act {act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
         self.act_fn = _ACTIVATIONS[act]
+        self.erf_gelu = act == "gelu"  # fused into the matmul where the backend can (Linear.forward_gelu)
         self.dense = Linear(config.hidden_size, config.intermediate_size, bias=True, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.erf_gelu:
+            return self.dense.forward_gelu(x)
         return self.act_fn(self.dense(x))
 
 
@@ -144,7 +192,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config, dtype)
         self.output = BertOutput(config.intermediate_size, config.hidden_size, config.layer_norm_eps, dtype)
 
-    def forward(self, hidden: torch.Tensor, layout: _PaddedLayout) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, layout: _VarlenLayout) -> torch.Tensor:
         hidden = self.attention(hidden, layout)
         return self.output(self.intermediate(hidden), hidden)
 
@@ -154,7 +202,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config, dtype) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden: torch.Tensor, layout: _PaddedLayout) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, layout: _VarlenLayout) -> torch.Tensor:
         for layer in self.layer:
             hidden = layer(hidden, layout)
         return hidden
@@ -201,7 +249,7 @@ class BertModel(nn.Module):
                 attn_metadata: AttentionMetadata, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions, token_type_ids (default zeros) [T]; ``kv_caches`` is [] ->
         hidden states [T, hidden]."""
-        layout = _PaddedLayout.build(attn_metadata, input_ids.device)
+        layout = _VarlenLayout.build(attn_metadata, input_ids.device)
         hidden = self.embeddings(input_ids, positions, token_type_ids)
         return self.encoder(hidden, layout)
 

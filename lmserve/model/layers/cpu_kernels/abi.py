@@ -167,6 +167,7 @@ SIGNATURES: Mapping[str, tuple[type | None, tuple[type, ...]]] = MappingProxyTyp
     "lms_sbgemm_amx_info": (_I, ()),
     "lms_sbgemm_amx_pack": (None, (ctypes.POINTER(PackArgs),)),
     "lms_sbgemm_amx": (_I, (ctypes.POINTER(GemmArgs),)),
+    "lms_sbgemm_amx_x3": (_I, (ctypes.POINTER(GemmArgs),)),
     "lms_decode_step_available": (_I, ()),
     "lms_decode_step": (_I, (ctypes.POINTER(DecodeStepArgs),)),
 })

@@ -349,6 +349,8 @@ LMS_EXPORT int32_t lms_sbgemm(const LmsGemmArgs* a);
 LMS_EXPORT int32_t lms_sbgemm_amx_info(void); /* requests the AMX tile state from Linux */
 LMS_EXPORT void lms_sbgemm_amx_pack(const LmsPackArgs* a);
 LMS_EXPORT int32_t lms_sbgemm_amx(const LmsGemmArgs* a);
+/* fp32 x, bias, out on the AMX layout of [hi(W) | lo(W) | hi(W)] (k = K of x): bf16x3, sbgemm_amx.c */
+LMS_EXPORT int32_t lms_sbgemm_amx_x3(const LmsGemmArgs* a);
 
 /* decode_step.c */
 LMS_EXPORT int32_t lms_decode_step_available(void);

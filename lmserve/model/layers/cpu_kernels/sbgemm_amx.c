@@ -25,6 +25,7 @@
  * lms_sbgemm_amx_info() makes that request and returns 1 only when it is granted. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lms_abi.h"
@@ -61,6 +62,7 @@ void lms_sbgemm_amx_pack(const LmsPackArgs *a) {
 
 #if LMS_SBGEMM_AMX
 #include <immintrin.h>
+#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -96,7 +98,7 @@ int32_t lms_sbgemm_amx_info(void) {
  * *configured is the thread's tile shape (r0 * 64 + r1; 0: none). pf_lines cache lines from pf are
  * pulled toward L2, spread over the K-steps. */
 static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
-                      uint16_t *c, int64_t ldc, int ncols, const uint16_t *bias, const char *pf, int64_t pf_lines) {
+                      void *c, int64_t ldc, int ncols, const void *bias, int out_dt, const char *pf, int64_t pf_lines) {
   if (*configured != r0 * 64 + r1) {
     amx_configure(r0, r1);
     *configured = r0 * 64 + r1;
@@ -133,13 +135,15 @@ static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_
     _tile_stored(3, acc + AMX_MR * AMX_NB + 16, AMX_NB * 4);
   }
   __m512 bv[2];
-  for (int v = 0; v < 2; v++) bv[v] = bias ? ld16(bias + 16 * v, mask16(ncols - 16 * v), DT_BF16) : _mm512_setzero_ps();
+  const int64_t esz = out_dt == DT_F32 ? 4 : 2; /* the bias has the output's dtype */
+  for (int v = 0; v < 2; v++)
+    bv[v] = bias ? ld16((const char *)bias + 16 * v * esz, mask16(ncols - 16 * v), out_dt) : _mm512_setzero_ps();
   for (int r = 0; r < r0 + r1; r++)
     for (int v = 0; v < 2; v++) {
       const __mmask16 m = mask16(ncols - 16 * v);
       if (m)
-        _mm256_mask_storeu_epi16(c + r * ldc + 16 * v, m,
-                                 f32x16_to_bf16(_mm512_add_ps(_mm512_load_ps(acc + r * AMX_NB + 16 * v), bv[v])));
+        st16((char *)c + (r * ldc + 16 * v) * esz, _mm512_add_ps(_mm512_load_ps(acc + r * AMX_NB + 16 * v), bv[v]), m,
+             out_dt);
     }
 }
 
@@ -162,9 +166,10 @@ static int64_t amx_claim(SbRange *r, uint64_t gen, int64_t lo, int64_t hi, int f
 
 /* All row groups of block b ([g0, g1) of them), each group prefetching its share of the pf_bytes
  * from pf (clipped at pf_end). */
-static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias,
-                           uint16_t *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int64_t b, int64_t g0, int64_t g1,
-                           const char *pf, const char *pf_end) {
+static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, const uint16_t *packed, const void *bias,
+                           void *out, int64_t ldo, int64_t M, int64_t N, int64_t K, int64_t b, int64_t g0, int64_t g1,
+                           int out_dt, const char *pf, const char *pf_end) {
+  const int64_t esz = out_dt == DT_F32 ? 4 : 2;
   const int64_t G = (M + AMX_GROUP - 1) / AMX_GROUP, block_elems = K * AMX_NB, block_lines = block_elems * 2 / 64;
   const uint16_t *bp = packed + b * block_elems;
   const int ncols = (int)(N - b * AMX_NB < AMX_NB ? N - b * AMX_NB : AMX_NB);
@@ -175,8 +180,8 @@ static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, cons
     int64_t n_pf = (g + 1) * block_lines / G - g * block_lines / G;
     if (!p || p >= pf_end) n_pf = 0;
     else if (p + 64 * n_pf > pf_end) n_pf = (pf_end - p) / 64;
-    amx_block(configured, r0, r1, x + m * lda, lda, bp, K, out + m * ldo + b * AMX_NB, ldo, ncols,
-              bias ? bias + b * AMX_NB : 0, p, n_pf);
+    amx_block(configured, r0, r1, x + m * lda, lda, bp, K, (char *)out + (m * ldo + b * AMX_NB) * esz, ldo, ncols,
+              bias ? (const char *)bias + b * AMX_NB * esz : 0, out_dt, p, n_pf);
   }
 }
 
@@ -189,8 +194,8 @@ static void amx_block_rows(int *configured, const uint16_t *x, int64_t lda, cons
  * would otherwise hold the other at the barrier after the call (benchmarks/README.md, "Kernel
  * measurements"). With fewer blocks, (block,
  * row-group range) items are split statically. Which thread computes a block never changes it. */
-void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
-               int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st) {
+static void amx_share_dt(const uint16_t *x, int64_t lda, const uint16_t *packed, const void *bias, void *out,
+                         int64_t ldo, int64_t M, int64_t N, int64_t K, int out_dt, int tid, int nth, SbThread *st) {
   const int64_t nb = (N + AMX_NB - 1) / AMX_NB, G = (M + AMX_GROUP - 1) / AMX_GROUP;
   const int64_t block_bytes = K * AMX_NB * 2, ahead = G == 1 ? AMX_PF_AHEAD : block_bytes;
   const uint64_t gen = ++st->calls & ((1ull << (64 - 2 * SB_RANGE_BITS)) - 1);
@@ -200,7 +205,7 @@ void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uin
     for (int64_t it = items * tid / nth; it < items * (tid + 1) / nth; it++) {
       const int64_t part = it % split;
       amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, it / split, part * G / split,
-                     (part + 1) * G / split, 0, 0);
+                     (part + 1) * G / split, out_dt, 0, 0);
     }
     return;
   }
@@ -210,15 +215,67 @@ void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uin
   for (int64_t b = lo;; b++) {
     if (steal) b = amx_claim(&st->ranges[tid], gen, lo, hi, 0);
     if (b < 0 || b >= hi) break;
-    amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, b, 0, G, base + b * block_bytes + ahead, end);
+    amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, b, 0, G, out_dt, base + b * block_bytes + ahead,
+                   end);
   }
   for (int d = 1; steal && d < nth; d++) {
     const int v = (tid + d) % nth;
     const int64_t vlo = nb * v / nth, vhi = nb * (v + 1) / nth;
     for (int64_t b; (b = amx_claim(&st->ranges[v], gen, vlo, vhi, 1)) >= 0;) /* prefetch the block it takes next */
-      amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, b, 0, G,
+      amx_block_rows(&st->amx_tiles, x, lda, packed, bias, out, ldo, M, N, K, b, 0, G, out_dt,
                      b > vlo ? base + (b - 1) * block_bytes : 0, base + b * block_bytes);
   }
+}
+
+void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
+               int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st) {
+  amx_share_dt(x, lda, packed, bias, out, ldo, M, N, K, DT_BF16, tid, nth, st);
+}
+
+/* x [M, K] fp32 (row stride lda) -> a [M, 3K] bf16 (contiguous) = [hi | hi | lo], hi = bf16(x),
+ * lo = bf16(x - hi): rows of bf16x3's left operand. */
+static void split_rows(const float *x, int64_t lda, uint16_t *a, int64_t M, int64_t K, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t m = 0; m < M; m++) {
+    const float *xr = x + m * lda;
+    uint16_t *ar = a + m * 3 * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 msk = mask16((int)(K - k < 16 ? K - k : 16));
+      const __m512 v = _mm512_maskz_loadu_ps(msk, xr + k);
+      const __m256i hi = f32x16_to_bf16(v);
+      const __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      const __m256i lo = f32x16_to_bf16(_mm512_sub_ps(v, hv));
+      _mm256_mask_storeu_epi16(ar + k, msk, hi);
+      _mm256_mask_storeu_epi16(ar + K + k, msk, hi);
+      _mm256_mask_storeu_epi16(ar + 2 * K + k, msk, lo);
+    }
+  }
+}
+
+/* fp32 out [M, N] (row stride ldo) = fp32 x [M, K] (row stride lda) @ W^T + fp32 bias [N] (or NULL),
+ * as bf16x3: the sum of three bf16 products hi(x) hi(W) + hi(x) lo(W) + lo(x) hi(W) accumulated in
+ * fp32 on AMX tiles, where packed is lms_sbgemm_amx_pack of the bf16 [N, 3K] = [hi(W) | lo(W) | hi(W)]
+ * (lo(v) = bf16(v - hi(v))). The dropped term lo(x) lo(W) and the split leave a relative error of
+ * about 2^-16 per product (fp32's own rounding is 2^-24), independent of the batch and the threads.
+ * K % 32 == 0, else LMS_ERR_ARGS; LMS_ERR_NOMEM when the [M, 3K] bf16 operand cannot be allocated. */
+int32_t lms_sbgemm_amx_x3(const LmsGemmArgs *a) {
+  const int64_t M = a->m, N = a->n, K = a->k;
+  if (M < 0 || N <= 0 || K <= 0 || K % AMX_KSTEP || a->lda < K || a->ldo < N || a->num_threads < 1) return LMS_ERR_ARGS;
+  if (M == 0) return LMS_OK;
+  uint16_t *x3 = aligned_alloc(64, ((M * 3 * K * 2 + 63) / 64) * 64);
+  if (!x3) return LMS_ERR_NOMEM;
+  split_rows((const float *)a->x, a->lda, x3, M, K, a->num_threads);
+  SbRange *ranges = sb_ranges(a->num_threads);
+#pragma omp parallel num_threads(a->num_threads)
+  {
+    SbThread st = {0, 0, ranges};
+    amx_share_dt(x3, 3 * K, (const uint16_t *)a->packed, a->bias, a->out, a->ldo, M, N, 3 * K, DT_F32,
+                 omp_get_thread_num(), omp_get_num_threads(), &st);
+    if (st.amx_tiles) _tile_release();
+  }
+  free(ranges);
+  free(x3);
+  return LMS_OK;
 }
 
 /* lms_sbgemm's contract, on AMX tiles where K % 32 == 0 (else the AVX-512 micro-kernel). Call only
@@ -229,6 +286,10 @@ int32_t lms_sbgemm_amx(const LmsGemmArgs *a) {
 }
 #else
 int32_t lms_sbgemm_amx_info(void) { return 0; }
+int32_t lms_sbgemm_amx_x3(const LmsGemmArgs *a) {
+  (void)a;
+  return LMS_ERR_ARGS;
+}
 int32_t lms_sbgemm_amx(const LmsGemmArgs *a) {
   (void)a;
   return LMS_ERR_ARGS;
