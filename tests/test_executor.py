@@ -85,8 +85,9 @@ def _heads_on_driver(llm: LLM) -> int:
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_equals_one_rank_mp(tiny_checkpoints, reference_cache) -> None:
-    path = tiny_checkpoints["qwen3"]
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_tensor_parallel_2_equals_one_rank_mp(kind: str, tiny_checkpoints, reference_cache) -> None:
+    path = tiny_checkpoints[kind]
     llm = LLM(path, tensor_parallel_size=2, **ENGINE)  # mp is the default with several ranks
     try:
         assert type(llm.llm_engine.core.executor).__name__ == "MultiprocExecutor"
