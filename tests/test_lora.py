@@ -211,6 +211,42 @@ def test_batched_delta_equals_per_row_reference(monkeypatch, segment_min_rows):
     assert mapping.add_delta("absent", x, y0.clone()).equal(y0)
 
 
+@pytest.mark.parametrize("segment_min_rows", [0, 10**6])
+def test_a_step_reuses_a_kept_superset_of_its_adapters(segment_min_rows, monkeypatch):
+    """Adapters leaving a running batch keep its set (no new concatenation); a new adapter joins the
+    last set while the union fits; every row still gets exactly its own adapter's delta."""
+    from lmserve.lora import batch as lora_batch
+    from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
+
+    monkeypatch.setattr(lora_batch, "SEGMENT_MIN_ROWS", segment_min_rows)
+    gen = torch.Generator().manual_seed(1)
+    ads = [LoRAAdapter(i + 1, f"a{i}", "", 4, {"m": LayerDelta(torch.randn(4, 16, generator=gen),
+                                                                torch.randn(4, 8, generator=gen))})
+           for i in range(4)]
+    builder = LoRABatchBuilder(max_union=3)
+    cpu = torch.device("cpu")
+    first = builder.build([ads[0], ads[1], ads[2]], [1, 1, 1], cpu)
+    later = builder.build([ads[2], None, ads[0]], [2, 1, 1], cpu)  # a subset: the same set
+    assert later.active is first.active and [a.lora_id for a in later.adapters] == [1, 3]
+    joined = builder.build([ads[3]], [1], cpu)  # a union of 4 > max_union: a set of its own
+    assert joined.active.adapters == (ads[3],)
+    grown = builder.build([ads[0]], [1], cpu)  # found in the first set
+    assert grown.active is first.active
+    union = LoRABatchBuilder(max_union=8)
+    union.build([ads[0], ads[1]], [1, 1], cpu)
+    assert [a.lora_id for a in union.build([ads[2]], [1], cpu).active.adapters] == [1, 2, 3]  # joins the last set
+    for mapping, per_seq, qlens in ((later, [ads[2], None, ads[0]], [2, 1, 1]), (joined, [ads[3]], [1])):
+        x = torch.randn(sum(qlens), 16, generator=gen)
+        y0 = torch.randn(sum(qlens), 8, generator=gen)
+        got = mapping.add_delta("m", x, y0.clone())
+        row = 0
+        for ad, q in zip(per_seq, qlens):
+            for _ in range(q):
+                want = y0[row] if ad is None else y0[row] + x[row] @ ad.deltas["m"].a.T @ ad.deltas["m"].b
+                torch.testing.assert_close(got[row], want)
+                row += 1
+
+
 def test_unloading_an_adapter_in_use_keeps_its_running_requests_exact(tiny_models, adapters):
     made, _ = adapters["llama"]
     llm = make_llm(tiny_models["llama"], max_cpu_loras=3)

@@ -151,6 +151,8 @@ class _ActiveSet:
     def __init__(self, adapters: tuple[LoRAAdapter, ...],
                  prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]]) -> None:
         self.adapters = adapters  # held: the cache key is their identities
+        self.key = tuple(id(a) for a in adapters)
+        self.ids = frozenset(self.key)
         self._prepared = prepared
         self._modules: dict[str, _ModuleWeights | None] = {}
 
@@ -195,8 +197,9 @@ class LoRAStepMapping:
     ``segmented``: whether the deltas are computed per run (else masked, see the module docstring)."""
 
     def __init__(self, active: _ActiveSet, token_slot: torch.Tensor, runs: list[tuple[int, int, int]],
-                 segmented: bool) -> None:
+                 segmented: bool, adapters: tuple[LoRAAdapter, ...] | None = None) -> None:
         self.active = active
+        self._adapters = adapters if adapters is not None else active.adapters
         self.token_slot = token_slot  # [T] int64: index into active.adapters, -1 for base rows
         self.num_tokens = int(token_slot.numel())
         self.runs = runs
@@ -205,7 +208,8 @@ class LoRAStepMapping:
 
     @property
     def adapters(self) -> tuple[LoRAAdapter, ...]:
-        return self.active.adapters
+        """The adapters this step's rows use (its set, ``active``, may hold more)."""
+        return self._adapters
 
     def _mask(self, owner: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         mask = self._masks.get(owner)
@@ -240,8 +244,9 @@ class LoRABatchBuilder:
     """Builds each step's ``LoRAStepMapping``; keeps the concatenated weights of the last
     ``max_sets`` adapter sets (a steady batch reuses its set step after step)."""
 
-    def __init__(self, max_sets: int = 4) -> None:
+    def __init__(self, max_sets: int = 4, max_union: int = 8) -> None:
         self.max_sets = max_sets
+        self.max_union = max_union
         self._sets: OrderedDict[tuple[int, ...], _ActiveSet] = OrderedDict()
         # per adapter (alive while any request or the cache holds it): its prepared weights per module
         self._prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]] = weakref.WeakKeyDictionary()
@@ -256,15 +261,8 @@ class LoRABatchBuilder:
                 distinct.setdefault(id(ad), ad)
         if not distinct:
             return None
-        adapters = tuple(sorted(distinct.values(), key=lambda a: (a.lora_id, id(a))))
-        key = tuple(id(a) for a in adapters)
-        active = self._sets.get(key)
-        if active is None:
-            active = self._sets[key] = _ActiveSet(adapters, self._prepared)
-            while len(self._sets) > self.max_sets:
-                self._sets.popitem(last=False)
-        self._sets.move_to_end(key)
-        pos = {id(a): i for i, a in enumerate(adapters)}
+        active = self._active_set(distinct)
+        pos = {id(a): i for i, a in enumerate(active.adapters)}
         seq_slots = [-1 if ad is None else pos[id(ad)] for ad in per_seq]
         runs: list[tuple[int, int, int]] = []
         row = 0
@@ -279,7 +277,34 @@ class LoRABatchBuilder:
         segmented = len(runs) <= SEGMENT_MAX_RUNS and adapter_rows >= SEGMENT_MIN_ROWS * len(runs)
         slots = torch.tensor(seq_slots, dtype=torch.int64)
         token_slot = torch.repeat_interleave(slots, torch.tensor(query_lens, dtype=torch.int64)).to(device)
-        return LoRAStepMapping(active, token_slot, runs, segmented)
+        used = tuple(a for a in active.adapters if id(a) in distinct)
+        return LoRAStepMapping(active, token_slot, runs, segmented, used)
+
+    def _active_set(self, distinct: dict[int, LoRAAdapter]) -> _ActiveSet:
+        """A kept set holding every adapter of the step (the smallest such), else a new one: the
+        step's adapters joined with the last set's when the union has at most ``max_union``
+        adapters. A set may hold adapters no row of the step uses: the masked form's mask keeps
+        only each row's own adapter's columns, so those cost flops, never a different result,
+        while adapters joining and leaving a running batch reuse one set's concatenated weights
+        instead of building (concatenating and packing) one per combination."""
+        wanted = set(distinct)
+        supersets = [s for s in self._sets.values() if wanted <= s.ids]
+        if supersets:
+            active = min(supersets, key=lambda s: len(s.adapters))
+        else:
+            members = dict(distinct)
+            if self._sets:
+                last = next(reversed(self._sets.values()))
+                union = {**{id(a): a for a in last.adapters}, **members}
+                if len(union) <= self.max_union:
+                    members = union
+            adapters = tuple(sorted(members.values(), key=lambda a: (a.lora_id, id(a))))
+            active = _ActiveSet(adapters, self._prepared)
+            self._sets[active.key] = active
+            while len(self._sets) > self.max_sets:
+                self._sets.popitem(last=False)
+        self._sets.move_to_end(active.key)
+        return active
 
     def clear(self) -> None:
         self._sets.clear()
