@@ -97,6 +97,17 @@ def test_greedy_equals_one_engine_and_both_replicas_serve(dp_server: ServerProce
     r = dp_client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, n=2,
                                      stop=[reference["stop"]])
     assert [c.text for c in r.choices] == [reference["stop_text"]] * 2
+    # two requests in flight at once (each stream held open past its first chunk): the router counts
+    # the first in flight on its replica, so the second goes to the other (a burst spreads)
+    first = dp_client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=64, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(first))
+    second = dp_client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=64, temperature=0,
+                                          stream=True, extra_body={"ignore_eos": True})
+    next(iter(second))
+    for stream in (first, second):
+        for _ in stream:
+            pass
     metrics = httpx.get(dp_server.url + "/metrics").text
     queries = engine_series(metrics, "vllm:prefix_cache_queries_total")
     assert set(queries) == {"0", "1"}
