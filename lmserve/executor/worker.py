@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,17 @@ def rank_device(config: EngineConfig, local_rank: int) -> torch.device:
     return device
 
 
+def _own_group(rank: int, partition: list[list[int]], **kwargs) -> Any:
+    """Creates one process group per list of ``partition`` (every rank must call this with the same
+    partition, in the same order: ``new_group`` is collective) and returns the one holding ``rank``."""
+    own = None
+    for ranks in partition:
+        group = dist.new_group(ranks, **kwargs)
+        if rank in ranks:
+            own = group
+    return own
+
+
 def init_rank(config: EngineConfig, rank: int, store: dist.Store, host: str = "127.0.0.1") -> ParallelContext:
     """Joins the world group through ``store`` and creates the TP and PP groups, and the TP group's
     shared-memory all-reduce when its ranks share a host (``host``: this rank's node address);
@@ -65,19 +77,10 @@ def init_rank(config: EngineConfig, rank: int, store: dist.Store, host: str = "1
     backend = "nccl" if config.device_config.torch_device.type == "cuda" else "gloo"
     seconds = pc.distributed_timeout_seconds if backend == "nccl" else pc.cpu_distributed_timeout_seconds
     op_timeout = datetime.timedelta(seconds=seconds or DEFAULT_OP_TIMEOUT_S)
-    tp_group = pp_group = None
-    for stage in range(pp):
-        ranks = [stage * tp + t for t in range(tp)]
-        if tp > 1:
-            group = dist.new_group(ranks, timeout=op_timeout, backend=backend)
-            if rank in ranks:
-                tp_group = group
-    for t in range(tp):
-        ranks = [stage * tp + t for stage in range(pp)]
-        if pp > 1:
-            group = dist.new_group(ranks, timeout=op_timeout, backend=backend)
-            if rank in ranks:
-                pp_group = group
+    tp_group = _own_group(rank, [[stage * tp + t for t in range(tp)] for stage in range(pp)],
+                          timeout=op_timeout, backend=backend) if tp > 1 else None
+    pp_group = _own_group(rank, [[stage * tp + t for stage in range(pp)] for t in range(tp)],
+                          timeout=op_timeout, backend=backend) if pp > 1 else None
     tp_shm = _tp_shared_memory(config, rank, host) if tp > 1 else None
     return ParallelContext(tp_rank=rank % tp, tp_size=tp, pp_rank=rank // tp, pp_size=pp,
                            tp_group=tp_group, pp_group=pp_group, tp_shm=tp_shm)
