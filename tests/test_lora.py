@@ -92,6 +92,36 @@ def test_mixed_adapters_equal_peft_merged(tiny_models, adapters, kind):
     assert run(llm, prompts, loras) == expected
 
 
+@pytest.mark.parametrize("form", ["native-avx512", "native-amx"])
+def test_native_kernel_in_a_bf16_model_matches_the_torch_forms(tiny_models, adapters, form):
+    """bf16 end to end: the next-token distributions of a batch mixing three adapters and the base
+    model, with the deltas on the native kernel, equal those of the torch forms within bf16 rounding."""
+    made, _ = adapters["llama"]
+    kernel = _native_kernel(form)
+    names = list(made)
+    requests = [LoRARequest(n, i + 1, made[n][0]) for i, n in enumerate(names)] + [None]
+    prompts = [p for p in PROMPTS for _ in requests]
+    loras = requests * len(PROMPTS)
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=20, detokenize=False)
+    llm = make_llm(tiny_models["llama"], dtype="bfloat16", max_num_batched_tokens=64, enable_prefix_caching=False)
+    runner = llm.llm_engine.core.runner
+    got = {}
+    for name, builder in (("native", LoRABatchBuilder(native=kernel)), ("torch", LoRABatchBuilder(native=False))):
+        runner.lora_builder = builder
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras)
+        got[name] = [o.outputs[0] for o in outs]
+    assert len({tuple(o.token_ids) for o in got["native"]}) > 1  # adapters make a difference here
+    for lora, a, b in zip(loras, got["native"], got["torch"]):
+        la, lb = a.logprobs[0], b.logprobs[0]
+        common = set(la) & set(lb)
+        assert len(common) >= 15
+        diff = max(abs(la[t].logprob - lb[t].logprob) for t in common)
+        assert (diff == 0) if lora is None else (diff < 0.15), (lora, diff)  # base rows: untouched by either
+        # the same greedy token, but where the two best are tied within that rounding
+        (token,) = a.token_ids
+        assert token == b.token_ids[0] or lb[b.token_ids[0]].logprob - lb[token].logprob < 0.15
+
+
 def test_max_loras_one_serialises_adapters(tiny_models, adapters):
     made, base_ref = adapters["llama"]
     llm = make_llm(tiny_models["llama"], max_loras=1, max_cpu_loras=2)
@@ -164,39 +194,59 @@ def test_bad_adapters_are_refused_clearly(tiny_models, adapters, tmp_path):
     assert llm.llm_engine.core.scheduler.num_unfinished == 0  # a refused request leaves nothing behind
 
 
-@pytest.mark.parametrize("segment_min_rows", [0, 10**6], ids=["segments", "masked"])
-def test_batched_delta_equals_per_row_reference(monkeypatch, segment_min_rows):
-    """Both forms of the batched delta (per-run segments, masked shrink with one block-diagonal expand) equal
-    each row's own x A^T B, base rows untouched; merged modules (shard blocks) included."""
+def _native_kernel(form):
+    """None for a torch form; the native kernel of the form's mode, or a skip where it does not load."""
+    from lmserve.model.layers.cpu_kernels.lora_gemm import get_lora_kernel
+
+    if not form.startswith("native"):
+        return None
+    kernel = get_lora_kernel(amx=form == "native-amx")
+    if kernel is None:
+        pytest.skip(f"{form} needs AVX512-BF16" + (" and AMX tiles" if form == "native-amx" else ""))
+    return kernel
+
+
+NATIVE_FORMS = ["segments", "masked", "native-avx512", "native-amx"]
+
+
+@pytest.mark.parametrize("form", NATIVE_FORMS)
+def test_batched_delta_equals_per_row_reference(monkeypatch, form):
+    """Every form of the batched delta (per-run segments, masked shrink with one block-diagonal expand, and
+    the native bf16 kernel) equals each row's own x A^T B, base rows untouched; merged modules (shard
+    blocks) and an odd rank included."""
     from lmserve.lora import batch as lora_batch
     from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
 
-    monkeypatch.setattr(lora_batch, "SEGMENT_MIN_ROWS", segment_min_rows)
+    kernel = _native_kernel(form)
+    monkeypatch.setattr(lora_batch, "SEGMENT_MIN_ROWS", 0 if form == "segments" else 10**6)
+    dtype = torch.bfloat16 if kernel is not None else torch.float32
     gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
 
     def merged(shard_ranks):  # a Q|K|V-like module of 24 = 12 + 6 + 6 columns; rank 0: shard not targeted
         cols = ((0, 12), (12, 18), (18, 24))
         a_rows, b_rows, blocks = [], [], []
         for (c0, c1), r in zip(cols, shard_ranks):
             if r:
-                b = torch.zeros(r, 24)
-                b[:, c0:c1] = torch.randn(r, c1 - c0, generator=gen)
+                b = torch.zeros(r, 24, dtype=dtype)
+                b[:, c0:c1] = randn(r, c1 - c0)
                 blocks.append((sum(t.shape[0] for t in a_rows), sum(t.shape[0] for t in a_rows) + r, c0, c1))
-                a_rows.append(torch.randn(r, 32, generator=gen))
+                a_rows.append(randn(r, 32))
                 b_rows.append(b)
         return LayerDelta(torch.cat(a_rows), torch.cat(b_rows), tuple(blocks))
 
-    adapters = [LoRAAdapter(i + 1, f"a{i}", "", r, {"m": LayerDelta(torch.randn(r, 32, generator=gen),
-                                                                     torch.randn(r, 24, generator=gen)),
-                                                     "qkv": merged(ranks)})
-                for i, (r, ranks) in enumerate(((4, (4, 4, 4)), (8, (8, 0, 8)), (2, (0, 2, 0))))]
+    adapters = [LoRAAdapter(i + 1, f"a{i}", "", r, {"m": LayerDelta(randn(r, 32), randn(r, 24)), "qkv": merged(ranks)})
+                for i, (r, ranks) in enumerate(((4, (4, 4, 4)), (8, (8, 0, 8)), (3, (0, 3, 0))))]
     adapters.append(LoRAAdapter(9, "other", "", 4, {}))  # targets no module here
     per_seq = [adapters[1], None, adapters[0], adapters[3], adapters[2], adapters[1], adapters[1]]
     qlens = [1, 3, 2, 1, 4, 2, 1]
-    mapping = LoRABatchBuilder().build(per_seq, qlens, torch.device("cpu"))
-    assert mapping.segmented == (segment_min_rows == 0)
-    x = torch.randn(sum(qlens), 32, generator=gen)
-    y0 = torch.randn(sum(qlens), 24, generator=gen)
+    mapping = LoRABatchBuilder(native=kernel or False).build(per_seq, qlens, torch.device("cpu"))
+    assert mapping.segmented == (form == "segments")
+    assert mapping.active.kernel is kernel
+    x = randn(sum(qlens), 32)
+    y0 = randn(sum(qlens), 24)
     for key in ("m", "qkv"):
         got = mapping.add_delta(key, x, y0.clone())
         row = 0
@@ -205,25 +255,28 @@ def test_batched_delta_equals_per_row_reference(monkeypatch, segment_min_rows):
                 d = ad.deltas.get(key) if ad is not None else None
                 if d is None:
                     assert got[row].equal(y0[row])
-                else:
-                    torch.testing.assert_close(got[row], y0[row] + x[row] @ d.a.T @ d.b)
+                else:  # the shrink is rounded to the factors' dtype, the sum once
+                    h = (x[row].float() @ d.a.float().T).to(dtype).float()
+                    torch.testing.assert_close(got[row], (y0[row].float() + h @ d.b.float()).to(dtype))
                 row += 1
     assert mapping.add_delta("absent", x, y0.clone()).equal(y0)
 
 
-@pytest.mark.parametrize("segment_min_rows", [0, 10**6])
-def test_a_step_reuses_a_kept_superset_of_its_adapters(segment_min_rows, monkeypatch):
+@pytest.mark.parametrize("form", NATIVE_FORMS)
+def test_a_step_reuses_a_kept_superset_of_its_adapters(form, monkeypatch):
     """Adapters leaving a running batch keep its set (no new concatenation); a new adapter joins the
     last set while the union fits; every row still gets exactly its own adapter's delta."""
     from lmserve.lora import batch as lora_batch
     from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
 
-    monkeypatch.setattr(lora_batch, "SEGMENT_MIN_ROWS", segment_min_rows)
+    kernel = _native_kernel(form)
+    monkeypatch.setattr(lora_batch, "SEGMENT_MIN_ROWS", 0 if form == "segments" else 10**6)
+    dtype = torch.bfloat16 if kernel is not None else torch.float32
     gen = torch.Generator().manual_seed(1)
-    ads = [LoRAAdapter(i + 1, f"a{i}", "", 4, {"m": LayerDelta(torch.randn(4, 16, generator=gen),
-                                                                torch.randn(4, 8, generator=gen))})
+    ads = [LoRAAdapter(i + 1, f"a{i}", "", 4, {"m": LayerDelta(torch.randn(4, 16, generator=gen).to(dtype),
+                                                                torch.randn(4, 8, generator=gen).to(dtype))})
            for i in range(4)]
-    builder = LoRABatchBuilder(max_union=3)
+    builder = LoRABatchBuilder(max_union=3, native=kernel or False)
     cpu = torch.device("cpu")
     first = builder.build([ads[0], ads[1], ads[2]], [1, 1, 1], cpu)
     later = builder.build([ads[2], None, ads[0]], [2, 1, 1], cpu)  # a subset: the same set
@@ -236,13 +289,15 @@ def test_a_step_reuses_a_kept_superset_of_its_adapters(segment_min_rows, monkeyp
     union.build([ads[0], ads[1]], [1, 1], cpu)
     assert [a.lora_id for a in union.build([ads[2]], [1], cpu).active.adapters] == [1, 2, 3]  # joins the last set
     for mapping, per_seq, qlens in ((later, [ads[2], None, ads[0]], [2, 1, 1]), (joined, [ads[3]], [1])):
-        x = torch.randn(sum(qlens), 16, generator=gen)
-        y0 = torch.randn(sum(qlens), 8, generator=gen)
+        x = torch.randn(sum(qlens), 16, generator=gen).to(dtype)
+        y0 = torch.randn(sum(qlens), 8, generator=gen).to(dtype)
         got = mapping.add_delta("m", x, y0.clone())
         row = 0
         for ad, q in zip(per_seq, qlens):
             for _ in range(q):
-                want = y0[row] if ad is None else y0[row] + x[row] @ ad.deltas["m"].a.T @ ad.deltas["m"].b
+                d = None if ad is None else ad.deltas["m"]
+                h = None if d is None else (x[row].float() @ d.a.float().T).to(dtype).float()
+                want = y0[row] if d is None else (y0[row].float() + h @ d.b.float()).to(dtype)
                 torch.testing.assert_close(got[row], want)
                 row += 1
 
@@ -316,3 +371,31 @@ def test_delta_on_every_linear_backend(path):
                 want = base[row].float() + (x[row].float() @ d.a.float().T) @ d.b.float()
                 torch.testing.assert_close(got[row].float(), want, rtol=2e-2, atol=2e-2)
             row += 1
+
+
+@pytest.mark.parametrize("form", ["native-avx512", "native-amx"])
+def test_native_kernel_refuses_bad_tables_and_writes_nothing(form):
+    """lms_lora_sbgemm checks every index it is given (rows, slot ranges, blocks) before writing."""
+    import dataclasses
+
+    kernel = _native_kernel(form)
+    gen = torch.Generator().manual_seed(2)
+    factors = kernel.pack_factors(torch.randn(4, 32, generator=gen).bfloat16(),
+                                  torch.randn(4, 24, generator=gen).bfloat16(), ((0, 4, 0, 24),))
+    tables = kernel.tables([factors])
+    x = torch.randn(3, 32, generator=gen).bfloat16()
+    rows, start = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 2])
+    y = torch.zeros(3, 24, dtype=torch.bfloat16)
+    kernel.add_deltas(x, y, rows, start, tables)
+    assert y[0].ne(0).any() and y[1].eq(0).all() and y[2].ne(0).any()
+    wide = tables.blocks.clone()
+    wide[4] = 25  # an expand past y's 24 columns
+    bad = [(torch.tensor([0, 3], dtype=torch.int32), start, tables),  # a row past x
+           (rows, torch.tensor([0, 3]), tables),  # a slot range past rows
+           (rows, torch.tensor([1, 2]), tables),  # not starting at 0
+           (rows, start, dataclasses.replace(tables, blocks=wide))]
+    for r, s, t in bad:
+        y = torch.zeros(3, 24, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="lms_lora_sbgemm rejected"):
+            kernel.add_deltas(x, y, r, s, t)
+        assert y.eq(0).all()

@@ -2,7 +2,13 @@
 
 A step's flat batch holds rows of up to ``max_loras`` adapters and of the base model. For a
 projection module with weight W, each row x with adapter i gets ``x @ W^T + (x @ A_i^T) @ B_i``
-(``LayerDelta``), the base rows nothing more. Two ways, chosen once per step by the builder:
+(``LayerDelta``), the base rows nothing more.
+
+Where the bf16 CPU kernel loads and the rows and factors are bf16, one native call per module does
+it (``lms_lora_sbgemm``, ``cpu_kernels/lora_gemm.py``): the rows with an adapter, grouped by adapter
+(``rows`` / ``slot_start``, once per step), each against its own adapter's factors only (packed once
+per adapter and module; the set's tables of their addresses once per set and module). Otherwise
+two torch forms, chosen once per step by the builder:
 
 * Segments (prefill-heavy steps, or every row on one adapter): the rows form runs of consecutive
   sequences with one adapter; per run ``h = x[run] @ A_i^T`` then, per shard block of ``B_i``,
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
+from lmserve.model.layers.cpu_kernels.lora_gemm import CpuLoRAGemm, NativeTables, PackedFactors, get_lora_kernel
 from lmserve.model.layers.cpu_kernels.sgemm import get_panel_kernel
 
 # A step uses the segment form when it has at most SEGMENT_MAX_RUNS runs of rows on one adapter
@@ -146,15 +153,23 @@ def _one_expand(expands: list[_Expand]) -> list[_Expand]:
 
 class _ActiveSet:
     """The weights of one set of adapters, per module on first use. Each adapter's own prepared
-    (packed) weights come from ``prepared``, shared by every set it is in."""
+    (packed) weights come from ``prepared`` / ``packed``, shared by every set it is in. ``kernel``:
+    the native kernel where it applies to every factor of the set (bf16), else None."""
 
     def __init__(self, adapters: tuple[LoRAAdapter, ...],
-                 prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]]) -> None:
+                 prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]],
+                 packed: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, PackedFactors]],
+                 kernel: CpuLoRAGemm | None) -> None:
         self.adapters = adapters  # held: the cache key is their identities
         self.key = tuple(id(a) for a in adapters)
         self.ids = frozenset(self.key)
         self._prepared = prepared
+        self._packed = packed
         self._modules: dict[str, _ModuleWeights | None] = {}
+        self._native: dict[str, NativeTables | None] = {}
+        bf16 = all(d.a.dtype == d.b.dtype == torch.bfloat16 and d.a.device.type == "cpu"
+                   for a in adapters for d in a.deltas.values())
+        self.kernel = kernel if bf16 else None
 
     def _own(self, adapter: LoRAAdapter, key: str) -> _Own | None:
         delta = adapter.deltas.get(key)
@@ -170,6 +185,23 @@ class _ActiveSet:
             own = [self._own(ad, key) for ad in self.adapters]
             self._modules[key] = None if all(o is None for o in own) else _ModuleWeights(own)
         return self._modules[key]
+
+    def _factors(self, adapter: LoRAAdapter, key: str) -> PackedFactors | None:
+        delta = adapter.deltas.get(key)
+        if delta is None or self.kernel is None:
+            return None
+        per_module = self._packed.setdefault(adapter, {})
+        if key not in per_module:
+            per_module[key] = self.kernel.pack_factors(delta.a, delta.b, delta.nonzero_blocks())
+        return per_module[key]
+
+    def native(self, key: str) -> NativeTables | None:
+        """Module ``key``'s tables for the native kernel (``kernel`` not None); None where no
+        adapter of the set has a delta there."""
+        if key not in self._native:
+            factors = [self._factors(ad, key) for ad in self.adapters]
+            self._native[key] = None if all(f is None for f in factors) else self.kernel.tables(factors)
+        return self._native[key]
 
 
 def _expand(y: torch.Tensor, h: torch.Tensor, expands: list[_Expand]) -> torch.Tensor:
@@ -205,6 +237,7 @@ class LoRAStepMapping:
         self.runs = runs
         self.segmented = segmented
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self._grouped: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def adapters(self) -> tuple[LoRAAdapter, ...]:
@@ -219,13 +252,32 @@ class LoRAStepMapping:
             self._masks[owner] = mask
         return mask
 
+    def _rows_by_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows int32: the rows with an adapter, grouped by slot in row order; slot_start int64
+        [slots + 1]: rows[slot_start[s]:slot_start[s + 1]] are slot s's), once per step."""
+        if self._grouped is None:
+            slots = self.token_slot.cpu()
+            order = torch.argsort(slots, stable=True)
+            base = int((slots < 0).sum())
+            counts = torch.bincount(slots[slots >= 0], minlength=len(self.active.adapters))
+            self._grouped = (order[base:].to(torch.int32),
+                             torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64))
+        return self._grouped
+
     def add_delta(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] (the base output for x [T, in]) plus the rows' LoRA deltas of module ``key``."""
+        if x.shape[0] != self.num_tokens:
+            raise ValueError(f"LoRA mapping is for {self.num_tokens} rows, the module got {x.shape[0]}")
+        kernel = self.active.kernel
+        if (kernel is not None and x.device.type == "cpu" and x.dtype == y.dtype == torch.bfloat16
+                and kernel.takes(x.shape[1], x.dtype) and x.stride(-1) == 1 and y.stride(-1) == 1):
+            native = self.active.native(key)
+            if native is not None:
+                kernel.add_deltas(x, y, *self._rows_by_slot(), native)
+            return y
         weights = self.active.module(key)
         if weights is None:
             return y
-        if x.shape[0] != self.num_tokens:
-            raise ValueError(f"LoRA mapping is for {self.num_tokens} rows, the module got {x.shape[0]}")
         if not self.segmented:
             a_cat, owner, expands = weights.masked()
             h = a_cat.product(x)  # shrink [T, C]
@@ -244,12 +296,16 @@ class LoRABatchBuilder:
     """Builds each step's ``LoRAStepMapping``; keeps the concatenated weights of the last
     ``max_sets`` adapter sets (a steady batch reuses its set step after step)."""
 
-    def __init__(self, max_sets: int = 4, max_union: int = 8) -> None:
+    def __init__(self, max_sets: int = 4, max_union: int = 8, native: bool | CpuLoRAGemm = True) -> None:
+        """``native``: True uses the native kernel where it loads, False the torch forms only, a
+        ``CpuLoRAGemm`` that kernel."""
         self.max_sets = max_sets
         self.max_union = max_union
+        self._kernel = native if isinstance(native, CpuLoRAGemm) else get_lora_kernel() if native else None
         self._sets: OrderedDict[tuple[int, ...], _ActiveSet] = OrderedDict()
         # per adapter (alive while any request or the cache holds it): its prepared weights per module
         self._prepared: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, _Own]] = weakref.WeakKeyDictionary()
+        self._packed: weakref.WeakKeyDictionary[LoRAAdapter, dict[str, PackedFactors]] = weakref.WeakKeyDictionary()
 
     def build(self, per_seq: list[LoRAAdapter | None], query_lens: list[int],
               device: torch.device) -> LoRAStepMapping | None:
@@ -299,7 +355,7 @@ class LoRABatchBuilder:
                 if len(union) <= self.max_union:
                     members = union
             adapters = tuple(sorted(members.values(), key=lambda a: (a.lora_id, id(a))))
-            active = _ActiveSet(adapters, self._prepared)
+            active = _ActiveSet(adapters, self._prepared, self._packed, self._kernel)
             self._sets[active.key] = active
             while len(self._sets) > self.max_sets:
                 self._sets.popitem(last=False)
@@ -309,3 +365,4 @@ class LoRABatchBuilder:
     def clear(self) -> None:
         self._sets.clear()
         self._prepared.clear()
+        self._packed.clear()

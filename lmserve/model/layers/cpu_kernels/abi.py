@@ -29,7 +29,7 @@ from types import MappingProxyType
 
 from lmserve.model.layers.cpu_kernels.build import KernelBuildError, load_library
 
-ABI_VERSION = 2  # LMS_ABI_VERSION
+ABI_VERSION = 3  # LMS_ABI_VERSION
 
 _p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -138,10 +138,18 @@ class DecodeStepArgs(AbiStruct):
                 ("seq_lens", _p), ("slots", _p), ("rows", _i32), ("num_threads", _i32)]
 
 
+class LoraArgs(AbiStruct):
+    _c_name_ = "LmsLoraArgs"
+    _fields_ = [("x", _p), ("ldx", _i64), ("y", _p), ("ldy", _i64), ("k", _i64), ("n", _i64), ("num_rows", _i64),
+                ("rows", _p), ("num_entries", _i64), ("slot_start", _p), ("shrink", _p), ("blocks", _p),
+                ("a_cat", _p), ("c_total", _i64), ("num_slots", _i32), ("num_blocks", _i32), ("amx", _i32),
+                ("num_threads", _i32)]
+
+
 # in the order of lms_abi.h's LMS_ABI_STRUCTS (a struct's index is its id there)
 STRUCTS: tuple[type[AbiStruct], ...] = (RmsNormArgs, RopeArgs, SiluMulArgs, QgemvArgs, PagedDecodeArgs,
                                         PagedChunksArgs, WriteKvArgs, GemmArgs, PackArgs, QLinear, Layer,
-                                        DecodeModel, DecodeStepArgs)
+                                        DecodeModel, DecodeStepArgs, LoraArgs)
 
 # Every entry point: name -> (restype, argtypes). An int32 result is LMS_OK (0) or a negative LMS_ERR_*.
 _I = ctypes.c_int32
@@ -168,6 +176,7 @@ SIGNATURES: Mapping[str, tuple[type | None, tuple[type, ...]]] = MappingProxyTyp
     "lms_sbgemm_amx_pack": (None, (ctypes.POINTER(PackArgs),)),
     "lms_sbgemm_amx": (_I, (ctypes.POINTER(GemmArgs),)),
     "lms_sbgemm_amx_x3": (_I, (ctypes.POINTER(GemmArgs),)),
+    "lms_lora_sbgemm": (_I, (ctypes.POINTER(LoraArgs),)),
     "lms_decode_step_available": (_I, ()),
     "lms_decode_step": (_I, (ctypes.POINTER(DecodeStepArgs),)),
 })

@@ -39,13 +39,13 @@ LINK_FLAGS = ("-shared", "-fopenmp")
 # add into an FMA the torch reference does not do (cpu_ops.c); decode_step.c keeps the same rule.
 UNIT_FLAGS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "lms_abi.c": (), "cpu_ops.c": ("-ffp-contract=off",), "paged_attention.c": (), "paged_attention_amx.c": (),
-    "sgemm.c": (), "sbgemm.c": (), "sbgemm_amx.c": (), "decode_step.c": ("-ffp-contract=off",)})
+    "sgemm.c": (), "sbgemm.c": (), "sbgemm_amx.c": (), "lora_sbgemm.c": (), "decode_step.c": ("-ffp-contract=off",)})
 # A library's units besides lms_abi.c, by its main source: the main source first, then those it calls into.
 LIBRARY_UNITS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "cpu_ops.c": ("cpu_ops.c",),
     "paged_attention.c": ("paged_attention.c", "paged_attention_amx.c"),
     "sgemm.c": ("sgemm.c",),
-    "sbgemm.c": ("sbgemm.c", "sbgemm_amx.c"),
+    "sbgemm.c": ("sbgemm.c", "sbgemm_amx.c", "lora_sbgemm.c"),
     "decode_step.c": ("decode_step.c", "cpu_ops.c", "paged_attention.c", "paged_attention_amx.c", "sbgemm.c",
                       "sbgemm_amx.c"),
 })

@@ -48,6 +48,9 @@ LMS_ABI_FIELDS_OF(LmsDecodeModel, LMS_DECODE_MODEL_FIELDS)
 #define LMS_ABI_T LmsDecodeStepArgs
 LMS_ABI_FIELDS_OF(LmsDecodeStepArgs, LMS_DECODE_STEP_ARGS)
 #undef LMS_ABI_T
+#define LMS_ABI_T LmsLoraArgs
+LMS_ABI_FIELDS_OF(LmsLoraArgs, LMS_LORA_ARGS)
+#undef LMS_ABI_T
 
 typedef struct {
   const char* name;

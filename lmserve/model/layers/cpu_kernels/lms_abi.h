@@ -28,7 +28,7 @@
 #define LMS_ABI_H
 #include <stdint.h>
 
-#define LMS_ABI_VERSION 2
+#define LMS_ABI_VERSION 3
 
 #define LMS_EXPORT __attribute__((visibility("default")))
 
@@ -198,6 +198,36 @@ enum {
   F(int64_t, k)                                                                           \
   F(int32_t, num_threads)
 
+/* lms_lora_sbgemm (bf16, lora_sbgemm.c): the LoRA deltas of one projection for the rows that have an
+ * adapter, y[t] += (x[t] @ A_s^T) @ B_s with s the adapter slot of row t, each row's expand by its own
+ * adapter's B only. rows[slot_start[s] .. slot_start[s + 1]) are the rows (of x and y) of slot s.
+ * shrink [num_slots * 2] int64, per slot (where, c_s): c_s = the rows of A_s (0: no delta in this
+ * module); where = A_s as lms_sbgemm_pack's panels of a [c_s, k] weight (amx 0), or A_s's first row
+ * in a_cat (amx 1: a_cat is lms_sbgemm_amx_pack's packing of the slots' A_s stacked, [c_total, k]).
+ * blocks [num_blocks * 6] int64, one expand each: (slot, h0, kb, y0, nb, B packed as the mode's
+ * pack of an [nb, kb] weight): y[t, y0 : y0 + nb] += h_t[h0 : h0 + kb] @ B^T where h_t = bf16(x[t] @
+ * A_s^T); h0 + kb <= c_s; kb even (amx 0) or a multiple of 32 (amx 1). Blocks of one slot write
+ * disjoint columns. Each output element is y + one fp32 sum, rounded once to bf16. */
+#define LMS_LORA_ARGS(F)                                                                  \
+  F(const void*, x)            /* [T, k] bf16, row stride ldx */                          \
+  F(int64_t, ldx)                                                                         \
+  F(void*, y)                  /* [T, n] bf16, row stride ldy, added to */                \
+  F(int64_t, ldy)                                                                         \
+  F(int64_t, k)                /* even */                                                 \
+  F(int64_t, n)                /* y's columns: every block within them */                 \
+  F(int64_t, num_rows)         /* T: every entry of rows below it */                      \
+  F(const int32_t*, rows)      /* [num_entries] */                                         \
+  F(int64_t, num_entries)                                                                 \
+  F(const int64_t*, slot_start) /* [num_slots + 1], non-decreasing from 0 to num_entries */ \
+  F(const int64_t*, shrink)                                                               \
+  F(const int64_t*, blocks)                                                               \
+  F(const void*, a_cat)        /* amx 1 only */                                           \
+  F(int64_t, c_total)          /* amx 1: a_cat's rows, a multiple of 32 */                \
+  F(int32_t, num_slots)                                                                   \
+  F(int32_t, num_blocks)                                                                  \
+  F(int32_t, amx)              /* 1: AMX tiles (lms_sbgemm_amx_info() granted them) */    \
+  F(int32_t, num_threads)
+
 /* A linear layer of the decode step: quantized (qw, d, m as lms_qgemv's) or bf16 panels (qw NULL). */
 #define LMS_QLINEAR_FIELDS(F)                                                             \
   F(const uint8_t*, qw)                                                                   \
@@ -286,6 +316,7 @@ LMS_DEFINE_STRUCT(LmsPagedChunksArgs, LMS_PAGED_CHUNKS_ARGS)
 LMS_DEFINE_STRUCT(LmsWriteKvArgs, LMS_WRITE_KV_ARGS)
 LMS_DEFINE_STRUCT(LmsGemmArgs, LMS_GEMM_ARGS)
 LMS_DEFINE_STRUCT(LmsPackArgs, LMS_PACK_ARGS)
+LMS_DEFINE_STRUCT(LmsLoraArgs, LMS_LORA_ARGS)
 LMS_DEFINE_STRUCT(LmsQLinear, LMS_QLINEAR_FIELDS)
 LMS_DEFINE_STRUCT(LmsLayer, LMS_LAYER_FIELDS)
 LMS_DEFINE_STRUCT(LmsDecodeModel, LMS_DECODE_MODEL_FIELDS)
@@ -305,7 +336,8 @@ LMS_DEFINE_STRUCT(LmsDecodeStepArgs, LMS_DECODE_STEP_ARGS)
   X(LmsQLinear, LMS_QLINEAR_FIELDS)           \
   X(LmsLayer, LMS_LAYER_FIELDS)               \
   X(LmsDecodeModel, LMS_DECODE_MODEL_FIELDS)  \
-  X(LmsDecodeStepArgs, LMS_DECODE_STEP_ARGS)
+  X(LmsDecodeStepArgs, LMS_DECODE_STEP_ARGS) \
+  X(LmsLoraArgs, LMS_LORA_ARGS)
 
 /* One field of the layout table. */
 typedef struct {
@@ -351,6 +383,9 @@ LMS_EXPORT void lms_sbgemm_amx_pack(const LmsPackArgs* a);
 LMS_EXPORT int32_t lms_sbgemm_amx(const LmsGemmArgs* a);
 /* fp32 x, bias, out on the AMX layout of [hi(W) | lo(W) | hi(W)] (k = K of x): bf16x3, sbgemm_amx.c */
 LMS_EXPORT int32_t lms_sbgemm_amx_x3(const LmsGemmArgs* a);
+
+/* lora_sbgemm.c (in the sbgemm library): LMS_ERR_ARGS on bad arguments, LMS_ERR_NOMEM */
+LMS_EXPORT int32_t lms_lora_sbgemm(const LmsLoraArgs* a);
 
 /* decode_step.c */
 LMS_EXPORT int32_t lms_decode_step_available(void);

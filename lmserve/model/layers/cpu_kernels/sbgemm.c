@@ -60,11 +60,12 @@ SbRange *sb_ranges(int threads) {
 
 #include "lms_simd.h"
 
-/* R rows (1..6, a compile-time constant after inlining) of x times one panel; ncols of its 64
- * columns are stored. pf_lines cache lines from prefetch (a share of the next panel) are pulled
- * toward L2 meanwhile, one per k-pair step. */
-LMS_INLINE void sb_tile(const int R, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K2, uint16_t *c,
-                        int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
+/* R rows (1..6, a compile-time constant after inlining) of x, row r at a[r], times one panel; ncols
+ * of its 64 columns are stored at c[r] (add: added to the bf16 values there, in fp32, rounded once).
+ * pf_lines cache lines from prefetch (a share of the next panel) are pulled toward L2 meanwhile, one
+ * per k-pair step. */
+LMS_INLINE void sb_tile(const int R, const uint16_t *const *a, const uint16_t *bp, int64_t K2, uint16_t *const *c,
+                        int add, int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
   __m512 acc[SB_MR][4];
 #pragma GCC unroll 6
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
@@ -76,7 +77,7 @@ LMS_INLINE void sb_tile(const int R, const uint16_t *a, int64_t lda, const uint1
 #pragma GCC unroll 6
     for (int r = 0; r < R; r++) {
       int32_t pair;
-      memcpy(&pair, a + r * lda + 2 * kp, 4);
+      memcpy(&pair, a[r] + 2 * kp, 4);
       const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
@@ -90,20 +91,32 @@ LMS_INLINE void sb_tile(const int R, const uint16_t *a, int64_t lda, const uint1
   for (int r = 0; r < R; r++)
     for (int v = 0; v < 4; v++) {
       const __mmask16 m = mask16(ncols - 16 * v);
-      if (m) _mm256_mask_storeu_epi16(c + r * ldc + 16 * v, m, f32x16_to_bf16(_mm512_add_ps(acc[r][v], bv[v])));
+      if (!m) continue;
+      __m512 out = _mm512_add_ps(acc[r][v], bv[v]);
+      if (add) out = _mm512_add_ps(ld16(c[r] + 16 * v, m, DT_BF16), out);
+      _mm256_mask_storeu_epi16(c[r] + 16 * v, m, f32x16_to_bf16(out));
     }
 }
 
+void sb_panel_rows(int mr, const uint16_t *const *a, const uint16_t *bp, int64_t K2, uint16_t *const *c, int add,
+                   int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
+  switch (mr) {
+    case 6: sb_tile(6, a, bp, K2, c, add, ncols, bias, prefetch, pf_lines); break;
+    case 5: sb_tile(5, a, bp, K2, c, add, ncols, bias, prefetch, pf_lines); break;
+    case 4: sb_tile(4, a, bp, K2, c, add, ncols, bias, prefetch, pf_lines); break;
+    case 3: sb_tile(3, a, bp, K2, c, add, ncols, bias, prefetch, pf_lines); break;
+    case 2: sb_tile(2, a, bp, K2, c, add, ncols, bias, prefetch, pf_lines); break;
+    default: sb_tile(1, a, bp, K2, c, add, ncols, bias, prefetch, pf_lines); break;
+  }
+}
+
+/* mr consecutive rows of x (row stride lda) times one panel into mr consecutive rows of c (stride ldc). */
 static void sb_rows_times_panel(int mr, const uint16_t *a, int64_t lda, const uint16_t *bp, int64_t K2, uint16_t *c,
                                 int64_t ldc, int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines) {
-  switch (mr) {
-    case 6: sb_tile(6, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
-    case 5: sb_tile(5, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
-    case 4: sb_tile(4, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
-    case 3: sb_tile(3, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
-    case 2: sb_tile(2, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
-    default: sb_tile(1, a, lda, bp, K2, c, ldc, ncols, bias, prefetch, pf_lines); break;
-  }
+  const uint16_t *ar[SB_MR];
+  uint16_t *cr[SB_MR];
+  for (int r = 0; r < mr; r++) ar[r] = a + r * lda, cr[r] = c + r * ldc;
+  sb_panel_rows(mr, ar, bp, K2, cr, 0, ncols, bias, prefetch, pf_lines);
 }
 
 /* The work of a call: (panel, row group) items; rows are cut into groups only when there are fewer

@@ -10,6 +10,8 @@
 #define SB_MR 6      /* rows per tile: 6 x 4 = 24 accumulators of the 32 zmm registers */
 #define AMX_MR 16    /* rows per tile of the AMX micro-kernel (sbgemm_amx.c) */
 #define AMX_KSTEP 32 /* its K-elements per tile step (64 bytes of bf16); other K run the AVX-512 kernel */
+#define AMX_NB 32    /* its output columns per block: two 16-column tiles */
+#define AMX_GROUP 32 /* its rows per group: two tiles of up to AMX_MR */
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define LMS_SBGEMM 1 /* the AVX-512 BF16 micro-kernel is built */
@@ -44,6 +46,13 @@ void sb_pack(const uint16_t *w, uint16_t *packed, int64_t N, int64_t K, int num_
 SbRange *sb_ranges(int threads);
 
 #if LMS_SBGEMM
+/* mr (1..SB_MR) rows of x, row r at a[r], times one panel (lms_sbgemm_pack's layout, K2 = K / 2 pairs,
+ * bp its first pair) into ncols (1..SB_NR) columns at c[r]: stored, or with add set, added in fp32 to
+ * the bf16 values there and rounded once; + bias [ncols] when not NULL. prefetch / pf_lines: cache
+ * lines to pull toward L2 meanwhile (NULL / 0: none). The micro-kernel of every bf16 GEMM here. */
+void sb_panel_rows(int mr, const uint16_t *const *a, const uint16_t *bp, int64_t K2, uint16_t *const *c, int add,
+                   int ncols, const uint16_t *bias, const char *prefetch, int64_t pf_lines);
+
 /* Thread tid's share (of nth) of out [M, N] (row stride ldo) = x [M, K] (row stride lda) W^T + bias;
  * every thread of the region calls it with the same arguments. amx: the weight is
  * lms_sbgemm_amx_pack's (tile layout where K % AMX_KSTEP == 0). The split never changes a result. */
@@ -60,6 +69,14 @@ int sbgemm_run(const uint16_t *x, int64_t lda, const uint16_t *packed, const uin
 /* sbgemm_share's AMX path (K % AMX_KSTEP == 0, the tile layout). */
 void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uint16_t *bias, uint16_t *out,
                int64_t ldo, int64_t M, int64_t N, int64_t K, int tid, int nth, SbThread *st);
+
+/* acc [AMX_GROUP x AMX_NB] fp32 (rows r0 + r1 written; r0 <= AMX_MR, r1 <= AMX_MR, r1 > 0 only with
+ * r0 == AMX_MR) = those rows of x (row stride lda; rows r0.. from x + AMX_MR lda) times one 32-column
+ * block bp of the tile layout over K (K % AMX_KSTEP == 0). *configured: the thread's tile shape, as
+ * SbThread.amx_tiles (the caller releases the tiles at the end of its region). pf / pf_lines: cache
+ * lines to pull toward L2 meanwhile (NULL / 0: none). */
+void amx_block_acc(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
+                   float *acc, const char *pf, int64_t pf_lines);
 #endif
 
 #endif

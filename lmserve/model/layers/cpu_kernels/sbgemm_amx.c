@@ -32,8 +32,6 @@
 #include "lms_dtypes.h"
 #include "sbgemm.h"
 
-#define AMX_NB 32    /* output columns per block: two 16-column tiles */
-#define AMX_GROUP 32 /* rows per group: two tiles of up to 16 */
 
 /* w [N, K] bf16 -> the tile layout above where K % 32 == 0, else lms_sbgemm_pack's */
 void lms_sbgemm_amx_pack(const LmsPackArgs *a) {
@@ -94,16 +92,15 @@ int32_t lms_sbgemm_amx_info(void) {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
 }
 
-/* r0 + r1 rows of x (r1 rows from x + 16 lda) times block bp; ncols of its 32 columns stored to c.
- * *configured is the thread's tile shape (r0 * 64 + r1; 0: none). pf_lines cache lines from pf are
- * pulled toward L2, spread over the K-steps. */
-static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
-                      void *c, int64_t ldc, int ncols, const void *bias, int out_dt, const char *pf, int64_t pf_lines) {
+/* acc [32 x 32] fp32 (row stride AMX_NB; rows r0 + r1 of it written) = r0 + r1 rows of x (r1 rows from
+ * x + 16 lda) times block bp of K (K % AMX_KSTEP == 0). *configured is the thread's tile shape (r0 * 64
+ * + r1; 0: none). pf_lines cache lines from pf are pulled toward L2, spread over the K-steps. */
+void amx_block_acc(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
+                   float *acc, const char *pf, int64_t pf_lines) {
   if (*configured != r0 * 64 + r1) {
     amx_configure(r0, r1);
     *configured = r0 * 64 + r1;
   }
-  float acc[AMX_GROUP * AMX_NB] __attribute__((aligned(64)));
   const int64_t steps = K / AMX_KSTEP, pf_per_step = (pf_lines + steps - 1) / steps;
   const int64_t a_stride = lda * 2;
   const uint16_t *x1 = x + AMX_MR * lda;
@@ -134,6 +131,13 @@ static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_
     _tile_stored(2, acc + AMX_MR * AMX_NB, AMX_NB * 4);
     _tile_stored(3, acc + AMX_MR * AMX_NB + 16, AMX_NB * 4);
   }
+}
+
+/* r0 + r1 rows of x (r1 rows from x + 16 lda) times block bp; ncols of its 32 columns stored to c. */
+static void amx_block(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
+                      void *c, int64_t ldc, int ncols, const void *bias, int out_dt, const char *pf, int64_t pf_lines) {
+  float acc[AMX_GROUP * AMX_NB] __attribute__((aligned(64)));
+  amx_block_acc(configured, r0, r1, x, lda, bp, K, acc, pf, pf_lines);
   __m512 bv[2];
   const int64_t esz = out_dt == DT_F32 ? 4 : 2; /* the bias has the output's dtype */
   for (int v = 0; v < 2; v++)
