@@ -29,7 +29,8 @@ from lmserve.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, 
 from lmserve.entrypoints.anthropic.serving import anthropic_error
 from lmserve.entrypoints.openai.responses.protocol import ResponsesRequest
 from lmserve.entrypoints.openai.serving_batch_chat import split_batch
-from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, check_request_id
+from lmserve.entrypoints.openai.protocol_common import check_request_id
+from lmserve.entrypoints.openai.protocol_completions import ChatCompletionRequest
 from lmserve.errors import InvalidRequestError, LMServeError
 
 logger = logging.getLogger("lmserve.server")

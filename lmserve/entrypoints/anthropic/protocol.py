@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, find_lone_surrogate
+from lmserve.entrypoints.openai.protocol_common import find_lone_surrogate
+from lmserve.entrypoints.openai.protocol_completions import ChatCompletionRequest
 from lmserve.errors import InvalidRequestError
 
 ANTHROPIC_EFFORTS = ("low", "medium", "high", "xhigh", "max")

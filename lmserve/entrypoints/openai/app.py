@@ -29,12 +29,14 @@ from lmserve.entrypoints.api_routes import add_api_routes
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
 from lmserve.entrypoints.openai.limits import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_COUNT,
                                                RequestLimitsMiddleware)
-from lmserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                                 TokenizeChatRequest, TokenizeCompletionRequest, check_request_id)
+from lmserve.entrypoints.openai.protocol_common import check_request_id
+from lmserve.entrypoints.openai.protocol_completions import ChatCompletionRequest, CompletionRequest
 from lmserve.entrypoints.openai.protocol_pooling import (ClassificationChatRequest,
                                                          ClassificationCompletionRequest, EmbeddingChatRequest,
                                                          EmbeddingCompletionRequest, PoolingChatRequest,
                                                          PoolingCompletionRequest, RerankRequest, ScoreRequest)
+from lmserve.entrypoints.openai.protocol_tokenization import (DetokenizeRequest, TokenizeChatRequest,
+                                                              TokenizeCompletionRequest)
 from lmserve.entrypoints.anthropic.serving import AnthropicServingMessages
 from lmserve.entrypoints.openai.responses.serving import OpenAIServingResponses
 from lmserve.entrypoints.openai.responses.store import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, ResponseStore

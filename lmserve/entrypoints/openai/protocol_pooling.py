@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmserve.entrypoints.openai.protocol import (INT64_MAX, INT64_MIN, PROMPT_SCHEMA, ChatMessageParam,
-                                                 OpenAIBaseModel, check_request_id, now, random_uuid)
+from lmserve.entrypoints.openai.protocol_common import (INT64_MAX, INT64_MIN, PROMPT_SCHEMA, ChatMessageParam,
+                                                        OpenAIBaseModel, check_request_id, now, random_uuid)
 from lmserve.entrypoints.openai.protocol_responses import ResponseModel, UsageInfo
 from lmserve.errors import InvalidRequestError
 from lmserve.pooling_params import POOLING_TASKS, PoolingParams

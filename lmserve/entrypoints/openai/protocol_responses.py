@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, model_serializer
 
-from lmserve.entrypoints.openai.protocol import random_uuid
+from lmserve.entrypoints.openai.protocol_common import random_uuid
 
 
 def _is_none(value: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from lmserve.entrypoints.openai.protocol import ChatCompletionRequest
+from lmserve.entrypoints.openai.protocol_completions import ChatCompletionRequest
 from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionResponse, ChatCompletionResponseChoice,
                                                           UsageInfo)
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat

@@ -20,7 +20,8 @@ from starlette.requests import Request
 from lmserve.chat_template import TemplateLimitError, apply_chat_template, special_tokens_of
 from lmserve.entrypoints.chat_template_sandbox import TemplateSandbox
 from lmserve.entrypoints.openai.chat_output import ChoiceParser, merge_deltas, tool_choice_schema, tool_mode
-from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessageParam
+from lmserve.entrypoints.openai.protocol_common import ChatMessageParam
+from lmserve.entrypoints.openai.protocol_completions import ChatCompletionRequest
 from lmserve.entrypoints.openai.protocol_responses import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                           ChatCompletionLogProbsContent, ChatCompletionResponse,
                                                           ChatCompletionResponseChoice,

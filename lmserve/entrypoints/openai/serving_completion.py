@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from lmserve.entrypoints.openai.protocol import CompletionRequest
+from lmserve.entrypoints.openai.protocol_completions import CompletionRequest
 from lmserve.entrypoints.openai.protocol_responses import (CompletionLogProbs, CompletionResponse,
                                                           CompletionResponseChoice,
                                                           CompletionResponseStreamChoice,

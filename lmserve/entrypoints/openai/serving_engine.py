@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from lmserve.entrypoints.openai.output_logging import OutputLogger, clip
-from lmserve.entrypoints.openai.protocol import SamplingRequest
 from lmserve.entrypoints.openai.protocol_responses import (CompletionTokensDetails, ErrorInfo, ErrorResponse,
                                                           LogprobEntry, PromptTokensDetails, UsageInfo)
+from lmserve.entrypoints.openai.protocol_sampling import SamplingRequest
 from lmserve.errors import InvalidRequestError, LMServeError, NotFoundError
 from lmserve.lora.request import LoRARequest
 from lmserve.metrics import EngineMetrics

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmserve.entrypoints.openai.protocol import (DetokenizeRequest, TokenizeChatRequest,
-                                                 TokenizeCompletionRequest)
 from lmserve.entrypoints.openai.protocol_responses import DetokenizeResponse, TokenizeResponse
+from lmserve.entrypoints.openai.protocol_tokenization import (DetokenizeRequest, TokenizeChatRequest,
+                                                              TokenizeCompletionRequest)
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.errors import InvalidRequestError
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import Field
 
-from lmserve.entrypoints.openai.protocol import (INT64_MAX, INT64_MIN, REASONING_EFFORTS, ChatCompletionRequest,
-                                                 OpenAIBaseModel, random_uuid)
+from lmserve.entrypoints.openai.protocol_common import INT64_MAX, INT64_MIN, OpenAIBaseModel, random_uuid
+from lmserve.entrypoints.openai.protocol_completions import REASONING_EFFORTS, ChatCompletionRequest
 from lmserve.errors import InvalidRequestError
 
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
