@@ -206,8 +206,9 @@ enum {
  * in a_cat (amx 1: a_cat is lms_sbgemm_amx_pack's packing of the slots' A_s stacked, [c_total, k]).
  * blocks [num_blocks * 6] int64, one expand each: (slot, h0, kb, y0, nb, B packed as the mode's
  * pack of an [nb, kb] weight): y[t, y0 : y0 + nb] += h_t[h0 : h0 + kb] @ B^T where h_t = bf16(x[t] @
- * A_s^T); h0 + kb <= c_s; kb even (amx 0) or a multiple of 32 (amx 1). Blocks of one slot write
- * disjoint columns. Each output element is y + one fp32 sum, rounded once to bf16. */
+ * A_s^T), extended with zeros to a multiple of 32 columns in amx 1; h0 + kb <= c_s (amx 0: kb even)
+ * or c_s rounded up to 32 (amx 1: kb a multiple of 32). Blocks of one slot write disjoint columns.
+ * Each output element is y + one fp32 sum, rounded once to bf16. */
 #define LMS_LORA_ARGS(F)                                                                  \
   F(const void*, x)            /* [T, k] bf16, row stride ldx */                          \
   F(int64_t, ldx)                                                                         \
@@ -222,7 +223,7 @@ enum {
   F(const int64_t*, shrink)                                                               \
   F(const int64_t*, blocks)                                                               \
   F(const void*, a_cat)        /* amx 1 only */                                           \
-  F(int64_t, c_total)          /* amx 1: a_cat's rows, a multiple of 32 */                \
+  F(int64_t, c_total)          /* amx 1: a_cat's rows */                                  \
   F(int32_t, num_slots)                                                                   \
   F(int32_t, num_blocks)                                                                  \
   F(int32_t, amx)              /* 1: AMX tiles (lms_sbgemm_amx_info() granted them) */    \

@@ -63,14 +63,13 @@ class CpuLoRAGemm:
                      blocks: tuple[tuple[int, int, int, int], ...]) -> PackedFactors:
         """a [C, in], b [C, out] (B^T, scaled, zero outside ``blocks``: (row0, row1, col0, col1)).
         AVX-512: one expand per block, a block of odd height padded with a zero row in both factors.
-        AMX: one expand over the blocks' column span (b's zeros included) with C padded to a multiple
-        of 32. Padding adds exact zeros."""
+        AMX: one expand over the blocks' column span (b's zeros included), its inner size C padded to
+        a multiple of 32 (the kernel pads h with zeros to match). Padding adds exact zeros."""
         if self._amx is not None:
             y0, y1 = min(c0 for _, _, c0, _ in blocks), max(c1 for _, _, _, c1 in blocks)
-            a_pad, b_pad = _pad_rows(a, AMX_K), _pad_rows(b[:, y0:y1], AMX_K)
-            c = a_pad.shape[0]
-            return PackedFactors(a_pad.to(torch.bfloat16).contiguous(), c,
-                                 ((0, c, y0, y1 - y0, self._amx.pack(b_pad.t())),))
+            b_pad = _pad_rows(b[:, y0:y1], AMX_K)
+            return PackedFactors(a.to(torch.bfloat16).contiguous(), a.shape[0],
+                                 ((0, b_pad.shape[0], y0, y1 - y0, self._amx.pack(b_pad.t())),))
         a_rows, packed = [], []
         h0 = 0
         for r0, r1, c0, c1 in blocks:

@@ -16,8 +16,9 @@
  * cheaper than per-slot calls of a few rows); a barrier; each row's own columns gathered by slot
  * into [R, c_max]; a barrier; the expands on tiles (amx_block_acc: rows of one slot, 32 columns of a
  * block), each result added into y's rows.
- * Either way each output element is y plus one fixed-order fp32 sum, rounded once, whatever the
- * thread count or the other rows (batch invariant within a mode).
+ * Either way each output element is y plus one fixed-order fp32 sum, rounded once to nearest even
+ * (the AMX mode flushes bf16 denormals to zero), whatever the thread count or the other rows (batch
+ * invariant within a mode).
  */
 #include <omp.h>
 #include <stdint.h>
@@ -41,21 +42,36 @@ typedef struct {
   int32_t mr;
 } LoraItem;
 
-/* Items of n rows from r0 in near-equal tiles of at most `tile` rows, for np panels; returns the count
- * (items NULL: count only). */
+/* Items of n rows from r0 in near-equal tiles of at most `tile` rows, for np panels, a tile's panels
+ * consecutive (its rows' output lines then stream in address order); returns the count (items NULL:
+ * count only). */
 static int64_t add_items(LoraItem *items, int64_t at, int32_t which, int64_t np, int64_t r0, int64_t n, int tile) {
   const int64_t ntiles = (n + tile - 1) / tile;
-  int64_t count = 0;
-  for (int64_t p = 0; p < np; p++) {
-    int64_t m = 0;
-    for (int64_t t = 0; t < ntiles; t++) {
-      const int64_t mr = (n - m + (ntiles - t) - 1) / (ntiles - t);
+  int64_t count = 0, m = 0;
+  for (int64_t t = 0; t < ntiles; t++) {
+    const int64_t mr = (n - m + (ntiles - t) - 1) / (ntiles - t);
+    for (int64_t p = 0; p < np; p++) {
       if (items) items[at + count] = (LoraItem){which, (int32_t)p, r0 + m, (int32_t)mr};
       count++;
-      m += mr;
     }
+    m += mr;
   }
   return count;
+}
+
+/* Items [*i0, *i1) of [first, end) for thread tid of nth: ranges of near-equal cost, an item costing
+ * `fixed` plus its rows (a step's rows are uneven over slots: a prompt chunk's slot has tens, the
+ * others a row or two; a split by count would leave one thread most of the work). */
+static void share_of(const LoraItem *items, int64_t first, int64_t end, int64_t fixed, int64_t tid, int64_t nth,
+                     int64_t *i0, int64_t *i1) {
+  int64_t total = 0;
+  for (int64_t i = first; i < end; i++) total += fixed + items[i].mr;
+  const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+  int64_t acc = 0, i = first;
+  while (i < end && acc + (fixed + items[i].mr) / 2 < lo) acc += fixed + items[i++].mr;
+  *i0 = i;
+  while (i < end && acc + (fixed + items[i].mr) / 2 < hi) acc += fixed + items[i++].mr;
+  *i1 = tid == nth - 1 ? end : i;
 }
 
 /* The item list: shrinks (amx 0 only) then expands; their counts. */
@@ -75,19 +91,22 @@ static void list_items(const LmsLoraArgs *a, LoraItem *items, int64_t *n_shrink,
   *n_expand = at - *n_shrink;
 }
 
+/* The columns of a slot's h: its c_s (amx 0), or c_s rounded up to the tile step with zeros (amx 1). */
+static int64_t h_cols(const LmsLoraArgs *a, int64_t c) { return a->amx ? (c + AMX_KSTEP - 1) / AMX_KSTEP * AMX_KSTEP : c; }
+
 static int bad_args(const LmsLoraArgs *a, int64_t *c_max) {
   if (!a->x || !a->y || !a->slot_start || !a->shrink || (a->num_blocks && !a->blocks)) return 1;
   if (a->k < 2 || a->k % 2 || a->ldx < a->k || a->n < 1 || a->ldy < a->n || a->num_slots < 0 || a->num_blocks < 0)
     return 1;
-  if (a->amx && (!LMS_SBGEMM_AMX || !a->a_cat || a->c_total < AMX_KSTEP || a->c_total % AMX_KSTEP)) return 1;
+  if (a->amx && (!LMS_SBGEMM_AMX || !a->a_cat || a->c_total < 1)) return 1;
   if (a->slot_start[0] != 0) return 1;
   const int64_t align = a->amx ? AMX_KSTEP : 2;
   *c_max = 0;
   for (int32_t s = 0; s < a->num_slots; s++) {
     const int64_t where = a->shrink[2 * s], c = a->shrink[2 * s + 1];
-    if (a->slot_start[s + 1] < a->slot_start[s] || c < 0 || c % 2) return 1;
+    if (a->slot_start[s + 1] < a->slot_start[s] || c < 0 || (!a->amx && c % 2)) return 1;
     if (c && (a->amx ? where < 0 || where + c > a->c_total : !where)) return 1;
-    if (c > *c_max) *c_max = c;
+    if (h_cols(a, c) > *c_max) *c_max = h_cols(a, c);
   }
   const int64_t R = a->slot_start[a->num_slots];
   if (R != a->num_entries || (R > 0 && !a->rows)) return 1;
@@ -97,7 +116,8 @@ static int bad_args(const LmsLoraArgs *a, int64_t *c_max) {
     const int64_t *blk = a->blocks + 6 * b;
     const int64_t s = blk[0], h0 = blk[1], kb = blk[2], y0 = blk[3], nb = blk[4];
     if (s < 0 || s >= a->num_slots || !a->shrink[2 * s + 1] || !blk[5]) return 1;
-    if (h0 < 0 || kb < align || kb % align || h0 + kb > a->shrink[2 * s + 1] || y0 < 0 || nb < 1 || y0 + nb > a->n)
+    if (h0 < 0 || kb < align || kb % align || h0 + kb > h_cols(a, a->shrink[2 * s + 1]) || y0 < 0 || nb < 1 ||
+        y0 + nb > a->n)
       return 1;
   }
   return 0;
@@ -138,7 +158,8 @@ static void run_items(const LmsLoraArgs *a, const LoraItem *items, int64_t n_shr
 }
 
 #if LMS_SBGEMM_AMX
-/* amx 1, phase 2: hs[i, 0:c_s] = h_all[rows[i], where_s : where_s + c_s] for i in [i0, i1). */
+/* amx 1, phase 2: hs[i, 0:c_s] = h_all[rows[i], where_s : where_s + c_s] for i in [i0, i1), zeros
+ * after it up to the tile step. */
 static void gather_own_columns(const LmsLoraArgs *a, const uint16_t *h_all, uint16_t *hs, int64_t c_max, int64_t i0,
                                int64_t i1) {
   int32_t s = 0;
@@ -146,6 +167,7 @@ static void gather_own_columns(const LmsLoraArgs *a, const uint16_t *h_all, uint
     while (a->slot_start[s + 1] <= i) s++;
     const int64_t c = a->shrink[2 * s + 1];
     memcpy(hs + i * c_max, h_all + (int64_t)a->rows[i] * a->c_total + a->shrink[2 * s], (size_t)c * 2);
+    memset(hs + i * c_max + c, 0, (size_t)(h_cols(a, c) - c) * 2);
   }
 }
 
@@ -166,10 +188,10 @@ static void run_amx_expands(const LmsLoraArgs *a, const LoraItem *items, int64_t
     const int ncols = (int)(left < AMX_NB ? left : AMX_NB);
     for (int r = 0; r < it.mr; r++) {
       uint16_t *yr = y + (int64_t)a->rows[it.r0 + r] * a->ldy + y0 + (int64_t)it.panel * AMX_NB;
-      for (int v = 0; v < 2; v++) {
+      for (int v = 0; v < 2; v++) { /* VCVTNEPS2BF16: round to nearest even, denormals flushed to zero */
         const __mmask16 m = mask16(ncols - 16 * v);
-        if (m) st16(yr + 16 * v, _mm512_add_ps(ld16(yr + 16 * v, m, DT_BF16), _mm512_load_ps(acc + r * AMX_NB + 16 * v)),
-                    m, DT_BF16);
+        const __m512 sum = _mm512_add_ps(ld16(yr + 16 * v, m, DT_BF16), _mm512_load_ps(acc + r * AMX_NB + 16 * v));
+        if (m) _mm256_mask_storeu_epi16(yr + 16 * v, m, (__m256i)_mm512_cvtneps_pbh(sum));
       }
     }
   }
@@ -197,10 +219,13 @@ int32_t lms_lora_sbgemm(const LmsLoraArgs *a) {
 #pragma omp parallel num_threads(threads)
   {
     const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t i0, i1;
     if (!a->amx) {
-      run_items(a, items, n_shrink, n_shrink * tid / nth, n_shrink * (tid + 1) / nth, h, c_max);
+      share_of(items, 0, n_shrink, 2, tid, nth, &i0, &i1);
+      run_items(a, items, n_shrink, i0, i1, h, c_max);
 #pragma omp barrier
-      run_items(a, items, n_shrink, n_shrink + n_expand * tid / nth, n_shrink + n_expand * (tid + 1) / nth, h, c_max);
+      share_of(items, n_shrink, n_shrink + n_expand, 2, tid, nth, &i0, &i1);
+      run_items(a, items, n_shrink, i0, i1, h, c_max);
     }
 #if LMS_SBGEMM_AMX
     else {
@@ -210,7 +235,8 @@ int32_t lms_lora_sbgemm(const LmsLoraArgs *a) {
 #pragma omp barrier
       gather_own_columns(a, h_all, h, c_max, R * tid / nth, R * (tid + 1) / nth);
 #pragma omp barrier
-      run_amx_expands(a, items, n_expand * tid / nth, n_expand * (tid + 1) / nth, h, c_max, &st.amx_tiles);
+      share_of(items, 0, n_expand, 8, tid, nth, &i0, &i1);
+      run_amx_expands(a, items, i0, i1, h, c_max, &st.amx_tiles);
       if (st.amx_tiles) _tile_release();
     }
 #endif
