@@ -240,8 +240,10 @@ def test_batched_delta_equals_per_row_reference(monkeypatch, form):
     adapters = [LoRAAdapter(i + 1, f"a{i}", "", r, {"m": LayerDelta(randn(r, 32), randn(r, 24)), "qkv": merged(ranks)})
                 for i, (r, ranks) in enumerate(((4, (4, 4, 4)), (8, (8, 0, 8)), (3, (0, 3, 0))))]
     adapters.append(LoRAAdapter(9, "other", "", 4, {}))  # targets no module here
-    per_seq = [adapters[1], None, adapters[0], adapters[3], adapters[2], adapters[1], adapters[1]]
-    qlens = [1, 3, 2, 1, 4, 2, 1]
+    adapters.append(LoRAAdapter(10, "wide", "", 34, {"m": LayerDelta(randn(34, 32), randn(34, 24)),  # rank > 32
+                                                      "qkv": merged((34, 2, 0))}))
+    per_seq = [adapters[1], None, adapters[0], adapters[3], adapters[2], adapters[1], adapters[4], adapters[1]]
+    qlens = [1, 3, 2, 1, 4, 2, 3, 1]
     mapping = LoRABatchBuilder(native=kernel or False).build(per_seq, qlens, torch.device("cpu"))
     assert mapping.segmented == (form == "segments")
     assert mapping.active.kernel is kernel

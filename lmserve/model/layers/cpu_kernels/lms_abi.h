@@ -207,7 +207,8 @@ enum {
  * blocks [num_blocks * 6] int64, one expand each: (slot, h0, kb, y0, nb, B packed as the mode's
  * pack of an [nb, kb] weight): y[t, y0 : y0 + nb] += h_t[h0 : h0 + kb] @ B^T where h_t = bf16(x[t] @
  * A_s^T), extended with zeros to a multiple of 32 columns in amx 1; h0 + kb <= c_s (amx 0: kb even)
- * or c_s rounded up to 32 (amx 1: kb a multiple of 32). Blocks of one slot write disjoint columns.
+ * or c_s rounded up to 32 (amx 1: kb even and below 32, or a multiple of 32; B in the tile layout
+ * of K = kb, sbgemm.h amx_block_acc_short for kb < 32). Blocks of one slot write disjoint columns.
  * Each output element is y + one fp32 sum, rounded once to bf16. */
 #define LMS_LORA_ARGS(F)                                                                  \
   F(const void*, x)            /* [T, k] bf16, row stride ldx */                          \

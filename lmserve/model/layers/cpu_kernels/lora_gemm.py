@@ -46,6 +46,14 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(extra, t.shape[1])]) if extra else t
 
 
+def _tiles_short_k(w: torch.Tensor) -> torch.Tensor:
+    """w [N, kb] (kb even, at most 32) in the AMX tile layout of K = kb: per 32-column block, two
+    tiles [kb / 2, 16, 2] (sbgemm.h, amx_block_acc_short; for kb = 32 lms_sbgemm_amx_pack's)."""
+    n, kb = w.shape
+    w = torch.cat([w, w.new_zeros(-n % AMX_K, kb)]) if n % AMX_K else w
+    return w.reshape(-1, 2, 16, kb // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
+
+
 class CpuLoRAGemm:
     """The loaded kernel: ``pack_factors`` once per adapter and module, ``tables`` once per set of
     adapters and module, ``add_deltas`` per step and module."""
@@ -62,14 +70,20 @@ class CpuLoRAGemm:
     def pack_factors(self, a: torch.Tensor, b: torch.Tensor,
                      blocks: tuple[tuple[int, int, int, int], ...]) -> PackedFactors:
         """a [C, in], b [C, out] (B^T, scaled, zero outside ``blocks``: (row0, row1, col0, col1)).
-        AVX-512: one expand per block, a block of odd height padded with a zero row in both factors.
-        AMX: one expand over the blocks' column span (b's zeros included), its inner size C padded to
-        a multiple of 32 (the kernel pads h with zeros to match). Padding adds exact zeros."""
+        One expand per block, of its own rows and columns only, a block of odd height padded with a
+        zero row of B (and, AVX-512, of A). AMX: a block of more than 32 rows is padded to a
+        multiple of 32; with any such block, one expand over the blocks' column span instead (b's
+        zeros included), C padded to a multiple of 32 (the kernel pads h with zeros to match).
+        Padding adds exact zeros."""
         if self._amx is not None:
-            y0, y1 = min(c0 for _, _, c0, _ in blocks), max(c1 for _, _, _, c1 in blocks)
-            b_pad = _pad_rows(b[:, y0:y1], AMX_K)
-            return PackedFactors(a.to(torch.bfloat16).contiguous(), a.shape[0],
-                                 ((0, b_pad.shape[0], y0, y1 - y0, self._amx.pack(b_pad.t())),))
+            a16 = a.to(torch.bfloat16).contiguous()
+            if any(r1 - r0 > AMX_K for r0, r1, _, _ in blocks):
+                y0, y1 = min(c0 for _, _, c0, _ in blocks), max(c1 for _, _, _, c1 in blocks)
+                b_pad = _pad_rows(b[:, y0:y1], AMX_K)
+                return PackedFactors(a16, a.shape[0], ((0, b_pad.shape[0], y0, y1 - y0, self._amx.pack(b_pad.t())),))
+            return PackedFactors(a16, a.shape[0], tuple(
+                (r0, kb, c0, c1 - c0, _tiles_short_k(_pad_rows(b[r0:r1, c0:c1], 2).t().to(torch.bfloat16)))
+                for r0, r1, c0, c1 in blocks for kb in [r1 - r0 + (r1 - r0) % 2]))
         a_rows, packed = [], []
         h0 = 0
         for r0, r1, c0, c1 in blocks:

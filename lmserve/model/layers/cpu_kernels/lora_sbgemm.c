@@ -100,7 +100,6 @@ static int bad_args(const LmsLoraArgs *a, int64_t *c_max) {
     return 1;
   if (a->amx && (!LMS_SBGEMM_AMX || !a->a_cat || a->c_total < 1)) return 1;
   if (a->slot_start[0] != 0) return 1;
-  const int64_t align = a->amx ? AMX_KSTEP : 2;
   *c_max = 0;
   for (int32_t s = 0; s < a->num_slots; s++) {
     const int64_t where = a->shrink[2 * s], c = a->shrink[2 * s + 1];
@@ -116,7 +115,8 @@ static int bad_args(const LmsLoraArgs *a, int64_t *c_max) {
     const int64_t *blk = a->blocks + 6 * b;
     const int64_t s = blk[0], h0 = blk[1], kb = blk[2], y0 = blk[3], nb = blk[4];
     if (s < 0 || s >= a->num_slots || !a->shrink[2 * s + 1] || !blk[5]) return 1;
-    if (h0 < 0 || kb < align || kb % align || h0 + kb > h_cols(a, a->shrink[2 * s + 1]) || y0 < 0 || nb < 1 ||
+    if (h0 < 0 || kb < 2 || kb % (a->amx && kb > AMX_KSTEP ? AMX_KSTEP : 2) || h0 + kb > h_cols(a, a->shrink[2 * s + 1]) ||
+        y0 < 0 || nb < 1 ||
         y0 + nb > a->n)
       return 1;
   }
@@ -182,8 +182,12 @@ static void run_amx_expands(const LmsLoraArgs *a, const LoraItem *items, int64_t
     const int64_t h0 = blk[1], kb = blk[2], y0 = blk[3], nb = blk[4];
     const uint16_t *packed = (const uint16_t *)(intptr_t)blk[5];
     const int r0 = it.mr < AMX_MR ? it.mr : AMX_MR, r1 = it.mr - r0;
-    amx_block_acc(configured, r0, r1, hs + it.r0 * c_max + h0, c_max, packed + (int64_t)it.panel * kb * AMX_NB, kb,
-                  acc, 0, 0);
+    if (kb % AMX_KSTEP)
+      amx_block_acc_short(configured, r0, r1, hs + it.r0 * c_max + h0, c_max, packed + (int64_t)it.panel * kb * AMX_NB,
+                          (int)kb, acc);
+    else
+      amx_block_acc(configured, r0, r1, hs + it.r0 * c_max + h0, c_max, packed + (int64_t)it.panel * kb * AMX_NB, kb,
+                    acc, 0, 0);
     const int64_t left = nb - (int64_t)it.panel * AMX_NB;
     const int ncols = (int)(left < AMX_NB ? left : AMX_NB);
     for (int r = 0; r < it.mr; r++) {

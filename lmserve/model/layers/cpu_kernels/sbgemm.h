@@ -77,6 +77,12 @@ void amx_share(const uint16_t *x, int64_t lda, const uint16_t *packed, const uin
  * lines to pull toward L2 meanwhile (NULL / 0: none). */
 void amx_block_acc(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
                    float *acc, const char *pf, int64_t pf_lines);
+
+/* amx_block_acc for one K-step of kb (even, 2 .. AMX_KSTEP - 2) elements: bp is one 32-column block
+ * of a [N, kb] weight as two tiles, bp[((t * kb / 2 + kp) * 16 + j) * 2 + e] = W[32 b + 16 t + j, 2 kp + e]
+ * (the tile layout of K = kb). */
+void amx_block_acc_short(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int kb,
+                         float *acc);
 #endif
 
 #endif

@@ -76,16 +76,27 @@ typedef struct {
   uint8_t rows[16];
 } AmxTileConfig;
 
-static void amx_configure(int r0, int r1) {
+/* Tiles for r0 + r1 rows and kb K-elements a step (kb even, 2 .. AMX_KSTEP). */
+static void amx_configure(int r0, int r1, int kb) {
   AmxTileConfig cfg;
   memset(&cfg, 0, sizeof cfg);
   cfg.palette = 1;
-  const int rows[8] = {r0, r0, r1, r1, r0, r1, AMX_MR, AMX_MR};
+  const int rows[8] = {r0, r0, r1, r1, r0, r1, kb / 2, kb / 2};
   for (int t = 0; t < 8; t++) {
     cfg.rows[t] = (uint8_t)rows[t];
-    cfg.colsb[t] = rows[t] ? 64 : 0; /* every row 64 bytes; r1 == 0 leaves tmm2, 3, 5 unconfigured */
+    /* every row 64 bytes but x's (kb bf16); r1 == 0 leaves tmm2, 3, 5 unconfigured */
+    cfg.colsb[t] = rows[t] ? (t == 4 || t == 5 ? 2 * kb : 64) : 0;
   }
   _tile_loadconfig(&cfg);
+}
+
+/* The thread's tiles shaped for (r0, r1, kb), configured only when the shape changes. */
+static void amx_shape(int *configured, int r0, int r1, int kb) {
+  const int key = r0 * 64 + r1 + ((kb % AMX_KSTEP) << 12);
+  if (*configured != key) {
+    amx_configure(r0, r1, kb);
+    *configured = key;
+  }
 }
 
 int32_t lms_sbgemm_amx_info(void) {
@@ -97,10 +108,7 @@ int32_t lms_sbgemm_amx_info(void) {
  * + r1; 0: none). pf_lines cache lines from pf are pulled toward L2, spread over the K-steps. */
 void amx_block_acc(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int64_t K,
                    float *acc, const char *pf, int64_t pf_lines) {
-  if (*configured != r0 * 64 + r1) {
-    amx_configure(r0, r1);
-    *configured = r0 * 64 + r1;
-  }
+  amx_shape(configured, r0, r1, AMX_KSTEP);
   const int64_t steps = K / AMX_KSTEP, pf_per_step = (pf_lines + steps - 1) / steps;
   const int64_t a_stride = lda * 2;
   const uint16_t *x1 = x + AMX_MR * lda;
@@ -128,6 +136,29 @@ void amx_block_acc(int *configured, int r0, int r1, const uint16_t *x, int64_t l
   _tile_stored(0, acc, AMX_NB * 4);
   _tile_stored(1, acc + 16, AMX_NB * 4);
   if (r1) {
+    _tile_stored(2, acc + AMX_MR * AMX_NB, AMX_NB * 4);
+    _tile_stored(3, acc + AMX_MR * AMX_NB + 16, AMX_NB * 4);
+  }
+}
+
+void amx_block_acc_short(int *configured, int r0, int r1, const uint16_t *x, int64_t lda, const uint16_t *bp, int kb,
+                         float *acc) {
+  amx_shape(configured, r0, r1, kb);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_loadd(4, x, lda * 2);
+  _tile_loadd(6, bp, 64);
+  _tile_loadd(7, bp + (kb / 2) * AMX_NB, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_stored(0, acc, AMX_NB * 4);
+  _tile_stored(1, acc + 16, AMX_NB * 4);
+  if (r1) {
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(5, x + AMX_MR * lda, lda * 2);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
     _tile_stored(2, acc + AMX_MR * AMX_NB, AMX_NB * 4);
     _tile_stored(3, acc + AMX_MR * AMX_NB + 16, AMX_NB * 4);
   }
