@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from lmserve.lora.checkpoint import LayerDelta, LoRAAdapter
-from lmserve.model.layers.cpu_kernels.lora_gemm import CpuLoRAGemm, NativeTables, PackedFactors, get_lora_kernel
+from lmserve.model.layers.cpu_kernels.lora_gemm import (CpuLoRAGemm, NativeTables, PackedFactors, StepCall,
+                                                         get_lora_kernel)
 from lmserve.model.layers.cpu_kernels.sgemm import get_panel_kernel
 
 # A step uses the segment form when it has at most SEGMENT_MAX_RUNS runs of rows on one adapter
@@ -237,7 +238,7 @@ class LoRAStepMapping:
         self.runs = runs
         self.segmented = segmented
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}
-        self._grouped: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._native_call: StepCall | None = None
 
     @property
     def adapters(self) -> tuple[LoRAAdapter, ...]:
@@ -252,17 +253,17 @@ class LoRAStepMapping:
             self._masks[owner] = mask
         return mask
 
-    def _rows_by_slot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows int32: the rows with an adapter, grouped by slot in row order; slot_start int64
-        [slots + 1]: rows[slot_start[s]:slot_start[s + 1]] are slot s's), once per step."""
-        if self._grouped is None:
+    def _native(self, kernel: CpuLoRAGemm) -> StepCall:
+        """The native call bound to this step's rows with an adapter, grouped by slot in row order
+        (rows int32, slot_start int64 [slots + 1]), once per step."""
+        if self._native_call is None:
             slots = self.token_slot.cpu()
             order = torch.argsort(slots, stable=True)
             base = int((slots < 0).sum())
             counts = torch.bincount(slots[slots >= 0], minlength=len(self.active.adapters))
-            self._grouped = (order[base:].to(torch.int32),
-                             torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64))
-        return self._grouped
+            self._native_call = kernel.for_rows(order[base:].to(torch.int32),
+                                                torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64))
+        return self._native_call
 
     def add_delta(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] (the base output for x [T, in]) plus the rows' LoRA deltas of module ``key``."""
@@ -273,7 +274,7 @@ class LoRAStepMapping:
                 and kernel.takes(x.shape[1], x.dtype) and x.stride(-1) == 1 and y.stride(-1) == 1):
             native = self.active.native(key)
             if native is not None:
-                kernel.add_deltas(x, y, *self._rows_by_slot(), native)
+                self._native(kernel)(x, y, native)
             return y
         weights = self.active.module(key)
         if weights is None:

@@ -40,6 +40,12 @@ class NativeTables:
     c_total: int  # a_cat's rows (0: none)
     factors: tuple[PackedFactors | None, ...]
 
+    def __post_init__(self) -> None:  # the addresses a call passes, read once
+        object.__setattr__(self, "shrink_ptr", self.shrink.data_ptr())
+        object.__setattr__(self, "blocks_ptr", self.blocks.data_ptr())
+        object.__setattr__(self, "num_blocks", self.blocks.numel() // 6)
+        object.__setattr__(self, "a_cat_ptr", None if self.a_cat is None else self.a_cat.data_ptr())
+
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = -t.shape[0] % multiple
@@ -123,18 +129,37 @@ class CpuLoRAGemm:
         """y[rows[i]] += the delta of x[rows[i]] under the slot whose range of ``slot_start``
         holds i (x [T, in], y [T, out] bf16, unit column stride; rows int32; slot_start int64
         [slots + 1]; ``tables`` from ``tables`` for those slots)."""
+        self.for_rows(rows, slot_start)(x, y, tables)
+
+    def for_rows(self, rows: torch.Tensor, slot_start: torch.Tensor) -> StepCall:
+        """``add_deltas`` with rows and slot_start bound (once per step, for every module)."""
+        if rows.dtype != torch.int32 or not rows.is_contiguous() or slot_start.dtype != torch.int64 \
+                or not slot_start.is_contiguous():
+            raise ValueError("lms_lora_sbgemm rejected its arguments: rows int32, slot_start int64, contiguous")
+        return StepCall(self._fn, rows, slot_start, int(self._amx is not None))
+
+
+class StepCall:
+    """``CpuLoRAGemm.add_deltas`` for one step's rows: one argument struct filled per call."""
+
+    def __init__(self, fn, rows: torch.Tensor, slot_start: torch.Tensor, amx: int) -> None:
+        self._fn = fn
+        self._keep = (rows, slot_start)  # the struct points into them
+        self._slots = slot_start.numel() - 1
+        self._args = LoraArgs(rows=rows.data_ptr(), num_entries=rows.numel(), slot_start=slot_start.data_ptr(),
+                              num_slots=self._slots, amx=amx)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, tables: NativeTables) -> None:
         if (x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16 or x.stride(-1) != 1 or y.stride(-1) != 1
-                or x.shape[0] != y.shape[0] or rows.dtype != torch.int32 or not rows.is_contiguous()
-                or slot_start.dtype != torch.int64 or tables.shrink.numel() != 2 * (slot_start.numel() - 1)):
+                or x.shape[0] != y.shape[0] or tables.shrink.numel() != 2 * self._slots):
             raise ValueError("lms_lora_sbgemm rejected its arguments: dtypes, strides or table sizes")
-        a_cat = tables.a_cat
-        rc = self._fn(LoraArgs(x=x.data_ptr(), ldx=x.stride(0), y=y.data_ptr(), ldy=y.stride(0), k=x.shape[1],
-                               n=y.shape[1], num_rows=x.shape[0], rows=rows.data_ptr(), num_entries=rows.numel(),
-                               slot_start=slot_start.data_ptr(), shrink=tables.shrink.data_ptr(),
-                               blocks=tables.blocks.data_ptr(), a_cat=None if a_cat is None else a_cat.data_ptr(),
-                               c_total=tables.c_total,
-                               num_slots=slot_start.numel() - 1, num_blocks=tables.blocks.numel() // 6,
-                               amx=int(self._amx is not None), num_threads=torch.get_num_threads()))
+        a = self._args
+        a.x, a.ldx, a.k, a.num_rows = x.data_ptr(), x.stride(0), x.shape[1], x.shape[0]
+        a.y, a.ldy, a.n = y.data_ptr(), y.stride(0), y.shape[1]
+        a.shrink, a.blocks, a.num_blocks = tables.shrink_ptr, tables.blocks_ptr, tables.num_blocks
+        a.a_cat, a.c_total = tables.a_cat_ptr, tables.c_total
+        a.num_threads = torch.get_num_threads()
+        rc = self._fn(a)
         if rc != 0:
             raise ValueError(f"lms_lora_sbgemm rejected its arguments (code {rc}): x {tuple(x.shape)}, "
                              f"y {tuple(y.shape)}")

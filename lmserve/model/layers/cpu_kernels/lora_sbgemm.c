@@ -34,6 +34,8 @@
 #include "lms_dtypes.h"
 #include "lms_simd.h"
 
+#define LORA_ITEMS_PER_THREAD 96
+
 /* One item: up to `mr` rows of one slot (from index r0 of rows[]) against one panel / block. */
 typedef struct {
   int32_t which; /* the shrink phase: the slot; the expand phase: the block */
@@ -209,7 +211,12 @@ int32_t lms_lora_sbgemm(const LmsLoraArgs *a) {
   if (R == 0 || c_max == 0 || a->num_blocks == 0) return LMS_OK;
   int64_t n_shrink, n_expand;
   list_items(a, NULL, &n_shrink, &n_expand);
-  const int threads = a->num_threads > 0 ? a->num_threads : 1;
+  /* AMX: a thread per LORA_ITEMS_PER_THREAD expand items at most; below that the barriers and the
+   * wake-up of another thread cost more than the tiles' work they would split (these calls are tens
+   * of us) */
+  int threads = a->num_threads > 0 ? a->num_threads : 1;
+  if (a->amx && n_expand / LORA_ITEMS_PER_THREAD < threads)
+    threads = n_expand / LORA_ITEMS_PER_THREAD > 1 ? (int)(n_expand / LORA_ITEMS_PER_THREAD) : 1;
   const size_t h_bytes = (size_t)((R * c_max * 2 + 63) / 64 * 64);
   const size_t all_bytes = a->amx ? (size_t)((a->num_rows * a->c_total * 2 + 63) / 64 * 64) : 64;
   LoraItem *items = (LoraItem *)malloc(sizeof(LoraItem) * (size_t)(n_shrink + n_expand));
