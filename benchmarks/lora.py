@@ -132,12 +132,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {k: v for k, v in runs.items() if v}
     med = {k: statistics.median(r["output_tok_s"] for r in v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(r["output_tok_per_cpu_s"] for r in v) for k, v in runs.items()}
+    # the machine's speed drifts between repeats (a shared VM): each repeat's own base / LoRA ratio,
+    # its runs seconds apart, is the steadier figure; their median is reported beside the medians'
+    paired = sorted(b["output_tok_s"] / lo["output_tok_s"] for b, lo in zip(runs["base"], runs["lora"]))
     result = {
         "benchmark": "lora", "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(), "model": mc.model, "dtype": str(mc.dtype).replace("torch.", ""),
         "quantization": mc.quantization, "args": vars(args), "runs": runs,
         "median_output_tok_s": med, "median_output_tok_per_cpu_s": med_cpu,
         "slowdown_lora_vs_base": med["base"] / med["lora"],
+        "paired_slowdowns": paired, "median_paired_slowdown": statistics.median(paired),
         "cpu_slowdown_lora_vs_base": med_cpu["base"] / med_cpu["lora"],
         "slowdown_lora_vs_base_layered": med["base-layered"] / med["lora"] if "base-layered" in med else None,
     }
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         table.append(f"| {label} | {med[k]:.1f} | {med_cpu[k]:.1f} | {speeds} | {others} |")
     table.append(f"\nslowdown (base tok/s / LoRA tok/s): **{result['slowdown_lora_vs_base']:.2f}x** wall, "
                  f"**{result['cpu_slowdown_lora_vs_base']:.2f}x** per CPU second")
+    table.append(f"median of each repeat's own slowdown: **{result['median_paired_slowdown']:.2f}x** "
+                 f"({', '.join(f'{r:.2f}' for r in paired)})")
     if result["slowdown_lora_vs_base_layered"] is not None:
         table.append(f"slowdown against the base model on the same layer-by-layer path: "
                      f"**{result['slowdown_lora_vs_base_layered']:.2f}x**")
